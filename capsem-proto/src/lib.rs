@@ -1,0 +1,29 @@
+//! capsem's wire protocols.
+//!
+//! Two conversations use this crate:
+//!
+//! * host <-> guest, over vsock (or the Unix sockets vhost-device-vsock
+//!   delivers as `<uds>_<port>`): [`guest::HostToGuest`] and
+//!   [`guest::GuestToHost`] on the control port; the terminal port carries raw
+//!   shell bytes and never a frame.
+//! * CLI <-> capsem-process, over `<vm-dir>/ctl.sock`: [`ipc::ClientToProcess`]
+//!   and [`ipc::ProcessToClient`].
+//!
+//! Modules:
+//!
+//! * [`frame`]: the 4-byte big-endian length prefix, the incremental
+//!   [`frame::FrameDecoder`] (need-more vs invalid vs truncated-at-EOF) and the
+//!   role-typed [`frame::Codec`] that only encodes what its side may send and
+//!   only decodes what its side may receive.
+//! * [`guest`]: host/guest messages, ports and limits.
+//! * [`ipc`]: CLI/host-process messages.
+//!
+//! Every message is MessagePack with named fields, adjacently tagged
+//! (`{"t": <variant>, "c": <fields>}`). `docs/protocol.md` shows golden bytes
+//! for every variant; the tests at the bottom of each module pin them.
+
+pub mod frame;
+pub mod guest;
+pub mod ipc;
+
+pub use frame::{Codec, FrameDecoder, FrameError, Role};
