@@ -1,1 +1,21 @@
-//! placeholder
+//! The integration and hypervisor harness: drives the real `capsem` binary
+//! through a real PTY, as a user would.
+//!
+//! * [`pty`]: a terminal for the CLI: send keys, wait for output, resize, wait
+//!   for the exit status.
+//! * [`procs`]: makes the test process a child subreaper, so every process a
+//!   test starts stays its descendant; lists, kills and reaps them, and
+//!   asserts none is left.
+//! * [`fixture`]: one test's capsem home, its VMs' logs (printed and kept when
+//!   the test fails), IPC requests to a VM's capsem-process, and the
+//!   nothing-left-behind check.
+//!
+//! Each test runs in its own process under cargo-nextest, so "descendants of
+//! this process" is exactly "what this test started".
+
+pub mod fixture;
+pub mod procs;
+pub mod pty;
+pub mod scenarios;
+
+pub use fixture::{Backend, Fixture};

@@ -1,0 +1,212 @@
+//! One test's capsem world: a private home, the real binaries, IPC to a VM's
+//! capsem-process, logs kept when a test fails, and the check that nothing
+//! was left behind.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use capsem_proto::frame::Client;
+use capsem_proto::ipc::{ClientToProcess, ProcessToClient, VmStatus};
+use capsem_proto::Codec;
+
+use crate::procs;
+use crate::pty::PtySession;
+
+/// Which VM backend a test drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `--vmm none`: the agent runs as a host child process.
+    None,
+    /// `--vmm qemu`: a real VM.
+    Qemu,
+}
+
+impl Backend {
+    pub fn flag(self) -> &'static str {
+        match self {
+            Backend::None => "none",
+            Backend::Qemu => "qemu",
+        }
+    }
+}
+
+/// Where the built binaries are: `$CAPSEM_BIN_DIR`, else the workspace's
+/// `target/debug`.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CAPSEM_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug")
+}
+
+/// One test's home, processes and logs.
+#[derive(Debug)]
+pub struct Fixture {
+    name: String,
+    backend: Backend,
+    home: tempfile::TempDir,
+    logs: PathBuf,
+}
+
+impl Fixture {
+    pub fn new(name: &str, backend: Backend) -> Self {
+        procs::become_subreaper();
+        for bin in ["capsem", "capsem-process", "capsem-agent"] {
+            let path = bin_dir().join(bin);
+            assert!(path.exists(), "{} is missing: build the workspace first", path.display());
+        }
+        // Short paths: Unix socket names are limited to 107 bytes.
+        let home = tempfile::Builder::new().prefix("capsem-t").tempdir_in("/tmp").expect("home");
+        let logs = home.path().join("logs");
+        std::fs::create_dir_all(&logs).expect("logs dir");
+        Self { name: name.to_owned(), backend, home, logs }
+    }
+
+    pub fn home(&self) -> &Path {
+        self.home.path()
+    }
+
+    /// Where capsem-process leaves a temporary VM's logs after teardown.
+    pub fn log_dir(&self) -> &Path {
+        &self.logs
+    }
+
+    /// `capsem --home HOME --vmm BACKEND` with the rest to be added.
+    pub fn capsem(&self) -> Command {
+        let mut cmd = Command::new(bin_dir().join("capsem"));
+        cmd.arg("--home").arg(self.home()).arg("--vmm").arg(self.backend.flag());
+        cmd.env("CAPSEM_LOG_DIR", &self.logs).env_remove("CAPSEM_HOME").env_remove("CAPSEM_VMM");
+        cmd
+    }
+
+    /// `capsem shell` on a fresh PTY of the given size.
+    pub fn shell(&self, cols: u16, rows: u16) -> PtySession {
+        let mut cmd = self.capsem();
+        cmd.arg("shell");
+        PtySession::spawn(cmd, cols, rows).expect("spawn capsem shell")
+    }
+
+    /// The VM directories that exist now.
+    pub fn vm_dirs(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.home().join("vms"))
+            .map(|d| d.filter_map(|e| Some(e.ok()?.path())).collect())
+            .unwrap_or_default()
+    }
+
+    /// Waits for the single VM's control socket and returns its directory.
+    pub fn wait_vm(&self, timeout: Duration) -> PathBuf {
+        let mut found = None;
+        wait_until(timeout, "a VM with a ctl.sock", || {
+            found = self.vm_dirs().into_iter().find(|d| d.join("ctl.sock").exists());
+            found.is_some()
+        });
+        found.expect("vm dir")
+    }
+
+    /// The VM's status from its capsem-process.
+    pub fn status(&self, vm_dir: &Path) -> VmStatus {
+        match request(vm_dir, &ClientToProcess::Status).expect("status request") {
+            ProcessToClient::Status(s) => s,
+            other => panic!("expected a status, got {other:?}"),
+        }
+    }
+
+    /// Asserts that nothing this test started is still running and no VM
+    /// state is left. Waits briefly for processes that are already exiting.
+    pub fn assert_nothing_left(&self) {
+        procs::reap_zombies();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            procs::reap_zombies();
+            let left = procs::descendants();
+            if left.is_empty() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let list: Vec<String> =
+                    left.iter().map(|p| format!("{} {:?}", p.pid, p.cmdline)).collect();
+                panic!("processes left behind:\n{}", list.join("\n"));
+            }
+            std::thread::yield_now();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let dirs = self.vm_dirs();
+        assert!(dirs.is_empty(), "VM state left behind: {dirs:?}");
+    }
+
+    /// Text of every log the test's VMs left (process, agent, serial).
+    pub fn all_logs(&self) -> String {
+        let mut out = String::new();
+        let mut files: Vec<PathBuf> = Vec::new();
+        for dir in self.vm_dirs().into_iter().chain([self.logs.clone()]) {
+            if let Ok(rd) = std::fs::read_dir(&dir) {
+                files.extend(rd.filter_map(|e| Some(e.ok()?.path())).filter(|p| {
+                    p.extension().is_some_and(|x| x == "log")
+                }));
+            }
+        }
+        files.sort();
+        for f in files {
+            out.push_str(&format!("==> {} <==\n", f.display()));
+            out.push_str(&std::fs::read_to_string(&f).unwrap_or_default());
+        }
+        out
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let logs = self.all_logs();
+            eprintln!("---- logs of failed test {} ----\n{logs}", self.name);
+            let keep = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/capsem-test-logs")
+                .join(&self.name);
+            if std::fs::create_dir_all(&keep).is_ok() {
+                let _ = std::fs::write(keep.join("logs.txt"), logs);
+                eprintln!("kept in {}", keep.display());
+            }
+        }
+        procs::kill_all_descendants();
+    }
+}
+
+/// Polls `cond` until it holds; fails the test with `what` at the deadline.
+/// For conditions that have no event to wait on (another process's state).
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Sends one request on a fresh ctl.sock connection and reads one answer.
+pub fn request(vm_dir: &Path, msg: &ClientToProcess) -> Result<ProcessToClient> {
+    let mut conn = UnixStream::connect(vm_dir.join("ctl.sock")).context("connect ctl.sock")?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    conn.write_all(&Codec::<Client>::encode(msg)?)?;
+    let mut codec = Codec::<Client>::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(answer) = codec.next_message()? {
+            return Ok(answer);
+        }
+        let n = conn.read(&mut buf).context("read ctl.sock")?;
+        if n == 0 {
+            bail!("ctl.sock closed without an answer");
+        }
+        codec.feed(&buf[..n])?;
+    }
+}
+
+/// Sends one request that has no answer (the process acts and may close).
+pub fn send(vm_dir: &Path, msg: &ClientToProcess) -> Result<()> {
+    let mut conn = UnixStream::connect(vm_dir.join("ctl.sock")).context("connect ctl.sock")?;
+    conn.write_all(&Codec::<Client>::encode(msg)?)?;
+    Ok(())
+}

@@ -1,0 +1,140 @@
+//! Process bookkeeping for tests: a subreaper, descendant listing, group kill.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs;
+
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{getpid, Pid};
+
+/// Makes this process the reaper of every orphaned descendant, so processes
+/// that a test's children start in new sessions cannot escape the
+/// leftover check.
+pub fn become_subreaper() {
+    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes one integer argument
+    // and touches no memory of ours.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    assert_eq!(rc, 0, "PR_SET_CHILD_SUBREAPER: {}", std::io::Error::last_os_error());
+}
+
+/// One line of /proc/PID/stat, the parts we need.
+#[derive(Debug, Clone)]
+pub struct ProcInfo {
+    pub pid: i32,
+    pub ppid: i32,
+    pub pgid: i32,
+    pub state: char,
+    pub cmdline: Vec<String>,
+}
+
+fn read_stat(pid: i32) -> Option<ProcInfo> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // comm may contain spaces and parentheses: fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split(' ');
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    let pgid = fields.next()?.parse().ok()?;
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|raw| {
+            raw.split(|b| *b == 0)
+                .filter(|s| !s.is_empty())
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(ProcInfo { pid, ppid, pgid, state, cmdline })
+}
+
+fn all_processes() -> Vec<ProcInfo> {
+    let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(read_stat)
+        .collect()
+}
+
+/// Every live (non-zombie) descendant of this process.
+pub fn descendants() -> Vec<ProcInfo> {
+    let me = getpid().as_raw();
+    let procs = all_processes();
+    let by_pid: HashMap<i32, &ProcInfo> = procs.iter().map(|p| (p.pid, p)).collect();
+    procs
+        .iter()
+        .filter(|p| p.state != 'Z' && p.pid != me)
+        .filter(|p| {
+            let mut cur = p.ppid;
+            for _ in 0..64 {
+                if cur == me {
+                    return true;
+                }
+                match by_pid.get(&cur) {
+                    Some(parent) => cur = parent.ppid,
+                    None => return false,
+                }
+            }
+            false
+        })
+        .cloned()
+        .collect()
+}
+
+/// Reaps every exited child without blocking.
+pub fn reap_zombies() {
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// SIGKILLs every descendant and its process group, then reaps.
+pub fn kill_all_descendants() {
+    let me = getpid().as_raw();
+    // SAFETY: getpgrp has no arguments and cannot fail.
+    let my_group = unsafe { libc::getpgrp() };
+    for _ in 0..20 {
+        let left = descendants();
+        if left.is_empty() {
+            break;
+        }
+        let groups: BTreeSet<i32> =
+            left.iter().map(|p| p.pgid).filter(|g| *g != my_group && *g > 1).collect();
+        for g in groups {
+            let _ = killpg(Pid::from_raw(g), Signal::SIGKILL);
+        }
+        for p in &left {
+            if p.pid != me {
+                let _ = kill(Pid::from_raw(p.pid), Signal::SIGKILL);
+            }
+        }
+        // Blocking reap of what we just killed; every one of them is our
+        // descendant, and orphans are reparented to us.
+        while let Ok(status) = waitpid(Pid::from_raw(-1), None) {
+            if matches!(status, WaitStatus::StillAlive) {
+                break;
+            }
+        }
+    }
+    reap_zombies();
+}
+
+/// Thread and open-fd counts of a process.
+pub fn thread_and_fd_counts(pid: u32) -> std::io::Result<(usize, usize)> {
+    let threads = fs::read_dir(format!("/proc/{pid}/task"))?.count();
+    let fds = fs::read_dir(format!("/proc/{pid}/fd"))?.count();
+    Ok((threads, fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_parses_ourselves() {
+        let me = read_stat(getpid().as_raw()).expect("own stat");
+        assert_eq!(me.pid, getpid().as_raw());
+        assert!(me.ppid > 0);
+        assert!(!me.cmdline.is_empty());
+    }
+}
