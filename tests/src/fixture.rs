@@ -57,13 +57,25 @@ impl Fixture {
         procs::become_subreaper();
         for bin in ["capsem", "capsem-process", "capsem-agent"] {
             let path = bin_dir().join(bin);
-            assert!(path.exists(), "{} is missing: build the workspace first", path.display());
+            assert!(
+                path.exists(),
+                "{} is missing: build the workspace first",
+                path.display()
+            );
         }
         // Short paths: Unix socket names are limited to 107 bytes.
-        let home = tempfile::Builder::new().prefix("capsem-t").tempdir_in("/tmp").expect("home");
+        let home = tempfile::Builder::new()
+            .prefix("capsem-t")
+            .tempdir_in("/tmp")
+            .expect("home");
         let logs = home.path().join("logs");
         std::fs::create_dir_all(&logs).expect("logs dir");
-        Self { name: name.to_owned(), backend, home, logs }
+        Self {
+            name: name.to_owned(),
+            backend,
+            home,
+            logs,
+        }
     }
 
     pub fn home(&self) -> &Path {
@@ -78,8 +90,13 @@ impl Fixture {
     /// `capsem --home HOME --vmm BACKEND` with the rest to be added.
     pub fn capsem(&self) -> Command {
         let mut cmd = Command::new(bin_dir().join("capsem"));
-        cmd.arg("--home").arg(self.home()).arg("--vmm").arg(self.backend.flag());
-        cmd.env("CAPSEM_LOG_DIR", &self.logs).env_remove("CAPSEM_HOME").env_remove("CAPSEM_VMM");
+        cmd.arg("--home")
+            .arg(self.home())
+            .arg("--vmm")
+            .arg(self.backend.flag());
+        cmd.env("CAPSEM_LOG_DIR", &self.logs)
+            .env_remove("CAPSEM_HOME")
+            .env_remove("CAPSEM_VMM");
         cmd
     }
 
@@ -101,7 +118,10 @@ impl Fixture {
     pub fn wait_vm(&self, timeout: Duration) -> PathBuf {
         let mut found = None;
         wait_until(timeout, "a VM with a ctl.sock", || {
-            found = self.vm_dirs().into_iter().find(|d| d.join("ctl.sock").exists());
+            found = self
+                .vm_dirs()
+                .into_iter()
+                .find(|d| d.join("ctl.sock").exists());
             found.is_some()
         });
         found.expect("vm dir")
@@ -127,8 +147,10 @@ impl Fixture {
                 break;
             }
             if Instant::now() >= deadline {
-                let list: Vec<String> =
-                    left.iter().map(|p| format!("{} {:?}", p.pid, p.cmdline)).collect();
+                let list: Vec<String> = left
+                    .iter()
+                    .map(|p| format!("{} {:?}", p.pid, p.cmdline))
+                    .collect();
                 panic!("processes left behind:\n{}", list.join("\n"));
             }
             std::thread::yield_now();
@@ -144,9 +166,10 @@ impl Fixture {
         let mut files: Vec<PathBuf> = Vec::new();
         for dir in self.vm_dirs().into_iter().chain([self.logs.clone()]) {
             if let Ok(rd) = std::fs::read_dir(&dir) {
-                files.extend(rd.filter_map(|e| Some(e.ok()?.path())).filter(|p| {
-                    p.extension().is_some_and(|x| x == "log")
-                }));
+                files.extend(
+                    rd.filter_map(|e| Some(e.ok()?.path()))
+                        .filter(|p| p.extension().is_some_and(|x| x == "log")),
+                );
             }
         }
         files.sort();
@@ -180,7 +203,10 @@ impl Drop for Fixture {
 pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }

@@ -13,6 +13,9 @@
 //! Each test runs in its own process under cargo-nextest, so "descendants of
 //! this process" is exactly "what this test started".
 
+// This crate is test code: a panic is how it reports a failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 pub mod fixture;
 pub mod procs;
 pub mod pty;

@@ -14,7 +14,12 @@ pub fn become_subreaper() {
     // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes one integer argument
     // and touches no memory of ours.
     let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    assert_eq!(rc, 0, "PR_SET_CHILD_SUBREAPER: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "PR_SET_CHILD_SUBREAPER: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// One line of /proc/PID/stat, the parts we need.
@@ -43,11 +48,19 @@ fn read_stat(pid: i32) -> Option<ProcInfo> {
                 .collect()
         })
         .unwrap_or_default();
-    Some(ProcInfo { pid, ppid, pgid, state, cmdline })
+    Some(ProcInfo {
+        pid,
+        ppid,
+        pgid,
+        state,
+        cmdline,
+    })
 }
 
 fn all_processes() -> Vec<ProcInfo> {
-    let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter_map(read_stat)
         .collect()
@@ -98,8 +111,11 @@ pub fn kill_all_descendants() {
         if left.is_empty() {
             break;
         }
-        let groups: BTreeSet<i32> =
-            left.iter().map(|p| p.pgid).filter(|g| *g != my_group && *g > 1).collect();
+        let groups: BTreeSet<i32> = left
+            .iter()
+            .map(|p| p.pgid)
+            .filter(|g| *g != my_group && *g > 1)
+            .collect();
         for g in groups {
             let _ = killpg(Pid::from_raw(g), Signal::SIGKILL);
         }

@@ -34,7 +34,12 @@ pub struct PtySession {
 }
 
 fn winsize(cols: u16, rows: u16) -> Winsize {
-    Winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 }
+    Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    }
 }
 
 fn set_size(fd: &impl AsRawFd, cols: u16, rows: u16) -> Result<()> {
@@ -77,24 +82,36 @@ impl PtySession {
         let reader = {
             let mut master = master.try_clone()?;
             let transcript = Arc::clone(&transcript);
-            std::thread::Builder::new().name("test-pty-reader".into()).spawn(move || {
-                let mut buf = [0u8; 65536];
-                loop {
-                    match master.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            let (lock, cv) = &*transcript;
-                            lock.lock().expect("transcript").bytes.extend_from_slice(&buf[..n]);
-                            cv.notify_all();
+            std::thread::Builder::new()
+                .name("test-pty-reader".into())
+                .spawn(move || {
+                    let mut buf = [0u8; 65536];
+                    loop {
+                        match master.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                let (lock, cv) = &*transcript;
+                                lock.lock()
+                                    .expect("transcript")
+                                    .bytes
+                                    .extend_from_slice(&buf[..n]);
+                                cv.notify_all();
+                            }
                         }
                     }
-                }
-                let (lock, cv) = &*transcript;
-                lock.lock().expect("transcript").eof = true;
-                cv.notify_all();
-            })?
+                    let (lock, cv) = &*transcript;
+                    lock.lock().expect("transcript").eof = true;
+                    cv.notify_all();
+                })?
         };
-        Ok(Self { master, child, transcript, reader: Some(reader), cursor: 0, status: None })
+        Ok(Self {
+            master,
+            child,
+            transcript,
+            reader: Some(reader),
+            cursor: 0,
+            status: None,
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -103,7 +120,9 @@ impl PtySession {
 
     /// Writes keystrokes.
     pub fn send(&mut self, bytes: impl AsRef<[u8]>) -> Result<()> {
-        self.master.write_all(bytes.as_ref()).context("write to pty")
+        self.master
+            .write_all(bytes.as_ref())
+            .context("write to pty")
     }
 
     /// Types a line and Enter.
@@ -171,7 +190,10 @@ impl PtySession {
         let (lock, cv) = &*self.transcript;
         let mut t = lock.lock().expect("transcript");
         while !t.eof && Instant::now() < deadline {
-            t = cv.wait_timeout(t, deadline - Instant::now()).expect("transcript").0;
+            t = cv
+                .wait_timeout(t, deadline - Instant::now())
+                .expect("transcript")
+                .0;
         }
         Ok(status)
     }
@@ -179,7 +201,9 @@ impl PtySession {
     /// The exit code the way a shell reports it: the code, or 128+signal.
     pub fn wait_code(&mut self, timeout: Duration) -> Result<i32> {
         let status = self.wait(timeout)?;
-        Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+        Ok(status
+            .code()
+            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
     }
 }
 

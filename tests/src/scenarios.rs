@@ -84,7 +84,8 @@ pub fn resize_reaches_the_shell(backend: Backend) {
     // new size shows, a bounded number of times.
     let mut seen = false;
     for i in 0..50 {
-        s.line(&format!("echo S$((0+{i})):$(stty size):E$((1))")).unwrap();
+        s.line(&format!("echo S$((0+{i})):$(stty size):E$((1))"))
+            .unwrap();
         s.expect(&format!("S{i}:"), step(backend)).unwrap();
         s.expect(":E1", step(backend)).unwrap();
         let t = s.transcript();

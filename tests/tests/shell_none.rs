@@ -1,4 +1,5 @@
 //! `capsem shell` on the no-VM backend, end to end through a real PTY.
+#![allow(clippy::unwrap_used)]
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -70,7 +71,10 @@ fn two_hundred_reconnects_leak_no_thread_or_fd() {
         std::thread::sleep(Duration::from_millis(10));
         false
     });
-    assert!(settled, "threads/fds before {baseline:?}, after 200 reconnects {now:?}");
+    assert!(
+        settled,
+        "threads/fds before {baseline:?}, after 200 reconnects {now:?}"
+    );
     let st = fx.status(&vm);
     assert_eq!(st.agent_connects, 201, "{st:?}");
     s.line("echo ALIVE$((2+2))").unwrap();
@@ -86,7 +90,8 @@ fn two_hundred_reconnects_leak_no_thread_or_fd() {
 /// `bytes`, optionally half-closes, and returns once the host has closed it.
 fn hostile_control(vm: &std::path::Path, bytes: &[u8], half_close: bool) {
     let mut conn = UnixStream::connect(vm.join("vsock.sock_5000")).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
     conn.write_all(bytes).unwrap();
     if half_close {
         conn.shutdown(std::net::Shutdown::Write).unwrap();
@@ -128,7 +133,10 @@ fn bad_control_input_is_closed_with_a_reason_and_the_session_survives() {
 
     let log = std::fs::read_to_string(vm.join("process.log")).unwrap();
     let rejected: Vec<&str> = log.lines().filter(|l| l.contains("rejected")).collect();
-    assert!(rejected.len() >= 4, "expected 4 logged rejections, got:\n{log}");
+    assert!(
+        rejected.len() >= 4,
+        "expected 4 logged rejections, got:\n{log}"
+    );
     assert!(log.contains("token"), "no wrong-token reason in:\n{log}");
 
     // The real session is untouched.
@@ -153,14 +161,27 @@ fn works_without_a_terminal() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"echo piped$((1+1))\nexit 4\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"echo piped$((1+1))\nexit 4\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(4), "stdout {stdout:?} stderr {:?}", out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "stdout {stdout:?} stderr {:?}",
+        out.stderr
+    );
     assert!(stdout.contains("piped2"), "{stdout:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
-        stderr.lines().filter(|l| l.contains("no isolation")).count(),
+        stderr
+            .lines()
+            .filter(|l| l.contains("no isolation"))
+            .count(),
         1,
         "one warning line expected: {stderr:?}"
     );
