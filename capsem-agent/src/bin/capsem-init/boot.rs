@@ -1,0 +1,127 @@
+//! The boot sequence: mounts, modules, hostname, then the agent.
+
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::sys::wait::WaitStatus;
+
+use crate::cmdline::{self, CmdlineError};
+use crate::console;
+use crate::log;
+use crate::modules::{self, ModuleError};
+use crate::mounts::{self, MountError};
+use crate::stages::{self, BootStages};
+use crate::supervise::{AgentCommand, AgentEnd, SuperviseError, Supervisor};
+
+/// The agent's home and working directory.
+const HOME: &str = "/root";
+/// PATH for the agent and, through it, the shell.
+const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Anything that stops the boot; each cause keeps its module's error.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("mounting filesystems failed")]
+    Mount(#[from] MountError),
+    #[error("reading the kernel command line failed")]
+    Cmdline(#[from] CmdlineError),
+    #[error("loading kernel modules failed")]
+    Modules(#[from] ModuleError),
+    #[error("setting the hostname failed")]
+    Hostname(#[source] Errno),
+    #[error("supervising the agent failed")]
+    Supervise(#[from] SuperviseError),
+}
+
+/// Boots the guest and runs the agent until it ends.
+pub fn run() -> Result<AgentEnd, BootError> {
+    let mut stages = BootStages::default();
+    stages.mark("init_start");
+    // Blocked before any child exists, so no SIGCHLD is lost.
+    let mut sup = Supervisor::new()?;
+
+    mounts::mount_all()?;
+    console::ensure_stdio();
+    stages.mark("mounts");
+    log!("filesystems mounted");
+
+    let cmd = cmdline::read()?;
+    nix::unistd::sethostname(&cmd.hostname).map_err(BootError::Hostname)?;
+
+    let loaded = modules::load_list(Path::new(modules::MODULE_LIST))?;
+    stages.mark("modules");
+    log!("{loaded} kernel modules loaded");
+
+    if cmd.token.is_none() {
+        log!("no capsem.token on the kernel command line; the host will refuse the hello");
+    }
+    stages.mark("agent_spawn");
+    let agent = agent_command(&cmd, &stages);
+    let pid = sup.spawn(&agent)?;
+    log!("started {} as pid {pid}", agent.program.display());
+
+    let end = sup.wait_agent(pid)?;
+    match end {
+        AgentEnd::Exited(WaitStatus::Exited(_, code)) => log!("agent exited with status {code}"),
+        AgentEnd::Exited(WaitStatus::Signaled(_, sig, _)) => log!("agent killed by {sig}"),
+        AgentEnd::Exited(other) => log!("agent ended: {other:?}"),
+        AgentEnd::Signalled(sig) => log!("received {sig}; stopping"),
+    }
+    Ok(end)
+}
+
+/// The agent's command line and complete environment (nothing is inherited
+/// from the kernel's environment for PID 1).
+fn agent_command(cmd: &cmdline::Cmdline, stages: &BootStages) -> AgentCommand {
+    let mut env = vec![
+        ("PATH".to_owned(), PATH.to_owned()),
+        ("HOME".to_owned(), HOME.to_owned()),
+        ("USER".to_owned(), "root".to_owned()),
+        ("LOGNAME".to_owned(), "root".to_owned()),
+        (stages::ENV.to_owned(), stages.to_env()),
+    ];
+    if let Some(token) = &cmd.token {
+        env.push(("CAPSEM_TOKEN".to_owned(), token.clone()));
+    }
+    let args = if cmd.agent == Path::new(cmdline::DEFAULT_AGENT) {
+        vec!["--transport".into(), "vsock".into()]
+    } else {
+        vec![]
+    };
+    AgentCommand {
+        program: cmd.agent.clone(),
+        args,
+        env,
+        cwd: PathBuf::from(HOME),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_gets_token_stages_and_vsock() {
+        let cmd = cmdline::parse("capsem.token=tok").unwrap();
+        let mut stages = BootStages::default();
+        stages.mark("init_start");
+        let a = agent_command(&cmd, &stages);
+        assert_eq!(a.program, PathBuf::from("/usr/bin/capsem-agent"));
+        assert_eq!(a.args, vec!["--transport", "vsock"]);
+        assert_eq!(a.cwd, PathBuf::from("/root"));
+        let get = |k: &str| a.env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("CAPSEM_TOKEN"), Some("tok"));
+        assert_eq!(get("HOME"), Some("/root"));
+        assert!(get("CAPSEM_BOOT_STAGES")
+            .unwrap()
+            .starts_with("init_start="));
+    }
+
+    #[test]
+    fn stand_in_agent_gets_no_arguments() {
+        let cmd = cmdline::parse("capsem.agent=/bin/sh").unwrap();
+        let a = agent_command(&cmd, &BootStages::default());
+        assert!(a.args.is_empty());
+        assert!(!a.env.iter().any(|(k, _)| k == "CAPSEM_TOKEN"));
+    }
+}

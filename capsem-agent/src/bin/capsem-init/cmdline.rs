@@ -1,0 +1,157 @@
+//! The `capsem.*` parameters of the kernel command line.
+//!
+//! | parameter | meaning | default |
+//! |---|---|---|
+//! | `capsem.token=T` | session token, passed to the agent as `CAPSEM_TOKEN` | none (the agent's hello will be refused) |
+//! | `capsem.hostname=H` | guest hostname | `capsem` |
+//! | `capsem.agent=PATH` | program to run instead of the agent (debugging) | `/usr/bin/capsem-agent` |
+
+use std::path::PathBuf;
+
+use capsem_proto::guest::MAX_TOKEN_LEN;
+
+/// Where the kernel exposes its command line.
+pub const PROC_CMDLINE: &str = "/proc/cmdline";
+/// The agent the init runs unless `capsem.agent=` says otherwise.
+pub const DEFAULT_AGENT: &str = "/usr/bin/capsem-agent";
+/// The hostname unless `capsem.hostname=` says otherwise.
+pub const DEFAULT_HOSTNAME: &str = "capsem";
+/// Longest hostname Linux accepts (`HOST_NAME_MAX`).
+const MAX_HOSTNAME: usize = 64;
+
+/// Errors reading or validating the command line.
+#[derive(Debug, thiserror::Error)]
+pub enum CmdlineError {
+    #[error("cannot read {PROC_CMDLINE}")]
+    Read(#[source] std::io::Error),
+    #[error("capsem.token of {len} bytes is over the limit of {MAX_TOKEN_LEN}")]
+    TokenTooLong { len: usize },
+    #[error("capsem.token holds characters other than printable ASCII")]
+    TokenInvalid,
+    #[error("capsem.hostname {0:?} is not a valid hostname")]
+    HostnameInvalid(String),
+    #[error("capsem.agent {0:?} is not an absolute path")]
+    AgentNotAbsolute(String),
+}
+
+/// What the init takes from the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cmdline {
+    pub token: Option<String>,
+    pub hostname: String,
+    pub agent: PathBuf,
+}
+
+/// Reads and parses [`PROC_CMDLINE`] (procfs must be mounted).
+pub fn read() -> Result<Cmdline, CmdlineError> {
+    let text = std::fs::read_to_string(PROC_CMDLINE).map_err(CmdlineError::Read)?;
+    parse(&text)
+}
+
+/// Parses a command line; the last occurrence of a parameter wins, as for
+/// the kernel's own parameters.
+pub fn parse(text: &str) -> Result<Cmdline, CmdlineError> {
+    let mut out = Cmdline {
+        token: None,
+        hostname: DEFAULT_HOSTNAME.to_owned(),
+        agent: PathBuf::from(DEFAULT_AGENT),
+    };
+    for word in text.split_ascii_whitespace() {
+        if let Some(token) = word.strip_prefix("capsem.token=") {
+            if token.len() > MAX_TOKEN_LEN {
+                return Err(CmdlineError::TokenTooLong { len: token.len() });
+            }
+            if !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(CmdlineError::TokenInvalid);
+            }
+            out.token = Some(token.to_owned());
+        } else if let Some(name) = word.strip_prefix("capsem.hostname=") {
+            if !valid_hostname(name) {
+                return Err(CmdlineError::HostnameInvalid(name.to_owned()));
+            }
+            out.hostname = name.to_owned();
+        } else if let Some(agent) = word.strip_prefix("capsem.agent=") {
+            if !agent.starts_with('/') {
+                return Err(CmdlineError::AgentNotAbsolute(agent.to_owned()));
+            }
+            out.agent = PathBuf::from(agent);
+        }
+    }
+    Ok(out)
+}
+
+/// RFC 1123 labels separated by dots, at most [`MAX_HOSTNAME`] bytes.
+fn valid_hostname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_HOSTNAME
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let c = parse("console=ttyS0 quiet\n").unwrap();
+        assert_eq!(c.token, None);
+        assert_eq!(c.hostname, "capsem");
+        assert_eq!(c.agent, PathBuf::from(DEFAULT_AGENT));
+    }
+
+    #[test]
+    fn reads_capsem_parameters() {
+        let c = parse(
+            "console=ttyS0 capsem.token=ab12 capsem.hostname=honest-tiger capsem.agent=/bin/sh\n",
+        )
+        .unwrap();
+        assert_eq!(c.token.as_deref(), Some("ab12"));
+        assert_eq!(c.hostname, "honest-tiger");
+        assert_eq!(c.agent, PathBuf::from("/bin/sh"));
+    }
+
+    #[test]
+    fn last_occurrence_wins() {
+        let c = parse("capsem.token=a capsem.token=b").unwrap();
+        assert_eq!(c.token.as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        let long = format!("capsem.token={}", "x".repeat(MAX_TOKEN_LEN + 1));
+        assert!(matches!(
+            parse(&long),
+            Err(CmdlineError::TokenTooLong { .. })
+        ));
+        assert!(matches!(
+            parse("capsem.token=\u{e9}"),
+            Err(CmdlineError::TokenInvalid)
+        ));
+        for bad in ["-a", "a..b", "a_b", ""] {
+            assert!(
+                matches!(
+                    parse(&format!("capsem.hostname={bad}")),
+                    Err(CmdlineError::HostnameInvalid(_))
+                ),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            parse("capsem.agent=sh"),
+            Err(CmdlineError::AgentNotAbsolute(_))
+        ));
+    }
+
+    #[test]
+    fn ignores_similar_names() {
+        let c = parse("xcapsem.token=a capsem.tokens=b").unwrap();
+        assert_eq!(c.token, None);
+    }
+}
