@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Installs what capsem needs to build the guest image and run real VMs on
+# Debian 12 (bookworm). Idempotent: prints one line per thing it installs and
+# nothing when everything is already there. Needs root for apt (or sudo).
+set -euo pipefail
+
+# Debian packages: binary -> package (the binary proves the package is there).
+declare -A APT=(
+    [qemu-system-x86_64]=qemu-system-x86 # the VMM
+    [cpio]=cpio                          # initramfs archive
+    [gzip]=gzip                          # initramfs compression
+    [xz]=xz-utils                        # .ko.xz modules, should a kernel ship them
+    [python3]=python3                    # scripts/boot-smoke.sh's Unix listener
+    [sha256sum]=coreutils
+)
+VHOST_VSOCK_VERSION=0.3.0 # the version docs/qemu-notes.md was verified with
+
+SUDO=()
+if [ "$(id -u)" -ne 0 ]; then SUDO=(sudo); fi
+
+missing=()
+for bin in "${!APT[@]}"; do
+    command -v "$bin" >/dev/null 2>&1 || missing+=("${APT[$bin]}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    # Quiet on success; the full apt output on failure.
+    if ! log=$("${SUDO[@]}" apt-get update -qq 2>&1 &&
+        "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+            --no-install-recommends "${missing[@]}" 2>&1); then
+        printf '%s\n' "$log" >&2
+        echo "error: apt-get could not install: ${missing[*]}" >&2
+        exit 1
+    fi
+    for pkg in "${missing[@]}"; do echo "installed $pkg (apt)"; done
+fi
+
+if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "error: cargo not found; install Rust (https://rustup.rs) and rerun" >&2
+    exit 1
+fi
+
+have_vsock=""
+for v in "$(command -v vhost-device-vsock 2>/dev/null || true)" "$HOME/.cargo/bin/vhost-device-vsock"; do
+    if [ -n "$v" ] && [ -x "$v" ] && "$v" --version 2>/dev/null | grep -qx "vhost-device-vsock $VHOST_VSOCK_VERSION"; then
+        have_vsock=$v
+        break
+    fi
+done
+if [ -z "$have_vsock" ]; then
+    cargo install --quiet --locked vhost-device-vsock --version "$VHOST_VSOCK_VERSION"
+    echo "installed vhost-device-vsock $VHOST_VSOCK_VERSION (cargo, ~/.cargo/bin)"
+fi
