@@ -1,0 +1,458 @@
+//! The attached session on `<vm-dir>/ctl.sock`: the handshake and the poll
+//! loop that bridges the user's terminal to the shell.
+//!
+//! One thread, one poll set: stdin, the ctl socket and the signalfd. Input
+//! is queued in `out` and written as the socket accepts it; stdin is not read
+//! while too much is queued, so a paste cannot deadlock against output.
+//! Output is written to stdout with blocking writes, so a slow terminal
+//! pushes back on capsem-process and from there on the shell.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use capsem_proto::frame::Client;
+use capsem_proto::ipc::{ClientToProcess, ProcessToClient, MAX_IPC_CHUNK};
+use capsem_proto::{Codec, FrameError};
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::Signal;
+
+use crate::exit;
+use crate::signals::{Signals, SignalsError};
+use crate::terminal;
+
+/// Queued input above which stdin is not read.
+const OUT_HIGH_WATER: usize = 4 * MAX_IPC_CHUNK;
+/// How long a final `Shutdown` may take to send.
+const SHUTDOWN_SEND_TIMEOUT: Duration = Duration::from_secs(2);
+/// Ctrl-C, sent when capsem receives SIGINT.
+const CTRL_C: u8 = 0x03;
+/// Ctrl-D, sent once when a non-terminal stdin reaches EOF so the shell sees
+/// end-of-input at its prompt.
+const CTRL_D: u8 = 0x04;
+
+/// Errors before the session is attached.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("cannot connect to {path}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot talk to capsem-process")]
+    Io(#[source] io::Error),
+    #[error("invalid message from capsem-process")]
+    Frame(#[source] FrameError),
+    #[error("capsem-process refused the attach: {0}")]
+    Refused(String),
+    #[error("capsem-process closed the connection before the attach was accepted")]
+    Closed,
+    #[error("capsem-process sent {0} before the attach was accepted")]
+    Unexpected(&'static str),
+    #[error("poll failed")]
+    Poll(#[source] nix::Error),
+    #[error(transparent)]
+    Signals(#[from] SignalsError),
+}
+
+/// How an attached session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The shell exited; this is capsem's exit code.
+    Exited(u8),
+    /// The session ended without an exit status.
+    Lost(String),
+    /// capsem received SIGHUP or SIGTERM; `Shutdown` was sent.
+    Signalled(Signal),
+}
+
+/// Peer text made safe to print as part of one line.
+fn one_line(s: &str) -> String {
+    s.trim()
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+/// Appends `Input` frames for `data`, each at most [`MAX_IPC_CHUNK`] bytes.
+pub fn encode_input(data: &[u8], out: &mut Vec<u8>) -> Result<(), FrameError> {
+    for chunk in data.chunks(MAX_IPC_CHUNK) {
+        Codec::<Client>::encode_into(
+            &ClientToProcess::Input {
+                data: chunk.to_vec(),
+            },
+            out,
+        )?;
+    }
+    Ok(())
+}
+
+/// A connection to capsem-process.
+#[derive(Debug)]
+pub struct Session {
+    sock: UnixStream,
+    codec: Codec<Client>,
+    /// Encoded frames not yet written (whole frames, a prefix possibly sent).
+    out: Vec<u8>,
+}
+
+/// What one poll round reported.
+struct Events {
+    stdin: bool,
+    sock_in: bool,
+    sock_out: bool,
+    signal: bool,
+}
+
+impl Session {
+    /// Connects and sends `Attach{cols, rows}`.
+    pub fn connect(path: &Path, (cols, rows): (u16, u16)) -> Result<Self, AttachError> {
+        let sock = UnixStream::connect(path).map_err(|source| AttachError::Connect {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut session = Self {
+            sock,
+            codec: Codec::new(),
+            out: Vec::new(),
+        };
+        Codec::<Client>::encode_into(&ClientToProcess::Attach { cols, rows }, &mut session.out)
+            .map_err(AttachError::Frame)?;
+        session
+            .sock
+            .write_all(&session.out)
+            .map_err(AttachError::Io)?;
+        session.out.clear();
+        session
+            .sock
+            .set_nonblocking(true)
+            .map_err(AttachError::Io)?;
+        Ok(session)
+    }
+
+    /// Waits for `Attached`; `Some(signal)` if SIGHUP, SIGTERM or SIGINT
+    /// came first.
+    pub fn await_attached(&mut self, signals: &mut Signals) -> Result<Option<Signal>, AttachError> {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            if let Some(msg) = self.codec.next_message().map_err(AttachError::Frame)? {
+                return match msg {
+                    ProcessToClient::Attached { .. } => Ok(None),
+                    ProcessToClient::Error { message } => {
+                        Err(AttachError::Refused(one_line(&message)))
+                    }
+                    ProcessToClient::SessionLost { reason } => {
+                        Err(AttachError::Refused(one_line(&reason)))
+                    }
+                    ProcessToClient::Output { .. } => Err(AttachError::Unexpected("output")),
+                    ProcessToClient::ShellExited { .. } => {
+                        Err(AttachError::Unexpected("an exit status"))
+                    }
+                    ProcessToClient::GuestUnresponsive { .. }
+                    | ProcessToClient::GuestResponsive
+                    | ProcessToClient::Status(_) => continue,
+                };
+            }
+            let (sock_in, signal) = {
+                let mut fds = [
+                    PollFd::new(self.sock.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(signals.as_fd(), PollFlags::POLLIN),
+                ];
+                match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+                    Ok(_) => {}
+                    Err(Errno::EINTR) => continue,
+                    Err(e) => return Err(AttachError::Poll(e)),
+                }
+                let hit = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+                (hit(&fds[0]), hit(&fds[1]))
+            };
+            if signal {
+                if let Some(sig) = signals
+                    .drain()?
+                    .into_iter()
+                    .find(|s| *s != Signal::SIGWINCH)
+                {
+                    return Ok(Some(sig));
+                }
+            }
+            if sock_in {
+                match self.sock.read(&mut buf) {
+                    Ok(0) => return Err(AttachError::Closed),
+                    Ok(n) => self.codec.feed(&buf[..n]).map_err(AttachError::Frame)?,
+                    Err(e) if is_transient(&e) => {}
+                    Err(e) => return Err(AttachError::Io(e)),
+                }
+            }
+        }
+    }
+
+    fn queue(&mut self, msg: &ClientToProcess) -> Result<(), String> {
+        Codec::<Client>::encode_into(msg, &mut self.out)
+            .map_err(|e| format!("cannot encode a message: {e}"))
+    }
+
+    fn queue_input(&mut self, data: &[u8]) -> Result<(), String> {
+        encode_input(data, &mut self.out).map_err(|e| format!("cannot encode input: {e}"))
+    }
+
+    /// Writes queued frames until the socket would block.
+    fn flush_nonblocking(&mut self) -> Result<(), String> {
+        while !self.out.is_empty() {
+            match self.sock.write(&self.out) {
+                Ok(0) => return Err("capsem-process stopped reading".into()),
+                Ok(n) => {
+                    self.out.drain(..n);
+                }
+                Err(e) if is_transient(&e) => return Ok(()),
+                Err(e) => return Err(format!("cannot send to capsem-process: {e}")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Best effort: finishes queued frames and sends `Shutdown`, bounded by
+    /// a send timeout (capsem-process is killed later if it never reads).
+    pub fn shutdown(&mut self) {
+        let _ = self.queue(&ClientToProcess::Shutdown);
+        let _ = self.sock.set_nonblocking(false);
+        let _ = self.sock.set_write_timeout(Some(SHUTDOWN_SEND_TIMEOUT));
+        let _ = self.sock.write_all(&self.out);
+        self.out.clear();
+    }
+
+    /// Bridges stdin/stdout to the shell until it exits, the session is
+    /// lost, or capsem is told to stop.
+    pub fn run(&mut self, stdin_tty: bool, signals: &mut Signals) -> SessionEnd {
+        match self.run_inner(stdin_tty, signals) {
+            Ok(end) => end,
+            Err(reason) => {
+                // A failure on our side: the VM must not outlive us.
+                self.shutdown();
+                SessionEnd::Lost(reason)
+            }
+        }
+    }
+
+    fn run_inner(&mut self, stdin_tty: bool, signals: &mut Signals) -> Result<SessionEnd, String> {
+        let stdin = io::stdin();
+        let mut stdout = io::stdout().lock();
+        let mut reading_stdin = true;
+        let mut unresponsive = false;
+        let mut size = terminal::window_size(stdin.as_fd());
+        let mut buf = vec![0u8; MAX_IPC_CHUNK];
+        loop {
+            // Messages already decoded come first: output before status.
+            let mut wrote = false;
+            while let Some(msg) = self
+                .codec
+                .next_message()
+                .map_err(|e| format!("invalid message from capsem-process: {e}"))?
+            {
+                match msg {
+                    ProcessToClient::Output { data } => {
+                        stdout
+                            .write_all(&data)
+                            .map_err(|e| format!("cannot write to stdout: {e}"))?;
+                        wrote = true;
+                    }
+                    ProcessToClient::ShellExited { exit_code, signal } => {
+                        stdout
+                            .flush()
+                            .map_err(|e| format!("cannot write to stdout: {e}"))?;
+                        return Ok(match exit::from_shell(exit_code, signal) {
+                            Some(code) => SessionEnd::Exited(code),
+                            None => {
+                                SessionEnd::Lost("the shell ended without an exit status".into())
+                            }
+                        });
+                    }
+                    ProcessToClient::SessionLost { reason } => {
+                        let _ = stdout.flush();
+                        return Ok(SessionEnd::Lost(one_line(&reason)));
+                    }
+                    ProcessToClient::GuestUnresponsive { .. } => {
+                        if !unresponsive {
+                            let _ = stdout.flush();
+                            note("guest not responding");
+                            unresponsive = true;
+                        }
+                    }
+                    ProcessToClient::GuestResponsive => {
+                        if unresponsive {
+                            let _ = stdout.flush();
+                            note("guest responding again");
+                            unresponsive = false;
+                        }
+                    }
+                    ProcessToClient::Error { message } => {
+                        let _ = stdout.flush();
+                        note(&one_line(&message));
+                    }
+                    ProcessToClient::Attached { .. } | ProcessToClient::Status(_) => {}
+                }
+            }
+            if wrote {
+                stdout
+                    .flush()
+                    .map_err(|e| format!("cannot write to stdout: {e}"))?;
+            }
+
+            let want_stdin = reading_stdin && self.out.len() < OUT_HIGH_WATER;
+            let Events {
+                stdin: stdin_ready,
+                sock_in,
+                sock_out,
+                signal,
+            } = {
+                let mut sock_events = PollFlags::POLLIN;
+                if !self.out.is_empty() {
+                    sock_events |= PollFlags::POLLOUT;
+                }
+                let mut fds = vec![
+                    PollFd::new(self.sock.as_fd(), sock_events),
+                    PollFd::new(signals.as_fd(), PollFlags::POLLIN),
+                ];
+                if want_stdin {
+                    fds.push(PollFd::new(stdin.as_fd(), PollFlags::POLLIN));
+                }
+                match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+                    Ok(_) => {}
+                    Err(Errno::EINTR) => continue,
+                    Err(e) => return Err(format!("poll failed: {e}")),
+                }
+                let rev = |i: usize| {
+                    fds.get(i)
+                        .and_then(|f| f.revents())
+                        .unwrap_or(PollFlags::empty())
+                };
+                let sock = rev(0);
+                Events {
+                    sock_in: sock
+                        .intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR),
+                    sock_out: sock.contains(PollFlags::POLLOUT),
+                    signal: !rev(1).is_empty(),
+                    stdin: !rev(2).is_empty(),
+                }
+            };
+
+            if signal {
+                for sig in signals.drain().map_err(|e| e.to_string())? {
+                    match sig {
+                        Signal::SIGWINCH => {
+                            let now = terminal::window_size(stdin.as_fd());
+                            if let (true, Some((cols, rows))) = (now != size, now) {
+                                size = now;
+                                self.queue(&ClientToProcess::Resize { cols, rows })?;
+                            }
+                        }
+                        // Not generated by a raw terminal; from `kill -INT`
+                        // or a cooked terminal: the shell gets its Ctrl-C.
+                        Signal::SIGINT => self.queue_input(&[CTRL_C])?,
+                        other => {
+                            self.shutdown();
+                            return Ok(SessionEnd::Signalled(other));
+                        }
+                    }
+                }
+            }
+
+            if stdin_ready {
+                // Straight from the fd: a buffered reader could hold bytes
+                // that poll would never report.
+                let n = match nix::unistd::read(stdin.as_raw_fd(), &mut buf) {
+                    Ok(n) => Some(n),
+                    Err(Errno::EAGAIN | Errno::EINTR) => None,
+                    // An unreadable stdin ends like a closed one.
+                    Err(_) => Some(0),
+                };
+                match n {
+                    Some(0) => {
+                        reading_stdin = false;
+                        if !stdin_tty {
+                            self.queue_input(&[CTRL_D])?;
+                        }
+                    }
+                    Some(n) => self.queue_input(&buf[..n])?,
+                    None => {}
+                }
+            }
+
+            if sock_in {
+                match self.sock.read(&mut buf) {
+                    Ok(0) => {
+                        let _ = stdout.flush();
+                        return Ok(SessionEnd::Lost(match self.codec.finish() {
+                            Ok(()) => "capsem-process closed the connection".into(),
+                            Err(e) => format!("capsem-process closed the connection: {e}"),
+                        }));
+                    }
+                    Ok(n) => self
+                        .codec
+                        .feed(&buf[..n])
+                        .map_err(|e| format!("invalid message from capsem-process: {e}"))?,
+                    Err(e) if is_transient(&e) => {}
+                    Err(e) => {
+                        let _ = stdout.flush();
+                        return Ok(SessionEnd::Lost(format!(
+                            "cannot read from capsem-process: {e}"
+                        )));
+                    }
+                }
+            }
+
+            if sock_out || !self.out.is_empty() {
+                self.flush_nonblocking()?;
+            }
+        }
+    }
+}
+
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
+}
+
+/// A note on stderr that reads well in a raw terminal too.
+fn note(text: &str) {
+    let mut err = io::stderr().lock();
+    let _ = write!(err, "\r\ncapsem: {text}\r\n");
+    let _ = err.flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use capsem_proto::frame::Process;
+
+    #[test]
+    fn input_is_chunked() {
+        let data: Vec<u8> = (0..(MAX_IPC_CHUNK * 2 + 17)).map(|i| i as u8).collect();
+        let mut out = Vec::new();
+        encode_input(&data, &mut out).unwrap();
+        let mut process = Codec::<Process>::new();
+        process.feed(&out).unwrap();
+        let mut got = Vec::new();
+        let mut chunks = 0;
+        while let Some(msg) = process.next_message().unwrap() {
+            let ClientToProcess::Input { data } = msg else {
+                panic!("not input: {msg:?}");
+            };
+            assert!(!data.is_empty() && data.len() <= MAX_IPC_CHUNK);
+            got.extend_from_slice(&data);
+            chunks += 1;
+        }
+        assert_eq!(chunks, 3);
+        assert_eq!(got, data);
+    }
+
+    #[test]
+    fn peer_text_is_one_line() {
+        assert_eq!(one_line(" agent\ndied\x1b \n"), "agent died ");
+    }
+}

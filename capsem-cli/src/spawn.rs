@@ -1,0 +1,467 @@
+//! Starting capsem-process for a temporary VM, waiting for its ready line,
+//! and reaping it.
+//!
+//! capsem-process runs in its own session (so the terminal's signals do not
+//! reach it), with stdio on /dev/null (it logs to `<vm-dir>/process.log`),
+//! and one inherited fd, the write end of a pipe, on which it reports
+//! `ready\n` or `error: <reason>\n`.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+
+use crate::cli::Vmm;
+use crate::progress::{Progress, TICK};
+use crate::signals::{Signals, SignalsError};
+
+/// Name of the binary looked for beside our own executable.
+pub const PROCESS_BIN_NAME: &str = "capsem-process";
+/// Environment override for the capsem-process binary.
+pub const PROCESS_BIN_ENV: &str = "CAPSEM_PROCESS_BIN";
+/// How long capsem-process gets to exit on its own before its process group
+/// is killed.
+pub const EXIT_GRACE: Duration = Duration::from_secs(5);
+/// Longest ready line accepted.
+pub const MAX_READY_LINE: usize = 4096;
+
+/// Errors starting or watching capsem-process.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("cannot find capsem-process at {path} (set CAPSEM_PROCESS_BIN)")]
+    NotFound { path: PathBuf },
+    #[error("cannot locate the capsem executable")]
+    CurrentExe(#[source] io::Error),
+    #[error("cannot create the ready pipe")]
+    Pipe(#[source] nix::Error),
+    #[error("cannot start {path}")]
+    Start {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot watch capsem-process (pidfd_open)")]
+    Pidfd(#[source] io::Error),
+    #[error("poll failed")]
+    Poll(#[source] nix::Error),
+    #[error("cannot read the ready pipe")]
+    ReadPipe(#[source] io::Error),
+    #[error(transparent)]
+    Signals(#[from] SignalsError),
+}
+
+/// The capsem-process binary: `$CAPSEM_PROCESS_BIN` if set (an explicit
+/// override wins), else `capsem-process` beside our own executable.
+pub fn find_process_bin(
+    env_override: Option<OsString>,
+    current_exe: io::Result<PathBuf>,
+) -> Result<PathBuf, SpawnError> {
+    if let Some(p) = env_override.filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = current_exe.map_err(SpawnError::CurrentExe)?;
+    let path = exe
+        .parent()
+        .map(|d| d.join(PROCESS_BIN_NAME))
+        .unwrap_or_else(|| PathBuf::from(PROCESS_BIN_NAME));
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(SpawnError::NotFound { path })
+    }
+}
+
+/// What capsem-process reported on the ready pipe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadyOutcome {
+    /// The guest bridge is up and `ctl.sock` listens.
+    Ready,
+    /// It could not start; the reason is one line of text.
+    Failed(String),
+    /// capsem received this signal while waiting.
+    Interrupted(Signal),
+}
+
+/// Interprets one ready line (without its newline).
+pub fn parse_ready_line(line: &[u8]) -> ReadyOutcome {
+    let text = String::from_utf8_lossy(line);
+    // One line on our stderr, whatever the peer wrote.
+    let clean: String = text
+        .trim()
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if clean == "ready" {
+        ReadyOutcome::Ready
+    } else if let Some(reason) = clean.strip_prefix("error:") {
+        let reason = reason.trim();
+        ReadyOutcome::Failed(if reason.is_empty() {
+            "capsem-process failed without a reason".into()
+        } else {
+            reason.to_string()
+        })
+    } else {
+        ReadyOutcome::Failed(format!(
+            "capsem-process sent an unexpected ready line: {clean:?}"
+        ))
+    }
+}
+
+/// Accumulates ready-pipe bytes until a whole line or EOF.
+#[derive(Debug, Default)]
+struct ReadyLine {
+    buf: Vec<u8>,
+}
+
+impl ReadyLine {
+    fn push(&mut self, bytes: &[u8]) -> Option<ReadyOutcome> {
+        self.buf.extend_from_slice(bytes);
+        if let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
+            return Some(parse_ready_line(&self.buf[..nl]));
+        }
+        if self.buf.len() > MAX_READY_LINE {
+            return Some(ReadyOutcome::Failed(
+                "capsem-process sent an overlong ready line".into(),
+            ));
+        }
+        None
+    }
+
+    fn eof(&self) -> ReadyOutcome {
+        if self.buf.iter().all(u8::is_ascii_whitespace) {
+            ReadyOutcome::Failed("capsem-process exited before it was ready".into())
+        } else {
+            parse_ready_line(&self.buf)
+        }
+    }
+}
+
+/// A started capsem-process: our unreaped child, leader of its own session
+/// and process group. Dropping it reaps it (see [`ProcessChild::teardown`]).
+#[derive(Debug)]
+pub struct ProcessChild {
+    child: Child,
+    pidfd: OwnedFd,
+    reaped: Option<ExitStatus>,
+}
+
+/// The read end of the ready pipe (non-blocking).
+#[derive(Debug)]
+pub struct ReadyPipe {
+    file: File,
+    line: ReadyLine,
+}
+
+fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    let pid =
+        libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+    // SAFETY: the kernel just returned this fd; we are its only owner.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Starts `bin --vm-dir DIR --vm-id ID --vmm V --temporary --ready-fd N`.
+pub fn spawn(
+    bin: &Path,
+    vm_dir: &Path,
+    vm_id: &str,
+    vmm: Vmm,
+) -> Result<(ProcessChild, ReadyPipe), SpawnError> {
+    let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(SpawnError::Pipe)?;
+    // Keep the write end off fds 0-2, which the child's stdio replaces.
+    let write: OwnedFd = if write.as_raw_fd() < 3 {
+        let fd =
+            fcntl(write.as_raw_fd(), FcntlArg::F_DUPFD_CLOEXEC(3)).map_err(SpawnError::Pipe)?;
+        // SAFETY: fcntl just returned this new fd; we own it.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    } else {
+        write
+    };
+    fcntl(read.as_raw_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).map_err(SpawnError::Pipe)?;
+
+    let ready_fd = write.as_raw_fd();
+    let mut cmd = Command::new(bin);
+    cmd.arg("--vm-dir")
+        .arg(vm_dir)
+        .args(["--vm-id", vm_id, "--vmm", vmm.as_arg(), "--temporary"])
+        .arg("--ready-fd")
+        .arg(ready_fd.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // Runs in the child between fork and exec: async-signal-safe calls only.
+    let in_child = move || {
+        // SAFETY: setsid has no memory-safety preconditions.
+        if unsafe { libc::setsid() } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fcntl on an fd the child inherited.
+        let flags = unsafe { libc::fcntl(ready_fd, libc::F_GETFD) };
+        if flags < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: as above; only FD_CLOEXEC changes, on this one fd.
+        if unsafe { libc::fcntl(ready_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut set = std::mem::MaybeUninit::<libc::sigset_t>::zeroed();
+        // SAFETY: sigemptyset initialises the set we point to; the mask
+        // capsem blocks for its signalfd must not leak into the child.
+        unsafe {
+            libc::sigemptyset(set.as_mut_ptr());
+            libc::sigprocmask(libc::SIG_SETMASK, set.as_ptr(), std::ptr::null_mut());
+        }
+        Ok(())
+    };
+    // SAFETY: `in_child` only makes async-signal-safe calls on plain values.
+    unsafe { cmd.pre_exec(in_child) };
+    let child = cmd.spawn().map_err(|source| SpawnError::Start {
+        path: bin.to_path_buf(),
+        source,
+    })?;
+    drop(write);
+    let pidfd = match pidfd_open(child.id()) {
+        Ok(fd) => fd,
+        Err(e) => {
+            let mut child = child;
+            // The child is unreaped, so its pid (== its pgid) is still ours.
+            let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+            let _ = child.wait();
+            return Err(SpawnError::Pidfd(e));
+        }
+    };
+    Ok((
+        ProcessChild {
+            child,
+            pidfd,
+            reaped: None,
+        },
+        ReadyPipe {
+            // SAFETY: `read` is an owned fd we hand over to File.
+            file: File::from(read),
+            line: ReadyLine::default(),
+        },
+    ))
+}
+
+impl ReadyPipe {
+    /// Reads what is available: `Some` once a line or EOF arrived.
+    fn read_available(&mut self) -> Result<Option<ReadyOutcome>, SpawnError> {
+        let mut buf = [0u8; 512];
+        loop {
+            match self.file.read(&mut buf) {
+                Ok(0) => return Ok(Some(self.line.eof())),
+                Ok(n) => {
+                    if let Some(outcome) = self.line.push(&buf[..n]) {
+                        return Ok(Some(outcome));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(SpawnError::ReadPipe(e)),
+            }
+        }
+    }
+
+    /// Waits for the ready line, capsem-process's exit, or a terminating
+    /// signal, drawing `progress` meanwhile.
+    pub fn wait(
+        &mut self,
+        child: &ProcessChild,
+        signals: &mut Signals,
+        progress: &mut Progress,
+    ) -> Result<ReadyOutcome, SpawnError> {
+        let timeout = if progress.enabled() {
+            PollTimeout::try_from(TICK).unwrap_or(PollTimeout::NONE)
+        } else {
+            PollTimeout::NONE
+        };
+        loop {
+            progress.tick();
+            let (pipe_ready, exited, signalled) = {
+                let mut fds = [
+                    PollFd::new(self.file.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(child.pidfd(), PollFlags::POLLIN),
+                    PollFd::new(signals.as_fd(), PollFlags::POLLIN),
+                ];
+                match nix::poll::poll(&mut fds, timeout) {
+                    Ok(_) => {}
+                    Err(Errno::EINTR) => continue,
+                    Err(e) => return Err(SpawnError::Poll(e)),
+                }
+                let hit = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+                (hit(&fds[0]), hit(&fds[1]), hit(&fds[2]))
+            };
+            if pipe_ready {
+                if let Some(outcome) = self.read_available()? {
+                    return Ok(outcome);
+                }
+            }
+            if signalled {
+                if let Some(sig) = signals
+                    .drain()?
+                    .into_iter()
+                    .find(|s| *s != Signal::SIGWINCH)
+                {
+                    return Ok(ReadyOutcome::Interrupted(sig));
+                }
+            }
+            if exited {
+                // It may have written its reason just before exiting; a
+                // descendant holding the pipe open must not make us wait.
+                return Ok(self.read_available()?.unwrap_or_else(|| self.line.eof()));
+            }
+        }
+    }
+}
+
+impl ProcessChild {
+    /// Its pidfd: readable once it has exited.
+    pub fn pidfd(&self) -> BorrowedFd<'_> {
+        self.pidfd.as_fd()
+    }
+
+    fn pgid(&self) -> Pid {
+        // setsid made it the leader of a group whose id is its pid.
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// Sends `sig` to its whole process group. The leader is our unreaped
+    /// child, so the group id cannot belong to anyone else.
+    pub fn signal_group(&self, sig: Signal) {
+        if self.reaped.is_none() {
+            let _ = killpg(self.pgid(), sig);
+        }
+    }
+
+    /// Waits up to `grace` for it to exit (an event on its pidfd), kills its
+    /// process group if it has not, and reaps it. Whatever is left in its
+    /// group is killed before the leader is reaped, while the leader's
+    /// zombie still pins the group id. Returns its status and whether it
+    /// had to be killed.
+    pub fn teardown(&mut self, grace: Duration) -> (Option<ExitStatus>, bool) {
+        if let Some(status) = self.reaped {
+            return (Some(status), false);
+        }
+        let deadline = Instant::now() + grace;
+        let exited = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+            let mut fds = [PollFd::new(self.pidfd.as_fd(), PollFlags::POLLIN)];
+            match nix::poll::poll(&mut fds, timeout) {
+                Ok(0) => break false,
+                Ok(_) => break true,
+                Err(Errno::EINTR) => continue,
+                Err(_) => break false,
+            }
+        };
+        let _ = killpg(self.pgid(), Signal::SIGKILL);
+        let status = self.child.wait().ok();
+        self.reaped = status;
+        (status, !exited)
+    }
+}
+
+impl Drop for ProcessChild {
+    fn drop(&mut self) {
+        let (_, killed) = self.teardown(EXIT_GRACE);
+        if killed {
+            eprintln!(
+                "capsem: capsem-process did not exit within {}s; killed it",
+                EXIT_GRACE.as_secs()
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_lines() {
+        assert_eq!(parse_ready_line(b"ready"), ReadyOutcome::Ready);
+        assert_eq!(
+            parse_ready_line(b"error: the qemu backend is not available yet"),
+            ReadyOutcome::Failed("the qemu backend is not available yet".into())
+        );
+        assert!(
+            matches!(parse_ready_line(b"hello"), ReadyOutcome::Failed(r) if r.contains("unexpected"))
+        );
+        assert!(
+            matches!(parse_ready_line(b"error:\x1b[2Jx"), ReadyOutcome::Failed(r) if !r.contains('\x1b'))
+        );
+    }
+
+    #[test]
+    fn ready_line_accumulates_and_bounds() {
+        let mut l = ReadyLine::default();
+        assert_eq!(l.push(b"rea"), None);
+        assert_eq!(l.push(b"dy\nignored"), Some(ReadyOutcome::Ready));
+        let mut l = ReadyLine::default();
+        assert!(matches!(
+            l.push(&[b'x'; MAX_READY_LINE + 1]),
+            Some(ReadyOutcome::Failed(_))
+        ));
+        let l = ReadyLine::default();
+        assert!(matches!(l.eof(), ReadyOutcome::Failed(r) if r.contains("exited before")));
+        let mut l = ReadyLine::default();
+        assert_eq!(l.push(b"error: no kvm"), None);
+        assert_eq!(l.eof(), ReadyOutcome::Failed("no kvm".into()));
+    }
+
+    #[test]
+    fn explicit_override_wins() {
+        let got =
+            find_process_bin(Some("/opt/p".into()), Ok("/nonexistent/capsem".into())).unwrap();
+        assert_eq!(got, PathBuf::from("/opt/p"));
+        let err = find_process_bin(None, Ok("/nonexistent/capsem".into())).unwrap_err();
+        assert!(
+            matches!(err, SpawnError::NotFound { path } if path == Path::new("/nonexistent/capsem-process"))
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(PROCESS_BIN_NAME), b"").unwrap();
+        let got = find_process_bin(Some("".into()), Ok(dir.path().join("capsem"))).unwrap();
+        assert_eq!(got, dir.path().join(PROCESS_BIN_NAME));
+    }
+
+    #[test]
+    fn spawn_reports_error_line_and_reaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("fake");
+        std::fs::write(
+            &script,
+            "#!/bin/sh\nwhile [ $# -gt 0 ]; do [ \"$1\" = --ready-fd ] && fd=$2; shift; done\n\
+             eval \"echo 'error: nope' >&$fd\"\nexit 3\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            &script,
+            <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755),
+        )
+        .unwrap();
+        let (mut child, mut pipe) = spawn(&script, dir.path(), "tmp-0", Vmm::None).unwrap();
+        let mut signals = Signals::install().unwrap();
+        let mut progress = Progress::new("test");
+        let got = pipe.wait(&child, &mut signals, &mut progress).unwrap();
+        assert_eq!(got, ReadyOutcome::Failed("nope".into()));
+        let (status, killed) = child.teardown(EXIT_GRACE);
+        assert_eq!(status.unwrap().code(), Some(3));
+        assert!(!killed);
+    }
+}
