@@ -1,1 +1,136 @@
-fn main() {}
+//! `capsem-process`: the host process of one VM.
+//!
+//! ```text
+//! capsem-process --vm-dir DIR --vm-id ID --vmm none|qemu [--temporary]
+//!                [--ready-fd N] [--heartbeat-ms 1000] [--missed-pongs 3]
+//!                [--boot-timeout-ms N]
+//! ```
+//!
+//! It is a child subreaper, owns the VM directory (0700), listens on
+//! `ctl.sock` (0600, peers of our uid only) and on `vsock.sock_5000` /
+//! `vsock.sock_5001` for the guest, starts the guest (`--vmm none`: the
+//! agent as a child, `$CAPSEM_AGENT_BIN` or `capsem-agent` beside this
+//! binary, token in `$CAPSEM_TOKEN`), bridges the shell to one attached
+//! client, and tears everything down when the session ends.
+//!
+//! Exit status: `0` after an orderly teardown (whatever ended the session:
+//! shell exit, shutdown request, lost session, signal, client gone), `1` on
+//! a runtime error or when the guest failed to come up (the ready fd then
+//! got `error: <reason>`), `2` on a usage error.
+//!
+//! Modules:
+//! * [`config`]: command line.
+//! * [`vmdir`]: the VM directory and its paths.
+//! * [`log`]: `process.log`, RFC 3339 timestamps, one line per event.
+//! * [`ready`]: the ready fd protocol.
+//! * [`reaper`]: the only `waitpid` caller (SIGCHLD-driven), spawning children.
+//! * [`vmm`]: guest backends (`none`, `qemu`).
+//! * [`guest`]: control/terminal listeners and the hello check.
+//! * [`bridge`]: one connection generation's four tasks.
+//! * [`heartbeat`]: ping/pong bookkeeping.
+//! * [`client`]: `ctl.sock` connections.
+//! * [`state`]: what the tasks share and the events they report.
+//! * [`session`]: the session loop and teardown orchestration.
+//! * [`teardown`]: killing and reaping every descendant, removing files.
+
+mod bridge;
+mod client;
+mod config;
+mod guest;
+mod heartbeat;
+mod log;
+mod ready;
+mod reaper;
+mod session;
+mod state;
+mod teardown;
+mod vmdir;
+mod vmm;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::config::Config;
+use crate::ready::ReadyFd;
+use crate::session::{Session, Stop};
+use crate::vmdir::VmDir;
+
+#[derive(Debug, thiserror::Error)]
+enum MainError {
+    #[error("cannot become a child subreaper")]
+    Subreaper(#[source] nix::Error),
+    #[error(transparent)]
+    Ready(#[from] ready::ReadyError),
+    #[error(transparent)]
+    VmDir(#[from] vmdir::VmDirError),
+    #[error(transparent)]
+    Log(#[from] log::LogError),
+    #[error("cannot start the async runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error(transparent)]
+    Session(#[from] session::SessionError),
+}
+
+fn main() -> ExitCode {
+    let cfg = match Config::try_parse() {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    match run(cfg) {
+        Ok(Stop::BootFailed(_)) => ExitCode::from(1),
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = log::chain(&e);
+            tracing::error!("{msg}");
+            eprintln!("capsem-process: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cfg: Config) -> Result<Stop, MainError> {
+    // First, so no fd of ours leaks into a child even on an early error.
+    let mut ready = match cfg.ready_fd {
+        Some(fd) => ReadyFd::adopt(fd)?,
+        None => ReadyFd::default(),
+    };
+    let result = start(cfg, &mut ready);
+    if let Err(e) = &result {
+        let _ = ready.error(&log::chain(e));
+    }
+    result
+}
+
+fn start(cfg: Config, ready: &mut ReadyFd) -> Result<Stop, MainError> {
+    // Every descendant, even a double-forked one, is reparented to us, so
+    // teardown can kill and reap it.
+    nix::sys::prctl::set_child_subreaper(true).map_err(MainError::Subreaper)?;
+    let dir = VmDir::new(&cfg.vm_dir);
+    dir.prepare()?;
+    log::init(&dir.process_log())?;
+    tracing::info!(
+        "capsem-process {} starting: vm_id={} vmm={:?} temporary={} dir={}",
+        env!("CARGO_PKG_VERSION"),
+        cfg.vm_id,
+        cfg.vmm,
+        cfg.temporary,
+        dir.root().display()
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("capsem-process")
+        .enable_all()
+        .build()
+        .map_err(MainError::Runtime)?;
+    let stop = runtime.block_on(async {
+        // On a setup error the ready fd stays with the caller, which reports it.
+        let session = Session::new(cfg, dir)?;
+        session.run(std::mem::take(ready)).await
+    })?;
+    tracing::info!("exiting: {stop}");
+    Ok(stop)
+}

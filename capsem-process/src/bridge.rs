@@ -1,0 +1,354 @@
+//! One connection generation: four tasks (control reader, control writer
+//! with the heartbeat, terminal reader, terminal writer), all stopped by one
+//! signal and all joined by [`Generation::stop`] before its connections are
+//! dropped. Every way a task ends is reported as a typed [`GenEvent`].
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use capsem_proto::frame::Host;
+use capsem_proto::guest::{BootStage, GuestToHost, HostToGuest, MAX_BOOT_STAGES, MAX_STAGE_NAME};
+use capsem_proto::ipc::{ProcessToClient, MAX_IPC_CHUNK};
+use capsem_proto::Codec;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use crate::heartbeat::{Heartbeat, Transition};
+use crate::log::chain;
+use crate::state::{Event, GenEvent, Shared, ToClient};
+
+/// After the shell exited, how long the terminal may stay silent before we
+/// stop waiting for its EOF.
+pub const DRAIN_IDLE: Duration = Duration::from_secs(2);
+
+/// The running tasks of one generation.
+#[derive(Debug)]
+pub struct Generation {
+    pub number: u64,
+    stop: watch::Sender<bool>,
+    drain: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+/// What every task of a generation needs.
+#[derive(Debug, Clone)]
+struct Ctx {
+    number: u64,
+    shared: Arc<Shared>,
+    events: mpsc::Sender<Event>,
+}
+
+impl Ctx {
+    async fn report(&self, event: GenEvent) {
+        let _ = self
+            .events
+            .send(Event::Gen {
+                generation: self.number,
+                event,
+            })
+            .await;
+    }
+}
+
+impl Generation {
+    /// Starts serving a control connection (hello already acknowledged) and
+    /// its paired terminal connection.
+    pub fn start(
+        number: u64,
+        control: UnixStream,
+        codec: Codec<Host>,
+        terminal: UnixStream,
+        shared: Arc<Shared>,
+        events: mpsc::Sender<Event>,
+    ) -> Self {
+        let mut generation = Self {
+            number,
+            stop: watch::channel(false).0,
+            drain: watch::channel(false).0,
+            tasks: JoinSet::new(),
+        };
+        let ctx = Ctx {
+            number,
+            shared: shared.clone(),
+            events,
+        };
+        let heartbeat = Arc::new(Mutex::new(Heartbeat::new(shared.missed_pongs)));
+        let (ctl_rd, ctl_wr) = control.into_split();
+        let (term_rd, term_wr) = terminal.into_split();
+        let drain = generation.drain.subscribe();
+        generation.spawn(control_reader(
+            ctl_rd,
+            codec,
+            heartbeat.clone(),
+            ctx.clone(),
+        ));
+        generation.spawn(control_writer(ctl_wr, heartbeat, ctx.clone()));
+        generation.spawn(terminal_reader(term_rd, drain, ctx.clone()));
+        generation.spawn(terminal_writer(term_wr, ctx));
+        generation
+    }
+
+    fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
+        let mut stop = self.stop.subscribe();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => {}
+                () = task => {}
+            }
+        });
+    }
+
+    /// The shell exited: the terminal reader forwards everything up to EOF
+    /// even with no client attached (then discarding it).
+    pub fn drain(&self) {
+        self.drain.send_replace(true);
+    }
+
+    /// Stops every task and waits for all of them; the connections are
+    /// closed when this returns.
+    pub async fn stop(mut self) {
+        self.stop.send_replace(true);
+        while let Some(joined) = self.tasks.join_next().await {
+            if let Err(e) = joined {
+                warn!("generation {}: a task failed: {e}", self.number);
+            }
+        }
+        debug!("generation {}: all tasks joined", self.number);
+    }
+}
+
+fn apply(transition: Option<Transition>, ctx: &Ctx) {
+    match transition {
+        Some(Transition::Unresponsive { missed }) => {
+            warn!(
+                "guest unresponsive: {missed} pings unanswered (generation {})",
+                ctx.number
+            );
+            ctx.shared
+                .notify_client(ProcessToClient::GuestUnresponsive {
+                    missed_pongs: missed,
+                });
+        }
+        Some(Transition::Responsive) => {
+            info!("guest responsive again (generation {})", ctx.number);
+            ctx.shared.notify_client(ProcessToClient::GuestResponsive);
+        }
+        None => {}
+    }
+}
+
+/// Boot stages as one line: `name=micros` pairs, names made printable.
+pub fn format_boot_timings(stages: &[BootStage]) -> String {
+    stages
+        .iter()
+        .map(|s| {
+            let name: String = s
+                .name
+                .chars()
+                .take(MAX_STAGE_NAME)
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || "_-.".contains(c) {
+                        c
+                    } else {
+                        '?'
+                    }
+                })
+                .collect();
+            format!("{name}={}us", s.micros)
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+async fn control_reader(
+    mut rd: OwnedReadHalf,
+    mut codec: Codec<Host>,
+    heartbeat: Arc<Mutex<Heartbeat>>,
+    ctx: Ctx,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut timings_seen = false;
+    let reason = 'outer: loop {
+        loop {
+            let msg = match codec.next_message() {
+                Ok(Some(msg)) => msg,
+                Ok(None) => break,
+                Err(e) => break 'outer format!("invalid control frame: {}", chain(&e)),
+            };
+            match msg {
+                GuestToHost::Pong { seq } => {
+                    let result = heartbeat
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .on_pong(seq);
+                    match result {
+                        Ok(t) => apply(t, &ctx),
+                        Err(seq) => debug!("ignoring a pong for unsent ping {seq}"),
+                    }
+                }
+                GuestToHost::ShellExited { exit_code, signal } => {
+                    ctx.report(GenEvent::ShellExited { exit_code, signal })
+                        .await;
+                    // Nothing follows a shell exit on this connection.
+                    return;
+                }
+                GuestToHost::BootTimings { stages } => {
+                    if timings_seen || stages.len() > MAX_BOOT_STAGES {
+                        warn!("ignoring boot timings ({} stages)", stages.len());
+                    } else {
+                        timings_seen = true;
+                        info!("boot timings: {}", format_boot_timings(&stages));
+                    }
+                }
+                GuestToHost::Hello { .. } => {
+                    break 'outer "unexpected hello on an established control connection".into();
+                }
+            }
+        }
+        match rd.read(&mut buf).await {
+            Ok(0) => {
+                break match codec.finish() {
+                    Ok(()) => "control connection closed".into(),
+                    Err(e) => format!("control connection closed: {}", chain(&e)),
+                }
+            }
+            Ok(n) => {
+                if let Err(e) = codec.feed(&buf[..n]) {
+                    break format!("invalid control frame: {}", chain(&e));
+                }
+            }
+            Err(e) => break format!("control connection read failed: {e}"),
+        }
+    };
+    ctx.report(GenEvent::TransportLost(reason)).await;
+}
+
+async fn control_writer(mut wr: OwnedWriteHalf, heartbeat: Arc<Mutex<Heartbeat>>, ctx: Ctx) {
+    let mut guest_rx = ctx.shared.guest_rx.lock().await;
+    let mut tick = tokio::time::interval(ctx.shared.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is immediate; the first ping goes out one period later.
+    tick.tick().await;
+    loop {
+        let msg = tokio::select! {
+            _ = tick.tick() => {
+                let (seq, t) = heartbeat.lock().unwrap_or_else(|p| p.into_inner()).on_tick();
+                apply(t, &ctx);
+                HostToGuest::Ping { seq }
+            }
+            Some(msg) = guest_rx.recv() => msg,
+        };
+        let frame = match Codec::<Host>::encode(&msg) {
+            Ok(f) => f,
+            Err(e) => {
+                warn!("cannot encode {msg:?}: {}", chain(&e));
+                continue;
+            }
+        };
+        if let Err(e) = wr.write_all(&frame).await {
+            ctx.report(GenEvent::TransportLost(format!(
+                "control write failed: {e}"
+            )))
+            .await;
+            return;
+        }
+    }
+}
+
+async fn terminal_reader(mut rd: OwnedReadHalf, mut drain: watch::Receiver<bool>, ctx: Ctx) {
+    let mut attached = ctx.shared.attached.subscribe();
+    let mut buf = vec![0u8; MAX_IPC_CHUNK];
+    loop {
+        let draining = *drain.borrow_and_update();
+        // Take a slot in the output channel before reading, so a slow or
+        // absent client leaves the bytes in the guest (backpressure).
+        let permit = if *attached.borrow_and_update() {
+            match ctx.shared.out_tx.reserve().await {
+                Ok(p) => Some(p),
+                Err(_) => return,
+            }
+        } else if draining {
+            None
+        } else {
+            tokio::select! {
+                _ = attached.changed() => {}
+                _ = drain.changed() => {}
+            }
+            continue;
+        };
+        let read = rd.read(&mut buf);
+        let result = if draining {
+            match tokio::time::timeout(DRAIN_IDLE, read).await {
+                Ok(r) => r,
+                Err(_) => {
+                    warn!("terminal: no EOF within {DRAIN_IDLE:?} after the shell exited");
+                    ctx.report(GenEvent::TerminalDone { eof: false }).await;
+                    return;
+                }
+            }
+        } else {
+            read.await
+        };
+        match result {
+            Ok(0) => {
+                ctx.report(GenEvent::TerminalDone { eof: true }).await;
+                return;
+            }
+            Ok(n) => {
+                if let Some(permit) = permit {
+                    permit.send(ToClient::Output(buf[..n].to_vec()));
+                }
+            }
+            Err(e) if draining => {
+                warn!("terminal read failed while draining: {e}");
+                ctx.report(GenEvent::TerminalDone { eof: false }).await;
+                return;
+            }
+            Err(e) => {
+                ctx.report(GenEvent::TransportLost(format!(
+                    "terminal read failed: {e}"
+                )))
+                .await;
+                return;
+            }
+        }
+    }
+}
+
+async fn terminal_writer(mut wr: OwnedWriteHalf, ctx: Ctx) {
+    let mut in_rx = ctx.shared.in_rx.lock().await;
+    while let Some(data) = in_rx.recv().await {
+        if let Err(e) = wr.write_all(&data).await {
+            ctx.report(GenEvent::TransportLost(format!(
+                "terminal write failed: {e}"
+            )))
+            .await;
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_timings_line() {
+        let stages = vec![
+            BootStage {
+                name: "init".into(),
+                micros: 1000,
+            },
+            BootStage {
+                name: "bad name\n".into(),
+                micros: 2,
+            },
+        ];
+        assert_eq!(format_boot_timings(&stages), "init=1000us bad?name?=2us");
+    }
+}

@@ -1,0 +1,255 @@
+//! `ctl.sock`: the CLI's connections. Peers must have our uid
+//! (`SO_PEERCRED`). A connection may ask one-shot questions (`Status`,
+//! `Shutdown`, `DropGuestConnections`) or attach to the terminal; at most
+//! one connection is attached at a time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use capsem_proto::frame::Process;
+use capsem_proto::ipc::{ClientToProcess, ProcessToClient};
+use capsem_proto::Codec;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot, MutexGuard};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use crate::log::chain;
+use crate::state::{Event, Outgoing, Shared, ToClient};
+
+/// Whether a peer with uid `peer` may use ctl.sock owned by uid `us`.
+pub fn peer_allowed(peer: u32, us: u32) -> bool {
+    peer == us
+}
+
+/// Accepts ctl.sock connections, checking each peer's uid.
+pub async fn accept_clients(
+    listener: UnixListener,
+    shared: Arc<Shared>,
+    events: mpsc::Sender<Event>,
+) {
+    let us = nix::unistd::geteuid().as_raw();
+    let mut conns = JoinSet::new();
+    let mut next_id = 0u64;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        warn!("ctl.sock: accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                match stream.peer_cred() {
+                    Ok(cred) if peer_allowed(cred.uid(), us) => {}
+                    Ok(cred) => {
+                        warn!("ctl connection rejected: peer uid {} is not ours ({us})", cred.uid());
+                        continue;
+                    }
+                    Err(e) => {
+                        warn!("ctl connection rejected: cannot read its credentials: {e}");
+                        continue;
+                    }
+                }
+                next_id += 1;
+                let conn = next_id;
+                debug!("client {conn} connected");
+                conns.spawn(serve(conn, stream, shared.clone(), events.clone()));
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+async fn serve(conn: u64, stream: UnixStream, shared: Arc<Shared>, events: mpsc::Sender<Event>) {
+    let (rd, wr) = stream.into_split();
+    let (tx, rx) = mpsc::channel(32);
+    tokio::select! {
+        () = read_requests(conn, rd, tx, &shared, &events) => {}
+        () = write_responses(conn, wr, rx, &shared, &events) => {}
+    }
+    let _ = events.send(Event::Closed { conn }).await;
+}
+
+async fn read_requests(
+    conn: u64,
+    mut rd: OwnedReadHalf,
+    tx: mpsc::Sender<Outgoing>,
+    shared: &Shared,
+    events: &mpsc::Sender<Event>,
+) {
+    let mut codec = Codec::<Process>::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut attached = false;
+    loop {
+        let msg = match codec.next_message() {
+            Ok(Some(msg)) => msg,
+            Ok(None) => {
+                match rd.read(&mut buf).await {
+                    Ok(0) => {
+                        if let Err(e) = codec.finish() {
+                            warn!("client {conn}: {}", chain(&e));
+                        }
+                        info!("client {conn} disconnected");
+                        return;
+                    }
+                    Ok(n) => {
+                        if let Err(e) = codec.feed(&buf[..n]) {
+                            warn!("client {conn}: invalid frame: {}", chain(&e));
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        warn!("client {conn}: read failed: {e}");
+                        return;
+                    }
+                }
+                continue;
+            }
+            Err(e) => {
+                warn!("client {conn}: invalid frame: {}", chain(&e));
+                return;
+            }
+        };
+        let reply = |message: &str| {
+            Outgoing::Msg(ProcessToClient::Error {
+                message: message.into(),
+            })
+        };
+        let answer = match msg {
+            ClientToProcess::Attach { .. } if attached => {
+                Some(reply("a client is already attached"))
+            }
+            ClientToProcess::Attach { cols, rows } => {
+                let (reply_tx, reply_rx) = oneshot::channel();
+                let ev = Event::Attach {
+                    conn,
+                    notices: tx.clone(),
+                    reply: reply_tx,
+                };
+                if events.send(ev).await.is_err() {
+                    return;
+                }
+                match reply_rx.await {
+                    Ok(Ok(())) => {
+                        attached = true;
+                        info!("client {conn} attached ({cols}x{rows})");
+                        shared.resize(cols, rows);
+                        None
+                    }
+                    Ok(Err(message)) => Some(reply(&message)),
+                    Err(_) => return,
+                }
+            }
+            ClientToProcess::Input { .. } | ClientToProcess::Resize { .. } if !attached => {
+                Some(reply("not attached"))
+            }
+            ClientToProcess::Input { data } => {
+                if shared.in_tx.send(data).await.is_err() {
+                    return;
+                }
+                None
+            }
+            ClientToProcess::Resize { cols, rows } => {
+                shared.resize(cols, rows);
+                None
+            }
+            ClientToProcess::Status => {
+                Some(Outgoing::Msg(ProcessToClient::Status(shared.status())))
+            }
+            ClientToProcess::Shutdown => {
+                info!("client {conn} requested shutdown");
+                let _ = events.send(Event::Shutdown).await;
+                None
+            }
+            ClientToProcess::DropGuestConnections => {
+                info!("client {conn} asked to drop the guest connections");
+                let _ = events.send(Event::DropGuest).await;
+                None
+            }
+        };
+        if let Some(answer) = answer {
+            if tx.send(answer).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// The terminal output channel's receiver while this client is attached.
+async fn next_output(output: &mut Option<MutexGuard<'_, mpsc::Receiver<ToClient>>>) -> ToClient {
+    match output {
+        Some(rx) => match rx.recv().await {
+            Some(item) => item,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+async fn write_responses(
+    conn: u64,
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Outgoing>,
+    shared: &Shared,
+    events: &mpsc::Sender<Event>,
+) {
+    let mut output = None;
+    loop {
+        let msg = tokio::select! {
+            biased;
+            m = rx.recv() => match m {
+                None => return,
+                Some(Outgoing::StartOutput) => {
+                    output = Some(shared.out_rx.lock().await);
+                    continue;
+                }
+                Some(Outgoing::Msg(m)) => m,
+            },
+            item = next_output(&mut output) => match item {
+                ToClient::Output(data) => ProcessToClient::Output { data },
+                ToClient::Exited { exit_code, signal } => {
+                    ProcessToClient::ShellExited { exit_code, signal }
+                }
+            },
+        };
+        let last = matches!(
+            msg,
+            ProcessToClient::ShellExited { .. } | ProcessToClient::SessionLost { .. }
+        );
+        let frame = match Codec::<Process>::encode(&msg) {
+            Ok(f) => f,
+            Err(e) => {
+                warn!("client {conn}: cannot encode a message: {}", chain(&e));
+                continue;
+            }
+        };
+        if let Err(e) = wr.write_all(&frame).await {
+            warn!("client {conn}: write failed: {e}");
+            return;
+        }
+        if last {
+            let _ = wr.flush().await;
+            info!("client {conn}: final message delivered");
+            shared.final_delivered.send_replace(true);
+            let _ = events.send(Event::FinalDelivered).await;
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_our_uid() {
+        assert!(peer_allowed(1000, 1000));
+        assert!(!peer_allowed(0, 1000));
+        assert!(!peer_allowed(1001, 1000));
+    }
+}

@@ -1,0 +1,113 @@
+//! Command line (`clap`), exactly the contract in `docs/architecture.md`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// Which guest backend runs the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum VmmKind {
+    /// No VM: the agent runs as a host child process (development, tests).
+    None,
+    /// A QEMU microVM with vhost-device-vsock.
+    Qemu,
+}
+
+/// `capsem-process` arguments.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "capsem-process",
+    version,
+    about = "capsem's per-VM host process"
+)]
+pub struct Config {
+    /// The VM directory (created with mode 0700).
+    #[arg(long, value_name = "DIR")]
+    pub vm_dir: PathBuf,
+    /// The VM's name, reported to clients.
+    #[arg(long, value_name = "ID", value_parser = parse_vm_id)]
+    pub vm_id: String,
+    /// Guest backend.
+    #[arg(long, value_enum)]
+    pub vmm: VmmKind,
+    /// Destroy the VM (and its directory) when the attached client goes away.
+    #[arg(long)]
+    pub temporary: bool,
+    /// Inherited fd that receives `ready\n` or `error: <reason>\n`, then is closed.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(3..))]
+    pub ready_fd: Option<i32>,
+    /// Heartbeat period towards the guest, in milliseconds.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub heartbeat_ms: u64,
+    /// Consecutive unanswered pings before the guest is reported unresponsive.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub missed_pongs: u32,
+    /// How long the guest may take to connect (default: 10000 for none, 120000 for qemu).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub boot_timeout_ms: Option<u64>,
+}
+
+impl Config {
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
+    }
+
+    pub fn boot_timeout(&self) -> Duration {
+        Duration::from_millis(self.boot_timeout_ms.unwrap_or(match self.vmm {
+            VmmKind::None => 10_000,
+            VmmKind::Qemu => 120_000,
+        }))
+    }
+}
+
+/// A VM id names files and appears in logs: keep it short and plain.
+fn parse_vm_id(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err("expected 1 to 64 characters from [A-Za-z0-9._-]".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        Config::try_parse_from(std::iter::once("capsem-process").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&["--vm-dir", "/x", "--vm-id", "a-1", "--vmm", "none"]).unwrap();
+        assert!(!c.temporary);
+        assert_eq!(c.heartbeat(), Duration::from_secs(1));
+        assert_eq!(c.missed_pongs, 3);
+        assert_eq!(c.boot_timeout(), Duration::from_secs(10));
+        let c = parse(&["--vm-dir", "/x", "--vm-id", "a", "--vmm", "qemu"]).unwrap();
+        assert_eq!(c.boot_timeout(), Duration::from_secs(120));
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        assert!(parse(&["--vm-dir", "/x", "--vm-id", "a/b", "--vmm", "none"]).is_err());
+        assert!(parse(&["--vm-dir", "/x", "--vm-id", "a", "--vmm", "kvm"]).is_err());
+        assert!(parse(&[
+            "--vm-dir",
+            "/x",
+            "--vm-id",
+            "a",
+            "--vmm",
+            "none",
+            "--ready-fd",
+            "1"
+        ])
+        .is_err());
+        assert!(parse(&["--vm-id", "a", "--vmm", "none"]).is_err());
+    }
+}

@@ -1,0 +1,214 @@
+//! The guest side's listeners: accepting control connections and checking
+//! their hello (bounded wait, one log line and a close on any failure), and
+//! accepting terminal connections, which the session pairs with the latest
+//! acknowledged generation.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use capsem_proto::frame::Host;
+use capsem_proto::guest::{GuestToHost, HelloError};
+use capsem_proto::{Codec, FrameError};
+use tokio::io::AsyncReadExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::{debug, warn};
+
+use crate::log::chain;
+use crate::state::{Event, Hello, Shared};
+
+/// How long a new control connection may take to send its hello.
+pub const HELLO_WAIT: Duration = Duration::from_secs(5);
+/// Handshakes in progress at once; more connections are refused.
+const MAX_PENDING_HANDSHAKES: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    #[error("no hello within {0:?}")]
+    Timeout(Duration),
+    #[error("connection closed before the hello")]
+    Closed,
+    #[error("connection closed inside the hello frame")]
+    Truncated(#[source] FrameError),
+    #[error("invalid frame")]
+    Frame(#[source] FrameError),
+    #[error(transparent)]
+    Rejected(#[from] HelloError),
+    #[error("read failed")]
+    Io(#[source] io::Error),
+}
+
+/// Reads and checks the first message of a control connection.
+pub async fn handshake(
+    stream: &mut UnixStream,
+    token: &str,
+    wait: Duration,
+) -> Result<(Codec<Host>, u64, u32), GuestError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut codec = Codec::<Host>::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(msg) = codec.next_message().map_err(GuestError::Frame)? {
+            msg.check_hello(token)?;
+            let GuestToHost::Hello {
+                connects,
+                shell_pid,
+                ..
+            } = msg
+            else {
+                // check_hello accepted it, so it is a hello.
+                return Err(GuestError::Rejected(HelloError::NotHello(msg.kind())));
+            };
+            return Ok((codec, connects, shell_pid));
+        }
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut buf))
+            .await
+            .map_err(|_| GuestError::Timeout(wait))?
+            .map_err(GuestError::Io)?;
+        if n == 0 {
+            return match codec.finish() {
+                Ok(()) => Err(GuestError::Closed),
+                Err(e) => Err(GuestError::Truncated(e)),
+            };
+        }
+        codec.feed(&buf[..n]).map_err(GuestError::Frame)?;
+    }
+}
+
+/// Accepts control connections; each valid hello becomes an [`Event::Hello`].
+pub async fn accept_control(
+    listener: UnixListener,
+    shared: Arc<Shared>,
+    events: mpsc::Sender<Event>,
+) {
+    let mut handshakes = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let mut stream = match accepted {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        warn!("control port: accept failed: {e}");
+                        // Do not spin on a persistent error (EMFILE).
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                if handshakes.len() >= MAX_PENDING_HANDSHAKES {
+                    warn!("control connection rejected: too many handshakes in progress");
+                    continue;
+                }
+                let shared = shared.clone();
+                let events = events.clone();
+                handshakes.spawn(async move {
+                    match handshake(&mut stream, &shared.token, HELLO_WAIT).await {
+                        Ok((codec, connects, shell_pid)) => {
+                            debug!("control connection: hello accepted (connects={connects})");
+                            let hello = Hello { stream, codec, connects, shell_pid };
+                            let _ = events.send(Event::Hello(Box::new(hello))).await;
+                        }
+                        Err(e) => warn!("control connection rejected: {}", chain(&e)),
+                    }
+                });
+            }
+            Some(_) = handshakes.join_next(), if !handshakes.is_empty() => {}
+        }
+    }
+}
+
+/// Accepts terminal connections and hands them to the session to pair.
+pub async fn accept_terminal(listener: UnixListener, events: mpsc::Sender<Event>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                if events.send(Event::Terminal(stream)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                warn!("terminal port: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use capsem_proto::frame::Guest;
+    use capsem_proto::guest::PROTOCOL_VERSION;
+    use tokio::io::AsyncWriteExt;
+
+    fn hello(token: &str) -> Vec<u8> {
+        Codec::<Guest>::encode(&GuestToHost::Hello {
+            version: PROTOCOL_VERSION,
+            token: token.into(),
+            connects: 2,
+            shell_pid: 9,
+        })
+        .unwrap()
+    }
+
+    async fn run(bytes: Vec<u8>, close: bool) -> Result<(u64, u32), GuestError> {
+        let (mut host, mut guest) = UnixStream::pair().unwrap();
+        guest.write_all(&bytes).await.unwrap();
+        if close {
+            guest.shutdown().await.unwrap();
+        }
+        let r = handshake(&mut host, "tok", Duration::from_millis(200)).await;
+        drop(guest);
+        r.map(|(_, c, p)| (c, p))
+    }
+
+    #[tokio::test]
+    async fn accepts_a_valid_hello_byte_split() {
+        let (mut host, mut guest) = UnixStream::pair().unwrap();
+        let frame = hello("tok");
+        let writer = tokio::spawn(async move {
+            for b in frame {
+                guest.write_all(&[b]).await.unwrap();
+            }
+            guest
+        });
+        let (_, connects, pid) = handshake(&mut host, "tok", Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!((connects, pid), (2, 9));
+        drop(writer.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn rejections_are_typed() {
+        assert!(matches!(
+            run(hello("bad"), false).await,
+            Err(GuestError::Rejected(HelloError::WrongToken))
+        ));
+        assert!(matches!(
+            run(vec![0, 0, 0, 3, 0xc1, 0xc1, 0xc1], false).await,
+            Err(GuestError::Frame(FrameError::Invalid(_)))
+        ));
+        assert!(matches!(
+            run(vec![0xff, 0xff, 0xff, 0xff], false).await,
+            Err(GuestError::Frame(FrameError::TooLong { .. }))
+        ));
+        assert!(matches!(
+            run(vec![0, 0, 0, 10, 1, 2], true).await,
+            Err(GuestError::Truncated(_))
+        ));
+        assert!(matches!(run(vec![], true).await, Err(GuestError::Closed)));
+        assert!(matches!(
+            run(vec![], false).await,
+            Err(GuestError::Timeout(_))
+        ));
+        let pong = Codec::<Guest>::encode(&GuestToHost::Pong { seq: 1 }).unwrap();
+        assert!(matches!(
+            run(pong, false).await,
+            Err(GuestError::Rejected(HelloError::NotHello("pong")))
+        ));
+        let e = run(hello("bad"), false).await.unwrap_err();
+        assert_eq!(chain(&e), "wrong session token");
+    }
+}

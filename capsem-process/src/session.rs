@@ -1,0 +1,696 @@
+//! The session loop: one `select!` over signals, task events, deadlines and
+//! the guest's exit. It owns the generations (re-keyed on each valid hello,
+//! the old one joined before the new one is acknowledged), the ready fd, the
+//! attached client, and the one teardown path.
+
+use std::fmt;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use capsem_proto::frame::Host;
+use capsem_proto::guest::{HostToGuest, PROTOCOL_VERSION};
+use capsem_proto::ipc::ProcessToClient;
+use capsem_proto::Codec;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+use crate::bridge::Generation;
+use crate::config::Config;
+use crate::log::chain;
+use crate::ready::ReadyFd;
+use crate::reaper::{ExitStatus, Reaper, ReaperError};
+use crate::state::{Event, GenEvent, Hello, Outgoing, Shared, ToClient};
+use crate::vmdir::VmDir;
+use crate::vmm::{self, GuestBackend, Launch};
+
+/// How long an acknowledged generation may wait for its terminal connection.
+const TERMINAL_WAIT: Duration = Duration::from_secs(5);
+/// After the terminal's EOF, how long to wait for the shell's status (or
+/// after the agent died, for its last frames) before calling it a loss.
+const STATUS_GRACE: Duration = Duration::from_secs(2);
+/// Upper bound on forwarding the shell's last output to a slow client.
+const DRAIN_BACKSTOP: Duration = Duration::from_secs(30);
+/// How long the guest gets to exit after `Shutdown`.
+const GUEST_EXIT_WAIT: Duration = Duration::from_secs(2);
+/// How long the attached client gets to receive its final message.
+const CLIENT_FLUSH_WAIT: Duration = Duration::from_secs(1);
+/// How long killed descendants get to be reaped.
+const REAP_WAIT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("cannot generate the session token")]
+    Token(#[source] getrandom::Error),
+    #[error(transparent)]
+    Reaper(#[from] ReaperError),
+    #[error("cannot listen on {path}")]
+    Listen {
+        path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot install a signal handler")]
+    Signal(#[source] io::Error),
+}
+
+/// Why the session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stop {
+    /// The shell exited; its status went to the client (if one was attached).
+    ShellExited,
+    /// The guest went away without the shell's status.
+    AgentDied(String),
+    ShutdownRequested,
+    /// The attached client of a temporary VM went away.
+    ClientGone,
+    Signal(&'static str),
+    /// The guest did not come up.
+    BootFailed(String),
+}
+
+impl fmt::Display for Stop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Stop::ShellExited => f.write_str("the shell exited"),
+            Stop::AgentDied(r) => write!(f, "session lost: {r}"),
+            Stop::ShutdownRequested => f.write_str("shutdown requested"),
+            Stop::ClientGone => f.write_str("the client of a temporary VM went away"),
+            Stop::Signal(s) => write!(f, "received {s}"),
+            Stop::BootFailed(r) => write!(f, "the guest did not come up: {r}"),
+        }
+    }
+}
+
+impl Stop {
+    /// The `SessionLost` reason for an attached client, if it gets one.
+    fn lost_reason(&self) -> Option<String> {
+        match self {
+            Stop::ShellExited | Stop::ClientGone => None,
+            Stop::AgentDied(r) | Stop::BootFailed(r) => Some(r.clone()),
+            Stop::ShutdownRequested => Some("the VM was shut down on request".into()),
+            Stop::Signal(s) => Some(format!("capsem-process received {s}")),
+        }
+    }
+}
+
+/// A generation whose hello was acknowledged, waiting for its terminal.
+#[derive(Debug)]
+struct Pending {
+    generation: u64,
+    control: UnixStream,
+    codec: Codec<Host>,
+    deadline: Instant,
+}
+
+/// What woke the loop.
+#[derive(Debug)]
+enum Wake {
+    Signal(&'static str),
+    Event(Event),
+    BootTimeout,
+    TerminalTimeout,
+    StatusGraceOver,
+    DrainBackstop,
+    GuestExited(String, u32, ExitStatus),
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One generation number per hello: 32 hex characters from the OS RNG.
+pub fn new_token() -> Result<String, getrandom::Error> {
+    let mut bytes = [0u8; 16];
+    getrandom::getrandom(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Binds a Unix listener with mode 0600, replacing a stale socket file.
+/// The directory is 0700, so the window before the chmod exposes nothing.
+fn listen(path: &Path) -> Result<UnixListener, SessionError> {
+    let err = |source| SessionError::Listen {
+        path: path.into(),
+        source,
+    };
+    if std::fs::symlink_metadata(path).is_ok() {
+        warn!("removing a stale {}", path.display());
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
+}
+
+#[derive(Debug)]
+pub struct Session {
+    cfg: Config,
+    dir: VmDir,
+    shared: Arc<Shared>,
+    reaper: Reaper,
+    reaper_task: JoinHandle<()>,
+    backend: Option<Box<dyn GuestBackend>>,
+    guest_exit: watch::Receiver<Option<(String, u32, ExitStatus)>>,
+    events_tx: mpsc::Sender<Event>,
+    events: mpsc::Receiver<Event>,
+    accept_tasks: Vec<JoinHandle<()>>,
+    ready: ReadyFd,
+    boot_deadline: Instant,
+    next_generation: u64,
+    current: Option<Generation>,
+    pending: Option<Pending>,
+    /// The current generation's terminal reader has ended.
+    terminal_done: bool,
+    /// The shell's status, once the guest reported it.
+    shell_status: Option<(Option<i32>, Option<i32>)>,
+    /// The shell's status was queued to the attached client.
+    exit_queued: bool,
+    status_grace: Option<Instant>,
+    drain_backstop: Option<Instant>,
+    /// `<name> exited (<status>)` once the guest is gone.
+    guest_gone: Option<String>,
+    attached: Option<u64>,
+    torn_down: bool,
+}
+
+impl Session {
+    /// Binds the listeners and starts the reaper; the guest starts in [`Session::run`].
+    pub fn new(cfg: Config, dir: VmDir) -> Result<Self, SessionError> {
+        let token = new_token().map_err(SessionError::Token)?;
+        let (reaper, reaper_task) = Reaper::start()?;
+        let shared = Shared::new(cfg.vm_id.clone(), token, cfg.heartbeat(), cfg.missed_pongs);
+        let (events_tx, events) = mpsc::channel(64);
+        let ctl = listen(&dir.ctl_sock())?;
+        let control = listen(&dir.control_sock())?;
+        let terminal = listen(&dir.terminal_sock())?;
+        let accept_tasks = vec![
+            tokio::spawn(crate::client::accept_clients(
+                ctl,
+                shared.clone(),
+                events_tx.clone(),
+            )),
+            tokio::spawn(crate::guest::accept_control(
+                control,
+                shared.clone(),
+                events_tx.clone(),
+            )),
+            tokio::spawn(crate::guest::accept_terminal(terminal, events_tx.clone())),
+        ];
+        info!(
+            "listening on {} and {}",
+            dir.ctl_sock().display(),
+            dir.vsock_base().display()
+        );
+        let boot_deadline = Instant::now() + cfg.boot_timeout();
+        Ok(Self {
+            cfg,
+            dir,
+            shared,
+            reaper,
+            reaper_task,
+            backend: None,
+            guest_exit: watch::channel(None).1,
+            events_tx,
+            events,
+            accept_tasks,
+            ready: ReadyFd::default(),
+            boot_deadline,
+            next_generation: 0,
+            current: None,
+            pending: None,
+            terminal_done: false,
+            shell_status: None,
+            exit_queued: false,
+            status_grace: None,
+            drain_backstop: None,
+            guest_gone: None,
+            attached: None,
+            torn_down: false,
+        })
+    }
+
+    /// Starts the guest, serves until the session ends, tears down.
+    pub async fn run(mut self, ready: ReadyFd) -> Result<Stop, SessionError> {
+        self.ready = ready;
+        let stop = match self.start_guest() {
+            Ok(()) => self.serve().await?,
+            Err(reason) => Stop::BootFailed(reason),
+        };
+        if let Stop::BootFailed(reason) = &stop {
+            error!("the guest did not come up: {reason}");
+            if let Err(e) = self.ready.error(reason) {
+                warn!("cannot write to the ready fd: {e}");
+            }
+        }
+        self.teardown(&stop).await;
+        Ok(stop)
+    }
+
+    fn start_guest(&mut self) -> Result<(), String> {
+        let launch = Launch {
+            dir: &self.dir,
+            vm_id: &self.cfg.vm_id,
+            token: &self.shared.token,
+            reaper: &self.reaper,
+        };
+        let backend = vmm::start(self.cfg.vmm, &launch).map_err(|e| chain(&e))?;
+        info!("guest backend {} started", backend.name());
+        self.shared.set_guest_pid(backend.pid());
+        let (tx, rx) = watch::channel(None);
+        let children = backend.children().to_vec();
+        tokio::spawn(async move {
+            let exit = vmm::wait_exit(children).await;
+            tx.send_replace(Some(exit));
+        });
+        self.guest_exit = rx;
+        self.backend = Some(backend);
+        Ok(())
+    }
+
+    async fn serve(&mut self) -> Result<Stop, SessionError> {
+        let sig = |kind| signal(kind).map_err(SessionError::Signal);
+        let mut sigterm = sig(SignalKind::terminate())?;
+        let mut sigint = sig(SignalKind::interrupt())?;
+        let mut sighup = sig(SignalKind::hangup())?;
+        loop {
+            let boot = self.ready.pending().then_some(self.boot_deadline);
+            let terminal = self.pending.as_ref().map(|p| p.deadline);
+            let mut guest_exit = self.guest_exit.clone();
+            let wake = tokio::select! {
+                _ = sigterm.recv() => Wake::Signal("SIGTERM"),
+                _ = sigint.recv() => Wake::Signal("SIGINT"),
+                _ = sighup.recv() => Wake::Signal("SIGHUP"),
+                Some(ev) = self.events.recv() => Wake::Event(ev),
+                () = sleep_until(boot) => Wake::BootTimeout,
+                () = sleep_until(terminal) => Wake::TerminalTimeout,
+                () = sleep_until(self.status_grace) => Wake::StatusGraceOver,
+                () = sleep_until(self.drain_backstop) => Wake::DrainBackstop,
+                Ok(exit) = guest_exit.wait_for(Option::is_some), if self.guest_gone.is_none() => {
+                    let (name, pid, status) = exit.clone().unwrap_or_default();
+                    Wake::GuestExited(name, pid, status)
+                }
+            };
+            if let Some(stop) = self.on_wake(wake).await {
+                return Ok(stop);
+            }
+        }
+    }
+
+    async fn on_wake(&mut self, wake: Wake) -> Option<Stop> {
+        match wake {
+            Wake::Signal(s) => {
+                info!("received {s}");
+                Some(Stop::Signal(s))
+            }
+            Wake::Event(ev) => self.on_event(ev).await,
+            Wake::BootTimeout => Some(Stop::BootFailed(format!(
+                "the guest did not connect within {} ms",
+                self.cfg.boot_timeout().as_millis()
+            ))),
+            Wake::TerminalTimeout => {
+                if let Some(p) = self.pending.take() {
+                    warn!(
+                        "generation {}: no terminal connection within {TERMINAL_WAIT:?}; dropping it",
+                        p.generation
+                    );
+                }
+                None
+            }
+            Wake::StatusGraceOver => {
+                self.status_grace = None;
+                if let Some(gone) = &self.guest_gone {
+                    return Some(Stop::AgentDied(format!(
+                        "{gone} without reporting the shell's exit"
+                    )));
+                }
+                self.transport_lost("terminal closed without a shell exit status")
+                    .await
+            }
+            Wake::DrainBackstop => {
+                warn!("the shell's last output was not delivered within {DRAIN_BACKSTOP:?}");
+                self.drain_backstop = None;
+                self.finish_shell()
+            }
+            Wake::GuestExited(name, pid, status) => {
+                info!("guest exited: {name} (pid {pid}) {status}");
+                let reason = format!("{name} exited ({status})");
+                self.guest_gone = Some(reason.clone());
+                if self.ready.pending() {
+                    return Some(Stop::BootFailed(format!(
+                        "{reason} before the guest connected"
+                    )));
+                }
+                if self.shell_status.is_some() {
+                    None
+                } else if self.current.is_some() {
+                    // Its last frames may still be in flight: a ShellExited
+                    // wins over the loss if it arrives in time.
+                    self.status_grace = Some(Instant::now() + STATUS_GRACE);
+                    None
+                } else {
+                    Some(Stop::AgentDied(format!(
+                        "{reason} without reporting the shell's exit"
+                    )))
+                }
+            }
+        }
+    }
+
+    async fn on_event(&mut self, ev: Event) -> Option<Stop> {
+        match ev {
+            Event::Hello(hello) => {
+                self.on_hello(*hello).await;
+                None
+            }
+            Event::Terminal(stream) => {
+                self.on_terminal(stream);
+                None
+            }
+            Event::Gen { generation, event } => {
+                if self.current.as_ref().map(|g| g.number) != Some(generation) {
+                    debug!("ignoring {event:?} from stale generation {generation}");
+                    return None;
+                }
+                self.on_gen_event(event).await
+            }
+            Event::Attach {
+                conn,
+                notices,
+                reply,
+            } => {
+                let answer = if self.attached.is_some() {
+                    Err("a client is already attached".to_owned())
+                } else if self.shell_status.is_some() {
+                    Err("the shell has exited".to_owned())
+                } else {
+                    // Queued before the registration, so `Attached` is the
+                    // first message this client gets.
+                    let attached = ProcessToClient::Attached {
+                        vm_id: self.cfg.vm_id.clone(),
+                    };
+                    let _ = notices.try_send(Outgoing::Msg(attached));
+                    let _ = notices.try_send(Outgoing::StartOutput);
+                    self.shared.set_notices(Some(notices));
+                    self.shared.attached.send_replace(true);
+                    self.attached = Some(conn);
+                    Ok(())
+                };
+                let _ = reply.send(answer);
+                None
+            }
+            Event::Closed { conn } => {
+                if self.attached != Some(conn) {
+                    return None;
+                }
+                info!("client {conn} detached");
+                self.attached = None;
+                self.shared.set_notices(None);
+                self.shared.attached.send_replace(false);
+                if self.shell_status.is_some() {
+                    Some(Stop::ShellExited)
+                } else if self.cfg.temporary {
+                    Some(Stop::ClientGone)
+                } else {
+                    None
+                }
+            }
+            Event::Shutdown => Some(Stop::ShutdownRequested),
+            Event::DropGuest => {
+                if let Some(p) = self.pending.take() {
+                    info!(
+                        "generation {}: dropped before its terminal connected",
+                        p.generation
+                    );
+                }
+                if let Some(g) = self.current.take() {
+                    info!(
+                        "generation {}: dropping the guest connections on request",
+                        g.number
+                    );
+                    g.stop().await;
+                    self.shared.set_bridged(false);
+                }
+                None
+            }
+            Event::FinalDelivered => self.shell_status.map(|_| Stop::ShellExited),
+        }
+    }
+
+    async fn on_hello(&mut self, hello: Hello) {
+        if self.shell_status.is_some() {
+            warn!("control connection rejected: the shell has already exited");
+            return;
+        }
+        if let Some(p) = self.pending.take() {
+            info!(
+                "generation {}: superseded before its terminal connected",
+                p.generation
+            );
+        }
+        if let Some(g) = self.current.take() {
+            info!(
+                "generation {}: closing, the agent connected again",
+                g.number
+            );
+            g.stop().await;
+            self.shared.set_bridged(false);
+        }
+        self.terminal_done = false;
+        self.status_grace = None;
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        self.shared
+            .set_generation(generation, hello.connects, hello.shell_pid);
+        info!(
+            "guest connected generation={generation} agent_connects={} shell_pid={}",
+            hello.connects, hello.shell_pid
+        );
+        let mut control = hello.stream;
+        let mut frames = Vec::new();
+        let ack = HostToGuest::HelloAck {
+            version: PROTOCOL_VERSION,
+            generation,
+        };
+        let mut encoded = Codec::<Host>::encode_into(&ack, &mut frames);
+        if let Some((cols, rows)) = self.shared.size() {
+            encoded = encoded.and_then(|()| {
+                Codec::<Host>::encode_into(&HostToGuest::Resize { cols, rows }, &mut frames)
+            });
+        }
+        if let Err(e) = encoded {
+            warn!(
+                "generation {generation}: cannot encode the ack: {}",
+                chain(&e)
+            );
+            return;
+        }
+        match tokio::time::timeout(STATUS_GRACE, control.write_all(&frames)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!("generation {generation}: cannot send the hello ack: {e}");
+                return;
+            }
+            Err(_) => {
+                warn!("generation {generation}: the hello ack could not be sent in time");
+                return;
+            }
+        }
+        self.pending = Some(Pending {
+            generation,
+            control,
+            codec: hello.codec,
+            deadline: Instant::now() + TERMINAL_WAIT,
+        });
+    }
+
+    fn on_terminal(&mut self, stream: UnixStream) {
+        let Some(p) = self.pending.take() else {
+            warn!("terminal connection rejected: no acknowledged control connection is waiting for one");
+            return;
+        };
+        let generation = Generation::start(
+            p.generation,
+            p.control,
+            p.codec,
+            stream,
+            self.shared.clone(),
+            self.events_tx.clone(),
+        );
+        self.current = Some(generation);
+        self.shared.set_bridged(true);
+        info!("generation {} bridged", p.generation);
+        if self.ready.pending() {
+            match self.ready.ready() {
+                Ok(()) => info!("ready"),
+                Err(e) => warn!("cannot write to the ready fd: {e}"),
+            }
+        }
+    }
+
+    async fn on_gen_event(&mut self, event: GenEvent) -> Option<Stop> {
+        match event {
+            GenEvent::TransportLost(reason) => {
+                if self.shell_status.is_some() {
+                    debug!("after the shell's exit: {reason}");
+                    return None;
+                }
+                self.transport_lost(&reason).await
+            }
+            GenEvent::ShellExited { exit_code, signal } => {
+                info!("shell exited: exit_code={exit_code:?} signal={signal:?}");
+                self.shell_status = Some((exit_code, signal));
+                self.status_grace = None;
+                if self.terminal_done {
+                    self.finish_shell()
+                } else {
+                    if let Some(g) = &self.current {
+                        g.drain();
+                    }
+                    self.drain_backstop = Some(Instant::now() + DRAIN_BACKSTOP);
+                    None
+                }
+            }
+            GenEvent::TerminalDone { eof } => {
+                self.terminal_done = true;
+                if self.shell_status.is_some() {
+                    return self.finish_shell();
+                }
+                if !eof {
+                    return self.transport_lost("terminal read ended").await;
+                }
+                debug!("terminal at EOF; waiting for the shell's status");
+                self.status_grace = Some(Instant::now() + STATUS_GRACE);
+                None
+            }
+        }
+    }
+
+    async fn transport_lost(&mut self, reason: &str) -> Option<Stop> {
+        if let Some(g) = self.current.take() {
+            warn!("generation {}: transport lost: {reason}", g.number);
+            g.stop().await;
+            self.shared.set_bridged(false);
+        }
+        self.status_grace = None;
+        self.terminal_done = false;
+        if let Some(gone) = &self.guest_gone {
+            return Some(Stop::AgentDied(format!(
+                "{gone} without reporting the shell's exit ({reason})"
+            )));
+        }
+        info!("waiting for the agent to reconnect");
+        None
+    }
+
+    /// The terminal was drained (or given up on): the status goes to the
+    /// client after every output chunk already queued.
+    fn finish_shell(&mut self) -> Option<Stop> {
+        self.drain_backstop = None;
+        let (exit_code, signal) = self.shell_status?;
+        if self.attached.is_none() {
+            return Some(Stop::ShellExited);
+        }
+        if !self.exit_queued {
+            self.exit_queued = true;
+            let out = self.shared.out_tx.clone();
+            tokio::spawn(async move {
+                let _ = out.send(ToClient::Exited { exit_code, signal }).await;
+            });
+        }
+        // The client's writer reports FinalDelivered (or the client leaves).
+        None
+    }
+
+    /// Stops everything, once: guest, descendants, listeners, files.
+    pub async fn teardown(&mut self, stop: &Stop) {
+        if self.torn_down {
+            return;
+        }
+        self.torn_down = true;
+        info!("tearing down: {stop}");
+        if let (Some(_), Some(reason)) = (self.attached, stop.lost_reason()) {
+            if !*self.shared.final_delivered.borrow()
+                && self
+                    .shared
+                    .notify_client(ProcessToClient::SessionLost { reason })
+            {
+                let mut delivered = self.shared.final_delivered.subscribe();
+                let _ = tokio::time::timeout(CLIENT_FLUSH_WAIT, delivered.wait_for(|d| *d)).await;
+            }
+        }
+        if self.current.is_some()
+            && self.guest_gone.is_none()
+            && self.shared.guest_tx.try_send(HostToGuest::Shutdown).is_ok()
+        {
+            info!("sent shutdown to the agent");
+        }
+        if let Some(backend) = &self.backend {
+            if !vmm::all_exited(backend.as_ref()) {
+                let mut exit = self.guest_exit.clone();
+                if tokio::time::timeout(GUEST_EXIT_WAIT, exit.wait_for(Option::is_some))
+                    .await
+                    .is_err()
+                {
+                    info!("the guest did not exit within {GUEST_EXIT_WAIT:?}; killing it");
+                }
+                vmm::kill_all(backend.as_ref(), &self.reaper);
+            }
+        }
+        if let Some(g) = self.current.take() {
+            g.stop().await;
+        }
+        self.pending = None;
+        self.shared.set_bridged(false);
+        for task in self.accept_tasks.drain(..) {
+            task.abort();
+            let _ = task.await;
+        }
+        crate::teardown::reap_all(&self.reaper, REAP_WAIT).await;
+        self.reaper_task.abort();
+        for path in self.dir.sockets() {
+            if let Err(e) = crate::teardown::remove_file(&path) {
+                warn!("{}", chain(&e));
+            }
+        }
+        if self.cfg.temporary {
+            if let Err(e) = crate::teardown::remove_dir(self.dir.root()) {
+                warn!("{}", chain(&e));
+            }
+        }
+        info!("teardown complete");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_is_32_hex() {
+        let a = new_token().unwrap();
+        let b = new_token().unwrap();
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn lost_reasons() {
+        assert_eq!(Stop::ShellExited.lost_reason(), None);
+        assert_eq!(Stop::ClientGone.lost_reason(), None);
+        assert!(Stop::Signal("SIGTERM")
+            .lost_reason()
+            .unwrap()
+            .contains("SIGTERM"));
+    }
+}

@@ -1,0 +1,206 @@
+//! State shared by the session's tasks: the VM's status, the long-lived
+//! channels between the client and the current generation, and the event
+//! type every task reports to the session loop with.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use capsem_proto::frame::Host;
+use capsem_proto::guest::HostToGuest;
+use capsem_proto::ipc::{ProcessToClient, VmStatus};
+use capsem_proto::Codec;
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Terminal output chunks buffered towards the client (each at most
+/// `MAX_IPC_CHUNK`): 16 x 64 KiB bounds the memory a slow client can cost.
+pub const OUTPUT_CHUNKS: usize = 16;
+/// Input chunks buffered towards the guest.
+pub const INPUT_CHUNKS: usize = 16;
+
+/// What the terminal path hands the attached client, in order.
+#[derive(Debug)]
+pub enum ToClient {
+    Output(Vec<u8>),
+    /// Queued only after every `Output` of the shell.
+    Exited {
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+    },
+}
+
+/// What a client connection's writer sends, besides terminal output.
+#[derive(Debug)]
+pub enum Outgoing {
+    Msg(ProcessToClient),
+    /// The attach was accepted: start forwarding terminal output.
+    StartOutput,
+}
+
+/// How a generation's tasks report to the session loop.
+#[derive(Debug)]
+pub enum GenEvent {
+    /// EOF or error on a guest connection, or an invalid frame.
+    TransportLost(String),
+    /// The guest reported the shell's status.
+    ShellExited {
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+    },
+    /// The terminal reader ended: at EOF (`eof`), or it gave up draining.
+    TerminalDone { eof: bool },
+}
+
+/// A control connection whose hello was accepted.
+#[derive(Debug)]
+pub struct Hello {
+    pub stream: UnixStream,
+    /// Holds any bytes the guest sent after the hello.
+    pub codec: Codec<Host>,
+    pub connects: u64,
+    pub shell_pid: u32,
+}
+
+/// Everything the session loop reacts to.
+#[derive(Debug)]
+pub enum Event {
+    Hello(Box<Hello>),
+    Terminal(UnixStream),
+    Gen {
+        generation: u64,
+        event: GenEvent,
+    },
+    Attach {
+        conn: u64,
+        notices: mpsc::Sender<Outgoing>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// A ctl.sock connection ended.
+    Closed {
+        conn: u64,
+    },
+    Shutdown,
+    DropGuest,
+    /// The attached client's writer wrote `ShellExited` or `SessionLost`.
+    FinalDelivered,
+}
+
+#[derive(Debug, Default)]
+struct Status {
+    generation: u64,
+    agent_connects: u64,
+    shell_pid: Option<u32>,
+    guest_pid: Option<u32>,
+    bridged: bool,
+    size: Option<(u16, u16)>,
+}
+
+/// Shared by every task of the session.
+#[derive(Debug)]
+pub struct Shared {
+    pub vm_id: String,
+    pub token: String,
+    pub heartbeat: Duration,
+    pub missed_pongs: u32,
+    status: Mutex<Status>,
+    pub out_tx: mpsc::Sender<ToClient>,
+    /// Locked by the attached client's writer for as long as it is attached.
+    pub out_rx: tokio::sync::Mutex<mpsc::Receiver<ToClient>>,
+    pub in_tx: mpsc::Sender<Vec<u8>>,
+    /// Locked by the current generation's terminal writer.
+    pub in_rx: tokio::sync::Mutex<mpsc::Receiver<Vec<u8>>>,
+    pub guest_tx: mpsc::Sender<HostToGuest>,
+    /// Locked by the current generation's control writer.
+    pub guest_rx: tokio::sync::Mutex<mpsc::Receiver<HostToGuest>>,
+    /// Whether a client is attached; the terminal is not read while false.
+    pub attached: watch::Sender<bool>,
+    notices: Mutex<Option<mpsc::Sender<Outgoing>>>,
+    /// Set once the attached client was sent its final message.
+    pub final_delivered: watch::Sender<bool>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    pub fn new(vm_id: String, token: String, heartbeat: Duration, missed_pongs: u32) -> Arc<Self> {
+        let (out_tx, out_rx) = mpsc::channel(OUTPUT_CHUNKS);
+        let (in_tx, in_rx) = mpsc::channel(INPUT_CHUNKS);
+        let (guest_tx, guest_rx) = mpsc::channel(32);
+        Arc::new(Self {
+            vm_id,
+            token,
+            heartbeat,
+            missed_pongs,
+            status: Mutex::default(),
+            out_tx,
+            out_rx: tokio::sync::Mutex::new(out_rx),
+            in_tx,
+            in_rx: tokio::sync::Mutex::new(in_rx),
+            guest_tx,
+            guest_rx: tokio::sync::Mutex::new(guest_rx),
+            attached: watch::channel(false).0,
+            notices: Mutex::new(None),
+            final_delivered: watch::channel(false).0,
+        })
+    }
+
+    pub fn status(&self) -> VmStatus {
+        let s = lock(&self.status);
+        VmStatus {
+            vm_id: self.vm_id.clone(),
+            generation: s.generation,
+            agent_connects: s.agent_connects,
+            guest_pid: s.guest_pid,
+            shell_pid: s.shell_pid,
+            attached: *self.attached.borrow(),
+            bridged: s.bridged,
+        }
+    }
+
+    pub fn set_guest_pid(&self, pid: Option<u32>) {
+        lock(&self.status).guest_pid = pid;
+    }
+
+    pub fn set_generation(&self, generation: u64, agent_connects: u64, shell_pid: u32) {
+        let mut s = lock(&self.status);
+        s.generation = generation;
+        s.agent_connects = agent_connects;
+        s.shell_pid = Some(shell_pid);
+    }
+
+    pub fn set_bridged(&self, bridged: bool) {
+        lock(&self.status).bridged = bridged;
+    }
+
+    pub fn size(&self) -> Option<(u16, u16)> {
+        lock(&self.status).size
+    }
+
+    /// Remembers the client's terminal size and forwards it to the guest.
+    pub fn resize(&self, cols: u16, rows: u16) {
+        lock(&self.status).size = Some((cols, rows));
+        if self
+            .guest_tx
+            .try_send(HostToGuest::Resize { cols, rows })
+            .is_err()
+        {
+            // Sent again after the next hello ack anyway.
+            tracing::debug!("resize not queued: the guest channel is full");
+        }
+    }
+
+    /// The attached client's message sender, or none.
+    pub fn set_notices(&self, tx: Option<mpsc::Sender<Outgoing>>) {
+        *lock(&self.notices) = tx;
+    }
+
+    /// Sends a message to the attached client, if any, without waiting.
+    pub fn notify_client(&self, msg: ProcessToClient) -> bool {
+        match &*lock(&self.notices) {
+            Some(tx) => tx.try_send(Outgoing::Msg(msg)).is_ok(),
+            None => false,
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! Guest backends: what starts the guest, how its exit is observed, and how
+//! it is killed. `none` runs the agent as a host child; `qemu` will start
+//! vhost-device-vsock and qemu, each in its own session.
+
+pub mod none;
+pub mod qemu;
+
+use std::fmt;
+use std::path::PathBuf;
+
+use nix::sys::signal::Signal;
+
+use crate::config::VmmKind;
+use crate::reaper::{Child, ExitStatus, Reaper};
+use crate::vmdir::VmDir;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("the qemu backend is not available yet")]
+    QemuUnavailable,
+    #[error("cannot locate the capsem-agent binary")]
+    AgentBinary(#[source] std::io::Error),
+    #[error("cannot prepare {path}")]
+    Prepare {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot prepare the agent's scratch directory")]
+    Scratch(#[source] crate::vmdir::VmDirError),
+    #[error(transparent)]
+    Spawn(#[from] crate::reaper::ReaperError),
+}
+
+/// What a backend needs to start the guest.
+#[derive(Debug)]
+pub struct Launch<'a> {
+    pub dir: &'a VmDir,
+    pub vm_id: &'a str,
+    /// The session token the agent must present in its hello.
+    pub token: &'a str,
+    pub reaper: &'a Reaper,
+}
+
+/// A guest that was started: one or more host children, each the leader of
+/// its own process group (or session).
+pub trait GuestBackend: Send + Sync + fmt::Debug {
+    /// Short name for logs.
+    fn name(&self) -> &'static str;
+    /// The children this backend started; the guest is gone when any exits.
+    fn children(&self) -> &[Child];
+    /// Host pid reported in `Status` (the agent, or the VMM).
+    fn pid(&self) -> Option<u32> {
+        self.children().first().map(|c| c.pid)
+    }
+}
+
+/// The first of the backend's children to exit, and how.
+pub async fn wait_exit(children: Vec<Child>) -> (String, u32, ExitStatus) {
+    if children.is_empty() {
+        std::future::pending::<()>().await;
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::channel(children.len());
+    let mut waiters = tokio::task::JoinSet::new();
+    for child in children {
+        let tx = tx.clone();
+        waiters.spawn(async move {
+            let status = child.exited().await;
+            let _ = tx.send((child.name.clone(), child.pid, status)).await;
+        });
+    }
+    drop(tx);
+    match rx.recv().await {
+        Some(first) => first,
+        // Unreachable: every waiter sends before ending.
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether every child of the backend has been reaped.
+pub fn all_exited(backend: &dyn GuestBackend) -> bool {
+    backend.children().iter().all(Child::has_exited)
+}
+
+/// SIGKILLs the process group of every child not yet reaped.
+pub fn kill_all(backend: &dyn GuestBackend, reaper: &Reaper) {
+    for child in backend.children() {
+        if reaper.kill_group(child, Signal::SIGKILL) {
+            tracing::info!(
+                "killed the process group of {} (pid {})",
+                child.name,
+                child.pid
+            );
+        }
+    }
+}
+
+/// Starts the guest with the chosen backend.
+pub fn start(kind: VmmKind, launch: &Launch<'_>) -> Result<Box<dyn GuestBackend>, VmmError> {
+    match kind {
+        VmmKind::None => Ok(Box::new(none::NoVm::start(launch)?)),
+        VmmKind::Qemu => Ok(Box::new(qemu::Qemu::start(launch)?)),
+    }
+}

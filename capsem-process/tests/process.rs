@@ -1,0 +1,746 @@
+//! Runs the real `capsem-process` with `--vmm none` and a stub agent (a shell
+//! script that records its token, pid and arguments, leaves a detached
+//! `sleep` behind, and execs `sleep`). The test itself plays the agent on
+//! `vsock.sock_5000`/`_5001` and the CLI on `ctl.sock`.
+
+// clippy.toml allows unwrap in #[test] fns only; the helpers here are test code too.
+#![allow(clippy::unwrap_used)]
+
+use std::fs;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use capsem_proto::frame::{Client, Guest};
+use capsem_proto::guest::{GuestToHost, HostToGuest, PROTOCOL_VERSION};
+use capsem_proto::ipc::{ClientToProcess, ProcessToClient, VmStatus};
+use capsem_proto::Codec;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, Mutex};
+
+const DEADLINE: Duration = Duration::from_secs(15);
+
+const STUB: &str = r#"#!/bin/sh
+printf '%s' "$CAPSEM_TOKEN" > token.tmp && mv token.tmp token
+echo "$@" > args
+setsid sleep 1000 </dev/null >/dev/null 2>&1 &
+echo $! > orphan.pid.tmp && mv orphan.pid.tmp orphan.pid
+echo $$ > agent.pid.tmp && mv agent.pid.tmp agent.pid
+exec sleep 1000
+"#;
+
+/// Polls `f` until it returns `Some`, failing after the deadline.
+fn wait_until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+async fn wait_until_async<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A running capsem-process, killed (with its stub agent) on drop.
+struct Vm {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    scratch: PathBuf,
+    child: Option<std::process::Child>,
+    ready: Option<OwnedFd>,
+}
+
+impl Vm {
+    fn start(extra: &[&str]) -> Vm {
+        Vm::start_vmm("none", extra)
+    }
+
+    fn start_vmm(vmm: &str, extra: &[&str]) -> Vm {
+        let tmp = tempfile::tempdir().unwrap();
+        let stub = tmp.path().join("agent.sh");
+        fs::write(&stub, STUB).unwrap();
+        fs::set_permissions(&stub, fs::Permissions::from_mode(0o755)).unwrap();
+        let dir = tmp.path().join("vms/test-vm");
+        let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let wr_fd = wr.as_raw_fd();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_capsem-process"));
+        cmd.arg("--vm-dir")
+            .arg(&dir)
+            .args(["--vm-id", "test-vm", "--vmm", vmm, "--heartbeat-ms", "100"])
+            .args(["--ready-fd", &wr_fd.to_string()])
+            .args(extra)
+            .env("CAPSEM_AGENT_BIN", &stub)
+            .stdin(Stdio::null())
+            .process_group(0);
+        // SAFETY: fcntl is async-signal-safe; it only clears CLOEXEC on the
+        // ready pipe's write end in the child.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::fcntl(wr_fd, libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap();
+        drop(wr);
+        Vm {
+            scratch: dir.join("scratch"),
+            dir,
+            _tmp: tmp,
+            child: Some(child),
+            ready: Some(rd),
+        }
+    }
+
+    fn file(&self, name: &str) -> String {
+        let path = self.scratch.join(name);
+        wait_until(name, || fs::read_to_string(&path).ok())
+    }
+
+    fn token(&self) -> String {
+        self.file("token")
+    }
+
+    fn pid_file(&self, name: &str) -> i32 {
+        self.file(name).trim().parse().unwrap()
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("process.log")).unwrap_or_default()
+    }
+
+    async fn wait_log(&self, needle: &str) {
+        wait_until_async(&format!("log line {needle:?}"), || {
+            self.log().contains(needle).then_some(())
+        })
+        .await;
+    }
+
+    /// Everything written to the ready fd, up to its close.
+    async fn ready_line(&mut self) -> String {
+        let fd = self.ready.take().unwrap();
+        let mut rx = tokio::net::unix::pipe::Receiver::from_owned_fd(fd).unwrap();
+        let mut out = String::new();
+        tokio::time::timeout(DEADLINE, rx.read_to_string(&mut out))
+            .await
+            .expect("ready fd not closed in time")
+            .unwrap();
+        out
+    }
+
+    /// Waits for capsem-process to exit; its exit code.
+    fn wait_exit(&mut self) -> Option<i32> {
+        let child = self.child.as_mut().unwrap();
+        let status = wait_until("capsem-process to exit", || child.try_wait().unwrap());
+        self.child = None;
+        assert_eq!(status.signal(), None);
+        status.code()
+    }
+
+    fn sock(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+/// Whether `pid` is alive and runs in `scratch` (its identity).
+fn ours(pid: i32, scratch: &Path) -> bool {
+    fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| {
+        cwd.to_string_lossy()
+            .starts_with(&*scratch.to_string_lossy())
+    })
+}
+
+fn gone(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // A zombie of another parent is gone for our purposes.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z')),
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = Pid::from_raw(child.id() as i32);
+            let _ = kill(pid, Signal::SIGTERM);
+            let end = Instant::now() + DEADLINE;
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = kill(Pid::from_raw(-pid.as_raw()), Signal::SIGKILL);
+            let _ = child.wait();
+        }
+        for name in ["agent.pid", "orphan.pid"] {
+            let Ok(text) = fs::read_to_string(self.scratch.join(name)) else {
+                continue;
+            };
+            if let Ok(pid) = text.trim().parse::<i32>() {
+                if ours(pid, &self.scratch) {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+/// The test playing the agent.
+struct FakeGuest {
+    ctl: Arc<Mutex<OwnedWriteHalf>>,
+    from_host: mpsc::UnboundedReceiver<HostToGuest>,
+    term: UnixStream,
+    answer_pings: Arc<AtomicBool>,
+}
+
+impl FakeGuest {
+    async fn connect(vm: &Vm, token: &str, connects: u64) -> FakeGuest {
+        let ctl = UnixStream::connect(vm.sock("vsock.sock_5000"))
+            .await
+            .unwrap();
+        let (mut rd, wr) = ctl.into_split();
+        let wr = Arc::new(Mutex::new(wr));
+        let hello = GuestToHost::Hello {
+            version: PROTOCOL_VERSION,
+            token: token.into(),
+            connects,
+            shell_pid: 4242,
+        };
+        wr.lock()
+            .await
+            .write_all(&Codec::<Guest>::encode(&hello).unwrap())
+            .await
+            .unwrap();
+        let (tx, mut from_host) = mpsc::unbounded_channel();
+        let answer_pings = Arc::new(AtomicBool::new(true));
+        let (pong_wr, answer) = (wr.clone(), answer_pings.clone());
+        tokio::spawn(async move {
+            let mut codec = Codec::<Guest>::new();
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let n = match rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                codec.feed(&buf[..n]).unwrap();
+                while let Some(msg) = codec.next_message().unwrap() {
+                    match msg {
+                        HostToGuest::Ping { seq } if answer.load(Ordering::SeqCst) => {
+                            let pong = Codec::<Guest>::encode(&GuestToHost::Pong { seq }).unwrap();
+                            let _ = pong_wr.lock().await.write_all(&pong).await;
+                        }
+                        HostToGuest::Ping { .. } => {}
+                        other => {
+                            let _ = tx.send(other);
+                        }
+                    }
+                }
+            }
+        });
+        let ack = tokio::time::timeout(DEADLINE, from_host.recv())
+            .await
+            .unwrap()
+            .expect("no hello ack");
+        assert!(matches!(ack, HostToGuest::HelloAck { .. }), "{ack:?}");
+        let term = UnixStream::connect(vm.sock("vsock.sock_5001"))
+            .await
+            .unwrap();
+        FakeGuest {
+            ctl: wr,
+            from_host,
+            term,
+            answer_pings,
+        }
+    }
+
+    async fn send(&self, msg: &GuestToHost) {
+        let frame = Codec::<Guest>::encode(msg).unwrap();
+        self.ctl.lock().await.write_all(&frame).await.unwrap();
+    }
+
+    /// The next non-ping message from the host; `None` at EOF.
+    async fn next(&mut self) -> Option<HostToGuest> {
+        tokio::time::timeout(DEADLINE, self.from_host.recv())
+            .await
+            .expect("no message from the host")
+    }
+
+    async fn read_terminal(&mut self, len: usize) -> Vec<u8> {
+        let mut got = vec![0u8; len];
+        tokio::time::timeout(DEADLINE, self.term.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        got
+    }
+
+    async fn terminal_closed(&mut self) {
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(DEADLINE, self.term.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap_or(0);
+        assert_eq!(n, 0, "terminal still open");
+    }
+}
+
+/// The test playing the CLI.
+struct Cli {
+    stream: UnixStream,
+    codec: Codec<Client>,
+}
+
+impl Cli {
+    async fn connect(vm: &Vm) -> Cli {
+        Cli {
+            stream: UnixStream::connect(vm.sock("ctl.sock")).await.unwrap(),
+            codec: Codec::new(),
+        }
+    }
+
+    async fn send(&mut self, msg: &ClientToProcess) {
+        let frame = Codec::<Client>::encode(msg).unwrap();
+        self.stream.write_all(&frame).await.unwrap();
+    }
+
+    /// The next message, `None` at EOF.
+    async fn recv(&mut self) -> Option<ProcessToClient> {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            if let Some(msg) = self.codec.next_message().unwrap() {
+                return Some(msg);
+            }
+            let n = tokio::time::timeout(DEADLINE, self.stream.read(&mut buf))
+                .await
+                .expect("no message from capsem-process")
+                .unwrap_or(0);
+            if n == 0 {
+                return None;
+            }
+            self.codec.feed(&buf[..n]).unwrap();
+        }
+    }
+
+    async fn attach(vm: &Vm) -> Cli {
+        let mut cli = Cli::connect(vm).await;
+        cli.send(&ClientToProcess::Attach { cols: 80, rows: 24 })
+            .await;
+        assert_eq!(
+            cli.recv().await,
+            Some(ProcessToClient::Attached {
+                vm_id: "test-vm".into()
+            })
+        );
+        cli
+    }
+
+    /// Output bytes until `want` has been seen (other messages are skipped).
+    async fn output_until(&mut self, want: &[u8]) -> Vec<u8> {
+        let mut got = Vec::new();
+        while !got.windows(want.len()).any(|w| w == want) {
+            match self.recv().await {
+                Some(ProcessToClient::Output { data }) => got.extend(data),
+                Some(_) => {}
+                None => panic!("EOF before {want:?}"),
+            }
+        }
+        got
+    }
+}
+
+async fn status(vm: &Vm) -> VmStatus {
+    let mut cli = Cli::connect(vm).await;
+    cli.send(&ClientToProcess::Status).await;
+    match cli.recv().await {
+        Some(ProcessToClient::Status(s)) => s,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn mode(path: &Path) -> u32 {
+    fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+#[tokio::test]
+async fn ready_after_the_first_bridge_with_private_modes() {
+    let mut vm = Vm::start(&[]);
+    let token = vm.token();
+    assert_eq!(token.len(), 32);
+    assert!(token.bytes().all(|b| b.is_ascii_hexdigit()));
+    let args = vm.file("args");
+    assert_eq!(
+        args.trim(),
+        format!("--transport unix:{}", vm.dir.join("vsock.sock").display())
+    );
+    assert_eq!(mode(&vm.dir), 0o700);
+    assert_eq!(mode(&vm.scratch), 0o700);
+    assert_eq!(mode(&vm.sock("ctl.sock")), 0o600);
+    let before = status(&vm).await;
+    assert_eq!((before.generation, before.bridged), (0, false));
+
+    let guest = FakeGuest::connect(&vm, &token, 1).await;
+    assert_eq!(vm.ready_line().await, "ready\n");
+    vm.wait_log("guest connected generation=1 agent_connects=1")
+        .await;
+    guest
+        .send(&GuestToHost::BootTimings {
+            stages: vec![capsem_proto::guest::BootStage {
+                name: "init".into(),
+                micros: 1000,
+            }],
+        })
+        .await;
+    vm.wait_log("boot timings: init=1000us").await;
+    let s = status(&vm).await;
+    assert_eq!(s.vm_id, "test-vm");
+    assert_eq!((s.generation, s.agent_connects), (1, 1));
+    assert_eq!(s.shell_pid, Some(4242));
+    assert_eq!(s.guest_pid, Some(vm.pid_file("agent.pid") as u32));
+    assert!(s.bridged && !s.attached);
+}
+
+#[tokio::test]
+async fn bad_hellos_close_only_their_connection_then_a_new_hello_rekeys() {
+    let mut vm = Vm::start(&[]);
+    let token = vm.token();
+    let mut guest = FakeGuest::connect(&vm, &token, 1).await;
+    assert_eq!(vm.ready_line().await, "ready\n");
+    let mut cli = Cli::attach(&vm).await;
+
+    let wrong = Codec::<Guest>::encode(&GuestToHost::Hello {
+        version: PROTOCOL_VERSION,
+        token: "0".repeat(32),
+        connects: 9,
+        shell_pid: 1,
+    })
+    .unwrap();
+    let cases: Vec<(Vec<u8>, bool, &str)> = vec![
+        (
+            wrong,
+            false,
+            "control connection rejected: wrong session token",
+        ),
+        (
+            vec![0, 0, 0, 3, 0xc1, 0xc1, 0xc1],
+            false,
+            "control connection rejected: invalid frame: invalid message payload",
+        ),
+        (
+            vec![0xff, 0xff, 0xff, 0xff],
+            false,
+            "control connection rejected: invalid frame: frame length 4294967295 exceeds",
+        ),
+        (
+            vec![0, 0, 0, 10, 1, 2],
+            true,
+            "control connection rejected: connection closed inside the hello frame",
+        ),
+    ];
+    for (i, (bytes, close, reason)) in cases.into_iter().enumerate() {
+        let mut bad = UnixStream::connect(vm.sock("vsock.sock_5000"))
+            .await
+            .unwrap();
+        bad.write_all(&bytes).await.unwrap();
+        if close {
+            bad.shutdown().await.unwrap();
+        }
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(DEADLINE, bad.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap_or(0);
+        assert_eq!(n, 0, "case {i}: connection not closed");
+        vm.wait_log(reason).await;
+        // The session still works.
+        let line = format!("still-alive-{i}\n");
+        guest.term.write_all(line.as_bytes()).await.unwrap();
+        cli.output_until(line.as_bytes()).await;
+    }
+    let log = vm.log();
+    assert_eq!(
+        log.matches("control connection rejected").count(),
+        4,
+        "{log}"
+    );
+
+    // A terminal connection nobody asked for is closed.
+    let mut stray = UnixStream::connect(vm.sock("vsock.sock_5001"))
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(DEADLINE, stray.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    vm.wait_log("terminal connection rejected").await;
+
+    // A valid hello re-keys: the old connections close, the new ones work.
+    let mut second = FakeGuest::connect(&vm, &token, 2).await;
+    while let Some(msg) = guest.next().await {
+        assert!(matches!(msg, HostToGuest::Resize { .. }), "{msg:?}");
+    }
+    guest.terminal_closed().await;
+    vm.wait_log("guest connected generation=2 agent_connects=2")
+        .await;
+    match second.next().await {
+        Some(HostToGuest::Resize { cols: 80, rows: 24 }) => {}
+        other => panic!("expected the remembered size, got {other:?}"),
+    }
+    cli.send(&ClientToProcess::Input {
+        data: b"after-rekey".to_vec(),
+    })
+    .await;
+    assert_eq!(second.read_terminal(11).await, b"after-rekey");
+    second.term.write_all(b"from-gen-2").await.unwrap();
+    cli.output_until(b"from-gen-2").await;
+    assert_eq!(status(&vm).await.generation, 2);
+}
+
+#[tokio::test]
+async fn round_trip_then_all_output_before_the_exit_status() {
+    let mut vm = Vm::start(&[]);
+    let token = vm.token();
+    let mut guest = FakeGuest::connect(&vm, &token, 1).await;
+    assert_eq!(vm.ready_line().await, "ready\n");
+    let mut cli = Cli::attach(&vm).await;
+    assert_eq!(
+        guest.next().await,
+        Some(HostToGuest::Resize { cols: 80, rows: 24 })
+    );
+
+    let mut other = Cli::connect(&vm).await;
+    other
+        .send(&ClientToProcess::Attach { cols: 1, rows: 1 })
+        .await;
+    assert_eq!(
+        other.recv().await,
+        Some(ProcessToClient::Error {
+            message: "a client is already attached".into()
+        })
+    );
+
+    cli.send(&ClientToProcess::Input {
+        data: b"echo hi\r".to_vec(),
+    })
+    .await;
+    assert_eq!(guest.read_terminal(8).await, b"echo hi\r");
+    cli.send(&ClientToProcess::Resize {
+        cols: 100,
+        rows: 40,
+    })
+    .await;
+    assert_eq!(
+        guest.next().await,
+        Some(HostToGuest::Resize {
+            cols: 100,
+            rows: 40
+        })
+    );
+
+    // 1 MiB of output, then EOF and the status at once: the client must get
+    // every byte, in order, before the status.
+    let pattern: Vec<u8> = (0..1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let writer = {
+        let pattern = pattern.clone();
+        let FakeGuest { term, ctl, .. } = &mut guest;
+        let ctl = ctl.clone();
+        let (_, mut term_wr) = std::mem::replace(term, UnixStream::pair().unwrap().0).into_split();
+        tokio::spawn(async move {
+            term_wr.write_all(&pattern).await.unwrap();
+            term_wr.shutdown().await.unwrap();
+            let exited = GuestToHost::ShellExited {
+                exit_code: Some(3),
+                signal: None,
+            };
+            ctl.lock()
+                .await
+                .write_all(&Codec::<Guest>::encode(&exited).unwrap())
+                .await
+                .unwrap();
+            term_wr
+        })
+    };
+    let mut got = Vec::new();
+    let status = loop {
+        match cli.recv().await {
+            Some(ProcessToClient::Output { data }) => {
+                assert!(data.len() <= capsem_proto::ipc::MAX_IPC_CHUNK);
+                got.extend(data);
+            }
+            Some(ProcessToClient::ShellExited { exit_code, signal }) => break (exit_code, signal),
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(got.len(), pattern.len());
+    assert!(got == pattern, "output corrupted or reordered");
+    assert_eq!(status, (Some(3), None));
+    assert_eq!(cli.recv().await, None, "nothing after the status");
+    drop(writer.await.unwrap());
+    assert_eq!(vm.wait_exit(), Some(0));
+    let log = vm.log();
+    assert!(log.contains("shell exited: exit_code=Some(3)"), "{log}");
+    assert!(log.contains("teardown complete"), "{log}");
+    for sock in ["ctl.sock", "vsock.sock_5000", "vsock.sock_5001"] {
+        assert!(!vm.sock(sock).exists(), "{sock} left behind");
+    }
+    assert!(vm.dir.exists(), "a persistent VM keeps its directory");
+    for name in ["agent.pid", "orphan.pid"] {
+        assert!(gone(vm.pid_file(name)), "{name} survived teardown");
+    }
+}
+
+#[tokio::test]
+async fn dropped_guest_connections_reconnect_with_the_client_attached() {
+    let mut vm = Vm::start(&[]);
+    let token = vm.token();
+    let mut guest = FakeGuest::connect(&vm, &token, 1).await;
+    assert_eq!(vm.ready_line().await, "ready\n");
+    let mut cli = Cli::attach(&vm).await;
+
+    let mut hook = Cli::connect(&vm).await;
+    hook.send(&ClientToProcess::DropGuestConnections).await;
+    while let Some(msg) = guest.next().await {
+        assert!(matches!(msg, HostToGuest::Resize { .. }), "{msg:?}");
+    }
+    guest.terminal_closed().await;
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let s = status(&vm).await;
+        if !s.bridged {
+            assert!(s.attached, "{s:?}");
+            break;
+        }
+        assert!(Instant::now() < end, "still bridged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let mut again = FakeGuest::connect(&vm, &token, 2).await;
+    vm.wait_log("generation 2 bridged").await;
+    cli.send(&ClientToProcess::Input {
+        data: b"typed".to_vec(),
+    })
+    .await;
+    assert_eq!(again.read_terminal(5).await, b"typed");
+    again.term.write_all(b"reconnected").await.unwrap();
+    cli.output_until(b"reconnected").await;
+    let s = status(&vm).await;
+    assert!(s.bridged && s.attached && s.generation == 2, "{s:?}");
+}
+
+#[tokio::test]
+async fn temporary_vm_is_destroyed_when_its_client_leaves() {
+    let mut vm = Vm::start(&["--temporary"]);
+    let token = vm.token();
+    let _guest = FakeGuest::connect(&vm, &token, 1).await;
+    assert_eq!(vm.ready_line().await, "ready\n");
+    let agent = vm.pid_file("agent.pid");
+    let orphan = vm.pid_file("orphan.pid");
+    assert!(ours(agent, &vm.scratch) && ours(orphan, &vm.scratch));
+    let cli = Cli::attach(&vm).await;
+    drop(cli);
+    assert_eq!(vm.wait_exit(), Some(0));
+    assert!(!vm.dir.exists(), "temporary VM dir left behind");
+    assert!(gone(agent), "agent {agent} survived");
+    assert!(gone(orphan), "detached descendant {orphan} survived");
+}
+
+#[tokio::test]
+async fn agent_death_is_a_lost_session() {
+    let mut vm = Vm::start(&[]);
+    let token = vm.token();
+    let _guest = FakeGuest::connect(&vm, &token, 1).await;
+    assert_eq!(vm.ready_line().await, "ready\n");
+    let mut cli = Cli::attach(&vm).await;
+    let agent = vm.pid_file("agent.pid");
+    assert!(ours(agent, &vm.scratch));
+    kill(Pid::from_raw(agent), Signal::SIGKILL).unwrap();
+    loop {
+        match cli.recv().await {
+            Some(ProcessToClient::SessionLost { reason }) => {
+                assert!(reason.contains("capsem-agent exited"), "{reason}");
+                break;
+            }
+            Some(ProcessToClient::Output { .. }) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(vm.wait_exit(), Some(0));
+}
+
+#[tokio::test]
+async fn unresponsive_guest_is_reported_and_shutdown_is_orderly() {
+    let mut vm = Vm::start(&["--missed-pongs", "2"]);
+    let token = vm.token();
+    let mut guest = FakeGuest::connect(&vm, &token, 1).await;
+    assert_eq!(vm.ready_line().await, "ready\n");
+    let mut cli = Cli::attach(&vm).await;
+    guest.answer_pings.store(false, Ordering::SeqCst);
+    assert_eq!(
+        cli.recv().await,
+        Some(ProcessToClient::GuestUnresponsive { missed_pongs: 2 })
+    );
+    vm.wait_log("guest unresponsive").await;
+    guest.answer_pings.store(true, Ordering::SeqCst);
+    assert_eq!(cli.recv().await, Some(ProcessToClient::GuestResponsive));
+
+    cli.send(&ClientToProcess::Shutdown).await;
+    match cli.recv().await {
+        Some(ProcessToClient::SessionLost { reason }) => assert!(reason.contains("shut down")),
+        other => panic!("unexpected {other:?}"),
+    }
+    loop {
+        match guest.next().await {
+            Some(HostToGuest::Shutdown) => break,
+            Some(HostToGuest::Resize { .. }) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(vm.wait_exit(), Some(0));
+    vm.wait_log("teardown complete").await;
+}
+
+#[tokio::test]
+async fn boot_failures_are_reported_on_the_ready_fd() {
+    let mut vm = Vm::start(&["--boot-timeout-ms", "300"]);
+    assert_eq!(
+        vm.ready_line().await,
+        "error: the guest did not connect within 300 ms\n"
+    );
+    assert_eq!(vm.wait_exit(), Some(1));
+
+    let mut vm = Vm::start_vmm("qemu", &[]);
+    assert_eq!(
+        vm.ready_line().await,
+        "error: the qemu backend is not available yet\n"
+    );
+    assert_eq!(vm.wait_exit(), Some(1));
+
+    let status = Command::new(env!("CARGO_BIN_EXE_capsem-process"))
+        .args(["--vm-id", "x"])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(2));
+}
