@@ -744,3 +744,51 @@ async fn boot_failures_are_reported_on_the_ready_fd() {
         .unwrap();
     assert_eq!(status.code(), Some(2));
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn terminal_is_not_read_without_a_client_and_memory_stays_flat() {
+    let mut vm = Vm::start(&[]);
+    let token = vm.token();
+    let guest = FakeGuest::connect(&vm, &token, 1).await;
+    assert_eq!(vm.ready_line().await, "ready\n");
+    let pid = vm.child.as_ref().unwrap().id();
+    let total = 32 * 1024 * 1024;
+    let (_, mut term_wr) = guest.term.into_split();
+    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..total / chunk.len() {
+            term_wr.write_all(&chunk).await.unwrap();
+        }
+        let _ = done_tx.send(());
+        term_wr
+    });
+    // With nobody attached the bytes stay in the guest: the write cannot finish.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut done_rx)
+            .await
+            .is_err(),
+        "32 MiB were accepted with no client attached"
+    );
+    let mut cli = Cli::attach(&vm).await;
+    let mut got = 0usize;
+    let mut peak = 0;
+    while got < total {
+        match cli.recv().await {
+            Some(ProcessToClient::Output { data }) => got += data.len(),
+            Some(_) => {}
+            None => panic!("EOF after {got} bytes"),
+        }
+        peak = peak.max(rss_kib(pid));
+    }
+    assert_eq!(got, total);
+    drop(writer.await.unwrap());
+    // 16 chunks of 64 KiB in flight, plus the runtime: far below 32 MiB.
+    assert!(peak < 24 * 1024, "capsem-process RSS peaked at {peak} KiB");
+}
