@@ -1,1 +1,171 @@
-fn main() {}
+//! `capsem-agent`: the guest agent. It starts the interactive shell on a PTY
+//! and bridges it to the host (capsem-process) over vsock, or over the Unix
+//! sockets vhost-device-vsock delivers, one connection generation at a time.
+//!
+//! ```text
+//! capsem-agent [--transport vsock|unix:PATH] [--host-timeout-ms N]
+//! ```
+//!
+//! * `--transport` (default `vsock`): `vsock` connects to CID 2, ports 5000
+//!   (control) and 5001 (terminal); `unix:PATH` connects to `PATH_5000` and
+//!   `PATH_5001`.
+//! * `--host-timeout-ms` (default 15000): the transport counts as lost when
+//!   no control message arrived for this long.
+//! * `$CAPSEM_TOKEN` (required, at most 128 bytes): the session token sent in
+//!   every hello.
+//! * `$CAPSEM_BOOT_STAGES` (optional, `name=micros,...`): reported once as
+//!   `BootTimings` after the first HelloAck; an invalid list is logged and
+//!   not sent.
+//! * `$RUST_LOG` (optional, default `info`): log filter. Logs go to stderr
+//!   with RFC 3339 UTC timestamps.
+//!
+//! The shell is `/bin/bash -i` (else `/bin/sh -i`) in the agent's working
+//! directory with `TERM=xterm-256color`, `PATH`, `SHELL`, `LANG=C.UTF-8`
+//! and `HOME`: `/root` with the vsock transport (inside a VM), the agent's
+//! working directory with a Unix transport (`--vmm none`).
+//!
+//! Exit codes:
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | the shell exited and its status was delivered, or a shutdown (host `Shutdown`, SIGTERM, SIGINT, SIGHUP) stopped the shell |
+//! | 1 | runtime failure (cannot start the shell, signal setup, a bridge thread panicked) |
+//! | 2 | usage or configuration error (bad flag, missing or over-long `$CAPSEM_TOKEN`) |
+//!
+//! Modules:
+//!
+//! * [`session`]: the main loop (connect, hello, bridge, act on the end).
+//! * [`bridge`]: one generation's six threads and its typed [`bridge::BridgeEnd`].
+//! * [`control`]: the hello handshake and the boot stage parser.
+//! * [`pty`]: the shell on a PTY: spawn, resize, terminate, reap.
+//! * [`transport`]: vsock or Unix connections, cancellable.
+//! * [`reconnect`]: capped, jittered exponential backoff.
+//! * [`signals`]: SIGTERM/SIGINT/SIGHUP as a signalfd.
+//! * [`stop`]: the per-generation stop signal (eventfd + channel).
+//! * [`fdio`]: poll, nonblocking reads and writes, cancellable writes.
+
+mod bridge;
+mod control;
+mod fdio;
+mod pty;
+mod reconnect;
+mod session;
+mod signals;
+mod stop;
+mod transport;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use tracing::{error, info};
+
+use crate::session::{chain, Config, Outcome, SessionError};
+use crate::signals::{Signals, SignalsError};
+use crate::transport::Transport;
+
+/// Command line.
+#[derive(Debug, Parser)]
+#[command(name = "capsem-agent", about = "capsem guest agent")]
+struct Cli {
+    /// `vsock` or `unix:PATH` (connects to PATH_5000 and PATH_5001).
+    #[arg(long, default_value = "vsock")]
+    transport: Transport,
+    /// Declare the transport lost after this many ms without a host message.
+    #[arg(long, default_value_t = 15000, value_parser = clap::value_parser!(u64).range(1..))]
+    host_timeout_ms: u64,
+}
+
+/// Why the agent failed; each maps to an exit code.
+#[derive(Debug, thiserror::Error)]
+enum AgentError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("cannot set up signal handling")]
+    Signals(#[source] SignalsError),
+    #[error(transparent)]
+    Session(#[from] SessionError),
+}
+
+impl AgentError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            Self::Config(_) => 2,
+            Self::Signals(_) | Self::Session(_) => 1,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    init_logging();
+    match run(cli) {
+        Ok(outcome) => {
+            info!(?outcome, "agent exiting");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            error!("agent failed: {}", chain(&e));
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<Outcome, AgentError> {
+    let token = std::env::var("CAPSEM_TOKEN")
+        .map_err(|_| AgentError::Config("CAPSEM_TOKEN is not set (or not UTF-8)".into()))?;
+    if token.is_empty() || token.len() > capsem_proto::guest::MAX_TOKEN_LEN {
+        return Err(AgentError::Config(format!(
+            "CAPSEM_TOKEN must be 1 to {} bytes",
+            capsem_proto::guest::MAX_TOKEN_LEN
+        )));
+    }
+    let boot_stages = match std::env::var("CAPSEM_BOOT_STAGES") {
+        Ok(s) => control::parse_boot_stages(&s).unwrap_or_else(|e| {
+            tracing::warn!("CAPSEM_BOOT_STAGES ignored: {}", chain(&e));
+            Vec::new()
+        }),
+        Err(_) => Vec::new(),
+    };
+    let cwd = std::env::current_dir()
+        .map_err(|e| AgentError::Config(format!("no working directory: {e}")))?;
+    let home = match cli.transport {
+        Transport::Vsock => PathBuf::from("/root"),
+        Transport::Unix(_) => cwd.clone(),
+    };
+    let cfg = Config {
+        transport: cli.transport,
+        token,
+        host_timeout: Duration::from_millis(cli.host_timeout_ms),
+        boot_stages,
+        shell: pty::ShellConfig::interactive(&home, cwd),
+    };
+    // Before the shell and before any thread, so every thread inherits the
+    // mask and the signals only arrive through the signalfd.
+    let signals = Signals::block().map_err(AgentError::Signals)?;
+    info!(transport = %cfg.transport, host_timeout_ms = cli.host_timeout_ms, "agent starting");
+    Ok(session::run(&cfg, &signals)?)
+}
+
+fn init_logging() {
+    use tracing_subscriber::fmt::time::UtcTime;
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_timer(UtcTime::rfc_3339())
+        .with_env_filter(filter)
+        .init();
+}

@@ -1,0 +1,207 @@
+//! The agent's life: start the shell once, then connect, hello, bridge, and
+//! act on how each generation ended.
+//!
+//! * `ShellExited`: the status was delivered; the agent exits and never
+//!   reconnects.
+//! * `TransportLost`: one log line, a backoff wait, a new generation with the
+//!   same shell and the bytes the last one could not deliver.
+//! * `ShutdownRequested` (host `Shutdown` or SIGTERM/SIGINT/SIGHUP): the
+//!   shell's process group is hung up, then killed, and the shell reaped.
+
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use capsem_proto::guest::{BootStage, GuestToHost, PORT_CONTROL, PORT_TERMINAL, PROTOCOL_VERSION};
+use tracing::info;
+
+use crate::bridge::{Bridge, BridgeEnd, BridgeError, BridgeOptions, Pending, ShutdownBy};
+use crate::control::{self, Handshake, HELLO_TIMEOUT};
+use crate::pty::{PtyError, Shell, ShellConfig, ShellStatus};
+use crate::reconnect::{self, Backoff, ReconnectError, Waited};
+use crate::signals::Signals;
+use crate::transport::{Connected, Transport};
+
+/// Time the shell's group gets between SIGHUP and SIGKILL.
+pub const KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// Errors that end the agent with a runtime failure.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("cannot start the shell")]
+    Shell(#[source] PtyError),
+    #[error("cannot stop the shell")]
+    Stop(#[source] PtyError),
+    #[error(transparent)]
+    Reconnect(#[from] ReconnectError),
+    #[error("bridge failed")]
+    Bridge(#[source] BridgeError),
+}
+
+/// Everything the session needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub transport: Transport,
+    pub token: String,
+    pub host_timeout: Duration,
+    pub boot_stages: Vec<BootStage>,
+    pub shell: ShellConfig,
+}
+
+/// How the session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The shell exited and its status reached the host.
+    ShellExited(ShellStatus),
+    /// The host or a signal asked for the end; the shell was stopped.
+    Shutdown { by: ShutdownBy, shell: ShellStatus },
+}
+
+/// One connection attempt's result.
+enum Attempt {
+    Ended { generation: u64, end: BridgeEnd },
+    Failed(String),
+    Cancelled,
+}
+
+/// Runs the agent until the shell's status is delivered or a shutdown.
+pub fn run(cfg: &Config, signals: &Signals) -> Result<Outcome, SessionError> {
+    let shell = Shell::spawn(&cfg.shell).map_err(SessionError::Shell)?;
+    info!(
+        pid = shell.pid(),
+        program = %cfg.shell.program.display(),
+        "shell started"
+    );
+    let opts = BridgeOptions {
+        host_timeout: cfg.host_timeout,
+    };
+    let mut backoff = Backoff::from_entropy()?;
+    let mut pending = Pending::default();
+    let mut connects = 0u64;
+    let mut boot = (!cfg.boot_stages.is_empty()).then(|| GuestToHost::BootTimings {
+        stages: cfg.boot_stages.clone(),
+    });
+    let mut failures = 0u64;
+    loop {
+        match attempt(
+            cfg,
+            &shell,
+            signals,
+            &opts,
+            &mut backoff,
+            &mut pending,
+            &mut connects,
+            &mut boot,
+        )? {
+            Attempt::Ended { generation, end } => {
+                failures = 0;
+                match end {
+                    BridgeEnd::ShellExited { exit_code, signal } => {
+                        info!(
+                            generation,
+                            ?exit_code,
+                            ?signal,
+                            "generation ended: shell exited, status delivered"
+                        );
+                        return Ok(Outcome::ShellExited(ShellStatus { exit_code, signal }));
+                    }
+                    BridgeEnd::TransportLost { reason } => {
+                        info!(generation, %reason, "generation ended: transport lost; reconnecting");
+                    }
+                    BridgeEnd::ShutdownRequested { by } => {
+                        if by == ShutdownBy::Signal {
+                            log_signal(signals);
+                        }
+                        info!(generation, ?by, "generation ended: shutdown requested");
+                        return stop_shell(&shell, by);
+                    }
+                }
+            }
+            Attempt::Failed(reason) => {
+                failures += 1;
+                // Every failure is one line; a host that is down for long
+                // logs at the backoff cap's rate (about one line every 2 s).
+                info!(attempt = failures, %reason, "connection attempt failed");
+            }
+            Attempt::Cancelled => {
+                log_signal(signals);
+                return stop_shell(&shell, ShutdownBy::Signal);
+            }
+        }
+        if reconnect::wait(backoff.next_delay(), signals.fd())? == Waited::Cancelled {
+            log_signal(signals);
+            return stop_shell(&shell, ShutdownBy::Signal);
+        }
+    }
+}
+
+fn log_signal(signals: &Signals) {
+    if let Some(sig) = signals.take() {
+        info!(signal = sig, "termination signal received");
+    }
+}
+
+fn stop_shell(shell: &Shell, by: ShutdownBy) -> Result<Outcome, SessionError> {
+    let status = shell.terminate(KILL_GRACE).map_err(SessionError::Stop)?;
+    info!(exit_code = ?status.exit_code, signal = ?status.signal, "shell stopped and reaped");
+    Ok(Outcome::Shutdown { by, shell: status })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attempt(
+    cfg: &Config,
+    shell: &Shell,
+    signals: &Signals,
+    opts: &BridgeOptions,
+    backoff: &mut Backoff,
+    pending: &mut Pending,
+    connects: &mut u64,
+    boot: &mut Option<GuestToHost>,
+) -> Result<Attempt, SessionError> {
+    let control = match cfg.transport.connect(PORT_CONTROL, signals.fd()) {
+        Ok(Connected::Socket(fd)) => fd,
+        Ok(Connected::Cancelled) => return Ok(Attempt::Cancelled),
+        Err(e) => return Ok(Attempt::Failed(chain(&e))),
+    };
+    *connects += 1;
+    let hello = GuestToHost::Hello {
+        version: PROTOCOL_VERSION,
+        token: cfg.token.clone(),
+        connects: *connects,
+        shell_pid: shell.pid(),
+    };
+    let (generation, codec) =
+        match control::handshake(control.as_fd(), &hello, signals.fd(), HELLO_TIMEOUT) {
+            Ok(Handshake::Acked { generation, codec }) => (generation, codec),
+            Ok(Handshake::Cancelled) => return Ok(Attempt::Cancelled),
+            Err(e) => return Ok(Attempt::Failed(format!("hello: {}", chain(&e)))),
+        };
+    backoff.reset();
+    let terminal = match cfg.transport.connect(PORT_TERMINAL, signals.fd()) {
+        Ok(Connected::Socket(fd)) => fd,
+        Ok(Connected::Cancelled) => return Ok(Attempt::Cancelled),
+        Err(e) => return Ok(Attempt::Failed(format!("terminal: {}", chain(&e)))),
+    };
+    info!(
+        generation,
+        connects = *connects,
+        transport = %cfg.transport,
+        "connected"
+    );
+    let initial: Vec<GuestToHost> = boot.take().into_iter().collect();
+    let end = Bridge::new(generation, control, terminal, codec)
+        .run(shell, pending, signals.fd(), opts, initial)
+        .map_err(SessionError::Bridge)?;
+    Ok(Attempt::Ended { generation, end })
+}
+
+/// `err: cause: cause`, for one-line logs.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,687 @@
+//! End-to-end tests: a fake host (two Unix listeners at `<dir>/vsock.sock_5000`
+//! and `_5001` speaking `Codec::<Host>`) and the real agent binary.
+//!
+//! Every agent runs inside an [`Agent`] guard whose Drop terminates it, kills
+//! the shell's group if anything is left, and reaps, even when a test fails.
+//! Waits are bounded by deadlines.
+
+// Test helpers outside #[test] fns: a failed setup should panic loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use capsem_proto::frame::Host;
+use capsem_proto::guest::{GuestToHost, HostToGuest, PROTOCOL_VERSION};
+use capsem_proto::Codec;
+
+const TOKEN: &str = "test-token-0123";
+const LONG: Duration = Duration::from_secs(20);
+
+fn deadline(d: Duration) -> Instant {
+    Instant::now() + d
+}
+
+/// Polls `fd` for `events` until `until`; true when ready.
+fn poll_fd(fd: BorrowedFd<'_>, events: i16, until: Instant) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: one valid pollfd for the call.
+        let n = unsafe { libc::poll(&mut p, 1, ms) };
+        if n > 0 {
+            return true;
+        }
+        if n == 0 {
+            return false;
+        }
+        assert_eq!(
+            std::io::Error::last_os_error().kind(),
+            std::io::ErrorKind::Interrupted
+        );
+    }
+}
+
+/// Re-checks `cond` until it holds or `until` passes.
+fn wait_until(until: Instant, mut cond: impl FnMut() -> bool) -> bool {
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= until {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn pidfd(pid: u32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    // SAFETY: a fresh fd owned by nothing else.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `/proc/<pid>/stat` state letter, None when the pid is gone.
+fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    after.trim_start().chars().next()
+}
+
+fn count_dir(path: String) -> usize {
+    std::fs::read_dir(path).map(|d| d.count()).unwrap_or(0)
+}
+
+/// The agent process; Drop terminates, kills leftovers, reaps.
+struct Agent {
+    child: Option<Child>,
+    log: PathBuf,
+    shell_pid: Option<u32>,
+}
+
+impl Agent {
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Waits for the agent to exit (pidfd poll), returns its status.
+    fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        let fd = pidfd(child.id()).expect("pidfd of the agent");
+        if !poll_fd(fd.as_fd(), libc::POLLIN, deadline(within)) {
+            return None;
+        }
+        let status = child.wait().unwrap();
+        self.child = None;
+        Some(status)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: signals our own unreaped child.
+        unsafe { libc::kill(self.pid() as i32, sig) };
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.signal(libc::SIGTERM);
+            if self.wait_exit(Duration::from_secs(10)).is_none() {
+                if let Some(c) = self.child.as_mut() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                self.child = None;
+            }
+        }
+        if let Some(shell) = self.shell_pid {
+            if matches!(proc_state(shell), Some(s) if s != 'Z') {
+                // SAFETY: kill takes plain integers; the group is the shell's.
+                unsafe { libc::kill(-(shell as i32), libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+/// The fake host: the two listeners vhost-device-vsock would provide.
+struct FakeHost {
+    dir: tempfile::TempDir,
+    ctl: UnixListener,
+    term: UnixListener,
+}
+
+/// One accepted generation.
+struct Conn {
+    ctl: UnixStream,
+    term: UnixStream,
+    codec: Codec<Host>,
+    hello: GuestToHost,
+    out: Vec<u8>,
+}
+
+impl FakeHost {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ctl = UnixListener::bind(dir.path().join("vsock.sock_5000")).unwrap();
+        let term = UnixListener::bind(dir.path().join("vsock.sock_5001")).unwrap();
+        std::fs::create_dir(dir.path().join("scratch")).unwrap();
+        Self { dir, ctl, term }
+    }
+
+    fn base(&self) -> PathBuf {
+        self.dir.path().join("vsock.sock")
+    }
+
+    fn spawn(&self, args: &[&str], env: &[(&str, &str)]) -> Agent {
+        let log = self.dir.path().join(format!(
+            "agent-{}.log",
+            count_dir(self.dir.path().display().to_string())
+        ));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_capsem-agent"));
+        cmd.arg("--transport")
+            .arg(format!("unix:{}", self.base().display()))
+            .args(args)
+            .env("CAPSEM_TOKEN", TOKEN)
+            .env_remove("CAPSEM_BOOT_STAGES")
+            .envs(env.iter().copied())
+            .current_dir(self.dir.path().join("scratch"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap());
+        Agent {
+            child: Some(cmd.spawn().unwrap()),
+            log,
+            shell_pid: None,
+        }
+    }
+
+    fn accept(listener: &UnixListener, within: Duration) -> Option<UnixStream> {
+        if !poll_fd(listener.as_fd(), libc::POLLIN, deadline(within)) {
+            return None;
+        }
+        let (s, _) = listener.accept().unwrap();
+        Some(s)
+    }
+
+    /// True when no connection waits on either listener.
+    fn idle(&self) -> bool {
+        !poll_fd(self.ctl.as_fd(), libc::POLLIN, Instant::now())
+            && !poll_fd(self.term.as_fd(), libc::POLLIN, Instant::now())
+    }
+
+    /// Accepts control, reads the hello, acks `generation`, accepts terminal.
+    fn generation(&self, agent: &mut Agent, generation: u64) -> Conn {
+        let ctl = Self::accept(&self.ctl, LONG).expect("agent connects to control");
+        let mut conn = Conn {
+            ctl,
+            term: UnixStream::pair().unwrap().0,
+            codec: Codec::new(),
+            hello: GuestToHost::Pong { seq: 0 },
+            out: Vec::new(),
+        };
+        let hello = conn.recv();
+        hello.check_hello(TOKEN).expect("valid hello");
+        if let GuestToHost::Hello { shell_pid, .. } = hello {
+            agent.shell_pid = Some(shell_pid);
+        }
+        conn.hello = hello;
+        conn.send(HostToGuest::HelloAck {
+            version: PROTOCOL_VERSION,
+            generation,
+        });
+        conn.term = Self::accept(&self.term, LONG).expect("agent connects to terminal");
+        conn
+    }
+}
+
+impl Conn {
+    fn send(&mut self, msg: HostToGuest) {
+        self.ctl
+            .write_all(&Codec::<Host>::encode(&msg).unwrap())
+            .unwrap();
+    }
+
+    fn try_recv(&mut self, within: Duration) -> Option<GuestToHost> {
+        let until = deadline(within);
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(m) = self.codec.next_message().unwrap() {
+                return Some(m);
+            }
+            if !poll_fd(self.ctl.as_fd(), libc::POLLIN, until) {
+                return None;
+            }
+            let n = self.ctl.read(&mut buf).unwrap();
+            if n == 0 {
+                return None;
+            }
+            self.codec.feed(&buf[..n]).unwrap();
+        }
+    }
+
+    fn recv(&mut self) -> GuestToHost {
+        self.try_recv(LONG).expect("a control message")
+    }
+
+    fn type_(&mut self, s: &str) {
+        self.term.write_all(s.as_bytes()).unwrap();
+    }
+
+    /// Reads the terminal until `needle` appears in everything read so far.
+    fn expect(&mut self, needle: &str) {
+        let until = deadline(LONG);
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&self.out).contains(needle) {
+            assert!(
+                poll_fd(self.term.as_fd(), libc::POLLIN, until),
+                "timed out waiting for {needle:?}; got {:?}",
+                String::from_utf8_lossy(&self.out)
+            );
+            let n = self.term.read(&mut buf).unwrap();
+            assert!(
+                n > 0,
+                "EOF before {needle:?}; got {:?}",
+                String::from_utf8_lossy(&self.out)
+            );
+            self.out.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// Everything left on the terminal up to EOF, which must already be
+    /// there (no waiting): proves it was written before whatever the caller
+    /// saw first.
+    fn drain_buffered_to_eof(&mut self) {
+        self.term.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.term.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => self.out.extend_from_slice(&buf[..n]),
+                Err(e) => panic!("terminal not at EOF yet: {e}"),
+            }
+        }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.out).into_owned()
+    }
+}
+
+fn shell_exited(code: Option<i32>, signal: Option<i32>) -> GuestToHost {
+    GuestToHost::ShellExited {
+        exit_code: code,
+        signal,
+    }
+}
+
+/// Waits for the ShellExited frame, then checks the terminal already holds
+/// all output and EOF.
+fn expect_exit(conn: &mut Conn, want: GuestToHost) {
+    let got = conn.recv();
+    assert_eq!(got, want);
+    conn.drain_buffered_to_eof();
+}
+
+#[test]
+fn hello_ack_and_echo() {
+    let host = FakeHost::new();
+    let mut agent = host.spawn(&[], &[]);
+    let mut conn = host.generation(&mut agent, 1);
+    match &conn.hello {
+        GuestToHost::Hello {
+            version,
+            token,
+            connects,
+            shell_pid,
+        } => {
+            assert_eq!(*version, PROTOCOL_VERSION);
+            assert_eq!(token, TOKEN);
+            assert_eq!(*connects, 1);
+            assert!(*shell_pid > 1);
+        }
+        other => panic!("{other:?}"),
+    }
+    conn.type_("echo hi\n");
+    conn.expect("hi");
+    // The marker is computed, so the echoed command line cannot match it.
+    conn.type_("echo $((6*7)) $HOME $TERM\n");
+    conn.expect("42 ");
+    let scratch = host.dir.path().join("scratch");
+    let scratch = scratch.canonicalize().unwrap();
+    conn.expect(&format!("42 {} xterm-256color", scratch.display()));
+    // The agent blocks its termination signals; the shell's children must
+    // not inherit that.
+    conn.type_("grep -E 'SigBlk' /proc/self/status\n");
+    conn.expect("SigBlk:\t0000000000000000");
+}
+
+#[test]
+fn exit_7_delivers_output_then_status_and_never_reconnects() {
+    let host = FakeHost::new();
+    let mut agent = host.spawn(&[], &[]);
+    let mut conn = host.generation(&mut agent, 1);
+    conn.type_("echo $((40+2)); exit 7\n");
+    expect_exit(&mut conn, shell_exited(Some(7), None));
+    assert!(conn.text().contains("42"), "{}", conn.text());
+    // The host closes; the agent exits 0 without reconnecting.
+    drop(conn);
+    let status = agent.wait_exit(LONG).expect("agent exits");
+    assert_eq!(status.code(), Some(0), "{}", agent.log());
+    assert!(host.idle(), "the agent reconnected after the shell exited");
+    let log = agent.log();
+    assert_eq!(
+        log.matches("bridge started generation=1 threads=6").count(),
+        1
+    );
+    assert_eq!(
+        log.matches("bridge joined generation=1 threads=6").count(),
+        1
+    );
+    assert_eq!(proc_state(agent.shell_pid.unwrap()), None, "shell reaped");
+}
+
+#[test]
+fn printf_end_exit_3_then_agent_exits_on_its_own() {
+    let host = FakeHost::new();
+    let mut agent = host.spawn(&[], &[]);
+    let mut conn = host.generation(&mut agent, 1);
+    conn.type_("printf 'E%sD' N; exit 3\n");
+    expect_exit(&mut conn, shell_exited(Some(3), None));
+    assert!(conn.text().contains("END"), "{}", conn.text());
+    // The host keeps the connection open: the agent waits a bounded time.
+    let start = Instant::now();
+    let status = agent.wait_exit(LONG).expect("agent exits");
+    assert_eq!(status.code(), Some(0));
+    assert!(start.elapsed() < Duration::from_secs(10));
+    assert!(host.idle());
+    drop(conn);
+}
+
+#[test]
+fn kill_9_reports_the_signal() {
+    let host = FakeHost::new();
+    let mut agent = host.spawn(&[], &[]);
+    let mut conn = host.generation(&mut agent, 1);
+    conn.type_("kill -9 $$\n");
+    expect_exit(&mut conn, shell_exited(None, Some(9)));
+    drop(conn);
+    assert_eq!(agent.wait_exit(LONG).unwrap().code(), Some(0));
+    assert!(host.idle());
+}
+
+#[test]
+fn lots_of_output_arrives_before_the_status() {
+    let host = FakeHost::new();
+    let mut agent = host.spawn(&[], &[]);
+    let mut conn = host.generation(&mut agent, 1);
+    conn.type_("seq 1 30000; exit 0\n");
+    // Read the terminal concurrently (the output exceeds socket buffers).
+    conn.expect("\n30000\r\n");
+    expect_exit(&mut conn, shell_exited(Some(0), None));
+    // Every line, in order, nothing lost or duplicated.
+    let text = conn.text();
+    let start = text.find("1\r\n2\r\n3\r\n").expect("start of seq");
+    let nums: Vec<&str> = text[start..].split("\r\n").take(30000).collect();
+    for (i, n) in nums.iter().enumerate() {
+        assert_eq!(*n, (i + 1).to_string());
+    }
+    assert_eq!(nums.len(), 30000);
+    drop(conn);
+    assert_eq!(agent.wait_exit(LONG).unwrap().code(), Some(0));
+}
+
+#[test]
+fn dropped_connection_reconnects_once_with_the_same_shell() {
+    let host = FakeHost::new();
+    let mut agent = host.spawn(&[], &[]);
+    let mut conn = host.generation(&mut agent, 1);
+    let GuestToHost::Hello { shell_pid, .. } = conn.hello else {
+        unreachable!()
+    };
+    conn.type_("X=$((1000+234)); echo set$((1+1))\n");
+    conn.expect("set2");
+    drop(conn);
+    let mut conn = host.generation(&mut agent, 2);
+    match conn.hello {
+        GuestToHost::Hello {
+            connects,
+            shell_pid: pid,
+            ..
+        } => {
+            assert_eq!(connects, 2);
+            assert_eq!(pid, shell_pid);
+        }
+        ref other => panic!("{other:?}"),
+    }
+    conn.type_("echo $X\n");
+    conn.expect("1234");
+    assert!(host.idle(), "exactly one reconnect");
+    conn.send(HostToGuest::Shutdown);
+    assert_eq!(agent.wait_exit(LONG).unwrap().code(), Some(0));
+    let log = agent.log();
+    assert_eq!(log.matches("transport lost").count(), 1, "{log}");
+}
+
+#[test]
+fn shell_exit_while_disconnected_is_delivered_by_the_next_generation() {
+    let host = FakeHost::new();
+    let mut agent = host.spawn(&[], &[]);
+    let mut conn = host.generation(&mut agent, 1);
+    let shell = agent.shell_pid.unwrap();
+    conn.type_("sleep 0.3; echo $((3*7)); exit 4\n");
+    // The line reached the PTY once the tty echoes it.
+    conn.expect("exit 4");
+    drop(conn);
+    // Not accepting yet: wait until the shell has exited (a zombie, since
+    // the agent reaps only after draining its output).
+    assert!(wait_until(deadline(LONG), || proc_state(shell) == Some('Z')));
+    let mut conn = host.generation(&mut agent, 2);
+    expect_exit(&mut conn, shell_exited(Some(4), None));
+    assert!(conn.text().contains("21"), "{}", conn.text());
+    drop(conn);
+    assert_eq!(agent.wait_exit(LONG).unwrap().code(), Some(0));
+    assert!(host.idle());
+}
+
+fn tasks(pid: u32) -> usize {
+    count_dir(format!("/proc/{pid}/task"))
+}
+
+fn fds(pid: u32) -> usize {
+    count_dir(format!("/proc/{pid}/fd"))
+}
+
+#[test]
+fn two_hundred_reconnects_leak_no_threads_or_fds() {
+    let host = FakeHost::new();
+    let mut agent = host.spawn(&[], &[]);
+    let pid = agent.pid();
+    let mut conn = host.generation(&mut agent, 1);
+    conn.type_("echo $((2*21))\n");
+    conn.expect("42");
+    // Main thread plus the bridge's six.
+    assert!(
+        wait_until(deadline(LONG), || tasks(pid) == 7),
+        "tasks {}",
+        tasks(pid)
+    );
+    let before = (tasks(pid), fds(pid));
+    drop(conn);
+    for generation in 2..=201 {
+        let conn = host.generation(&mut agent, generation);
+        drop(conn);
+    }
+    let mut conn = host.generation(&mut agent, 202);
+    conn.type_("echo $((3*14))\n");
+    conn.expect("42");
+    assert!(
+        wait_until(deadline(LONG), || (tasks(pid), fds(pid)) == before),
+        "before {before:?}, after {:?}",
+        (tasks(pid), fds(pid))
+    );
+    conn.send(HostToGuest::Shutdown);
+    assert_eq!(agent.wait_exit(LONG).unwrap().code(), Some(0));
+    let log = agent.log();
+    assert_eq!(log.matches("bridge started generation=").count(), 202);
+    assert_eq!(log.matches("bridge joined generation=").count(), 202);
+    assert_eq!(log.matches(" threads=6").count(), 404);
+}
+
+#[test]
+fn resize_reaches_stty_and_ping_gets_pong() {
+    let host = FakeHost::new();
+    let mut agent = host.spawn(&[], &[]);
+    let mut conn = host.generation(&mut agent, 1);
+    conn.send(HostToGuest::Resize {
+        cols: 123,
+        rows: 45,
+    });
+    // Control frames are handled in order: the pong proves the resize ran.
+    conn.send(HostToGuest::Ping { seq: 77 });
+    assert_eq!(conn.recv(), GuestToHost::Pong { seq: 77 });
+    conn.type_("stty size\n");
+    conn.expect("45 123");
+    for seq in 0..200 {
+        conn.send(HostToGuest::Ping { seq });
+    }
+    for seq in 0..200 {
+        assert_eq!(conn.recv(), GuestToHost::Pong { seq });
+    }
+    conn.type_("echo $((5*5))\n");
+    conn.expect("25");
+    assert!(
+        !conn.text().contains("pong"),
+        "a control frame on the terminal"
+    );
+    assert!(
+        !conn.out.contains(&0xa4),
+        "MessagePack bytes on the terminal"
+    );
+}
+
+#[test]
+fn shutdown_kills_the_shell_and_its_jobs() {
+    let host = FakeHost::new();
+    let mut agent = host.spawn(&[], &[]);
+    let mut conn = host.generation(&mut agent, 1);
+    conn.type_("sleep 1000 & echo bg=$! x$((1+1))\n");
+    conn.expect("x2");
+    let text = conn.text();
+    let bg: u32 = text
+        .split("bg=")
+        .last()
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no bg pid in {text:?}"));
+    conn.send(HostToGuest::Shutdown);
+    assert_eq!(agent.wait_exit(LONG).unwrap().code(), Some(0));
+    assert_eq!(proc_state(agent.shell_pid.unwrap()), None, "shell reaped");
+    assert!(
+        wait_until(deadline(LONG), || matches!(
+            proc_state(bg),
+            None | Some('Z')
+        )),
+        "background job survived: {}",
+        std::fs::read_to_string(format!("/proc/{bg}/status")).unwrap_or_default()
+    );
+    assert!(host.idle());
+}
+
+#[test]
+fn sigterm_stops_the_shell_and_exits_0() {
+    let host = FakeHost::new();
+    let mut agent = host.spawn(&[], &[]);
+    let mut conn = host.generation(&mut agent, 1);
+    conn.type_("echo $((9*9))\n");
+    conn.expect("81");
+    agent.signal(libc::SIGTERM);
+    assert_eq!(agent.wait_exit(LONG).unwrap().code(), Some(0));
+    assert_eq!(proc_state(agent.shell_pid.unwrap()), None);
+    assert!(agent.log().contains("termination signal received"));
+}
+
+#[test]
+fn sigterm_while_waiting_to_reconnect_exits_0() {
+    // No listener accepts: the agent keeps backing off until the signal.
+    let host = FakeHost::new();
+    drop(std::fs::remove_file(
+        host.dir.path().join("vsock.sock_5000"),
+    ));
+    let mut agent = host.spawn(&[], &[]);
+    assert!(wait_until(deadline(LONG), || agent
+        .log()
+        .contains("connection attempt failed")));
+    agent.signal(libc::SIGTERM);
+    assert_eq!(agent.wait_exit(LONG).unwrap().code(), Some(0));
+}
+
+#[test]
+fn silent_host_counts_as_lost_and_boot_stages_are_sent_once() {
+    let host = FakeHost::new();
+    let mut agent = host.spawn(
+        &["--host-timeout-ms", "300"],
+        &[("CAPSEM_BOOT_STAGES", "kernel=100,init=2500")],
+    );
+    let mut conn = host.generation(&mut agent, 1);
+    match conn.recv() {
+        GuestToHost::BootTimings { stages } => {
+            let names: Vec<_> = stages.iter().map(|s| (s.name.as_str(), s.micros)).collect();
+            assert_eq!(names, vec![("kernel", 100), ("init", 2500)]);
+        }
+        other => panic!("{other:?}"),
+    }
+    // No pings: after 300 ms the agent declares the host gone and returns.
+    let start = Instant::now();
+    let mut conn2 = host.generation(&mut agent, 2);
+    assert!(start.elapsed() >= Duration::from_millis(200));
+    conn2.send(HostToGuest::Ping { seq: 5 });
+    assert_eq!(
+        conn2.recv(),
+        GuestToHost::Pong { seq: 5 },
+        "no second report"
+    );
+    assert!(agent.log().contains("host silent for"));
+    conn2.send(HostToGuest::Shutdown);
+    assert_eq!(agent.wait_exit(LONG).unwrap().code(), Some(0));
+    drop(conn);
+}
+
+#[test]
+fn usage_and_config_errors_exit_2() {
+    let bin = env!("CARGO_BIN_EXE_capsem-agent");
+    let out = Command::new(bin)
+        .args(["--transport", "unix:/nonexistent/x"])
+        .env_remove("CAPSEM_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("CAPSEM_TOKEN"));
+    let out = Command::new(bin)
+        .args(["--transport", "tcp:1"])
+        .env("CAPSEM_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(bin)
+        .args(["--bogus"])
+        .env("CAPSEM_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn log_lines_have_rfc3339_timestamps() {
+    let host = FakeHost::new();
+    let mut agent = host.spawn(&[], &[]);
+    let mut conn = host.generation(&mut agent, 1);
+    conn.type_("exit 0\n");
+    expect_exit(&mut conn, shell_exited(Some(0), None));
+    drop(conn);
+    assert_eq!(agent.wait_exit(LONG).unwrap().code(), Some(0));
+    let log = agent.log();
+    for line in log.lines() {
+        let ts = line.split_whitespace().next().unwrap_or("");
+        assert!(
+            ts.len() >= 20 && ts.as_bytes()[4] == b'-' && ts.contains('T') && ts.ends_with('Z'),
+            "{line}"
+        );
+    }
+    assert!(log.contains("connected"), "{log}");
+    let _ = Path::new(&agent.log);
+}
