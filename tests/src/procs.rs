@@ -147,6 +147,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_escaped_orphan_is_seen_then_killed() {
+        become_subreaper();
+        // sh starts a new-session sleep and exits at once: the sleep is an
+        // orphan that only the subreaper keeps in view.
+        let status = std::process::Command::new("sh")
+            .args(["-c", "setsid sleep 1000 </dev/null >/dev/null 2>&1 &"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let seen = (0..500).any(|_| {
+            let found = descendants()
+                .iter()
+                .any(|p| p.cmdline.first().is_some_and(|c| c == "sleep"));
+            if !found {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            found
+        });
+        assert!(seen, "the orphaned sleep was not seen as a descendant");
+        kill_all_descendants();
+        assert!(descendants().is_empty(), "{:?}", descendants());
+    }
+
+    #[test]
     fn stat_parses_ourselves() {
         let me = read_stat(getpid().as_raw()).expect("own stat");
         assert_eq!(me.pid, getpid().as_raw());

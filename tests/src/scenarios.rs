@@ -133,3 +133,14 @@ pub fn transport_loss_keeps_the_shell(backend: Backend) {
     drop(s);
     fx.assert_nothing_left();
 }
+
+/// A job that left the shell's process group and session (`setsid`) and
+/// ignores SIGHUP still dies with the VM.
+pub fn escaped_background_job_dies_with_the_vm(backend: Backend) {
+    let (code, _) = run_to_exit(
+        "escaped_job",
+        backend,
+        &["setsid nohup sleep 1000 >/dev/null 2>&1 & sleep 1000 & exit 0\r"],
+    );
+    assert_eq!(code, 0);
+}

@@ -219,3 +219,8 @@ fn sighup_to_the_cli_destroys_the_vm() {
     drop(s);
     fx.assert_nothing_left();
 }
+
+#[test]
+fn escaped_background_job_dies_with_the_vm() {
+    scenarios::escaped_background_job_dies_with_the_vm(B);
+}

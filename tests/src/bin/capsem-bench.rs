@@ -1,0 +1,239 @@
+//! Benchmarks that print figures: `cargo run --release -p capsem-tests --bin
+//! capsem-bench -- [--vmm none|qemu] [exit|throughput|echo|memory|boot|all]`.
+//!
+//! Every figure in docs/benchmarks.md comes from this program; each section
+//! there names the command line that reproduced it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use capsem_tests::fixture::bin_dir;
+use capsem_tests::scenarios::{step, wait_ready};
+use capsem_tests::{Backend, Fixture};
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[idx]
+}
+
+fn summarize(name: &str, unit: &str, mut v: Vec<f64>) {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    println!(
+        "{name}: n={} p50={:.3}{unit} p90={:.3}{unit} p99={:.3}{unit} min={:.3}{unit} max={:.3}{unit}",
+        v.len(),
+        percentile(&v, 0.5),
+        percentile(&v, 0.9),
+        percentile(&v, 0.99),
+        v[0],
+        v[v.len() - 1],
+    );
+}
+
+/// From the shell's last output reaching the terminal to the CLI's exit,
+/// which happens only after the VM is torn down and reaped.
+fn exit_latency(backend: Backend, runs: usize) -> Result<()> {
+    let mut samples = Vec::new();
+    for _ in 0..runs {
+        let fx = Fixture::new("bench_exit", backend);
+        let mut s = fx.shell(80, 24);
+        wait_ready(&mut s, backend);
+        s.line("printf 'B''YE'; exit")?;
+        s.expect("BYE", step(backend))?;
+        let t0 = Instant::now();
+        s.wait(step(backend))?;
+        samples.push(t0.elapsed().as_secs_f64() * 1000.0);
+        drop(s);
+        fx.assert_nothing_left();
+    }
+    summarize(&format!("exit latency ({})", backend.flag()), "ms", samples);
+    Ok(())
+}
+
+/// Reads `child`'s stdout to EOF, counting bytes; returns (bytes, seconds).
+fn drain(mut child: std::process::Child) -> Result<(u64, f64)> {
+    let mut out = child.stdout.take().context("stdout")?;
+    let t0 = Instant::now();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut total = 0u64;
+    loop {
+        let n = out.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("command failed: {status}");
+    }
+    Ok((total, secs))
+}
+
+fn throughput(backend: Backend, mib: u64) -> Result<()> {
+    let cmd = format!("head -c {mib}M /dev/zero | base64");
+    // Local PTY: `script` puts the command on a PTY and copies to its stdout.
+    let local = Command::new("script")
+        .args(["-qfc", &cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let (lb, ls) = drain(local)?;
+    let fx = Fixture::new("bench_throughput", backend);
+    let mut child = fx
+        .capsem()
+        .arg("shell")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut stdin = child.stdin.take().context("stdin")?;
+    stdin.write_all(format!("stty -echo; {cmd}; exit\n").as_bytes())?;
+    drop(stdin);
+    let sampler = memory_sampler(&fx);
+    let (cb, cs) = drain(child)?;
+    let peak = sampler.join().expect("sampler");
+    fx.assert_nothing_left();
+    let l_rate = lb as f64 / ls / 1e6;
+    let c_rate = cb as f64 / cs / 1e6;
+    println!("throughput local pty (script -qfc): {lb} bytes in {ls:.2}s = {l_rate:.1} MB/s");
+    println!(
+        "throughput capsem ({}): {cb} bytes in {cs:.2}s = {c_rate:.1} MB/s, ratio {:.2}",
+        backend.flag(),
+        c_rate / l_rate
+    );
+    println!("rss during throughput: {peak}");
+    Ok(())
+}
+
+/// Peak RSS of capsem-process and the agent while the fixture's VM lives.
+fn memory_sampler(fx: &Fixture) -> std::thread::JoinHandle<String> {
+    let home = fx.home().to_path_buf();
+    std::thread::spawn(move || {
+        let mut peak_process = 0u64;
+        let mut peak_guest = 0u64;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        // Wait for the VM to appear, then sample until its directory is gone.
+        let mut seen = false;
+        while Instant::now() < deadline {
+            let vms = std::fs::read_dir(home.join("vms"))
+                .map(|d| d.filter_map(|e| Some(e.ok()?.path())).collect::<Vec<_>>())
+                .unwrap_or_default();
+            if vms.is_empty() && seen {
+                break;
+            }
+            for p in capsem_tests::procs::descendants() {
+                let rss = rss_kib(p.pid).unwrap_or(0);
+                let name = p.cmdline.first().cloned().unwrap_or_default();
+                if name.ends_with("capsem-process") {
+                    seen = true;
+                    peak_process = peak_process.max(rss);
+                } else if name.ends_with("capsem-agent")
+                    || name.contains("qemu")
+                    || name.contains("vhost-device-vsock")
+                {
+                    peak_guest = peak_guest.max(rss);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        format!("capsem-process peak {peak_process} KiB, guest side peak {peak_guest} KiB")
+    })
+}
+
+fn rss_kib(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Keystroke echo: one byte typed into the CLI's terminal until its echo
+/// comes back through the whole path.
+fn echo_rtt(backend: Backend, n: usize) -> Result<()> {
+    let fx = Fixture::new("bench_echo", backend);
+    let mut s = fx.shell(80, 24);
+    wait_ready(&mut s, backend);
+    s.line("stty -icanon; cat >/dev/null")?;
+    // Let cat start: its readiness shows as the echo of a first probe byte.
+    s.send("#")?;
+    s.expect("#", step(backend))?;
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n {
+        let c = [b'a' + (i % 26) as u8];
+        let text = std::str::from_utf8(&c)?.to_owned();
+        let t0 = Instant::now();
+        s.send(c)?;
+        s.expect(&text, step(backend))?;
+        samples.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    summarize(
+        &format!("keystroke echo ({})", backend.flag()),
+        "ms",
+        samples,
+    );
+    s.send("\x03")?;
+    s.line("exit")?;
+    s.wait(step(backend))?;
+    drop(s);
+    fx.assert_nothing_left();
+    Ok(())
+}
+
+fn memory_idle(backend: Backend) -> Result<()> {
+    let fx = Fixture::new("bench_memory", backend);
+    let mut s = fx.shell(80, 24);
+    wait_ready(&mut s, backend);
+    for p in capsem_tests::procs::descendants() {
+        let name = p.cmdline.first().cloned().unwrap_or_default();
+        let short = Path::new(&name)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
+        if let Some(short) = short {
+            if short.starts_with("capsem-") || short.contains("qemu") || short.contains("vhost") {
+                println!("idle rss {short}: {} KiB", rss_kib(p.pid).unwrap_or(0));
+            }
+        }
+    }
+    s.line("exit")?;
+    s.wait(step(backend))?;
+    drop(s);
+    fx.assert_nothing_left();
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let mut backend = Backend::None;
+    if let Some(i) = args.iter().position(|a| a == "--vmm") {
+        backend = match args.get(i + 1).map(String::as_str) {
+            Some("none") => Backend::None,
+            Some("qemu") => Backend::Qemu,
+            other => bail!("--vmm none|qemu, got {other:?}"),
+        };
+        args.drain(i..i + 2);
+    }
+    let what = args.first().cloned().unwrap_or_else(|| "all".into());
+    eprintln!("binaries from {}", bin_dir().display());
+    let all = what == "all";
+    if all || what == "exit" {
+        exit_latency(backend, if backend == Backend::None { 30 } else { 5 })?;
+    }
+    if all || what == "echo" {
+        echo_rtt(backend, if backend == Backend::None { 1000 } else { 200 })?;
+    }
+    if all || what == "memory" {
+        memory_idle(backend)?;
+    }
+    if all || what == "throughput" {
+        throughput(backend, if backend == Backend::None { 256 } else { 32 })?;
+    }
+    Ok(())
+}
