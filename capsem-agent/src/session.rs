@@ -105,7 +105,13 @@ pub fn run(cfg: &Config, signals: &Signals) -> Result<Outcome, SessionError> {
                         return Ok(Outcome::ShellExited(ShellStatus { exit_code, signal }));
                     }
                     BridgeEnd::TransportLost { reason } => {
-                        info!(generation, %reason, "generation ended: transport lost; reconnecting");
+                        info!(
+                            generation,
+                            %reason,
+                            pending_output = pending.output.len(),
+                            pending_input = pending.input.len(),
+                            "generation ended: transport lost; reconnecting"
+                        );
                     }
                     BridgeEnd::ShutdownRequested { by } => {
                         if by == ShutdownBy::Signal {

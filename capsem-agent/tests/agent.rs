@@ -685,3 +685,106 @@ fn log_lines_have_rfc3339_timestamps() {
     assert!(log.contains("connected"), "{log}");
     let _ = Path::new(&agent.log);
 }
+
+#[test]
+fn ctrl_d_ends_the_session_without_a_reconnect() {
+    // The seed bug: Ctrl-D looked like a lost transport and reconnected forever.
+    let host = FakeHost::new();
+    let mut agent = host.spawn(&[], &[]);
+    let mut conn = host.generation(&mut agent, 1);
+    conn.type_("echo $((8*8))\n");
+    conn.expect("64");
+    conn.type_("\x04");
+    expect_exit(&mut conn, shell_exited(Some(0), None));
+    drop(conn);
+    assert_eq!(agent.wait_exit(LONG).unwrap().code(), Some(0));
+    assert!(host.idle(), "no reconnect after Ctrl-D");
+    assert!(!agent.log().contains("transport lost"));
+}
+
+#[test]
+fn output_not_yet_written_survives_a_lost_transport() {
+    let host = FakeHost::new();
+    let mut agent = host.spawn(&[], &[]);
+    let mut conn = host.generation(&mut agent, 1);
+    const N: usize = 200_000;
+    conn.type_(&format!("seq 1 {N}; echo DONE$((1+1))\n"));
+    // Stop reading early: the socket, the agent's pending buffer and the PTY
+    // fill up and seq blocks.
+    conn.expect("1\r\n2\r\n3\r\n");
+    // Wait until the terminal socket stops filling: the agent is then blocked
+    // on it with its pending buffer full.
+    let mut last = 0;
+    let mut same = 0;
+    assert!(wait_until(deadline(LONG), || {
+        let queued = inq(&conn.term);
+        same = if queued > 0 && queued == last {
+            same + 1
+        } else {
+            0
+        };
+        last = queued;
+        same >= 5
+    }));
+    // Lose only the control connection. The agent joins its threads and only
+    // then closes the terminal, so the old terminal socket holds exactly
+    // what was written; the rest must come first in the next generation.
+    let Conn {
+        ctl,
+        mut term,
+        mut out,
+        ..
+    } = conn;
+    drop(ctl);
+    // Read the old terminal only once the generation is over, so nothing
+    // drains the agent's pending buffer before it is carried.
+    assert!(wait_until(deadline(LONG), || agent
+        .log()
+        .contains("bridge joined generation=1")));
+    let until = deadline(LONG);
+    let mut buf = [0u8; 65536];
+    loop {
+        assert!(
+            poll_fd(term.as_fd(), libc::POLLIN, until),
+            "old terminal EOF"
+        );
+        let n = term.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    let mut conn = host.generation(&mut agent, 2);
+    conn.out = out;
+    conn.expect("DONE2");
+    let text = conn.text();
+    let start = text.find("1\r\n2\r\n3\r\n").expect("start of seq");
+    let nums: Vec<&str> = text[start..].split("\r\n").take(N).collect();
+    assert_eq!(nums.len(), N);
+    for (i, n) in nums.iter().enumerate() {
+        assert_eq!(
+            *n,
+            (i + 1).to_string(),
+            "byte loss or duplication near line {i}"
+        );
+    }
+    conn.send(HostToGuest::Shutdown);
+    assert_eq!(agent.wait_exit(LONG).unwrap().code(), Some(0));
+    let log = agent.log();
+    let carried: usize = log
+        .split("pending_output=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no pending_output in {log}"));
+    assert!(carried > 0, "nothing was carried over: {log}");
+}
+
+/// Bytes queued for reading on a socket (FIONREAD).
+fn inq(s: &UnixStream) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int to the valid pointer.
+    let rc = unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut n) };
+    assert_eq!(rc, 0);
+    n as usize
+}
