@@ -72,8 +72,9 @@ struct Cli {
     /// `vsock` or `unix:PATH` (connects to PATH_5000 and PATH_5001).
     #[arg(long, default_value = "vsock")]
     transport: Transport,
-    /// Declare the transport lost after this many ms without a host message.
-    #[arg(long, default_value_t = 15000, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Declare the transport lost after this many ms without a host message
+    /// (1 to 86400000).
+    #[arg(long, default_value_t = 15000, value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
     host_timeout_ms: u64,
 }
 

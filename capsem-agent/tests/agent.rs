@@ -658,6 +658,12 @@ fn usage_and_config_errors_exit_2() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let out = Command::new(bin)
+        .args(["--host-timeout-ms", "0"])
+        .env("CAPSEM_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(bin)
         .args(["--bogus"])
         .env("CAPSEM_TOKEN", TOKEN)
         .output()
