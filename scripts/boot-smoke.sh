@@ -8,6 +8,7 @@
 #   CAPSEM_IMAGE_DIR  image to boot (default ${CAPSEM_HOME:-~/.capsem}/images/default)
 #   CAPSEM_ACCEL      tcg (default; the PVM /dev/kvm on some hosts hangs) or kvm
 #   CAPSEM_EXTRA_CMDLINE  appended to the kernel command line
+#   CAPSEM_MACHINE_OPTS   appended to -M MACHINE (e.g. ",pit=off,pic=off,rtc=off")
 # Every process it starts is killed and reaped before it exits.
 set -euo pipefail
 MACHINE=${1:-q35}
@@ -29,7 +30,7 @@ def qemu_cmd(d, token):
     dev = {"microvm": "vhost-user-vsock-device", "q35": "vhost-user-vsock-pci",
            "pc": "vhost-user-vsock-pci"}[machine]
     cmdline = f"console=ttyS0 quiet panic=-1 capsem.token={token} {extra}".strip()
-    return ["qemu-system-x86_64", "-accel", accel, "-M", f"{machine},memory-backend=mem",
+    return ["qemu-system-x86_64", "-accel", accel, "-M", f"{machine}{os.environ.get('CAPSEM_MACHINE_OPTS', '')},memory-backend=mem",
             "-cpu", "max", "-m", MEM, "-smp", "1",
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-serial", "stdio",
