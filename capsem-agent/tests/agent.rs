@@ -699,9 +699,35 @@ fn ctrl_d_ends_the_session_without_a_reconnect() {
     let mut agent = host.spawn(&[], &[]);
     let mut conn = host.generation(&mut agent, 1);
     conn.type_("echo $((8*8))\n");
-    conn.expect("64");
+    conn.expect("64\r\n");
+    // Ctrl-D only means EOF to readline: wait for the next prompt (readline
+    // sets up the terminal before printing it), as a person would.
+    let until = deadline(LONG);
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = conn.text();
+        let after = text.rsplit("64\r\n").next().unwrap_or("");
+        if after.trim_end_matches(' ').ends_with(['#', '$']) {
+            break;
+        }
+        assert!(
+            poll_fd(conn.term.as_fd(), libc::POLLIN, until),
+            "no prompt: {text:?}"
+        );
+        let n = conn.term.read(&mut buf).unwrap();
+        assert!(n > 0);
+        conn.out.extend_from_slice(&buf[..n]);
+    }
     conn.type_("\x04");
-    expect_exit(&mut conn, shell_exited(Some(0), None));
+    let got = conn.try_recv(LONG);
+    assert_eq!(
+        got,
+        Some(shell_exited(Some(0), None)),
+        "terminal {:?}\nlog {}",
+        conn.text(),
+        agent.log()
+    );
+    conn.drain_buffered_to_eof();
     drop(conn);
     assert_eq!(agent.wait_exit(LONG).unwrap().code(), Some(0));
     assert!(host.idle(), "no reconnect after Ctrl-D");
