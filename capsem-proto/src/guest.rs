@@ -61,13 +61,17 @@ pub enum GuestToHost {
     /// Answer to [`HostToGuest::Ping`], on the control channel only.
     Pong { seq: u64 },
     /// The shell ended. Sent only after every byte the shell wrote has been
-    /// written to the terminal connection and that connection was shut down
-    /// for writing.
+    /// written to the terminal connection.
     ShellExited {
         /// Exit code when the shell exited normally.
         exit_code: Option<i32>,
         /// Signal number when a signal killed it.
         signal: Option<i32>,
+        /// Bytes written to this generation's terminal connection in all.
+        /// The host forwards exactly this many before the status; it does not
+        /// rely on an EOF, which some vsock transports never relay for a
+        /// half-close.
+        terminal_bytes: u64,
     },
     /// Timings of the guest's boot stages (real VMs only).
     BootTimings { stages: Vec<BootStage> },
@@ -172,17 +176,19 @@ mod tests {
                 GuestToHost::ShellExited {
                     exit_code: Some(3),
                     signal: None,
+                    terminal_bytes: 3,
                 },
-                "0000002682a174ac7368656c6c5f657869746564a16382a9657869745f636f646503a673\
-                 69676e616cc0",
+                "0000003682a174ac7368656c6c5f657869746564a16383a9657869745f636f646503a673\
+                 69676e616cc0ae7465726d696e616c5f627974657303",
             ),
             (
                 GuestToHost::ShellExited {
                     exit_code: None,
                     signal: Some(9),
+                    terminal_bytes: 70000,
                 },
-                "0000002682a174ac7368656c6c5f657869746564a16382a9657869745f636f6465c0a673\
-                 69676e616c09",
+                "0000003a82a174ac7368656c6c5f657869746564a16383a9657869745f636f6465c0a673\
+                 69676e616c09ae7465726d696e616c5f6279746573ce00011170",
             ),
             (
                 GuestToHost::BootTimings {
@@ -287,8 +293,13 @@ mod tests {
                 }
             ),
             any::<u64>().prop_map(|seq| GuestToHost::Pong { seq }),
-            (any::<Option<i32>>(), any::<Option<i32>>())
-                .prop_map(|(exit_code, signal)| GuestToHost::ShellExited { exit_code, signal }),
+            (any::<Option<i32>>(), any::<Option<i32>>(), any::<u64>()).prop_map(
+                |(exit_code, signal, terminal_bytes)| GuestToHost::ShellExited {
+                    exit_code,
+                    signal,
+                    terminal_bytes
+                }
+            ),
             proptest::collection::vec(("[a-z_]{0,32}", any::<u64>()), 0..8).prop_map(|v| {
                 GuestToHost::BootTimings {
                     stages: v
