@@ -149,7 +149,11 @@ enum Event {
     TransportLost(String),
     /// pty-out: the shell is gone, every byte of its output was written and
     /// the terminal socket was shut down for writing.
-    ShellDrained,
+    /// Carries the bytes written to this generation's terminal connection,
+    /// which the host counts to know it has all output before the status.
+    ShellDrained {
+        terminal_bytes: u64,
+    },
     /// ctl-tx: the ShellExited frame was written.
     StatusSent,
     ShutdownRequested,
@@ -404,7 +408,7 @@ fn coordinate(
                         by: ShutdownBy::Signal,
                     })
                 }
-                Event::ShellDrained => {
+                Event::ShellDrained { terminal_bytes } => {
                     let status = cx.shell.reap().map_err(BridgeError::Reap)?;
                     info!(
                         generation = cx.generation,
@@ -416,6 +420,7 @@ fn coordinate(
                     let msg = GuestToHost::ShellExited {
                         exit_code: status.exit_code,
                         signal: status.signal,
+                        terminal_bytes,
                     };
                     if out_tx
                         .send_deadline(Outgoing::Status(msg), deadline)
@@ -505,6 +510,8 @@ fn pty_out(cx: &Cx<'_>, pending: &mut Vec<u8>) -> Event {
     // Still reading the master.
     let mut master_open = true;
     let mut shell_dead = false;
+    // Bytes written to this generation's terminal connection.
+    let mut written: u64 = 0;
     loop {
         if shell_dead && master_open && pending.len() < PENDING_CAP {
             // The shell is gone: read what is left without waiting. A
@@ -530,7 +537,9 @@ fn pty_out(cx: &Cx<'_>, pending: &mut Vec<u8>) -> Event {
             ) {
                 return Event::TransportLost(format!("terminal shutdown failed: {e}"));
             }
-            return Event::ShellDrained;
+            return Event::ShellDrained {
+                terminal_bytes: written,
+            };
         }
 
         let mut fds = Vec::with_capacity(4);
@@ -556,6 +565,7 @@ fn pty_out(cx: &Cx<'_>, pending: &mut Vec<u8>) -> Event {
         if term_at.is_some_and(|i| fdio::ready(&fds[i])) {
             match fdio::write(cx.terminal, pending) {
                 Ok(n) => {
+                    written += n as u64;
                     pending.drain(..n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

@@ -302,19 +302,37 @@ impl Conn {
     }
 }
 
-fn shell_exited(code: Option<i32>, signal: Option<i32>) -> GuestToHost {
-    GuestToHost::ShellExited {
-        exit_code: code,
-        signal,
+/// `(exit_code, signal)` we expect in a `ShellExited`.
+fn shell_exited(code: Option<i32>, signal: Option<i32>) -> (Option<i32>, Option<i32>) {
+    (code, signal)
+}
+
+/// Checks a `ShellExited` frame: the status, and that `terminal_bytes`
+/// counts exactly the bytes this connection's terminal carried.
+fn check_exit(conn: &mut Conn, got: GuestToHost, want: (Option<i32>, Option<i32>)) {
+    conn.drain_buffered_to_eof();
+    match got {
+        GuestToHost::ShellExited {
+            exit_code,
+            signal,
+            terminal_bytes,
+        } => {
+            assert_eq!((exit_code, signal), want);
+            assert_eq!(
+                terminal_bytes,
+                conn.out.len() as u64,
+                "terminal_bytes must count every byte of this connection"
+            );
+        }
+        other => panic!("expected ShellExited, got {other:?}"),
     }
 }
 
 /// Waits for the ShellExited frame, then checks the terminal already holds
 /// all output and EOF.
-fn expect_exit(conn: &mut Conn, want: GuestToHost) {
+fn expect_exit(conn: &mut Conn, want: (Option<i32>, Option<i32>)) {
     let got = conn.recv();
-    assert_eq!(got, want);
-    conn.drain_buffered_to_eof();
+    check_exit(conn, got, want);
 }
 
 #[test]
@@ -720,14 +738,10 @@ fn ctrl_d_ends_the_session_without_a_reconnect() {
     }
     conn.type_("\x04");
     let got = conn.try_recv(LONG);
-    assert_eq!(
-        got,
-        Some(shell_exited(Some(0), None)),
-        "terminal {:?}\nlog {}",
-        conn.text(),
-        agent.log()
-    );
-    conn.drain_buffered_to_eof();
+    let Some(got) = got else {
+        panic!("no status; terminal {:?}\nlog {}", conn.text(), agent.log());
+    };
+    check_exit(&mut conn, got, shell_exited(Some(0), None));
     drop(conn);
     assert_eq!(agent.wait_exit(LONG).unwrap().code(), Some(0));
     assert!(host.idle(), "no reconnect after Ctrl-D");
