@@ -31,7 +31,8 @@ pub const DRAIN_IDLE: Duration = Duration::from_secs(2);
 pub struct Generation {
     pub number: u64,
     stop: watch::Sender<bool>,
-    drain: watch::Sender<bool>,
+    /// Set to the guest's terminal byte count once the shell exited.
+    drain: watch::Sender<Option<u64>>,
     tasks: JoinSet<()>,
 }
 
@@ -69,7 +70,7 @@ impl Generation {
         let mut generation = Self {
             number,
             stop: watch::channel(false).0,
-            drain: watch::channel(false).0,
+            drain: watch::channel(None).0,
             tasks: JoinSet::new(),
         };
         let ctx = Ctx {
@@ -103,10 +104,11 @@ impl Generation {
         });
     }
 
-    /// The shell exited: the terminal reader forwards everything up to EOF
-    /// even with no client attached (then discarding it).
-    pub fn drain(&self) {
-        self.drain.send_replace(true);
+    /// The shell exited after writing `terminal_bytes` to this generation's
+    /// terminal: the reader forwards up to that count (or EOF), even with no
+    /// client attached (then discarding it).
+    pub fn drain(&self, terminal_bytes: u64) {
+        self.drain.send_replace(Some(terminal_bytes));
     }
 
     /// Stops every task and waits for all of them; the connections are
@@ -191,9 +193,17 @@ async fn control_reader(
                         Err(seq) => debug!("ignoring a pong for unsent ping {seq}"),
                     }
                 }
-                GuestToHost::ShellExited { exit_code, signal } => {
-                    ctx.report(GenEvent::ShellExited { exit_code, signal })
-                        .await;
+                GuestToHost::ShellExited {
+                    exit_code,
+                    signal,
+                    terminal_bytes,
+                } => {
+                    ctx.report(GenEvent::ShellExited {
+                        exit_code,
+                        signal,
+                        terminal_bytes,
+                    })
+                    .await;
                     // Nothing follows a shell exit on this connection.
                     return;
                 }
@@ -260,17 +270,29 @@ async fn control_writer(mut wr: OwnedWriteHalf, heartbeat: Arc<Mutex<Heartbeat>>
     }
 }
 
-async fn terminal_reader(mut rd: OwnedReadHalf, mut drain: watch::Receiver<bool>, ctx: Ctx) {
+async fn terminal_reader(mut rd: OwnedReadHalf, mut drain: watch::Receiver<Option<u64>>, ctx: Ctx) {
     let mut attached = ctx.shared.attached.subscribe();
     let mut buf = vec![0u8; MAX_IPC_CHUNK];
+    // Bytes received on this terminal connection.
+    let mut received: u64 = 0;
     loop {
-        let draining = *drain.borrow_and_update();
+        // Once the shell exited, the guest said how many bytes it wrote:
+        // all of them arrived, so the output is complete.
+        let target = *drain.borrow_and_update();
+        if target.is_some_and(|t| received >= t) {
+            ctx.report(GenEvent::TerminalDone { eof: true }).await;
+            return;
+        }
+        let draining = target.is_some();
         // Take a slot in the output channel before reading, so a slow or
         // absent client leaves the bytes in the guest (backpressure).
         let permit = if *attached.borrow_and_update() {
-            match ctx.shared.out_tx.reserve().await {
-                Ok(p) => Some(p),
-                Err(_) => return,
+            tokio::select! {
+                p = ctx.shared.out_tx.reserve() => match p {
+                    Ok(p) => Some(p),
+                    Err(_) => return,
+                },
+                _ = drain.changed(), if !draining => continue,
             }
         } else if draining {
             None
@@ -281,18 +303,18 @@ async fn terminal_reader(mut rd: OwnedReadHalf, mut drain: watch::Receiver<bool>
             }
             continue;
         };
-        let read = rd.read(&mut buf);
-        let result = if draining {
-            match tokio::time::timeout(DRAIN_IDLE, read).await {
-                Ok(r) => r,
-                Err(_) => {
-                    warn!("terminal: no EOF within {DRAIN_IDLE:?} after the shell exited");
-                    ctx.report(GenEvent::TerminalDone { eof: false }).await;
-                    return;
-                }
+        let result = tokio::select! {
+            // Cancel-safe: a read that loses the race consumed nothing.
+            r = rd.read(&mut buf) => r,
+            _ = drain.changed(), if !draining => continue,
+            () = tokio::time::sleep(DRAIN_IDLE), if draining => {
+                warn!(
+                    "terminal: {received} of {} bytes after the shell exited, then {DRAIN_IDLE:?} of silence",
+                    target.unwrap_or_default()
+                );
+                ctx.report(GenEvent::TerminalDone { eof: false }).await;
+                return;
             }
-        } else {
-            read.await
         };
         match result {
             Ok(0) => {
@@ -300,6 +322,7 @@ async fn terminal_reader(mut rd: OwnedReadHalf, mut drain: watch::Receiver<bool>
                 return;
             }
             Ok(n) => {
+                received += n as u64;
                 if let Some(permit) = permit {
                     permit.send(ToClient::Output(buf[..n].to_vec()));
                 }

@@ -1,9 +1,11 @@
 //! Command line (`clap`), exactly the contract in `docs/architecture.md`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+
+pub use crate::vmm::accel::AccelChoice;
 
 /// Which guest backend runs the agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -43,6 +45,20 @@ pub struct Config {
     /// Consecutive unanswered pings before the guest is reported unresponsive.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub missed_pongs: u32,
+    /// Accelerator for qemu: auto uses KVM only where kvm_intel or kvm_amd is
+    /// loaded and /dev/kvm opens, else TCG.
+    #[arg(long, value_enum, env = "CAPSEM_ACCEL", default_value = "auto")]
+    pub accel: AccelChoice,
+    /// Guest image directory (default: <home>/images/default, where the VM
+    /// directory is <home>/vms/<id>).
+    #[arg(long, value_name = "DIR", env = "CAPSEM_IMAGE_DIR")]
+    pub image_dir: Option<PathBuf>,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(64..=65536))]
+    pub memory_mib: u32,
+    /// Guest vCPUs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub cpus: u32,
     /// How long the guest may take to connect (default: 10000 for none, 120000 for qemu).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub boot_timeout_ms: Option<u64>,
@@ -51,6 +67,26 @@ pub struct Config {
 impl Config {
     pub fn heartbeat(&self) -> Duration {
         Duration::from_millis(self.heartbeat_ms)
+    }
+
+    /// The capsem home: the VM directory is `<home>/vms/<id>`.
+    pub fn home(&self) -> PathBuf {
+        self.vm_dir
+            .parent()
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."))
+    }
+
+    pub fn image_dir(&self) -> PathBuf {
+        self.image_dir
+            .clone()
+            .unwrap_or_else(|| self.home().join("images/default"))
+    }
+
+    /// Per-host runtime state shared by VMs (CID leases).
+    pub fn run_dir(&self) -> PathBuf {
+        self.home().join("run")
     }
 
     pub fn boot_timeout(&self) -> Duration {

@@ -39,6 +39,7 @@ mod config;
 mod guest;
 mod heartbeat;
 mod log;
+mod logkeep;
 mod ready;
 mod reaper;
 mod session;

@@ -90,6 +90,11 @@ impl fmt::Display for Stop {
 }
 
 impl Stop {
+    /// Whether the VM failed: its logs are then kept.
+    fn failed(&self) -> bool {
+        matches!(self, Stop::AgentDied(_) | Stop::BootFailed(_))
+    }
+
     /// The `SessionLost` reason for an attached client, if it gets one.
     fn lost_reason(&self) -> Option<String> {
         match self {
@@ -248,7 +253,8 @@ impl Session {
         };
         if let Stop::BootFailed(reason) = &stop {
             error!("the guest did not come up: {reason}");
-            if let Err(e) = self.ready.error(reason) {
+            let reason = self.with_log_hint(reason, &stop);
+            if let Err(e) = self.ready.error(&reason) {
                 warn!("cannot write to the ready fd: {e}");
             }
         }
@@ -262,9 +268,14 @@ impl Session {
             vm_id: &self.cfg.vm_id,
             token: &self.shared.token,
             reaper: &self.reaper,
+            cfg: &self.cfg,
         };
         let backend = vmm::start(self.cfg.vmm, &launch).map_err(|e| chain(&e))?;
-        info!("guest backend {} started", backend.name());
+        info!(
+            "guest backend {} started {}",
+            backend.name(),
+            backend.details()
+        );
         self.shared.set_guest_pid(backend.pid());
         let (tx, rx) = watch::channel(None);
         let children = backend.children().to_vec();
@@ -343,7 +354,11 @@ impl Session {
             }
             Wake::GuestExited(name, pid, status) => {
                 info!("guest exited: {name} (pid {pid}) {status}");
-                let reason = format!("{name} exited ({status})");
+                let described = self.backend.as_ref().and_then(|b| b.describe_exit());
+                let reason = match described {
+                    Some(words) => format!("{name} exited ({status}): {words}"),
+                    None => format!("{name} exited ({status})"),
+                };
                 self.guest_gone = Some(reason.clone());
                 if self.ready.pending() {
                     return Some(Stop::BootFailed(format!(
@@ -546,15 +561,19 @@ impl Session {
                 }
                 self.transport_lost(&reason).await
             }
-            GenEvent::ShellExited { exit_code, signal } => {
-                info!("shell exited: exit_code={exit_code:?} signal={signal:?}");
+            GenEvent::ShellExited {
+                exit_code,
+                signal,
+                terminal_bytes,
+            } => {
+                info!("shell exited: exit_code={exit_code:?} signal={signal:?} terminal_bytes={terminal_bytes}");
                 self.shell_status = Some((exit_code, signal));
                 self.status_grace = None;
                 if self.terminal_done {
                     self.finish_shell()
                 } else {
                     if let Some(g) = &self.current {
-                        g.drain();
+                        g.drain(terminal_bytes);
                     }
                     self.drain_backstop = Some(Instant::now() + DRAIN_BACKSTOP);
                     None
@@ -611,6 +630,19 @@ impl Session {
         None
     }
 
+    /// `reason`, plus where a failed temporary VM's logs will be kept.
+    fn with_log_hint(&self, reason: &str, stop: &Stop) -> String {
+        if !stop.failed() {
+            return reason.to_owned();
+        }
+        let logs = if self.cfg.temporary {
+            crate::logkeep::LogKeep::new(&self.cfg.home(), &self.cfg.vm_id).dest
+        } else {
+            self.dir.root().to_path_buf()
+        };
+        format!("{reason} (logs: {})", logs.display())
+    }
+
     /// Stops everything, once: guest, descendants, listeners, files.
     pub async fn teardown(&mut self, stop: &Stop) {
         if self.torn_down {
@@ -619,6 +651,7 @@ impl Session {
         self.torn_down = true;
         info!("tearing down: {stop}");
         if let (Some(_), Some(reason)) = (self.attached, stop.lost_reason()) {
+            let reason = self.with_log_hint(&reason, stop);
             if !*self.shared.final_delivered.borrow()
                 && self
                     .shared
@@ -663,6 +696,14 @@ impl Session {
             }
         }
         if self.cfg.temporary {
+            let keep = crate::logkeep::LogKeep::new(&self.cfg.home(), &self.cfg.vm_id);
+            if keep.wanted(stop.failed()) {
+                info!("keeping the logs in {}", keep.dest.display());
+                // Moved after this line so process.log has it.
+                if let Err(e) = keep.keep(self.dir.root()) {
+                    warn!("{}", chain(&e));
+                }
+            }
             if let Err(e) = crate::teardown::remove_dir(self.dir.root()) {
                 warn!("{}", chain(&e));
             }

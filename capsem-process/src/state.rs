@@ -46,6 +46,8 @@ pub enum GenEvent {
     ShellExited {
         exit_code: Option<i32>,
         signal: Option<i32>,
+        /// Bytes the guest wrote to this generation's terminal connection.
+        terminal_bytes: u64,
     },
     /// The terminal reader ended: at EOF (`eof`), or it gave up draining.
     TerminalDone { eof: bool },

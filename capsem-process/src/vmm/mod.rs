@@ -1,9 +1,18 @@
 //! Guest backends: what starts the guest, how its exit is observed, and how
-//! it is killed. `none` runs the agent as a host child; `qemu` will start
+//! it is killed. `none` runs the agent as a host child; `qemu` starts
 //! vhost-device-vsock and qemu, each in its own session.
+//!
+//! * [`none`]: the no-VM backend.
+//! * [`qemu`]: the real VM; with [`accel`] (KVM or TCG), [`image`] (kernel
+//!   and initramfs), [`cid`] (unique guest CIDs) and [`serial`] (the console
+//!   log).
 
+pub mod accel;
+pub mod cid;
+pub mod image;
 pub mod none;
 pub mod qemu;
+pub mod serial;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -16,8 +25,8 @@ use crate::vmdir::VmDir;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
-    #[error("the qemu backend is not available yet")]
-    QemuUnavailable,
+    #[error("{0}")]
+    Backend(String),
     #[error("cannot locate the capsem-agent binary")]
     AgentBinary(#[source] std::io::Error),
     #[error("cannot prepare {path}")]
@@ -40,6 +49,7 @@ pub struct Launch<'a> {
     /// The session token the agent must present in its hello.
     pub token: &'a str,
     pub reaper: &'a Reaper,
+    pub cfg: &'a crate::config::Config,
 }
 
 /// A guest that was started: one or more host children, each the leader of
@@ -52,6 +62,15 @@ pub trait GuestBackend: Send + Sync + fmt::Debug {
     /// Host pid reported in `Status` (the agent, or the VMM).
     fn pid(&self) -> Option<u32> {
         self.children().first().map(|c| c.pid)
+    }
+    /// Why the guest stopped, in words, when the backend knows more than an
+    /// exit status (a kernel panic line, say).
+    fn describe_exit(&self) -> Option<String> {
+        None
+    }
+    /// Facts for the log line that says the backend started.
+    fn details(&self) -> String {
+        String::new()
     }
 }
 

@@ -1,0 +1,70 @@
+//! Guest CIDs: each running VM holds an exclusive `flock` on
+//! `<home>/run/cid-<N>.lock` for as long as its capsem-process lives, so two
+//! VMs never share a CID, and a crashed process frees its CID with its fds.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+/// The first CID a guest may use (0-2 are reserved).
+pub const FIRST_CID: u32 = 3;
+/// How many CIDs to try before giving up.
+const MAX_VMS: u32 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CidError {
+    #[error("cannot create {0}")]
+    Dir(String, #[source] std::io::Error),
+    #[error("cannot open {0}")]
+    Open(String, #[source] std::io::Error),
+    #[error("all {MAX_VMS} guest CIDs are in use")]
+    Exhausted,
+}
+
+/// A CID held for this VM until dropped.
+#[derive(Debug)]
+pub struct CidLease {
+    pub cid: u32,
+    _lock: File,
+}
+
+/// Takes the lowest free CID.
+pub fn allocate(run_dir: &Path) -> Result<CidLease, CidError> {
+    std::fs::create_dir_all(run_dir)
+        .map_err(|e| CidError::Dir(run_dir.display().to_string(), e))?;
+    for cid in FIRST_CID..FIRST_CID + MAX_VMS {
+        let path = run_dir.join(format!("cid-{cid}.lock"));
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(|e| CidError::Open(path.display().to_string(), e))?;
+        // SAFETY: flock on an fd we own; no memory is involved.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(CidLease { cid, _lock: file });
+        }
+    }
+    Err(CidError::Exhausted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leases_are_unique_and_freed_on_drop() {
+        let d = tempfile::tempdir().unwrap();
+        let a = allocate(d.path()).unwrap();
+        let b = allocate(d.path()).unwrap();
+        assert_eq!(a.cid, FIRST_CID);
+        assert_eq!(b.cid, FIRST_CID + 1);
+        drop(a);
+        let c = allocate(d.path()).unwrap();
+        assert_eq!(c.cid, FIRST_CID);
+    }
+}
