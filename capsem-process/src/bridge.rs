@@ -34,6 +34,9 @@ pub struct Generation {
     /// Set to the guest's terminal byte count once the shell exited.
     drain: watch::Sender<Option<u64>>,
     tasks: JoinSet<()>,
+    /// Declared after `tasks`: the close is logged once the tasks, which
+    /// own the streams, are gone.
+    _traces: [crate::conntrace::ConnTrace; 2],
 }
 
 /// What every task of a generation needs.
@@ -64,6 +67,7 @@ impl Generation {
         control: UnixStream,
         codec: Codec<Host>,
         terminal: UnixStream,
+        traces: [crate::conntrace::ConnTrace; 2],
         shared: Arc<Shared>,
         events: mpsc::Sender<Event>,
     ) -> Self {
@@ -72,6 +76,7 @@ impl Generation {
             stop: watch::channel(false).0,
             drain: watch::channel(None).0,
             tasks: JoinSet::new(),
+            _traces: traces,
         };
         let ctx = Ctx {
             number,

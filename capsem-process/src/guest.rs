@@ -97,16 +97,18 @@ pub async fn accept_control(
                     }
                 };
                 if handshakes.len() >= MAX_PENDING_HANDSHAKES {
+                    let _trace = crate::conntrace::ConnTrace::accepted("control");
                     warn!("control connection rejected: too many handshakes in progress");
                     continue;
                 }
+                let trace = crate::conntrace::ConnTrace::accepted("control");
                 let shared = shared.clone();
                 let events = events.clone();
                 handshakes.spawn(async move {
                     match handshake(&mut stream, &shared.token, HELLO_WAIT).await {
                         Ok((codec, connects, shell_pid)) => {
                             debug!("control connection: hello accepted (connects={connects})");
-                            let hello = Hello { stream, codec, connects, shell_pid };
+                            let hello = Hello { stream, trace, codec, connects, shell_pid };
                             let _ = events.send(Event::Hello(Box::new(hello))).await;
                         }
                         Err(e) => warn!("control connection rejected: {}", chain(&e)),
@@ -123,7 +125,8 @@ pub async fn accept_terminal(listener: UnixListener, events: mpsc::Sender<Event>
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                if events.send(Event::Terminal(stream)).await.is_err() {
+                let trace = crate::conntrace::ConnTrace::accepted("terminal");
+                if events.send(Event::Terminal(stream, trace)).await.is_err() {
                     return;
                 }
             }

@@ -36,6 +36,7 @@
 mod bridge;
 mod client;
 mod config;
+mod conntrace;
 mod guest;
 mod heartbeat;
 mod log;

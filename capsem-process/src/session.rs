@@ -111,6 +111,7 @@ impl Stop {
 struct Pending {
     generation: u64,
     control: UnixStream,
+    trace: crate::conntrace::ConnTrace,
     codec: Codec<Host>,
     deadline: Instant,
 }
@@ -387,8 +388,8 @@ impl Session {
                 self.on_hello(*hello).await;
                 None
             }
-            Event::Terminal(stream) => {
-                self.on_terminal(stream);
+            Event::Terminal(stream, trace) => {
+                self.on_terminal(stream, trace);
                 None
             }
             Event::Gen { generation, event } => {
@@ -491,6 +492,7 @@ impl Session {
             hello.connects, hello.shell_pid
         );
         let mut control = hello.stream;
+        let trace = hello.trace;
         let mut frames = Vec::new();
         let ack = HostToGuest::HelloAck {
             version: PROTOCOL_VERSION,
@@ -523,12 +525,13 @@ impl Session {
         self.pending = Some(Pending {
             generation,
             control,
+            trace,
             codec: hello.codec,
             deadline: Instant::now() + TERMINAL_WAIT,
         });
     }
 
-    fn on_terminal(&mut self, stream: UnixStream) {
+    fn on_terminal(&mut self, stream: UnixStream, trace: crate::conntrace::ConnTrace) {
         let Some(p) = self.pending.take() else {
             warn!("terminal connection rejected: no acknowledged control connection is waiting for one");
             return;
@@ -538,6 +541,7 @@ impl Session {
             p.control,
             p.codec,
             stream,
+            [p.trace, trace],
             self.shared.clone(),
             self.events_tx.clone(),
         );

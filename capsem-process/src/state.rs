@@ -57,6 +57,7 @@ pub enum GenEvent {
 #[derive(Debug)]
 pub struct Hello {
     pub stream: UnixStream,
+    pub trace: crate::conntrace::ConnTrace,
     /// Holds any bytes the guest sent after the hello.
     pub codec: Codec<Host>,
     pub connects: u64,
@@ -67,7 +68,7 @@ pub struct Hello {
 #[derive(Debug)]
 pub enum Event {
     Hello(Box<Hello>),
-    Terminal(UnixStream),
+    Terminal(UnixStream, crate::conntrace::ConnTrace),
     Gen {
         generation: u64,
         event: GenEvent,
