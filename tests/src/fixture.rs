@@ -43,6 +43,15 @@ pub fn bin_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug")
 }
 
+/// `$CAPSEM_HOME/images/default`, else `~/.capsem/images/default`.
+pub fn default_image_dir() -> PathBuf {
+    let home = std::env::var_os("CAPSEM_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".capsem")))
+        .unwrap_or_else(|| PathBuf::from("/root/.capsem"));
+    home.join("images/default")
+}
+
 /// One test's home, processes and logs.
 #[derive(Debug)]
 pub struct Fixture {
@@ -97,6 +106,11 @@ impl Fixture {
         cmd.env("CAPSEM_LOG_DIR", &self.logs)
             .env_remove("CAPSEM_HOME")
             .env_remove("CAPSEM_VMM");
+        // The image lives where images/build.sh puts it by default, not in
+        // this test's private home.
+        if std::env::var_os("CAPSEM_IMAGE_DIR").is_none() {
+            cmd.env("CAPSEM_IMAGE_DIR", default_image_dir());
+        }
         cmd
     }
 
@@ -160,11 +174,35 @@ impl Fixture {
         assert!(dirs.is_empty(), "VM state left behind: {dirs:?}");
     }
 
+    /// The logs a finished temporary VM left in the log dir, by file name
+    /// (`process.log`, and `agent.log` or `serial.log`), for the only VM.
+    pub fn kept_logs(&self) -> std::collections::BTreeMap<String, String> {
+        let vms: Vec<PathBuf> = std::fs::read_dir(&self.logs)
+            .map(|d| {
+                d.filter_map(|e| Some(e.ok()?.path()))
+                    .filter(|p| p.is_dir())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(vms.len(), 1, "expected the logs of exactly one VM: {vms:?}");
+        std::fs::read_dir(&vms[0])
+            .expect("kept logs")
+            .filter_map(|e| {
+                let p = e.ok()?.path();
+                let name = p.file_name()?.to_string_lossy().into_owned();
+                Some((name, std::fs::read_to_string(&p).ok()?))
+            })
+            .collect()
+    }
+
     /// Text of every log the test's VMs left (process, agent, serial).
     pub fn all_logs(&self) -> String {
         let mut out = String::new();
         let mut files: Vec<PathBuf> = Vec::new();
-        for dir in self.vm_dirs().into_iter().chain([self.logs.clone()]) {
+        let kept: Vec<PathBuf> = std::fs::read_dir(&self.logs)
+            .map(|d| d.filter_map(|e| Some(e.ok()?.path())).collect())
+            .unwrap_or_default();
+        for dir in self.vm_dirs().into_iter().chain(kept) {
             if let Ok(rd) = std::fs::read_dir(&dir) {
                 files.extend(
                     rd.filter_map(|e| Some(e.ok()?.path()))

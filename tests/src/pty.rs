@@ -158,6 +158,35 @@ impl PtySession {
         }
     }
 
+    /// Waits until any of `needles` appears after the cursor; moves the
+    /// cursor past the first one found and returns its index.
+    pub fn expect_any(&mut self, needles: &[&str], timeout: Duration) -> Result<usize> {
+        let deadline = Instant::now() + timeout;
+        let (lock, cv) = &*self.transcript;
+        let mut t = lock.lock().expect("transcript");
+        loop {
+            let hay = &t.bytes[self.cursor..];
+            let first = needles
+                .iter()
+                .enumerate()
+                .filter_map(|(i, n)| Some((find(hay, n.as_bytes())?, i)))
+                .min();
+            if let Some((pos, i)) = first {
+                self.cursor += pos + needles[i].len();
+                return Ok(i);
+            }
+            let now = Instant::now();
+            if t.eof || now >= deadline {
+                bail!(
+                    "did not see any of {needles:?} within {timeout:?} (eof={}); output after cursor: {:?}",
+                    t.eof,
+                    String::from_utf8_lossy(&t.bytes[self.cursor..])
+                );
+            }
+            t = cv.wait_timeout(t, deadline - now).expect("transcript").0;
+        }
+    }
+
     /// Everything the program has written so far.
     pub fn transcript(&self) -> Vec<u8> {
         self.transcript.0.lock().expect("transcript").bytes.clone()

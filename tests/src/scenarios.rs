@@ -15,10 +15,14 @@ pub fn step(backend: Backend) -> Duration {
     }
 }
 
-/// Waits until the shell answers, proving the session is up.
+/// Waits until the shell answers and shows its next prompt, proving the
+/// session is up and readline is ready for keys (a Ctrl-D typed before the
+/// prompt is drawn reaches a cooked terminal, as it would for a person who
+/// types ahead).
 pub fn wait_ready(s: &mut PtySession, backend: Backend) {
     s.line("echo READY$((6*7))").unwrap();
     s.expect("READY42", step(backend)).unwrap();
+    s.expect_any(&["# ", "$ "], step(backend)).unwrap();
 }
 
 /// MessagePack map headers of a frame (`{"t": ...}`), and the heartbeat
@@ -143,4 +147,107 @@ pub fn escaped_background_job_dies_with_the_vm(backend: Backend) {
         &["setsid nohup sleep 1000 >/dev/null 2>&1 & sleep 1000 & exit 0\r"],
     );
     assert_eq!(code, 0);
+}
+
+/// The counts the seed report (the original capsem's Ctrl-D storm) gave,
+/// taken from our own logs after a temporary shell ended with Ctrl-D.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SeedCounts {
+    pub reconnects_after_shell_exit: usize,
+    pub bridge_threads_started: usize,
+    pub bridge_threads_joined: usize,
+    pub frames_in_terminal_output: usize,
+    pub vsock_connections_accepted: usize,
+    pub vsock_connections_closed: usize,
+}
+
+fn sum_threads(log: &str, what: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains(what))
+        .filter_map(|l| {
+            l.split("threads=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .sum()
+}
+
+pub fn seed_case_ctrl_d(backend: Backend) -> SeedCounts {
+    let fx = Fixture::new("seed_case", backend);
+    let mut s = fx.shell(80, 24);
+    wait_ready(&mut s, backend);
+    s.send("\x04").unwrap();
+    assert_eq!(s.wait_code(step(backend)).unwrap(), 0);
+    let out = s.transcript();
+    drop(s);
+    fx.assert_nothing_left();
+
+    let logs = fx.kept_logs();
+    let process = logs.get("process.log").expect("process.log kept");
+    let agent = match backend {
+        Backend::None => logs.get("agent.log"),
+        Backend::Qemu => logs.get("serial.log"),
+    }
+    .expect("agent log kept");
+    let after_exit = process
+        .split_once("shell exited")
+        .map(|(_, rest)| rest)
+        .unwrap_or("");
+    let frames = [&b"\x81\xa1t"[..], b"\x82\xa1t", b"\xa4pong", b"\xa4ping"]
+        .iter()
+        .map(|needle| out.windows(needle.len()).filter(|w| w == needle).count())
+        .sum();
+    let counts = SeedCounts {
+        reconnects_after_shell_exit: after_exit.matches("guest connected generation=").count(),
+        bridge_threads_started: sum_threads(agent, "bridge started"),
+        bridge_threads_joined: sum_threads(agent, "bridge joined"),
+        frames_in_terminal_output: frames,
+        vsock_connections_accepted: process.matches("vsock connection accepted").count(),
+        vsock_connections_closed: process.matches("vsock connection closed").count(),
+    };
+    println!("seed case counts ({}): {counts:?}", backend.flag());
+    assert_eq!(counts.reconnects_after_shell_exit, 0, "{counts:?}");
+    assert!(
+        counts.bridge_threads_started > 0,
+        "no bridge start logged: {counts:?}"
+    );
+    assert_eq!(
+        counts.bridge_threads_started, counts.bridge_threads_joined,
+        "{counts:?}"
+    );
+    assert_eq!(counts.frames_in_terminal_output, 0, "{counts:?}");
+    assert!(counts.vsock_connections_accepted >= 2, "{counts:?}");
+    assert_eq!(
+        counts.vsock_connections_accepted, counts.vsock_connections_closed,
+        "{counts:?}"
+    );
+    counts
+}
+
+/// The session is lost without a status (the agent or the whole guest
+/// died): the CLI exits 255 with one `session lost` line naming `why`, and
+/// nothing is left behind.
+pub fn session_lost_exits_255(name: &str, backend: Backend, keys: &str, why: &str) {
+    let fx = Fixture::new(name, backend);
+    let mut s = fx.shell(80, 24);
+    wait_ready(&mut s, backend);
+    s.send(keys).unwrap();
+    assert_eq!(s.wait_code(step(backend)).unwrap(), 255);
+    let out = String::from_utf8_lossy(&s.transcript()).into_owned();
+    let lost: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("capsem: session lost"))
+        .collect();
+    assert_eq!(lost.len(), 1, "one session-lost line expected: {out:?}");
+    assert!(lost[0].contains(why), "{:?} does not say {why:?}", lost[0]);
+    drop(s);
+    fx.assert_nothing_left();
+}
+
+/// The agent is SIGKILLed from inside (it is the shell's parent).
+pub fn agent_killed_exits_255(backend: Backend) {
+    session_lost_exits_255("agent_killed", backend, "kill -9 $PPID\r", "exited");
 }

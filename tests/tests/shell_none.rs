@@ -224,3 +224,14 @@ fn sighup_to_the_cli_destroys_the_vm() {
 fn escaped_background_job_dies_with_the_vm() {
     scenarios::escaped_background_job_dies_with_the_vm(B);
 }
+
+#[test]
+fn seed_case_ctrl_d_counts() {
+    let counts = scenarios::seed_case_ctrl_d(B);
+    assert_eq!(counts.vsock_connections_accepted, 2, "{counts:?}");
+}
+
+#[test]
+fn agent_killed_exits_255() {
+    scenarios::agent_killed_exits_255(B);
+}

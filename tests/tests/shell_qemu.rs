@@ -50,3 +50,30 @@ fn vm_ctrl_d_exits_zero() {
         scenarios::ctrl_d_exits_zero(B);
     }
 }
+
+#[test]
+fn vm_seed_case_ctrl_d_counts() {
+    if !skipped() {
+        let counts = scenarios::seed_case_ctrl_d(B);
+        assert_eq!(counts.vsock_connections_accepted, 2, "{counts:?}");
+    }
+}
+
+#[test]
+fn vm_agent_killed_exits_255() {
+    if !skipped() {
+        scenarios::agent_killed_exits_255(B);
+    }
+}
+
+#[test]
+fn vm_kernel_panic_exits_255() {
+    if !skipped() {
+        scenarios::session_lost_exits_255(
+            "kernel_panic",
+            B,
+            "echo c > /proc/sysrq-trigger\r",
+            "kernel panicked",
+        );
+    }
+}

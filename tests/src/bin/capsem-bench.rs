@@ -180,6 +180,8 @@ fn echo_rtt(backend: Backend, n: usize) -> Result<()> {
         samples,
     );
     s.send("\x03")?;
+    // Back at the prompt before typing: cat could swallow an early `exit`.
+    wait_ready(&mut s, backend);
     s.line("exit")?;
     s.wait(step(backend))?;
     drop(s);
