@@ -98,6 +98,10 @@ pub struct Session {
     codec: Codec<Client>,
     /// Encoded frames not yet written (whole frames, a prefix possibly sent).
     out: Vec<u8>,
+    /// capsem-process stopped reading (EPIPE/ECONNRESET on a send): nothing
+    /// more is sent, but what it sent before closing is still read, so its
+    /// last word (an exit status, a reason) is not lost to the race.
+    send_closed: bool,
 }
 
 /// What one poll round reported.
@@ -119,6 +123,7 @@ impl Session {
             sock,
             codec: Codec::new(),
             out: Vec::new(),
+            send_closed: false,
         };
         Codec::<Client>::encode_into(&ClientToProcess::Attach { cols, rows }, &mut session.out)
             .map_err(AttachError::Frame)?;
@@ -201,6 +206,9 @@ impl Session {
 
     /// Writes queued frames until the socket would block.
     fn flush_nonblocking(&mut self) -> Result<(), String> {
+        if self.send_closed {
+            self.out.clear();
+        }
         while !self.out.is_empty() {
             match self.sock.write(&self.out) {
                 Ok(0) => return Err("capsem-process stopped reading".into()),
@@ -208,6 +216,10 @@ impl Session {
                     self.out.drain(..n);
                 }
                 Err(e) if is_transient(&e) => return Ok(()),
+                Err(e) if peer_closed(&e) => {
+                    self.send_closed = true;
+                    self.out.clear();
+                }
                 Err(e) => return Err(format!("cannot send to capsem-process: {e}")),
             }
         }
@@ -301,7 +313,7 @@ impl Session {
                     .map_err(|e| format!("cannot write to stdout: {e}"))?;
             }
 
-            let want_stdin = reading_stdin && self.out.len() < OUT_HIGH_WATER;
+            let want_stdin = reading_stdin && !self.send_closed && self.out.len() < OUT_HIGH_WATER;
             let Events {
                 stdin: stdin_ready,
                 sock_in,
@@ -382,7 +394,13 @@ impl Session {
             }
 
             if sock_in {
-                match self.sock.read(&mut buf) {
+                // ECONNRESET: it closed with our bytes unread; everything it
+                // sent was read first, so this is its EOF.
+                let read = match self.sock.read(&mut buf) {
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(0),
+                    other => other,
+                };
+                match read {
                     Ok(0) => {
                         let _ = stdout.flush();
                         return Ok(SessionEnd::Lost(match self.codec.finish() {
@@ -409,6 +427,14 @@ impl Session {
             }
         }
     }
+}
+
+/// The peer closed its end (a send got EPIPE or ECONNRESET).
+fn peer_closed(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+    )
 }
 
 fn is_transient(e: &io::Error) -> bool {
