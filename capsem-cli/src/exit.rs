@@ -7,11 +7,15 @@
 //! | 128 + N | the shell was killed by signal N, or capsem was stopped by signal N (SIGHUP, SIGTERM, SIGINT) |
 //! | 125 | capsem itself failed before the shell ran (bad usage, no capsem-process, the VM did not start) |
 //! | 255 | the session was lost without an exit status |
+//!
+//! `capsem doctor`: 0 when nothing is missing, 1 when something is.
 
 /// capsem failed before the shell ran.
 pub const CAPSEM_FAILED: u8 = 125;
 /// The session ended without an exit status.
 pub const SESSION_LOST: u8 = 255;
+/// `capsem doctor` found something missing.
+pub const DOCTOR_MISSING: u8 = 1;
 
 /// Text for `capsem --help`.
 pub const HELP: &str = "\
@@ -21,7 +25,10 @@ Exit status:
            (SIGHUP, SIGTERM; SIGINT while waiting for the VM)
   125      capsem failed before the shell ran (usage error, capsem-process
            missing, the VM did not start)
-  255      the session was lost without an exit status";
+  255      the session was lost without an exit status
+
+capsem doctor: 0 when nothing is missing, 1 when something is
+(125 on a usage error).";
 
 /// Exit code for "killed by signal `sig`": 128 + N, or 255 for a signal
 /// number no real signal has (the value comes from the guest).

@@ -20,6 +20,13 @@
 //!
 //! Every failure is one line on stderr starting with `capsem: `.
 //!
+//! `--accel auto|kvm|tcg` (else `$CAPSEM_ACCEL`, else `auto`) is passed to
+//! capsem-process as `--accel` for `--vmm qemu`; capsem-process decides what
+//! `auto` means.
+//!
+//! `capsem doctor` checks the host (see [`doctor`] for the output format)
+//! and exits 0 when nothing is missing, 1 otherwise.
+//!
 //! When stdin is not a terminal, its EOF is forwarded as one Ctrl-D (0x04)
 //! byte, so a shell at its prompt sees end-of-input and exits. SIGINT is
 //! forwarded as Ctrl-C (0x03).
@@ -28,6 +35,10 @@
 //!
 //! * [`cli`]: clap definitions (subcommands as an enum, global flags).
 //! * [`shell`]: the `shell` command: the temporary VM's whole lifetime.
+//! * [`doctor`]: the `doctor` command: one line per host check, with fixes.
+//! * [`accel`]: what `--accel auto` would pick (for `doctor` only).
+//! * [`probe`]: finding host programs, `--version` with a time bound.
+//! * [`image`]: the guest image directory and its manifest.
 //! * [`home`]: home resolution, `vms/` and VM directories, VM ids.
 //! * [`spawn`]: starting capsem-process, the ready pipe, reaping by pidfd
 //!   and killing by process group.
@@ -37,10 +48,14 @@
 //! * [`progress`]: the "starting" indicator on a terminal stderr.
 //! * [`exit`]: the exit codes.
 
+mod accel;
 mod attach;
 mod cli;
+mod doctor;
 mod exit;
 mod home;
+mod image;
+mod probe;
 mod progress;
 mod shell;
 mod signals;
@@ -82,7 +97,8 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Shell => shell::run(cli.home.as_deref(), cli.vmm),
+        Command::Shell => shell::run(cli.home.as_deref(), cli.vmm, cli.accel),
+        Command::Doctor => Ok(doctor::run(cli.home.as_deref(), cli.vmm, cli.accel)),
     };
     match result {
         Ok(code) => ExitCode::from(code),

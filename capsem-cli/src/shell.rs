@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use nix::sys::signal::Signal;
 
 use crate::attach::{AttachError, Session, SessionEnd};
-use crate::cli::Vmm;
+use crate::cli::{AccelChoice, Vmm};
 use crate::exit;
 use crate::home::{self, HomeError, VmDir};
 use crate::progress::Progress;
@@ -59,7 +59,7 @@ impl ShellError {
 }
 
 /// Runs a shell in a temporary VM and returns capsem's exit code.
-pub fn run(home_flag: Option<&Path>, vmm: Vmm) -> Result<u8, ShellError> {
+pub fn run(home_flag: Option<&Path>, vmm: Vmm, accel: AccelChoice) -> Result<u8, ShellError> {
     let home = home::resolve_home(
         home_flag,
         std::env::var_os("CAPSEM_HOME").as_deref(),
@@ -76,7 +76,7 @@ pub fn run(home_flag: Option<&Path>, vmm: Vmm) -> Result<u8, ShellError> {
     let id = home::new_temp_id()?;
     // Declared before the child: dropped (removed) after it is reaped.
     let vm_dir = VmDir::create(&home, &id)?;
-    let (mut child, mut ready) = spawn::spawn(&bin, vm_dir.path(), &id, vmm)?;
+    let (mut child, mut ready) = spawn::spawn(&bin, vm_dir.path(), &id, vmm, accel)?;
 
     let outcome = {
         let mut progress = Progress::new(match vmm {

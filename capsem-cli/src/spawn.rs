@@ -21,7 +21,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
-use crate::cli::Vmm;
+use crate::cli::{AccelChoice, Vmm};
 use crate::progress::{Progress, TICK};
 use crate::signals::{Signals, SignalsError};
 
@@ -162,7 +162,7 @@ pub struct ReadyPipe {
     line: ReadyLine,
 }
 
-fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     let pid =
         libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
@@ -175,12 +175,36 @@ fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Starts `bin --vm-dir DIR --vm-id ID --vmm V --temporary --ready-fd N`.
+/// capsem-process's arguments: `--vm-dir DIR --vm-id ID --vmm V --temporary
+/// --ready-fd N`, plus `--accel A` for qemu (capsem-process decides what
+/// `auto` means; the CLI never probes KVM for the shell).
+pub fn process_args(
+    vm_dir: &Path,
+    vm_id: &str,
+    vmm: Vmm,
+    accel: AccelChoice,
+    ready_fd: i32,
+) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec!["--vm-dir".into(), vm_dir.into()];
+    for a in ["--vm-id", vm_id, "--vmm", vmm.as_arg(), "--temporary"] {
+        args.push(a.into());
+    }
+    args.push("--ready-fd".into());
+    args.push(ready_fd.to_string().into());
+    if vmm == Vmm::Qemu {
+        args.push("--accel".into());
+        args.push(accel.as_arg().into());
+    }
+    args
+}
+
+/// Starts capsem-process with [`process_args`].
 pub fn spawn(
     bin: &Path,
     vm_dir: &Path,
     vm_id: &str,
     vmm: Vmm,
+    accel: AccelChoice,
 ) -> Result<(ProcessChild, ReadyPipe), SpawnError> {
     let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(SpawnError::Pipe)?;
     // Keep the write end off fds 0-2, which the child's stdio replaces.
@@ -196,11 +220,7 @@ pub fn spawn(
 
     let ready_fd = write.as_raw_fd();
     let mut cmd = Command::new(bin);
-    cmd.arg("--vm-dir")
-        .arg(vm_dir)
-        .args(["--vm-id", vm_id, "--vmm", vmm.as_arg(), "--temporary"])
-        .arg("--ready-fd")
-        .arg(ready_fd.to_string())
+    cmd.args(process_args(vm_dir, vm_id, vmm, accel, ready_fd))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -426,6 +446,25 @@ mod tests {
     }
 
     #[test]
+    fn accel_is_passed_for_qemu_only() {
+        let args = |vmm| {
+            process_args(Path::new("/h/vms/x"), "x", vmm, AccelChoice::Tcg, 7)
+                .into_iter()
+                .map(|a| a.into_string().unwrap())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert_eq!(
+            args(Vmm::Qemu),
+            "--vm-dir /h/vms/x --vm-id x --vmm qemu --temporary --ready-fd 7 --accel tcg"
+        );
+        assert_eq!(
+            args(Vmm::None),
+            "--vm-dir /h/vms/x --vm-id x --vmm none --temporary --ready-fd 7"
+        );
+    }
+
+    #[test]
     fn explicit_override_wins() {
         let got =
             find_process_bin(Some("/opt/p".into()), Ok("/nonexistent/capsem".into())).unwrap();
@@ -455,7 +494,8 @@ mod tests {
             <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755),
         )
         .unwrap();
-        let (mut child, mut pipe) = spawn(&script, dir.path(), "tmp-0", Vmm::None).unwrap();
+        let (mut child, mut pipe) =
+            spawn(&script, dir.path(), "tmp-0", Vmm::None, AccelChoice::Auto).unwrap();
         let mut signals = Signals::install().unwrap();
         let mut progress = Progress::new("test");
         let got = pipe.wait(&child, &mut signals, &mut progress).unwrap();

@@ -1,0 +1,650 @@
+//! `capsem doctor`: can this host run capsem, and if not, the command that
+//! fixes each missing piece.
+//!
+//! Output, on stdout, one line per check:
+//!
+//! ```text
+//! <status>  <what>: <detail>
+//!   fix: <command>
+//! ```
+//!
+//! `<status>` is `ok`, `warn` or `missing`, left-aligned in 7 columns, then
+//! two spaces. A `  fix: <command>` line follows every `missing` line, and a
+//! `warn` line when there is a command that would change it. Checks, in
+//! order: `home`, `capsem-process`, `capsem-agent`, `qemu`,
+//! `vhost-device-vsock`, `accelerator`, `guest image`. With `--vmm none`,
+//! qemu, vhost-device-vsock, the accelerator and the guest image are
+//! informational (`warn`, never `missing`); with `--vmm qemu`, capsem-agent
+//! is (the guest runs the agent from the image).
+//!
+//! Exit status: 0 when nothing is `missing`, 1 otherwise.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use nix::unistd::AccessFlags;
+
+use crate::accel::{self, Accel, KvmFacts};
+use crate::cli::{AccelChoice, Vmm};
+use crate::exit;
+use crate::home::{self, HomeError};
+use crate::image;
+use crate::probe::{self, Lookup, VERSION_TIMEOUT};
+use crate::spawn::{self, SpawnError};
+
+pub const QEMU_BIN_ENV: &str = "CAPSEM_QEMU_BIN";
+pub const QEMU_BIN_NAME: &str = "qemu-system-x86_64";
+pub const VHOST_BIN_ENV: &str = "CAPSEM_VHOST_VSOCK_BIN";
+pub const VHOST_BIN_NAME: &str = "vhost-device-vsock";
+pub const AGENT_BIN_ENV: &str = "CAPSEM_AGENT_BIN";
+pub const AGENT_BIN_NAME: &str = "capsem-agent";
+
+pub const QEMU_FIX: &str = "sudo apt-get install qemu-system-x86";
+pub const VHOST_FIX: &str = "cargo install --locked --version 0.3.0 vhost-device-vsock";
+
+/// A check's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    /// Works, or is not needed for the chosen backend, but worth knowing.
+    Warn,
+    Missing,
+}
+
+impl Status {
+    pub fn label(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Warn => "warn",
+            Status::Missing => "missing",
+        }
+    }
+}
+
+/// One line of the report (plus its fix).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub status: Status,
+    pub what: &'static str,
+    pub detail: String,
+    pub fix: Option<String>,
+}
+
+impl Check {
+    fn new(status: Status, what: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            status,
+            what,
+            detail: detail.into(),
+            fix: None,
+        }
+    }
+
+    fn fix(mut self, fix: impl Into<String>) -> Self {
+        self.fix = Some(fix.into());
+        self
+    }
+
+    /// Not needed by the chosen backend: `missing` reads as `warn`.
+    fn informational(mut self, yes: bool) -> Self {
+        if yes && self.status == Status::Missing {
+            self.status = Status::Warn;
+        }
+        self
+    }
+
+    /// `<status>  <what>: <detail>\n[  fix: <command>\n]`, each line free
+    /// of control characters.
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "{:<7}  {}: {}\n",
+            self.status.label(),
+            self.what,
+            one_line(&self.detail)
+        );
+        if let Some(fix) = &self.fix {
+            out.push_str(&format!("  fix: {}\n", one_line(fix)));
+        }
+        out
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+/// 0 when nothing is missing, else [`exit::DOCTOR_MISSING`].
+pub fn exit_code(checks: &[Check]) -> u8 {
+    if checks.iter().any(|c| c.status == Status::Missing) {
+        exit::DOCTOR_MISSING
+    } else {
+        0
+    }
+}
+
+/// `s` as one POSIX shell word.
+pub fn shell_quote(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+:,=@%".contains(&b));
+    if plain {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// The command that puts binary `pkg` at `path`: a plain `cargo build`
+/// when `path` is in cargo's own `debug`/`release` directory, else a
+/// release build installed there (run from the capsem repository).
+pub fn build_fix(pkg: &str, path: &Path) -> String {
+    let dir = path.parent().and_then(Path::file_name);
+    let named_pkg = path.file_name().is_some_and(|n| n == pkg);
+    match dir.and_then(|d| d.to_str()) {
+        Some("debug") if named_pkg => format!("cargo build -p {pkg}"),
+        Some("release") if named_pkg => format!("cargo build --release -p {pkg}"),
+        _ => format!(
+            "cargo build --release -p {pkg} && install -m 0755 target/release/{pkg} {}",
+            shell_quote(&path.display().to_string())
+        ),
+    }
+}
+
+/// Everything the checks read from the host, gathered once (tests fake it).
+#[derive(Debug)]
+pub struct Inputs {
+    pub vmm: Vmm,
+    pub accel: AccelChoice,
+    pub home: Result<PathBuf, HomeError>,
+    pub image_dir_env: Option<OsString>,
+    /// `find_process_bin`'s answer: the binary, or the path it looked at.
+    pub process: Result<PathBuf, SpawnError>,
+    pub agent_env: Option<OsString>,
+    pub qemu: Lookup,
+    pub vhost: Lookup,
+    pub kvm: KvmFacts,
+}
+
+impl Inputs {
+    /// This host, as the shell path and capsem-process would see it.
+    pub fn from_host(home_flag: Option<&Path>, vmm: Vmm, accel: AccelChoice) -> Self {
+        let path = std::env::var_os("PATH");
+        let user_home = std::env::var_os("HOME");
+        let program = |var, name| {
+            probe::find_program(
+                var,
+                std::env::var_os(var),
+                name,
+                path.clone(),
+                user_home.clone(),
+            )
+        };
+        Self {
+            vmm,
+            accel,
+            home: home::resolve_home(
+                home_flag,
+                std::env::var_os("CAPSEM_HOME").as_deref(),
+                home::user_home().as_deref(),
+            ),
+            image_dir_env: std::env::var_os(image::IMAGE_DIR_ENV),
+            process: spawn::find_process_bin(
+                std::env::var_os(spawn::PROCESS_BIN_ENV),
+                std::env::current_exe(),
+            ),
+            agent_env: std::env::var_os(AGENT_BIN_ENV),
+            qemu: program(QEMU_BIN_ENV, QEMU_BIN_NAME),
+            vhost: program(VHOST_BIN_ENV, VHOST_BIN_NAME),
+            kvm: accel::probe(Path::new("/sys/module"), Path::new("/dev/kvm")),
+        }
+    }
+}
+
+/// Runs every check.
+pub fn checks(inputs: &Inputs) -> Vec<Check> {
+    let vm_optional = inputs.vmm == Vmm::None;
+    let (process, process_path) = check_process(&inputs.process);
+    vec![
+        check_home(&inputs.home),
+        process,
+        check_agent(inputs.agent_env.clone(), process_path.as_deref()).informational(!vm_optional),
+        check_program("qemu", QEMU_BIN_NAME, &inputs.qemu, QEMU_FIX).informational(vm_optional),
+        check_program(
+            "vhost-device-vsock",
+            VHOST_BIN_NAME,
+            &inputs.vhost,
+            VHOST_FIX,
+        )
+        .informational(vm_optional),
+        check_accel(inputs.accel, &inputs.kvm).informational(vm_optional),
+        check_image(&inputs.home, inputs.image_dir_env.as_deref()).informational(vm_optional),
+    ]
+}
+
+/// `capsem doctor`: prints the report and returns the exit code.
+pub fn run(home_flag: Option<&Path>, vmm: Vmm, accel: AccelChoice) -> u8 {
+    let all = checks(&Inputs::from_host(home_flag, vmm, accel));
+    let text: String = all.iter().map(Check::render).collect();
+    let mut out = std::io::stdout().lock();
+    // A closed stdout (`capsem doctor | head -1`) must not hide the verdict.
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+    exit_code(&all)
+}
+
+fn home_fix(path: &Path) -> String {
+    format!(
+        "sudo install -d -o \"$(id -un)\" -m 0700 {}",
+        shell_quote(&path.display().to_string())
+    )
+}
+
+fn writable(dir: &Path) -> Result<(), nix::Error> {
+    nix::unistd::access(dir, AccessFlags::W_OK | AccessFlags::X_OK)
+}
+
+/// The home exists and is writable, or its nearest existing ancestor is
+/// (capsem creates it).
+pub fn check_home(home: &Result<PathBuf, HomeError>) -> Check {
+    const WHAT: &str = "home";
+    let path = match home {
+        Ok(p) => p,
+        Err(e) => {
+            return Check::new(Status::Missing, WHAT, crate::one_line_chain(e))
+                .fix("export CAPSEM_HOME=\"$HOME/.capsem\"")
+        }
+    };
+    let shown = path.display();
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => match writable(path) {
+            Ok(()) => Check::new(Status::Ok, WHAT, format!("{shown} is writable")),
+            Err(e) => Check::new(
+                Status::Missing,
+                WHAT,
+                format!("{shown} is not writable: {e}"),
+            )
+            .fix(home_fix(path)),
+        },
+        Ok(_) => Check::new(Status::Missing, WHAT, format!("{shown} is not a directory")).fix(
+            format!("mv {0} {0}.old", shell_quote(&path.display().to_string())),
+        ),
+        Err(_) => {
+            let parent = path.ancestors().skip(1).find(|a| a.is_dir());
+            match parent.map(|p| (p, writable(p))) {
+                Some((p, Ok(()))) => Check::new(
+                    Status::Ok,
+                    WHAT,
+                    format!(
+                        "{shown} does not exist yet; capsem creates it in {}, which is writable",
+                        p.display()
+                    ),
+                ),
+                Some((p, Err(e))) => Check::new(
+                    Status::Missing,
+                    WHAT,
+                    format!(
+                        "{shown} does not exist and {} is not writable: {e}",
+                        p.display()
+                    ),
+                )
+                .fix(home_fix(path)),
+                None => Check::new(Status::Missing, WHAT, format!("{shown} is unreachable"))
+                    .fix(home_fix(path)),
+            }
+        }
+    }
+}
+
+/// capsem-process, found as `capsem shell` finds it. Also returns the path
+/// looked at, beside which capsem-process looks for capsem-agent.
+pub fn check_process(found: &Result<PathBuf, SpawnError>) -> (Check, Option<PathBuf>) {
+    const WHAT: &str = spawn::PROCESS_BIN_NAME;
+    match found {
+        Ok(p) if probe::is_executable(p) => (
+            Check::new(Status::Ok, WHAT, p.display().to_string()),
+            Some(p.clone()),
+        ),
+        Ok(p) => (
+            Check::new(
+                Status::Missing,
+                WHAT,
+                format!(
+                    "{} ({}) is not an executable file",
+                    p.display(),
+                    spawn::PROCESS_BIN_ENV
+                ),
+            )
+            .fix(build_fix(WHAT, p)),
+            Some(p.clone()),
+        ),
+        Err(e @ SpawnError::NotFound { path }) => (
+            Check::new(Status::Missing, WHAT, crate::one_line_chain(e)).fix(build_fix(WHAT, path)),
+            Some(path.clone()),
+        ),
+        Err(e) => (
+            Check::new(Status::Missing, WHAT, crate::one_line_chain(e)),
+            None,
+        ),
+    }
+}
+
+/// capsem-agent as capsem-process finds it for `--vmm none`:
+/// `$CAPSEM_AGENT_BIN`, else `capsem-agent` beside capsem-process's real
+/// executable. Under qemu the guest runs the agent from the image.
+pub fn check_agent(env: Option<OsString>, process: Option<&Path>) -> Check {
+    const WHAT: &str = AGENT_BIN_NAME;
+    let (path, via_env) = match env.filter(|v| !v.is_empty()) {
+        Some(p) => (PathBuf::from(p), true),
+        None => match process {
+            // capsem-process uses current_exe(), i.e. symlinks resolved.
+            Some(p) => (
+                std::fs::canonicalize(p)
+                    .unwrap_or_else(|_| p.to_path_buf())
+                    .with_file_name(AGENT_BIN_NAME),
+                false,
+            ),
+            None => {
+                return Check::new(
+                    Status::Missing,
+                    WHAT,
+                    "not looked for: capsem-process was not found",
+                )
+            }
+        },
+    };
+    if probe::is_executable(&path) {
+        Check::new(Status::Ok, WHAT, path.display().to_string())
+    } else {
+        let how = if via_env { " (CAPSEM_AGENT_BIN)" } else { "" };
+        Check::new(
+            Status::Missing,
+            WHAT,
+            format!(
+                "{}{how} is not an executable file (needed by --vmm none)",
+                path.display()
+            ),
+        )
+        .fix(build_fix(WHAT, &path))
+    }
+}
+
+/// A host program: found as capsem-process finds it, and answering
+/// `--version`.
+pub fn check_program(what: &'static str, name: &str, lookup: &Lookup, fix: &str) -> Check {
+    let Some(path) = lookup.path() else {
+        return Check::new(
+            Status::Missing,
+            what,
+            format!("{name} is not on PATH or in ~/.cargo/bin"),
+        )
+        .fix(fix);
+    };
+    let via = match lookup {
+        Lookup::Env { var, .. } => format!(" ({var})"),
+        _ => String::new(),
+    };
+    if !probe::is_executable(path) {
+        return Check::new(
+            Status::Missing,
+            what,
+            format!("{}{via} is not an executable file", path.display()),
+        )
+        .fix(fix);
+    }
+    match probe::version_line(path, VERSION_TIMEOUT) {
+        Ok(version) => Check::new(
+            Status::Ok,
+            what,
+            format!("{}{via} ({version})", path.display()),
+        ),
+        Err(e) => Check::new(
+            Status::Missing,
+            what,
+            format!("{}{via}: {}", path.display(), crate::one_line_chain(&e)),
+        )
+        .fix(fix),
+    }
+}
+
+/// Which accelerator qemu would run with, and why.
+pub fn check_accel(choice: AccelChoice, kvm: &KvmFacts) -> Check {
+    const WHAT: &str = "accelerator";
+    let auto = kvm.auto();
+    let why = kvm.reason();
+    match (choice, auto) {
+        (AccelChoice::Auto, Accel::Kvm) => {
+            Check::new(Status::Ok, WHAT, format!("auto picks kvm: {why}"))
+        }
+        (AccelChoice::Auto, Accel::Tcg) => Check::new(
+            Status::Warn,
+            WHAT,
+            format!("auto picks tcg (works, slower): {why}"),
+        ),
+        (AccelChoice::Tcg, _) => Check::new(
+            Status::Warn,
+            WHAT,
+            format!(
+                "tcg by --accel tcg (works, slower); auto would pick {}: {why}",
+                auto.name()
+            ),
+        ),
+        (AccelChoice::Kvm, Accel::Kvm) => {
+            Check::new(Status::Ok, WHAT, format!("kvm by --accel kvm: {why}"))
+        }
+        (AccelChoice::Kvm, Accel::Tcg) => {
+            let c = Check::new(
+                Status::Missing,
+                WHAT,
+                format!("--accel kvm, but KVM is not usable: {why}"),
+            );
+            match kvm.fix() {
+                Some(f) => c.fix(f),
+                None => c,
+            }
+        }
+    }
+}
+
+/// The guest image capsem-process boots: its three files and the kernel
+/// release in its manifest.
+pub fn check_image(home: &Result<PathBuf, HomeError>, env: Option<&std::ffi::OsStr>) -> Check {
+    const WHAT: &str = "guest image";
+    let dir = match (env.filter(|e| !e.is_empty()), home) {
+        (Some(e), _) => PathBuf::from(e),
+        (None, Ok(h)) => image::image_dir(None, h),
+        (None, Err(_)) => {
+            return Check::new(
+                Status::Missing,
+                WHAT,
+                "no home, so no default image directory",
+            )
+        }
+    };
+    let fix = format!(
+        "images/build.sh {}",
+        shell_quote(&dir.display().to_string())
+    );
+    let missing = image::missing_files(&dir);
+    if !dir.is_dir() {
+        return Check::new(
+            Status::Missing,
+            WHAT,
+            format!("{} does not exist", dir.display()),
+        )
+        .fix(fix);
+    }
+    if !missing.is_empty() {
+        return Check::new(
+            Status::Missing,
+            WHAT,
+            format!("{} lacks {}", dir.display(), missing.join(", ")),
+        )
+        .fix(fix);
+    }
+    match image::read_kernel_release(&dir) {
+        Ok(release) => Check::new(
+            Status::Ok,
+            WHAT,
+            format!("{}: kernel {release}", dir.display()),
+        ),
+        // capsem-process needs only the files; the manifest is for people.
+        Err(e) => Check::new(
+            Status::Warn,
+            WHAT,
+            format!("{}: {}", dir.display(), crate::one_line_chain(&e)),
+        )
+        .fix(fix),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_format() {
+        let c = Check::new(Status::Missing, "qemu", "x\ny").fix(QEMU_FIX);
+        assert_eq!(
+            c.render(),
+            "missing  qemu: x y\n  fix: sudo apt-get install qemu-system-x86\n"
+        );
+        assert_eq!(
+            Check::new(Status::Ok, "home", "/h is writable").render(),
+            "ok       home: /h is writable\n"
+        );
+        assert_eq!(
+            Check::new(Status::Warn, "accelerator", "tcg").render(),
+            "warn     accelerator: tcg\n"
+        );
+    }
+
+    #[test]
+    fn exit_code_is_1_only_when_something_is_missing() {
+        let ok = Check::new(Status::Ok, "a", "");
+        let warn = Check::new(Status::Warn, "b", "");
+        let missing = Check::new(Status::Missing, "c", "");
+        assert_eq!(exit_code(&[ok.clone(), warn.clone()]), 0);
+        assert_eq!(exit_code(&[ok, warn, missing.clone()]), 1);
+        assert_eq!(exit_code(&[missing.informational(true)]), 0);
+    }
+
+    #[test]
+    fn quoting_and_build_fixes() {
+        assert_eq!(shell_quote("/a/b-c_d.e"), "/a/b-c_d.e");
+        assert_eq!(shell_quote("/a b/it's"), r"'/a b/it'\''s'");
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(
+            build_fix(
+                "capsem-process",
+                Path::new("/r/target/debug/capsem-process")
+            ),
+            "cargo build -p capsem-process"
+        );
+        assert_eq!(
+            build_fix("capsem-agent", Path::new("/r/target/release/capsem-agent")),
+            "cargo build --release -p capsem-agent"
+        );
+        assert_eq!(
+            build_fix("capsem-agent", Path::new("/usr/local/bin/capsem-agent")),
+            "cargo build --release -p capsem-agent && \
+             install -m 0755 target/release/capsem-agent /usr/local/bin/capsem-agent"
+        );
+    }
+
+    fn facts(modules: Vec<&'static str>, dev: bool) -> KvmFacts {
+        KvmFacts {
+            modules,
+            dev_kvm: if dev { Ok(()) } else { Err("denied".into()) },
+            dev_kvm_path: "/dev/kvm".into(),
+        }
+    }
+
+    #[test]
+    fn accel_statuses() {
+        let kvm = facts(vec!["kvm_intel"], true);
+        let pvm = facts(vec![], true);
+        assert_eq!(check_accel(AccelChoice::Auto, &kvm).status, Status::Ok);
+        let c = check_accel(AccelChoice::Auto, &pvm);
+        assert_eq!(c.status, Status::Warn);
+        assert!(c.detail.starts_with("auto picks tcg"), "{}", c.detail);
+        assert_eq!(c.fix, None);
+        assert_eq!(check_accel(AccelChoice::Tcg, &kvm).status, Status::Warn);
+        assert_eq!(check_accel(AccelChoice::Kvm, &kvm).status, Status::Ok);
+        let c = check_accel(AccelChoice::Kvm, &facts(vec!["kvm_amd"], false));
+        assert_eq!(c.status, Status::Missing);
+        assert!(c.fix.unwrap().contains("usermod"));
+    }
+
+    #[test]
+    fn home_checks() {
+        let d = tempfile::tempdir().unwrap();
+        let c = check_home(&Ok(d.path().to_path_buf()));
+        assert_eq!(c.status, Status::Ok, "{c:?}");
+        let c = check_home(&Ok(d.path().join("a/b")));
+        assert_eq!(c.status, Status::Ok, "{c:?}");
+        assert!(c.detail.contains("does not exist yet"), "{c:?}");
+        let file = d.path().join("f");
+        std::fs::write(&file, b"").unwrap();
+        let c = check_home(&Ok(file));
+        assert_eq!(c.status, Status::Missing);
+        assert!(c.fix.is_some());
+        let c = check_home(&Err(HomeError::NoHome));
+        assert_eq!(c.status, Status::Missing);
+        assert!(c.fix.is_some());
+    }
+
+    #[test]
+    fn image_checks() {
+        let d = tempfile::tempdir().unwrap();
+        let home = Ok(d.path().to_path_buf());
+        let c = check_image(&home, None);
+        assert_eq!(c.status, Status::Missing);
+        assert!(c.detail.ends_with("images/default does not exist"), "{c:?}");
+        assert_eq!(
+            c.fix.as_deref(),
+            Some(format!("images/build.sh {}/images/default", d.path().display()).as_str())
+        );
+        let img = d.path().join("img");
+        std::fs::create_dir(&img).unwrap();
+        std::fs::write(img.join("vmlinuz"), b"k").unwrap();
+        let c = check_image(&home, Some(img.as_os_str()));
+        assert!(c.detail.ends_with("lacks initramfs.cpio.gz, manifest.json"));
+        std::fs::write(img.join("initramfs.cpio.gz"), b"i").unwrap();
+        std::fs::write(img.join("manifest.json"), b"{}").unwrap();
+        assert_eq!(
+            check_image(&home, Some(img.as_os_str())).status,
+            Status::Warn
+        );
+        std::fs::write(
+            img.join("manifest.json"),
+            br#"{"kernel": {"release": "6.1.0-56-amd64"}}"#,
+        )
+        .unwrap();
+        let c = check_image(&home, Some(img.as_os_str()));
+        assert_eq!(c.status, Status::Ok);
+        assert!(c.detail.ends_with(": kernel 6.1.0-56-amd64"), "{c:?}");
+    }
+
+    #[test]
+    fn agent_beside_process_or_env() {
+        let d = tempfile::tempdir().unwrap();
+        let process = d.path().join("capsem-process");
+        let c = check_agent(None, Some(&process));
+        assert_eq!(c.status, Status::Missing);
+        assert!(c.fix.is_some());
+        let agent = d.path().join("capsem-agent");
+        std::fs::write(&agent, b"").unwrap();
+        std::fs::set_permissions(
+            &agent,
+            <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755),
+        )
+        .unwrap();
+        assert_eq!(check_agent(None, Some(&process)).status, Status::Ok);
+        let c = check_agent(Some("/nope/agent".into()), Some(&process));
+        assert_eq!(c.status, Status::Missing);
+        assert!(c.detail.contains("CAPSEM_AGENT_BIN"), "{c:?}");
+        assert_eq!(check_agent(None, None).status, Status::Missing);
+    }
+}
