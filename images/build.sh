@@ -187,6 +187,10 @@ cat >"$TREE/etc/group" <<'GROUP'
 root:x:0:
 tty:x:5:
 GROUP
+# bash -i reads ~/.bashrc: a prompt that says who and where, like a distro's.
+cat >"$TREE/root/.bashrc" <<'BASHRC'
+PS1='\u@\h:\w\$ '
+BASHRC
 echo "passwd: files" >"$TREE/etc/nsswitch.conf"
 echo "group: files" >>"$TREE/etc/nsswitch.conf"
 

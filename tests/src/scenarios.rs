@@ -251,3 +251,15 @@ pub fn session_lost_exits_255(name: &str, backend: Backend, keys: &str, why: &st
 pub fn agent_killed_exits_255(backend: Backend) {
     session_lost_exits_255("agent_killed", backend, "kill -9 $PPID\r", "exited");
 }
+
+/// SIGTERM or SIGHUP to the CLI destroys the temporary VM; the CLI exits
+/// 128+N.
+pub fn signal_to_the_cli_destroys_the_vm(backend: Backend, sig: nix::sys::signal::Signal) {
+    let fx = Fixture::new("signal_to_cli", backend);
+    let mut s = fx.shell(80, 24);
+    wait_ready(&mut s, backend);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(s.pid() as i32), sig).unwrap();
+    assert_eq!(s.wait_code(step(backend)).unwrap(), 128 + sig as i32);
+    drop(s);
+    fx.assert_nothing_left();
+}

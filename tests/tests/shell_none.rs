@@ -190,34 +190,12 @@ fn works_without_a_terminal() {
 
 #[test]
 fn sigterm_to_the_cli_destroys_the_vm() {
-    let fx = Fixture::new("sigterm", B);
-    let mut s = fx.shell(80, 24);
-    wait_ready(&mut s, B);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(s.pid() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let code = s.wait_code(step(B)).unwrap();
-    assert_eq!(code, 128 + 15);
-    drop(s);
-    fx.assert_nothing_left();
+    scenarios::signal_to_the_cli_destroys_the_vm(B, nix::sys::signal::Signal::SIGTERM);
 }
 
 #[test]
 fn sighup_to_the_cli_destroys_the_vm() {
-    let fx = Fixture::new("sighup", B);
-    let mut s = fx.shell(80, 24);
-    wait_ready(&mut s, B);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(s.pid() as i32),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .unwrap();
-    let code = s.wait_code(step(B)).unwrap();
-    assert_eq!(code, 128 + 1);
-    drop(s);
-    fx.assert_nothing_left();
+    scenarios::signal_to_the_cli_destroys_the_vm(B, nix::sys::signal::Signal::SIGHUP);
 }
 
 #[test]

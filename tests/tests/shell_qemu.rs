@@ -77,3 +77,17 @@ fn vm_kernel_panic_exits_255() {
         );
     }
 }
+
+#[test]
+fn vm_transport_loss_reconnects_once_and_keeps_the_shell() {
+    if !skipped() {
+        scenarios::transport_loss_keeps_the_shell(B);
+    }
+}
+
+#[test]
+fn vm_sigterm_to_the_cli_destroys_the_vm() {
+    if !skipped() {
+        scenarios::signal_to_the_cli_destroys_the_vm(B, nix::sys::signal::Signal::SIGTERM);
+    }
+}

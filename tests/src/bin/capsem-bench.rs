@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -211,6 +212,89 @@ fn memory_idle(backend: Backend) -> Result<()> {
     Ok(())
 }
 
+/// A bare QEMU boot of the same kernel and initramfs, with the same machine
+/// and accelerator but no vsock device, until capsem-init's first console
+/// line; QEMU is killed there.
+fn bare_qemu_to_first_init_line(image: &Path) -> Result<f64> {
+    let khz = std::fs::read_to_string("/proc/cpuinfo")?
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))
+        .and_then(|l| l.split(':').nth(1)?.trim().parse::<f64>().ok())
+        .map(|mhz| (mhz * 1000.0) as u64)
+        .context("cpu MHz")?;
+    let t0 = Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args([
+            "-accel", "tcg", "-M", "microvm", "-cpu", "max", "-m", "512M", "-smp", "1",
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-no-reboot",
+            "-serial",
+            "stdio",
+        ])
+        .arg("-kernel")
+        .arg(image.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(image.join("initramfs.cpio.gz"))
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 quiet panic=-1 reboot=t tsc_early_khz={khz} capsem.token=x"
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()?;
+    let mut out = child.stdout.take().context("stdout")?;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let found = loop {
+        let n = out.read(&mut buf)?;
+        if n == 0 {
+            break None;
+        }
+        seen.extend_from_slice(&buf[..n]);
+        if capsem_tests::pty::find(&seen, b"capsem-init:").is_some() {
+            break Some(t0.elapsed().as_secs_f64());
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    found.context("bare QEMU never printed an init line")
+}
+
+/// Boot to the first prompt of `capsem shell`, beside a bare QEMU boot to
+/// its first init line, alternating so both see the same host load.
+fn boot(runs: usize) -> Result<()> {
+    let image = capsem_tests::fixture::default_image_dir();
+    let mut ours = Vec::new();
+    let mut bare = Vec::new();
+    for _ in 0..runs {
+        bare.push(bare_qemu_to_first_init_line(&image)? * 1000.0);
+        let fx = Fixture::new("bench_boot", Backend::Qemu);
+        let t0 = Instant::now();
+        let mut s = fx.shell(80, 24);
+        s.expect_any(&["# ", "$ "], step(Backend::Qemu))?;
+        ours.push(t0.elapsed().as_secs_f64() * 1000.0);
+        s.line("exit")?;
+        s.wait(step(Backend::Qemu))?;
+        drop(s);
+        fx.assert_nothing_left();
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+        v[v.len() / 2]
+    };
+    let (o, b) = (median(&mut ours.clone()), median(&mut bare.clone()));
+    summarize("boot: capsem shell to first prompt (qemu)", "ms", ours);
+    summarize("boot: bare qemu to first init line", "ms", bare);
+    println!("boot overhead ratio (medians): {:.3}", o / b);
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let mut backend = Backend::None;
@@ -233,6 +317,9 @@ fn main() -> Result<()> {
     }
     if all || what == "memory" {
         memory_idle(backend)?;
+    }
+    if (all && backend == Backend::Qemu) || what == "boot" {
+        boot(5)?;
     }
     if all || what == "throughput" {
         throughput(backend, if backend == Backend::None { 256 } else { 32 })?;
