@@ -191,6 +191,21 @@ async fn next_output(output: &mut Option<MutexGuard<'_, mpsc::Receiver<ToClient>
     }
 }
 
+/// Marks the attached client's writer finished however it ends, so teardown
+/// never waits for a delivery that cannot happen.
+struct FinishOnDrop<'a> {
+    shared: &'a Shared,
+    attached: bool,
+}
+
+impl Drop for FinishOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.attached {
+            self.shared.client_finished.send_replace(true);
+        }
+    }
+}
+
 async fn write_responses(
     conn: u64,
     mut wr: OwnedWriteHalf,
@@ -198,6 +213,10 @@ async fn write_responses(
     shared: &Shared,
     events: &mpsc::Sender<Event>,
 ) {
+    let mut finish = FinishOnDrop {
+        shared,
+        attached: false,
+    };
     let mut output = None;
     loop {
         let msg = tokio::select! {
@@ -205,6 +224,7 @@ async fn write_responses(
             m = rx.recv() => match m {
                 None => return,
                 Some(Outgoing::StartOutput) => {
+                    finish.attached = true;
                     output = Some(shared.out_rx.lock().await);
                     continue;
                 }
@@ -235,7 +255,7 @@ async fn write_responses(
         if last {
             let _ = wr.flush().await;
             info!("client {conn}: final message delivered");
-            shared.final_delivered.send_replace(true);
+            drop(finish);
             let _ = events.send(Event::FinalDelivered).await;
             return;
         }

@@ -656,12 +656,12 @@ impl Session {
         info!("tearing down: {stop}");
         if let (Some(_), Some(reason)) = (self.attached, stop.lost_reason()) {
             let reason = self.with_log_hint(&reason, stop);
-            if !*self.shared.final_delivered.borrow()
+            if !*self.shared.client_finished.borrow()
                 && self
                     .shared
                     .notify_client(ProcessToClient::SessionLost { reason })
             {
-                let mut delivered = self.shared.final_delivered.subscribe();
+                let mut delivered = self.shared.client_finished.subscribe();
                 let _ = tokio::time::timeout(CLIENT_FLUSH_WAIT, delivered.wait_for(|d| *d)).await;
             }
         }

@@ -118,8 +118,9 @@ pub struct Shared {
     /// Whether a client is attached; the terminal is not read while false.
     pub attached: watch::Sender<bool>,
     notices: Mutex<Option<mpsc::Sender<Outgoing>>>,
-    /// Set once the attached client was sent its final message.
-    pub final_delivered: watch::Sender<bool>,
+    /// Set once the attached client's writer is finished: its final message
+    /// was delivered, or the client is gone and it never can be.
+    pub client_finished: watch::Sender<bool>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -145,7 +146,7 @@ impl Shared {
             guest_rx: tokio::sync::Mutex::new(guest_rx),
             attached: watch::channel(false).0,
             notices: Mutex::new(None),
-            final_delivered: watch::channel(false).0,
+            client_finished: watch::channel(false).0,
         })
     }
 
