@@ -7,6 +7,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/install-deps.sh
+# The test tools, each only when missing.
+export PATH="$HOME/.cargo/bin:$PATH"
+cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+if ! cargo nextest --version >/dev/null 2>&1; then
+    cargo install --locked --quiet cargo-nextest
+    echo "installed cargo-nextest (cargo)"
+fi
 
 echo "== fmt"
 cargo fmt --all -- --check
