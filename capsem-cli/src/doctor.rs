@@ -25,13 +25,13 @@ use std::path::{Path, PathBuf};
 
 use nix::unistd::AccessFlags;
 
-use crate::accel::{self, Accel, KvmFacts};
 use crate::cli::{AccelChoice, Vmm};
 use crate::exit;
 use crate::home::{self, HomeError};
 use crate::image;
 use crate::probe::{self, Lookup, VERSION_TIMEOUT};
 use crate::spawn::{self, SpawnError};
+use capsem_host::accel::{self, Accel, KvmFacts};
 
 pub const QEMU_BIN_ENV: &str = "CAPSEM_QEMU_BIN";
 pub const QEMU_BIN_NAME: &str = "qemu-system-x86_64";

@@ -48,7 +48,6 @@
 //! * [`progress`]: the "starting" indicator on a terminal stderr.
 //! * [`exit`]: the exit codes.
 
-mod accel;
 mod attach;
 mod cli;
 mod doctor;

@@ -242,7 +242,7 @@ impl Qemu {
         let cfg = launch.cfg;
         let dir = launch.dir;
         let image = Image::open(&cfg.image_dir()).map_err(|e| VmmError::Backend(e.to_string()))?;
-        let accel = accel::resolve(cfg.accel, accel::Host::default())
+        let accel = accel::resolve(cfg.accel, &capsem_host::accel::probe_host())
             .map_err(|e| VmmError::Backend(e.to_string()))?;
         let qemu_bin = find_program(QEMU_BIN_ENV, "qemu-system-x86_64").ok_or_else(|| {
             VmmError::Backend("qemu-system-x86_64 not found: run scripts/install-deps.sh".into())

@@ -1,10 +1,8 @@
-//! What `--accel auto` would pick on this host, for `capsem doctor` only.
-//!
-//! capsem-process makes the real decision (the shell path never calls this);
-//! the rule is the same: KVM only where a real KVM module (kvm_intel or
-//! kvm_amd) is loaded and /dev/kvm opens read-write, else TCG. A /dev/kvm
-//! served by anything else (a PVM module, say) can hang a stock kernel, so
-//! its presence alone is not enough.
+//! Which accelerator QEMU may use on this host: KVM only where a real KVM
+//! module (kvm_intel or kvm_amd) is loaded and /dev/kvm opens read-write,
+//! else TCG. A /dev/kvm served by anything else (a PVM module, say) can hang
+//! a stock kernel, so its presence alone is not enough. capsem-process
+//! decides with this; `capsem doctor` explains the same decision.
 
 use std::path::Path;
 
@@ -25,6 +23,19 @@ impl Accel {
             Accel::Tcg => "tcg",
         }
     }
+
+    /// QEMU's `-cpu` for this accelerator.
+    pub fn cpu(self) -> &'static str {
+        match self {
+            Accel::Kvm => "host",
+            Accel::Tcg => "max",
+        }
+    }
+}
+
+/// The host's own paths.
+pub fn probe_host() -> KvmFacts {
+    probe(Path::new("/sys/module"), Path::new("/dev/kvm"))
 }
 
 /// The host facts the rule reads.
