@@ -162,8 +162,10 @@ fn echo_rtt(backend: Backend, n: usize) -> Result<()> {
     let fx = Fixture::new("bench_echo", backend);
     let mut s = fx.shell(80, 24);
     wait_ready(&mut s, backend);
-    s.line("stty -icanon; cat >/dev/null")?;
-    // Let cat start: its readiness shows as the echo of a first probe byte.
+    // Keys typed while readline still has echo off would never echo: wait
+    // for the marker printed after stty ran.
+    s.line("stty -icanon; echo CAT$((1+1)); cat >/dev/null")?;
+    s.expect("CAT2", step(backend))?;
     s.send("#")?;
     s.expect("#", step(backend))?;
     let mut samples = Vec::with_capacity(n);
