@@ -91,3 +91,37 @@ fn vm_sigterm_to_the_cli_destroys_the_vm() {
         scenarios::signal_to_the_cli_destroys_the_vm(B, nix::sys::signal::Signal::SIGTERM);
     }
 }
+
+#[test]
+fn vm_boot_failure_exits_125_and_names_the_kept_logs() {
+    if skipped() {
+        return;
+    }
+    let fx = capsem_tests::Fixture::new("boot_failure", B);
+    // An image whose kernel QEMU cannot load.
+    let image = fx.home().join("broken-image");
+    std::fs::create_dir_all(&image).unwrap();
+    std::fs::write(image.join("vmlinuz"), b"not a kernel").unwrap();
+    std::fs::write(image.join("initramfs.cpio.gz"), b"not an initramfs").unwrap();
+    std::fs::write(image.join("manifest.json"), b"{}").unwrap();
+    let out = fx
+        .capsem()
+        .env("CAPSEM_IMAGE_DIR", &image)
+        .arg("shell")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("capsem: ")).collect();
+    assert_eq!(lines.len(), 1, "one error line expected: {stderr:?}");
+    let logs = lines[0]
+        .split("(logs: ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .unwrap_or_else(|| panic!("no kept-logs path in {:?}", lines[0]));
+    let qemu_log = std::fs::read_to_string(std::path::Path::new(logs).join("qemu.log")).unwrap();
+    assert!(!qemu_log.trim().is_empty(), "QEMU's complaint was not kept");
+    assert!(std::path::Path::new(logs).join("process.log").exists());
+    fx.assert_nothing_left();
+}
