@@ -153,8 +153,10 @@ impl Session {
                     ProcessToClient::SessionLost { reason } => {
                         Err(AttachError::Refused(one_line(&reason)))
                     }
-                    ProcessToClient::Output { .. } => Err(AttachError::Unexpected("output")),
-                    ProcessToClient::ShellExited { .. } => {
+                    ProcessToClient::Output { .. } | ProcessToClient::ExecOutput { .. } => {
+                        Err(AttachError::Unexpected("output"))
+                    }
+                    ProcessToClient::ShellExited { .. } | ProcessToClient::ExecExit { .. } => {
                         Err(AttachError::Unexpected("an exit status"))
                     }
                     ProcessToClient::GuestUnresponsive { .. }
@@ -304,7 +306,11 @@ impl Session {
                         let _ = stdout.flush();
                         note(&one_line(&message));
                     }
-                    ProcessToClient::Attached { .. } | ProcessToClient::Status(_) => {}
+                    // Exec messages belong to `capsem run`, never to a shell.
+                    ProcessToClient::Attached { .. }
+                    | ProcessToClient::Status(_)
+                    | ProcessToClient::ExecOutput { .. }
+                    | ProcessToClient::ExecExit { .. } => {}
                 }
             }
             if wrote {

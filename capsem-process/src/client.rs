@@ -171,6 +171,12 @@ async fn read_requests(
                 let _ = events.send(Event::DropGuest).await;
                 None
             }
+            ClientToProcess::Exec { .. }
+            | ClientToProcess::ExecStdin { .. }
+            | ClientToProcess::ExecStdinEof
+            | ClientToProcess::ExecSignal { .. } => {
+                Some(reply("this VM was not started to run a command"))
+            }
         };
         if let Some(answer) = answer {
             if tx.send(answer).await.is_err() {

@@ -12,6 +12,7 @@ use std::marker::PhantomData;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::exec::{ExecToHost, HostToExec};
 use crate::guest::{GuestToHost, HostToGuest, MAX_CONTROL_FRAME};
 use crate::ipc::{ClientToProcess, ProcessToClient, MAX_IPC_FRAME};
 
@@ -55,6 +56,12 @@ pub enum Host {}
 /// The guest agent, facing the host.
 #[derive(Debug)]
 pub enum Guest {}
+/// The host per-VM process on the exec port.
+#[derive(Debug)]
+pub enum ExecHost {}
+/// The guest agent on the exec port.
+#[derive(Debug)]
+pub enum ExecGuest {}
 /// The `capsem` CLI, facing capsem-process.
 #[derive(Debug)]
 pub enum Client {}
@@ -71,6 +78,18 @@ impl Role for Host {
 impl Role for Guest {
     type Inbound = HostToGuest;
     type Outbound = GuestToHost;
+    const MAX_INBOUND: usize = MAX_CONTROL_FRAME;
+    const MAX_OUTBOUND: usize = MAX_CONTROL_FRAME;
+}
+impl Role for ExecHost {
+    type Inbound = ExecToHost;
+    type Outbound = HostToExec;
+    const MAX_INBOUND: usize = MAX_CONTROL_FRAME;
+    const MAX_OUTBOUND: usize = MAX_CONTROL_FRAME;
+}
+impl Role for ExecGuest {
+    type Inbound = HostToExec;
+    type Outbound = ExecToHost;
     const MAX_INBOUND: usize = MAX_CONTROL_FRAME;
     const MAX_OUTBOUND: usize = MAX_CONTROL_FRAME;
 }

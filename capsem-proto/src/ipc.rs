@@ -8,6 +8,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::exec::ExecStream;
+
 /// Largest IPC payload either side accepts.
 pub const MAX_IPC_FRAME: usize = 1024 * 1024;
 /// Largest terminal chunk carried in one `Input` or `Output`.
@@ -33,6 +35,25 @@ pub enum ClientToProcess {
     /// Test hook: close the current guest connections as if the transport
     /// broke, so the agent must reconnect.
     DropGuestConnections,
+    /// Run one command (a VM started with `--exec`): attaches this
+    /// connection like `Attach` and forwards the command to the guest. The
+    /// process answers `Attached`, then `ExecOutput`* and exactly one of
+    /// `ExecExit` (after every output byte) or `SessionLost`.
+    Exec {
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        workdir: Option<String>,
+        timeout_ms: Option<u64>,
+    },
+    /// Bytes for the command's stdin (at most `MAX_EXEC_CHUNK`).
+    ExecStdin {
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// The command's stdin ends.
+    ExecStdinEof,
+    /// Signal the command's process group.
+    ExecSignal { signal: i32 },
 }
 
 /// What the process reports about its VM.
@@ -79,6 +100,18 @@ pub enum ProcessToClient {
     Status(VmStatus),
     /// A request was refused.
     Error { message: String },
+    /// Output of an `Exec` command, in order per stream.
+    ExecOutput {
+        stream: ExecStream,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// The `Exec` command ended; no `ExecOutput` follows.
+    ExecExit {
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        timed_out: bool,
+    },
 }
 
 #[cfg(test)]
@@ -120,6 +153,23 @@ mod tests {
                 ClientToProcess::DropGuestConnections,
                 "0000001a81a174b664726f705f67756573745f636f6e6e656374696f6e73",
             ),
+            (
+                ClientToProcess::Exec {
+                    argv: vec!["true".into()],
+                    env: vec![],
+                    workdir: Some("/tmp".into()),
+                    timeout_ms: None,
+                },
+                "0000003482a174a465786563a16384a46172677691a474727565a3656e7690a7776f726b646972a42f746d70aa74696d656f75745f6d73c0",
+            ),
+            (
+                ClientToProcess::ExecStdin {
+                    data: b"x".to_vec(),
+                },
+                "0000001982a174aa657865635f737464696ea16381a464617461c40178",
+            ),
+            (ClientToProcess::ExecStdinEof, "0000001281a174ae657865635f737464696e5f656f66"),
+            (ClientToProcess::ExecSignal { signal: 2 }, "0000001a82a174ab657865635f7369676e616ca16381a67369676e616c02"),
         ];
         for (msg, want) in client {
             let got = Codec::<Client>::encode(&msg).unwrap();
@@ -184,6 +234,21 @@ mod tests {
                     message: "busy".into(),
                 },
                 "0000001982a174a56572726f72a16381a76d657373616765a462757379",
+            ),
+            (
+                ProcessToClient::ExecOutput {
+                    stream: ExecStream::Stdout,
+                    data: b"hi".to_vec(),
+                },
+                "0000002982a174ab657865635f6f7574707574a16382a673747265616da67374646f7574a464617461c4026869",
+            ),
+            (
+                ProcessToClient::ExecExit {
+                    exit_code: Some(5),
+                    signal: None,
+                    timed_out: false,
+                },
+                "0000002e82a174a9657865635f65786974a16383a9657869745f636f646505a67369676e616cc0a974696d65645f6f7574c2",
             ),
         ];
         for (msg, want) in process {

@@ -6,6 +6,8 @@
 //!   delivers as `<uds>_<port>`): [`guest::HostToGuest`] and
 //!   [`guest::GuestToHost`] on the control port; the terminal port carries raw
 //!   shell bytes and never a frame.
+//! * host <-> guest on the exec port: [`exec::HostToExec`] and
+//!   [`exec::ExecToHost`], one non-interactive command per connection.
 //! * CLI <-> capsem-process, over `<vm-dir>/ctl.sock`: [`ipc::ClientToProcess`]
 //!   and [`ipc::ProcessToClient`].
 //!
@@ -16,12 +18,14 @@
 //!   role-typed [`frame::Codec`] that only encodes what its side may send and
 //!   only decodes what its side may receive.
 //! * [`guest`]: host/guest messages, ports and limits.
+//! * [`exec`]: exec-port messages, their bounds and the environment checks.
 //! * [`ipc`]: CLI/host-process messages.
 //!
 //! Every message is MessagePack with named fields, adjacently tagged
 //! (`{"t": <variant>, "c": <fields>}`). `docs/protocol.md` shows golden bytes
 //! for every variant; the tests at the bottom of each module pin them.
 
+pub mod exec;
 pub mod frame;
 pub mod guest;
 pub mod ipc;
