@@ -16,6 +16,9 @@
 //! * `$CAPSEM_BOOT_STAGES` (optional, `name=micros,...`): reported once as
 //!   `BootTimings` after the first HelloAck; an invalid list is logged and
 //!   not sent.
+//! * `$CAPSEM_MODE` (optional): `exec` starts no shell; the agent runs one
+//!   command that the host sends on the exec port (see [`exec`]). Anything
+//!   else but `shell` or empty is a configuration error.
 //! * `$RUST_LOG` (optional, default `info`): log filter. Logs go to stderr
 //!   with RFC 3339 UTC timestamps.
 //!
@@ -35,6 +38,9 @@
 //! Modules:
 //!
 //! * [`session`]: the main loop (connect, hello, bridge, act on the end).
+//! * [`exec`]: exec mode: one command, its streams on the exec port, one
+//!   poll loop.
+//! * [`command`]: the exec-mode command: pipes, pidfd, process group.
 //! * [`bridge`]: one generation's six threads and its typed [`bridge::BridgeEnd`].
 //! * [`control`]: the hello handshake and the boot stage parser.
 //! * [`pty`]: the shell on a PTY: spawn, resize, terminate, reap.
@@ -45,7 +51,9 @@
 //! * [`fdio`]: poll, nonblocking reads and writes, cancellable writes.
 
 mod bridge;
+mod command;
 mod control;
+mod exec;
 mod fdio;
 mod pty;
 mod reconnect;
@@ -87,13 +95,15 @@ enum AgentError {
     Signals(#[source] SignalsError),
     #[error(transparent)]
     Session(#[from] SessionError),
+    #[error("exec mode failed")]
+    Exec(#[from] exec::ExecError),
 }
 
 impl AgentError {
     fn exit_code(&self) -> u8 {
         match self {
             Self::Config(_) => 2,
-            Self::Signals(_) | Self::Session(_) => 1,
+            Self::Signals(_) | Self::Session(_) | Self::Exec(_) => 1,
         }
     }
 }
@@ -113,7 +123,7 @@ fn main() -> ExitCode {
     init_logging();
     match run(cli) {
         Ok(outcome) => {
-            info!(?outcome, "agent exiting");
+            info!(outcome = %outcome, "agent exiting");
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -123,7 +133,38 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<Outcome, AgentError> {
+/// How the agent ended, for its last log line.
+#[derive(Debug)]
+enum Ended {
+    Shell(Outcome),
+    Exec(exec::ExecOutcome),
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Shell(o) => write!(f, "{o:?}"),
+            Self::Exec(o) => write!(f, "{o:?}"),
+        }
+    }
+}
+
+/// `$CAPSEM_MODE`: `true` for exec mode.
+fn exec_mode() -> Result<bool, AgentError> {
+    match std::env::var("CAPSEM_MODE").as_deref() {
+        Ok("exec") => Ok(true),
+        Ok("shell") | Ok("") | Err(std::env::VarError::NotPresent) => Ok(false),
+        Ok(other) => Err(AgentError::Config(format!(
+            "CAPSEM_MODE must be shell or exec, got {:?}",
+            other.chars().take(32).collect::<String>()
+        ))),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            Err(AgentError::Config("CAPSEM_MODE is not UTF-8".into()))
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<Ended, AgentError> {
     let token = std::env::var("CAPSEM_TOKEN")
         .map_err(|_| AgentError::Config("CAPSEM_TOKEN is not set (or not UTF-8)".into()))?;
     if token.is_empty() || token.len() > capsem_proto::guest::MAX_TOKEN_LEN {
@@ -145,6 +186,17 @@ fn run(cli: Cli) -> Result<Outcome, AgentError> {
         Transport::Vsock => PathBuf::from("/root"),
         Transport::Unix(_) => cwd.clone(),
     };
+    if exec_mode()? {
+        let cfg = exec::ExecConfig {
+            transport: cli.transport,
+            token,
+            home,
+            cwd,
+        };
+        let signals = Signals::block().map_err(AgentError::Signals)?;
+        info!(transport = %cfg.transport, "agent starting in exec mode");
+        return Ok(Ended::Exec(exec::run(&cfg, &signals)?));
+    }
     let cfg = Config {
         transport: cli.transport,
         token,
@@ -156,7 +208,7 @@ fn run(cli: Cli) -> Result<Outcome, AgentError> {
     // mask and the signals only arrive through the signalfd.
     let signals = Signals::block().map_err(AgentError::Signals)?;
     info!(transport = %cfg.transport, host_timeout_ms = cli.host_timeout_ms, "agent starting");
-    Ok(session::run(&cfg, &signals)?)
+    Ok(Ended::Shell(session::run(&cfg, &signals)?))
 }
 
 fn init_logging() {

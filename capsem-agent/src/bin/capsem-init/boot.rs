@@ -83,6 +83,7 @@ fn agent_command(cmd: &cmdline::Cmdline, stages: &BootStages) -> AgentCommand {
     if let Some(token) = &cmd.token {
         env.push(("CAPSEM_TOKEN".to_owned(), token.clone()));
     }
+    env.push(("CAPSEM_MODE".to_owned(), cmd.mode.clone()));
     let args = if cmd.agent == Path::new(cmdline::DEFAULT_AGENT) {
         vec!["--transport".into(), "vsock".into()]
     } else {

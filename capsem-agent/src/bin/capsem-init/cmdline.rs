@@ -5,6 +5,7 @@
 //! | `capsem.token=T` | session token, passed to the agent as `CAPSEM_TOKEN` | none (the agent's hello will be refused) |
 //! | `capsem.hostname=H` | guest hostname | `capsem` |
 //! | `capsem.agent=PATH` | program to run instead of the agent (debugging) | `/usr/bin/capsem-agent` |
+//! | `capsem.mode=exec` | the agent runs one command instead of a shell, passed as `CAPSEM_MODE` | `shell` |
 
 use std::path::PathBuf;
 
@@ -32,6 +33,8 @@ pub enum CmdlineError {
     HostnameInvalid(String),
     #[error("capsem.agent {0:?} is not an absolute path")]
     AgentNotAbsolute(String),
+    #[error("capsem.mode {0:?} is not shell or exec")]
+    ModeInvalid(String),
 }
 
 /// What the init takes from the command line.
@@ -40,6 +43,8 @@ pub struct Cmdline {
     pub token: Option<String>,
     pub hostname: String,
     pub agent: PathBuf,
+    /// `shell` or `exec`.
+    pub mode: String,
 }
 
 /// Reads and parses [`PROC_CMDLINE`] (procfs must be mounted).
@@ -55,6 +60,7 @@ pub fn parse(text: &str) -> Result<Cmdline, CmdlineError> {
         token: None,
         hostname: DEFAULT_HOSTNAME.to_owned(),
         agent: PathBuf::from(DEFAULT_AGENT),
+        mode: "shell".to_owned(),
     };
     for word in text.split_ascii_whitespace() {
         if let Some(token) = word.strip_prefix("capsem.token=") {
@@ -75,6 +81,11 @@ pub fn parse(text: &str) -> Result<Cmdline, CmdlineError> {
                 return Err(CmdlineError::AgentNotAbsolute(agent.to_owned()));
             }
             out.agent = PathBuf::from(agent);
+        } else if let Some(mode) = word.strip_prefix("capsem.mode=") {
+            if mode != "shell" && mode != "exec" {
+                return Err(CmdlineError::ModeInvalid(mode.chars().take(32).collect()));
+            }
+            out.mode = mode.to_owned();
         }
     }
     Ok(out)
@@ -97,6 +108,13 @@ fn valid_hostname(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mode_is_shell_or_exec() {
+        assert_eq!(parse("").unwrap().mode, "shell");
+        assert_eq!(parse("capsem.mode=exec").unwrap().mode, "exec");
+        assert!(parse("capsem.mode=x").is_err());
+    }
 
     #[test]
     fn defaults() {

@@ -1,0 +1,318 @@
+//! One non-interactive command (exec mode): started in its own session with
+//! stdin, stdout and stderr as three pipes, watched through a pidfd, and
+//! signalled only as a whole process group while it is unreaped (so the
+//! group id cannot name anyone else).
+
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::signal::{killpg, Signal};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::fdio;
+use crate::pty::ShellStatus;
+
+/// Errors of a command that did start.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("cannot open a pidfd for the command (pid {pid})")]
+    PidFd {
+        pid: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot configure the command's pipes")]
+    Pipes(#[source] io::Error),
+    #[error("cannot reap the command (pid {pid})")]
+    Reap {
+        pid: u32,
+        #[source]
+        source: nix::Error,
+    },
+}
+
+/// Why the command could not start, as the user sees it.
+#[derive(Debug)]
+pub struct SpawnFailure {
+    /// 127 (not found) or 126 (found, not executable).
+    pub exit_code: i32,
+    /// One line for the command's stderr.
+    pub message: String,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct CommandSpec {
+    pub argv: Vec<String>,
+    pub env: Vec<(OsString, OsString)>,
+    pub cwd: PathBuf,
+}
+
+/// A started command: the parent's ends of its pipes and its pidfd.
+#[derive(Debug)]
+pub struct Running {
+    pid: Pid,
+    pidfd: OwnedFd,
+    pub stdin: Option<OwnedFd>,
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+    status: Option<ShellStatus>,
+}
+
+/// Signals whose disposition the command must find at its default.
+const RESET_SIGNALS: [libc::c_int; 7] = [
+    libc::SIGHUP,
+    libc::SIGINT,
+    libc::SIGQUIT,
+    libc::SIGTERM,
+    libc::SIGPIPE,
+    libc::SIGCHLD,
+    libc::SIGTSTP,
+];
+
+/// The exit code and message for an exec error, like a shell's: ENOENT is
+/// "not found" (127), anything else "cannot execute" (126).
+pub fn spawn_failure(program: &str, err: &io::Error) -> SpawnFailure {
+    let exit_code = if err.raw_os_error() == Some(libc::ENOENT) {
+        127
+    } else {
+        126
+    };
+    let reason = io::Error::from_raw_os_error(err.raw_os_error().unwrap_or(libc::EIO));
+    let program: String = program.chars().take(256).collect();
+    SpawnFailure {
+        exit_code,
+        message: format!("capsem: cannot run {program}: {reason}\n"),
+    }
+}
+
+impl Running {
+    /// Starts `spec` as a session leader with three pipes. `Ok(Err(_))` is a
+    /// command that could not be executed (reported to the user as 126/127).
+    pub fn spawn(spec: &CommandSpec) -> Result<Result<Self, SpawnFailure>, CommandError> {
+        let program = &spec.argv[0];
+        let mut cmd = std::process::Command::new(program);
+        cmd.args(&spec.argv[1..])
+            .env_clear()
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(&spec.cwd)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: the closure runs in the child between fork and exec and only
+        // makes async-signal-safe calls (setsid, sigemptyset, sigprocmask,
+        // sigaction); it allocates nothing and touches no lock.
+        unsafe {
+            cmd.pre_exec(|| {
+                // Its own session and process group: a kill reaches every
+                // process it started that did not leave the group itself.
+                if libc::setsid() < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let mut none: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut none);
+                if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let mut dfl: libc::sigaction = std::mem::zeroed();
+                dfl.sa_sigaction = libc::SIG_DFL;
+                for sig in RESET_SIGNALS {
+                    libc::sigaction(sig, &dfl, std::ptr::null_mut());
+                }
+                Ok(())
+            });
+        }
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => return Ok(Err(spawn_failure(program, &e))),
+        };
+        let raw_pid = child.id();
+        let pid = Pid::from_raw(raw_pid as libc::pid_t);
+        let stdin = child.stdin.take().map(OwnedFd::from);
+        let stdout = child.stdout.take().map(OwnedFd::from);
+        let stderr = child.stderr.take().map(OwnedFd::from);
+        // Dropping `Child` neither kills nor reaps; this module reaps.
+        drop(child);
+        let pidfd = match pidfd_open(pid) {
+            Ok(fd) => fd,
+            Err(source) => {
+                let _ = killpg(pid, Signal::SIGKILL);
+                let _ = waitpid(pid, None);
+                return Err(CommandError::PidFd {
+                    pid: raw_pid,
+                    source,
+                });
+            }
+        };
+        let running = Self {
+            pid,
+            pidfd,
+            stdin,
+            stdout,
+            stderr,
+            status: None,
+        };
+        for fd in [&running.stdin, &running.stdout, &running.stderr]
+            .into_iter()
+            .flatten()
+        {
+            fdio::set_nonblocking(fd.as_fd()).map_err(CommandError::Pipes)?;
+        }
+        Ok(Ok(running))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid.as_raw() as u32
+    }
+
+    /// Readable once the command has exited.
+    pub fn pidfd(&self) -> BorrowedFd<'_> {
+        self.pidfd.as_fd()
+    }
+
+    pub fn status(&self) -> Option<ShellStatus> {
+        self.status
+    }
+
+    /// Signals the command's process group; a no-op once it is reaped.
+    pub fn signal_group(&self, sig: Signal) {
+        if self.status.is_none() {
+            let _ = killpg(self.pid, sig);
+        }
+    }
+
+    /// Reaps the exited command: first SIGKILLs what is left of its group
+    /// (background jobs die with the command, as in a container whose init
+    /// ended), while the zombie still holds the group id.
+    pub fn reap(&mut self) -> Result<ShellStatus, CommandError> {
+        if let Some(s) = self.status {
+            return Ok(s);
+        }
+        let _ = killpg(self.pid, Signal::SIGKILL);
+        let s = loop {
+            match waitpid(self.pid, None) {
+                Ok(WaitStatus::Exited(_, code)) => {
+                    break ShellStatus {
+                        exit_code: Some(code),
+                        signal: None,
+                    }
+                }
+                Ok(WaitStatus::Signaled(_, sig, _)) => {
+                    break ShellStatus {
+                        exit_code: None,
+                        signal: Some(sig as i32),
+                    }
+                }
+                Ok(_) | Err(Errno::EINTR) => continue,
+                Err(source) => {
+                    return Err(CommandError::Reap {
+                        pid: self.pid(),
+                        source,
+                    })
+                }
+            }
+        };
+        self.status = Some(s);
+        Ok(s)
+    }
+
+    /// SIGTERM (and SIGCONT) to the group, up to `grace` for the command to
+    /// exit, then SIGKILL and reap.
+    pub fn terminate(&mut self, grace: Duration) -> Result<ShellStatus, CommandError> {
+        if let Some(s) = self.status {
+            return Ok(s);
+        }
+        self.signal_group(Signal::SIGTERM);
+        self.signal_group(Signal::SIGCONT);
+        let mut fds = [fdio::pollfd(self.pidfd.as_fd(), fdio::IN)];
+        let _ = fdio::poll(&mut fds, Some(Instant::now() + grace));
+        self.reap()
+    }
+}
+
+impl Drop for Running {
+    /// An error path that drops an unreaped command still kills and reaps it.
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            let _ = self.terminate(Duration::from_millis(500));
+        }
+    }
+}
+
+fn pidfd_open(pid: Pid) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a fresh fd (close-on-exec) that nothing
+    // else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(argv: &[&str]) -> CommandSpec {
+        CommandSpec {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            env: vec![("PATH".into(), crate::pty::SHELL_PATH.into())],
+            cwd: std::env::temp_dir(),
+        }
+    }
+
+    #[test]
+    fn not_found_is_127_and_not_executable_is_126() {
+        let f = Running::spawn(&spec(&["capsem-no-such-program"]))
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(f.exit_code, 127);
+        assert!(
+            f.message
+                .starts_with("capsem: cannot run capsem-no-such-program: "),
+            "{}",
+            f.message
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("plain");
+        std::fs::write(&file, "data").unwrap();
+        let f = Running::spawn(&spec(&[file.to_str().unwrap()]))
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(f.exit_code, 126, "{}", f.message);
+    }
+
+    #[test]
+    fn exit_status_and_group_kill_on_exit() {
+        let mut r = Running::spawn(&spec(&["/bin/sh", "-c", "sleep 30 & exit 4"]))
+            .unwrap()
+            .unwrap();
+        let mut fds = [fdio::pollfd(r.pidfd(), fdio::IN)];
+        fdio::poll(&mut fds, Some(Instant::now() + Duration::from_secs(10))).unwrap();
+        assert_eq!(r.reap().unwrap().exit_code, Some(4));
+        // The background sleep held stdout; the group kill closes it.
+        let stdout = r.stdout.take().unwrap();
+        let mut buf = [0u8; 16];
+        let mut fds = [fdio::pollfd(stdout.as_fd(), fdio::IN)];
+        fdio::poll(&mut fds, Some(Instant::now() + Duration::from_secs(10))).unwrap();
+        assert_eq!(fdio::read(stdout.as_fd(), &mut buf).unwrap(), 0);
+    }
+
+    #[test]
+    fn terminate_kills_a_term_ignoring_command() {
+        let mut r = Running::spawn(&spec(&["/bin/sh", "-c", "trap '' TERM; sleep 30"]))
+            .unwrap()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let s = r.terminate(Duration::from_millis(100)).unwrap();
+        assert_eq!(s.signal, Some(libc::SIGKILL), "{s:?}");
+    }
+}

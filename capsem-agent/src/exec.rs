@@ -1,0 +1,653 @@
+//! Exec mode (`CAPSEM_MODE=exec`): no shell; one command, its streams on the
+//! exec port.
+//!
+//! The agent says hello with `shell_pid: 0`, connects the terminal port (left
+//! idle, so the host pairs the generation as for a shell) and the exec port,
+//! waits for `Start`, runs the command ([`crate::command`]) and serves it in
+//! one poll loop on the calling thread: control (Ping → Pong, Shutdown, EOF),
+//! exec input (Stdin, StdinEof, Signal), the command's pipes, its pidfd, the
+//! termination signalfd and the timeout/kill deadlines. No thread is started,
+//! so nothing needs joining; every fd is owned by this function's locals.
+//!
+//! Ordering: `Output` frames are queued in the order the pipes are read and
+//! `Exit` is queued after both pipes ended, on the same connection, so the
+//! host receives every byte before the status. There is no reconnection: a
+//! lost transport ends the command (the VM is going away).
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use capsem_proto::exec::{check_start, ExecStream, ExecToHost, HostToExec, MAX_EXEC_CHUNK};
+use capsem_proto::frame::{ExecGuest, Guest};
+use capsem_proto::guest::{
+    GuestToHost, HostToGuest, PORT_CONTROL, PORT_EXEC, PORT_TERMINAL, PROTOCOL_VERSION,
+};
+use capsem_proto::{Codec, FrameError};
+use nix::sys::signal::Signal;
+use tracing::{info, warn};
+
+use crate::command::{CommandError, CommandSpec, Running};
+use crate::control::{self, Handshake, HELLO_TIMEOUT};
+use crate::fdio;
+use crate::pty::SHELL_PATH;
+use crate::reconnect::{self, Backoff, ReconnectError, Waited};
+use crate::session::chain;
+use crate::signals::Signals;
+use crate::transport::{Connected, Transport};
+
+/// SIGTERM (timeout, host signal) to SIGKILL.
+pub const KILL_GRACE: Duration = Duration::from_secs(2);
+/// After the command exited, how long its pipes may stay open (a process
+/// that left its group can hold them) before they are given up on.
+pub const DRAIN_WAIT: Duration = Duration::from_secs(1);
+/// After `Exit` is written, how long to wait for the host's Shutdown.
+pub const LINGER: Duration = Duration::from_secs(5);
+/// Connection attempts before the agent gives up.
+const CONNECT_ATTEMPTS: u32 = 40;
+/// Output encoded but not yet written to the exec socket: the pipes are not
+/// read beyond this, so a slow host blocks the command instead of growing
+/// memory.
+const OUT_CAP: usize = 256 * 1024;
+/// Stdin received but not yet written to the pipe: the exec socket is not
+/// read beyond this.
+const STDIN_CAP: usize = 256 * 1024;
+
+/// Errors that end exec mode as a runtime failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("cannot connect to the host: {0}")]
+    Connect(String),
+    #[error(transparent)]
+    Reconnect(#[from] ReconnectError),
+    #[error("poll failed")]
+    Poll(#[source] io::Error),
+    #[error("cannot encode a message")]
+    Encode(#[source] FrameError),
+    #[error(transparent)]
+    Command(#[from] CommandError),
+}
+
+/// How exec mode ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecOutcome {
+    /// The status was sent to the host.
+    Reported,
+    /// The host, a signal or a lost transport stopped the command first.
+    Stopped(String),
+}
+
+/// What exec mode needs from the agent's configuration.
+#[derive(Debug, Clone)]
+pub struct ExecConfig {
+    pub transport: Transport,
+    pub token: String,
+    pub home: PathBuf,
+    pub cwd: PathBuf,
+}
+
+struct Conns {
+    control: OwnedFd,
+    ctl_codec: Codec<Guest>,
+    // Held open so the host pairs the generation; never read or written.
+    _terminal: OwnedFd,
+    exec: OwnedFd,
+}
+
+fn connect_all(cfg: &ExecConfig, signals: &Signals) -> Result<Option<Conns>, ExecError> {
+    let mut backoff = Backoff::from_entropy()?;
+    let mut last = String::new();
+    for attempt in 1..=CONNECT_ATTEMPTS {
+        match connect_once(cfg, signals) {
+            Ok(Some(c)) => return Ok(Some(c)),
+            Ok(None) => return Ok(None),
+            Err(reason) => {
+                info!(attempt, %reason, "connection attempt failed");
+                last = reason;
+            }
+        }
+        if reconnect::wait(backoff.next_delay(), signals.fd())? == Waited::Cancelled {
+            return Ok(None);
+        }
+    }
+    Err(ExecError::Connect(last))
+}
+
+/// `Ok(None)`: cancelled by a termination signal.
+fn connect_once(cfg: &ExecConfig, signals: &Signals) -> Result<Option<Conns>, String> {
+    let connect = |port| match cfg.transport.connect(port, signals.fd()) {
+        Ok(Connected::Socket(fd)) => Ok(Some(fd)),
+        Ok(Connected::Cancelled) => Ok(None),
+        Err(e) => Err(chain(&e)),
+    };
+    let Some(control) = connect(PORT_CONTROL)? else {
+        return Ok(None);
+    };
+    let hello = GuestToHost::Hello {
+        version: PROTOCOL_VERSION,
+        token: cfg.token.clone(),
+        connects: 1,
+        shell_pid: 0,
+    };
+    let (generation, ctl_codec) =
+        match control::handshake(control.as_fd(), &hello, signals.fd(), HELLO_TIMEOUT) {
+            Ok(Handshake::Acked { generation, codec }) => (generation, codec),
+            Ok(Handshake::Cancelled) => return Ok(None),
+            Err(e) => return Err(format!("hello: {}", chain(&e))),
+        };
+    let Some(terminal) = connect(PORT_TERMINAL)? else {
+        return Ok(None);
+    };
+    let Some(exec) = connect(PORT_EXEC)? else {
+        return Ok(None);
+    };
+    info!(generation, transport = %cfg.transport, "connected for exec");
+    Ok(Some(Conns {
+        control,
+        ctl_codec,
+        _terminal: terminal,
+        exec,
+    }))
+}
+
+/// The base environment, then the request's variables (already checked).
+fn command_env(
+    home: &Path,
+    env: &[(String, String)],
+) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+    let mut out: Vec<(std::ffi::OsString, std::ffi::OsString)> = vec![
+        ("PATH".into(), SHELL_PATH.into()),
+        ("HOME".into(), home.as_os_str().to_owned()),
+        ("LANG".into(), "C.UTF-8".into()),
+    ];
+    for (k, v) in env {
+        out.retain(|(name, _)| name.as_os_str() != k.as_str());
+        out.push((k.into(), v.into()));
+    }
+    out
+}
+
+/// Bytes waiting for a nonblocking socket, written as it accepts them.
+#[derive(Default)]
+struct OutBuf {
+    buf: Vec<u8>,
+}
+
+impl OutBuf {
+    fn push(&mut self, msg: &ExecToHost) -> Result<(), ExecError> {
+        Codec::<ExecGuest>::encode_into(msg, &mut self.buf).map_err(ExecError::Encode)
+    }
+
+    /// Writes what the socket takes; `Err` on a broken connection.
+    fn flush(&mut self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        while !self.buf.is_empty() {
+            match fdio::write(fd, &self.buf) {
+                Ok(n) => {
+                    self.buf.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The state of the one command.
+struct Exec {
+    cmd: Option<Running>,
+    out: OutBuf,
+    stdin_buf: Vec<u8>,
+    stdin_eof: bool,
+    stdout_bytes: u64,
+    stderr_bytes: u64,
+    timed_out: bool,
+    deadline: Option<Instant>,
+    kill_at: Option<Instant>,
+    drain_until: Option<Instant>,
+    exit_queued: bool,
+}
+
+impl Exec {
+    fn new() -> Self {
+        Self {
+            cmd: None,
+            out: OutBuf::default(),
+            stdin_buf: Vec::new(),
+            stdin_eof: false,
+            stdout_bytes: 0,
+            stderr_bytes: 0,
+            timed_out: false,
+            deadline: None,
+            kill_at: None,
+            drain_until: None,
+            exit_queued: false,
+        }
+    }
+
+    /// Reports a command that never ran: its reason on stderr, then `Exit`.
+    fn fail(&mut self, exit_code: i32, message: &str) -> Result<(), ExecError> {
+        let data = message.as_bytes().to_vec();
+        self.stderr_bytes += data.len() as u64;
+        self.out.push(&ExecToHost::Output {
+            stream: ExecStream::Stderr,
+            data,
+        })?;
+        self.out.push(&ExecToHost::Exit {
+            exit_code: Some(exit_code),
+            signal: None,
+            timed_out: false,
+            stdout_bytes: self.stdout_bytes,
+            stderr_bytes: self.stderr_bytes,
+        })?;
+        self.exit_queued = true;
+        Ok(())
+    }
+
+    fn start(&mut self, cfg: &ExecConfig, msg: HostToExec) -> Result<(), ExecError> {
+        let HostToExec::Start {
+            argv,
+            env,
+            workdir,
+            timeout_ms,
+        } = msg
+        else {
+            return Ok(());
+        };
+        if let Err(e) = check_start(&argv, &env, workdir.as_deref(), timeout_ms) {
+            warn!("exec request refused: {e}");
+            return self.fail(125, &format!("capsem: {e}\n"));
+        }
+        let cwd = match &workdir {
+            Some(dir) => cfg.cwd.join(dir),
+            None => cfg.cwd.clone(),
+        };
+        if !cwd.is_dir() {
+            return self.fail(
+                125,
+                &format!(
+                    "capsem: working directory {} is not a directory\n",
+                    cwd.display()
+                ),
+            );
+        }
+        let spec = CommandSpec {
+            argv,
+            env: command_env(&cfg.home, &env),
+            cwd,
+        };
+        match Running::spawn(&spec)? {
+            Ok(running) => {
+                info!(pid = running.pid(), program = %spec.argv[0], ?timeout_ms, "command started");
+                self.deadline = timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
+                self.cmd = Some(running);
+                Ok(())
+            }
+            Err(failure) => {
+                info!(program = %spec.argv[0], exit_code = failure.exit_code, "command did not start");
+                self.fail(failure.exit_code, &failure.message)
+            }
+        }
+    }
+
+    /// Signals the group; a terminating signal arms the SIGKILL deadline.
+    fn signal(&mut self, signal: i32) {
+        let Some(cmd) = &self.cmd else { return };
+        let Ok(sig) = Signal::try_from(signal) else {
+            warn!(signal, "ignoring an invalid signal number");
+            return;
+        };
+        cmd.signal_group(sig);
+        if matches!(sig, Signal::SIGTERM | Signal::SIGINT | Signal::SIGHUP) {
+            cmd.signal_group(Signal::SIGCONT);
+            self.kill_at.get_or_insert(Instant::now() + KILL_GRACE);
+        }
+    }
+
+    fn pipes_open(&self) -> bool {
+        self.cmd
+            .as_ref()
+            .is_some_and(|c| c.stdout.is_some() || c.stderr.is_some())
+    }
+
+    /// Reads one chunk from a pipe into an `Output` frame.
+    fn read_pipe(&mut self, stream: ExecStream) -> Result<(), ExecError> {
+        let Some(cmd) = self.cmd.as_mut() else {
+            return Ok(());
+        };
+        let slot = match stream {
+            ExecStream::Stdout => &mut cmd.stdout,
+            ExecStream::Stderr => &mut cmd.stderr,
+        };
+        let Some(fd) = slot else { return Ok(()) };
+        let mut buf = vec![0u8; MAX_EXEC_CHUNK];
+        match fdio::read(fd.as_fd(), &mut buf) {
+            Ok(0) => *slot = None,
+            Ok(n) => {
+                buf.truncate(n);
+                match stream {
+                    ExecStream::Stdout => self.stdout_bytes += n as u64,
+                    ExecStream::Stderr => self.stderr_bytes += n as u64,
+                }
+                self.out.push(&ExecToHost::Output { stream, data: buf })?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                warn!(?stream, "reading the command's output failed: {e}");
+                *slot = None;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_stdin(&mut self) {
+        let Some(cmd) = self.cmd.as_mut() else { return };
+        let Some(fd) = &cmd.stdin else {
+            self.stdin_buf.clear();
+            return;
+        };
+        while !self.stdin_buf.is_empty() {
+            match fdio::write(fd.as_fd(), &self.stdin_buf) {
+                Ok(n) => {
+                    self.stdin_buf.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => {
+                    // EPIPE: the command closed its stdin; drop the rest.
+                    self.stdin_buf.clear();
+                    cmd.stdin = None;
+                    return;
+                }
+            }
+        }
+        if self.stdin_eof {
+            cmd.stdin = None;
+        }
+    }
+
+    /// Once the command is reaped and its pipes are done, queue `Exit`.
+    fn maybe_exit(&mut self) -> Result<(), ExecError> {
+        if self.exit_queued {
+            return Ok(());
+        }
+        let Some(cmd) = &self.cmd else { return Ok(()) };
+        let Some(status) = cmd.status() else {
+            return Ok(());
+        };
+        if self.pipes_open() {
+            return Ok(());
+        }
+        info!(
+            exit_code = ?status.exit_code,
+            signal = ?status.signal,
+            timed_out = self.timed_out,
+            stdout_bytes = self.stdout_bytes,
+            stderr_bytes = self.stderr_bytes,
+            "command ended"
+        );
+        self.out.push(&ExecToHost::Exit {
+            exit_code: status.exit_code,
+            signal: status.signal,
+            timed_out: self.timed_out,
+            stdout_bytes: self.stdout_bytes,
+            stderr_bytes: self.stderr_bytes,
+        })?;
+        self.exit_queued = true;
+        Ok(())
+    }
+}
+
+fn next_deadline(ds: &[Option<Instant>]) -> Option<Instant> {
+    ds.iter().flatten().min().copied()
+}
+
+/// Runs exec mode to its end.
+pub fn run(cfg: &ExecConfig, signals: &Signals) -> Result<ExecOutcome, ExecError> {
+    let Some(conns) = connect_all(cfg, signals)? else {
+        return Ok(ExecOutcome::Stopped("termination signal".into()));
+    };
+    let Conns {
+        control,
+        mut ctl_codec,
+        _terminal,
+        exec: exec_sock,
+    } = conns;
+    let mut ex = Exec::new();
+    let mut exec_codec = Codec::<ExecGuest>::new();
+    let mut ctl_out: Vec<u8> = Vec::new();
+    let mut exec_in_open = true;
+    let mut started = false;
+    let mut linger_until: Option<Instant> = None;
+    let mut buf = vec![0u8; 64 * 1024];
+
+    let stop = |ex: &mut Exec, why: String| -> Result<ExecOutcome, ExecError> {
+        if let Some(cmd) = ex.cmd.as_mut() {
+            let s = cmd.terminate(KILL_GRACE)?;
+            info!(exit_code = ?s.exit_code, signal = ?s.signal, "command stopped and reaped: {why}");
+        }
+        Ok(ExecOutcome::Stopped(why))
+    };
+
+    loop {
+        // Control messages already buffered.
+        loop {
+            match ctl_codec.next_message() {
+                Ok(Some(HostToGuest::Ping { seq })) => {
+                    Codec::<Guest>::encode_into(&GuestToHost::Pong { seq }, &mut ctl_out)
+                        .map_err(ExecError::Encode)?;
+                }
+                Ok(Some(HostToGuest::Shutdown)) => {
+                    return if ex.exit_queued && ex.out.buf.is_empty() {
+                        Ok(ExecOutcome::Reported)
+                    } else {
+                        stop(&mut ex, "the host sent Shutdown".into())
+                    };
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => return stop(&mut ex, format!("invalid control frame: {}", chain(&e))),
+            }
+        }
+        // Exec messages already buffered.
+        while ex.stdin_buf.len() < STDIN_CAP {
+            match exec_codec.next_message() {
+                Ok(Some(msg @ HostToExec::Start { .. })) => {
+                    if started {
+                        warn!("ignoring a second Start");
+                    } else {
+                        started = true;
+                        ex.start(cfg, msg)?;
+                    }
+                }
+                Ok(Some(HostToExec::Stdin { data })) => {
+                    if !ex.stdin_eof {
+                        ex.stdin_buf.extend_from_slice(&data);
+                    }
+                }
+                Ok(Some(HostToExec::StdinEof)) => ex.stdin_eof = true,
+                Ok(Some(HostToExec::Signal { signal })) => {
+                    info!(signal, "signal from the host");
+                    ex.signal(signal);
+                }
+                Ok(None) => break,
+                Err(e) => return stop(&mut ex, format!("invalid exec frame: {}", chain(&e))),
+            }
+        }
+        ex.write_stdin();
+        ex.maybe_exit()?;
+        if let Err(e) = ex.out.flush(exec_sock.as_fd()) {
+            return stop(&mut ex, format!("exec connection broken: {e}"));
+        }
+        if !ctl_out.is_empty() {
+            // Tiny pongs; a host that stops reading its control connection
+            // is a lost transport soon enough.
+            match fdio::write(control.as_fd(), &ctl_out) {
+                Ok(n) => {
+                    ctl_out.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return stop(&mut ex, format!("control connection broken: {e}")),
+            }
+        }
+        if ex.exit_queued && ex.out.buf.is_empty() && linger_until.is_none() {
+            linger_until = Some(Instant::now() + LINGER);
+        }
+
+        let now = Instant::now();
+        if linger_until.is_some_and(|t| now >= t) {
+            info!("no shutdown from the host after the exit status; exiting");
+            return Ok(ExecOutcome::Reported);
+        }
+        let running = ex.cmd.as_ref().is_some_and(|c| c.status().is_none());
+        if running {
+            if ex.deadline.is_some_and(|t| now >= t) {
+                info!("timeout expired; terminating the command's process group");
+                ex.deadline = None;
+                ex.timed_out = true;
+                ex.signal(libc::SIGTERM);
+            }
+            if ex.kill_at.is_some_and(|t| now >= t) {
+                info!("grace period over; killing the command's process group");
+                ex.kill_at = None;
+                if let Some(cmd) = &ex.cmd {
+                    cmd.signal_group(Signal::SIGKILL);
+                }
+            }
+        }
+        if ex.drain_until.is_some_and(|t| now >= t) {
+            if let Some(cmd) = ex.cmd.as_mut() {
+                if cmd.stdout.is_some() || cmd.stderr.is_some() {
+                    warn!("the command's pipes are still held open after it exited; closing them");
+                }
+                cmd.stdout = None;
+                cmd.stderr = None;
+            }
+            ex.drain_until = None;
+            continue;
+        }
+
+        // One poll over everything.
+        let out_room = ex.out.buf.len() < OUT_CAP;
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(8);
+        let mut idx = [usize::MAX; 8];
+        let mut add = |slot: usize, fd: BorrowedFd<'_>, ev: i16, fds: &mut Vec<libc::pollfd>| {
+            idx[slot] = fds.len();
+            fds.push(fdio::pollfd(fd, ev));
+        };
+        add(0, signals.fd(), fdio::IN, &mut fds);
+        let ctl_ev = if ctl_out.is_empty() {
+            fdio::IN
+        } else {
+            fdio::IN | fdio::OUT
+        };
+        add(1, control.as_fd(), ctl_ev, &mut fds);
+        let mut exec_ev = 0;
+        if exec_in_open && ex.stdin_buf.len() < STDIN_CAP {
+            exec_ev |= fdio::IN;
+        }
+        if !ex.out.buf.is_empty() {
+            exec_ev |= fdio::OUT;
+        }
+        if exec_ev != 0 {
+            add(2, exec_sock.as_fd(), exec_ev, &mut fds);
+        }
+        if let Some(cmd) = &ex.cmd {
+            if out_room {
+                if let Some(fd) = &cmd.stdout {
+                    add(3, fd.as_fd(), fdio::IN, &mut fds);
+                }
+                if let Some(fd) = &cmd.stderr {
+                    add(4, fd.as_fd(), fdio::IN, &mut fds);
+                }
+            }
+            if let (Some(fd), false) = (&cmd.stdin, ex.stdin_buf.is_empty()) {
+                add(5, fd.as_fd(), fdio::OUT, &mut fds);
+            }
+            if cmd.status().is_none() {
+                add(6, cmd.pidfd(), fdio::IN, &mut fds);
+            }
+        }
+        let deadline = next_deadline(&[ex.deadline, ex.kill_at, ex.drain_until, linger_until]);
+        fdio::poll(&mut fds, deadline).map_err(ExecError::Poll)?;
+        let hit = |slot: usize| idx[slot] != usize::MAX && fdio::ready(&fds[idx[slot]]);
+        let (sig, ctl, exe, so, se, pid) = (hit(0), hit(1), hit(2), hit(3), hit(4), hit(6));
+        drop(fds);
+
+        if sig {
+            let n = signals.take();
+            return stop(&mut ex, format!("termination signal {n:?}"));
+        }
+        if ctl {
+            match fdio::read(control.as_fd(), &mut buf) {
+                Ok(0) => {
+                    if ex.exit_queued && ex.out.buf.is_empty() {
+                        return Ok(ExecOutcome::Reported);
+                    }
+                    return stop(&mut ex, "the host closed the control connection".into());
+                }
+                Ok(n) => {
+                    if let Err(e) = ctl_codec.feed(&buf[..n]) {
+                        return stop(&mut ex, format!("invalid control frame: {}", chain(&e)));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return stop(&mut ex, format!("control connection broken: {e}")),
+            }
+        }
+        if exe && exec_in_open {
+            match fdio::read(exec_sock.as_fd(), &mut buf) {
+                Ok(0) => {
+                    exec_in_open = false;
+                    if !ex.exit_queued {
+                        return stop(&mut ex, "the host closed the exec connection".into());
+                    }
+                }
+                Ok(n) => {
+                    if let Err(e) = exec_codec.feed(&buf[..n]) {
+                        return stop(&mut ex, format!("invalid exec frame: {}", chain(&e)));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return stop(&mut ex, format!("exec connection broken: {e}")),
+            }
+        }
+        if so {
+            ex.read_pipe(ExecStream::Stdout)?;
+        }
+        if se {
+            ex.read_pipe(ExecStream::Stderr)?;
+        }
+        if pid {
+            if let Some(cmd) = ex.cmd.as_mut() {
+                let s = cmd.reap()?;
+                info!(exit_code = ?s.exit_code, signal = ?s.signal, "command exited; draining its output");
+                ex.deadline = None;
+                ex.kill_at = None;
+                ex.drain_until = Some(Instant::now() + DRAIN_WAIT);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_env_overrides_the_base() {
+        let env = command_env(
+            Path::new("/root"),
+            &[("PATH".into(), "/x".into()), ("A".into(), "1".into())],
+        );
+        let get = |k: &str| {
+            env.iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.to_str().unwrap().to_owned())
+        };
+        assert_eq!(get("PATH").as_deref(), Some("/x"));
+        assert_eq!(get("A").as_deref(), Some("1"));
+        assert_eq!(get("HOME").as_deref(), Some("/root"));
+        assert_eq!(env.iter().filter(|(n, _)| n == "PATH").count(), 1);
+    }
+}
