@@ -183,7 +183,9 @@ fn echo_rtt(backend: Backend, n: usize) -> Result<()> {
         samples,
     );
     s.send("\x03")?;
-    // Back at the prompt before typing: cat could swallow an early `exit`.
+    // Ctrl-C flushes the tty's input queue: type nothing until the prompt
+    // is back.
+    s.expect_any(&["# ", "$ "], step(backend))?;
     wait_ready(&mut s, backend);
     s.line("exit")?;
     s.wait(step(backend))?;
