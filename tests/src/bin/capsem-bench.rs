@@ -80,7 +80,8 @@ fn drain(mut child: std::process::Child) -> Result<(u64, f64)> {
 }
 
 fn throughput(backend: Backend, mib: u64) -> Result<()> {
-    let cmd = format!("head -c {mib}M /dev/zero | base64");
+    // A plain byte count: the guest's busybox head takes no M suffix.
+    let cmd = format!("head -c {} /dev/zero | base64", mib * 1024 * 1024);
     // Local PTY: `script` puts the command on a PTY and copies to its stdout.
     let local = Command::new("script")
         .args(["-qfc", &cmd, "/dev/null"])
