@@ -71,7 +71,7 @@ pub enum SessionEnd {
 }
 
 /// Peer text made safe to print as part of one line.
-fn one_line(s: &str) -> String {
+pub(crate) fn one_line(s: &str) -> String {
     s.trim()
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
@@ -94,14 +94,14 @@ pub fn encode_input(data: &[u8], out: &mut Vec<u8>) -> Result<(), FrameError> {
 /// A connection to capsem-process.
 #[derive(Debug)]
 pub struct Session {
-    sock: UnixStream,
-    codec: Codec<Client>,
+    pub(crate) sock: UnixStream,
+    pub(crate) codec: Codec<Client>,
     /// Encoded frames not yet written (whole frames, a prefix possibly sent).
-    out: Vec<u8>,
+    pub(crate) out: Vec<u8>,
     /// capsem-process stopped reading (EPIPE/ECONNRESET on a send): nothing
     /// more is sent, but what it sent before closing is still read, so its
     /// last word (an exit status, a reason) is not lost to the race.
-    send_closed: bool,
+    pub(crate) send_closed: bool,
 }
 
 /// What one poll round reported.
@@ -115,6 +115,11 @@ struct Events {
 impl Session {
     /// Connects and sends `Attach{cols, rows}`.
     pub fn connect(path: &Path, (cols, rows): (u16, u16)) -> Result<Self, AttachError> {
+        Self::connect_with(path, &ClientToProcess::Attach { cols, rows })
+    }
+
+    /// Connects and sends `first` (`Attach`, or `Exec` for `capsem run`).
+    pub fn connect_with(path: &Path, first: &ClientToProcess) -> Result<Self, AttachError> {
         let sock = UnixStream::connect(path).map_err(|source| AttachError::Connect {
             path: path.to_path_buf(),
             source,
@@ -125,8 +130,7 @@ impl Session {
             out: Vec::new(),
             send_closed: false,
         };
-        Codec::<Client>::encode_into(&ClientToProcess::Attach { cols, rows }, &mut session.out)
-            .map_err(AttachError::Frame)?;
+        Codec::<Client>::encode_into(first, &mut session.out).map_err(AttachError::Frame)?;
         session
             .sock
             .write_all(&session.out)
@@ -197,7 +201,7 @@ impl Session {
         }
     }
 
-    fn queue(&mut self, msg: &ClientToProcess) -> Result<(), String> {
+    pub(crate) fn queue(&mut self, msg: &ClientToProcess) -> Result<(), String> {
         Codec::<Client>::encode_into(msg, &mut self.out)
             .map_err(|e| format!("cannot encode a message: {e}"))
     }
@@ -207,7 +211,7 @@ impl Session {
     }
 
     /// Writes queued frames until the socket would block.
-    fn flush_nonblocking(&mut self) -> Result<(), String> {
+    pub(crate) fn flush_nonblocking(&mut self) -> Result<(), String> {
         if self.send_closed {
             self.out.clear();
         }
@@ -436,14 +440,14 @@ impl Session {
 }
 
 /// The peer closed its end (a send got EPIPE or ECONNRESET).
-fn peer_closed(e: &io::Error) -> bool {
+pub(crate) fn peer_closed(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
     )
 }
 
-fn is_transient(e: &io::Error) -> bool {
+pub(crate) fn is_transient(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted

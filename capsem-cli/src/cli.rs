@@ -45,12 +45,57 @@ pub enum Command {
     /// Start a temporary VM, attach this terminal to its shell, and destroy
     /// the VM when the shell exits (like `docker run --rm -it`).
     Shell,
+    /// Run one command in a temporary VM and destroy the VM when it ends
+    /// (like `docker run --rm`). Its stdout and stderr arrive separately and
+    /// byte for byte, stdin is forwarded up to its EOF, and capsem exits
+    /// with the command's status (124 on timeout, 126 not executable, 127
+    /// not found, 128+N killed by signal N, 125 capsem failed).
+    Run(RunArgs),
     /// Check that this host can run capsem: qemu, vhost-device-vsock, the
     /// accelerator, the guest image, capsem-process, capsem-agent and a
     /// writable home. One line per check, `ok`, `warn` or `missing`, with a
     /// `fix:` command below each missing piece. Exits 0 when nothing is
     /// missing, 1 otherwise.
     Doctor,
+}
+
+/// `capsem run [--timeout SECS] [-e KEY=VAL]... [--workdir DIR] -- CMD [ARG...]`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Stop the command (SIGTERM to its process group, SIGKILL 2 s later)
+    /// after this many seconds, and exit 124
+    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
+    pub timeout: Option<u64>,
+    /// Set an environment variable for the command (`KEY` alone takes the
+    /// value from capsem's own environment). Variables that change how
+    /// programs start (LD_*, BASH_ENV, IFS...) are refused with exit 125
+    #[arg(short = 'e', long = "env", value_name = "KEY=VAL")]
+    pub env: Vec<String>,
+    /// The command's working directory inside the guest
+    #[arg(short = 'w', long, value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// The command and its arguments (put them after `--`)
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
+    pub command: Vec<String>,
+}
+
+/// Seconds (a decimal number) to milliseconds, at least 1 ms.
+fn parse_timeout(s: &str) -> Result<u64, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    let max = capsem_proto::exec::MAX_TIMEOUT_MS as f64 / 1000.0;
+    if !(secs > 0.0 && secs <= max) {
+        return Err(format!(
+            "the timeout must be more than 0 and at most {max} seconds"
+        ));
+    }
+    Ok(((secs * 1000.0).ceil() as u64).max(1))
 }
 
 /// The backend capsem-process uses to run the guest.

@@ -8,6 +8,10 @@
 //! | 125 | capsem itself failed before the shell ran (bad usage, no capsem-process, the VM did not start) |
 //! | 255 | the session was lost without an exit status |
 //!
+//! `capsem run` uses the same codes for its command, plus 124 (the
+//! `--timeout` expired), 126 (not executable), 127 (not found), and 125 also
+//! for a refused request (a denied `-e` variable, an oversized command).
+//!
 //! `capsem doctor`: 0 when nothing is missing, 1 when something is.
 
 /// capsem failed before the shell ran.
@@ -26,6 +30,11 @@ Exit status:
   125      capsem failed before the shell ran (usage error, capsem-process
            missing, the VM did not start)
   255      the session was lost without an exit status
+
+capsem run: the command's exit status, 124 when --timeout expired, 126 when
+it is not executable, 127 when it was not found, 128+N when signal N killed
+it (or capsem received signal N), 125 when capsem failed or refused the
+request (for example -e LD_PRELOAD=...), 255 when the session was lost
 
 capsem doctor: 0 when nothing is missing, 1 when something is
 (125 on a usage error).";

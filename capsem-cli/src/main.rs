@@ -24,6 +24,15 @@
 //! capsem-process as `--accel` for `--vmm qemu`; capsem-process decides what
 //! `auto` means.
 //!
+//! `capsem run [--timeout SECS] [-e KEY=VAL]... [--workdir DIR] -- CMD [ARG...]`
+//! runs one command in a temporary VM (like `docker run --rm`): its stdout
+//! and stderr byte for byte on capsem's, stdin forwarded with its EOF, and
+//! capsem's exit status is the command's: 124 when `--timeout` expired, 126
+//! not executable, 127 not found, 128 + N killed by signal N (or capsem got
+//! signal N: the command's process group is stopped first), 125 when capsem
+//! failed or refused the request (e.g. `-e LD_PRELOAD=...`), 255 when the
+//! session was lost.
+//!
 //! `capsem doctor` checks the host (see [`doctor`] for the output format)
 //! and exits 0 when nothing is missing, 1 otherwise.
 //!
@@ -35,6 +44,8 @@
 //!
 //! * [`cli`]: clap definitions (subcommands as an enum, global flags).
 //! * [`shell`]: the `shell` command: the temporary VM's whole lifetime.
+//! * [`run`]: the `run` command: one command in a temporary VM.
+//! * [`exec`]: `run`'s poll loop: stdin, separate stdout/stderr, the status.
 //! * [`doctor`]: the `doctor` command: one line per host check, with fixes.
 //! * [`accel`]: what `--accel auto` would pick (for `doctor` only).
 //! * [`probe`]: finding host programs, `--version` with a time bound.
@@ -51,11 +62,13 @@
 mod attach;
 mod cli;
 mod doctor;
+mod exec;
 mod exit;
 mod home;
 mod image;
 mod probe;
 mod progress;
+mod run;
 mod shell;
 mod signals;
 mod spawn;
@@ -98,6 +111,15 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Shell => shell::run(cli.home.as_deref(), cli.vmm, cli.accel),
         Command::Doctor => Ok(doctor::run(cli.home.as_deref(), cli.vmm, cli.accel)),
+        Command::Run(args) => {
+            return match run::run(cli.home.as_deref(), cli.vmm, cli.accel, args) {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => {
+                    eprintln!("capsem: {}", one_line_chain(&e));
+                    ExitCode::from(e.exit_code())
+                }
+            };
+        }
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -76,7 +76,7 @@ pub fn run(home_flag: Option<&Path>, vmm: Vmm, accel: AccelChoice) -> Result<u8,
     let id = home::new_temp_id()?;
     // Declared before the child: dropped (removed) after it is reaped.
     let vm_dir = VmDir::create(&home, &id)?;
-    let (mut child, mut ready) = spawn::spawn(&bin, vm_dir.path(), &id, vmm, accel)?;
+    let (mut child, mut ready) = spawn::spawn(&bin, vm_dir.path(), &id, vmm, accel, false)?;
 
     let outcome = {
         let mut progress = Progress::new(match vmm {

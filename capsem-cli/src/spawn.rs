@@ -198,13 +198,15 @@ pub fn process_args(
     args
 }
 
-/// Starts capsem-process with [`process_args`].
+/// Starts capsem-process with [`process_args`], plus `--exec` when `exec`
+/// (the VM runs one command instead of a shell).
 pub fn spawn(
     bin: &Path,
     vm_dir: &Path,
     vm_id: &str,
     vmm: Vmm,
     accel: AccelChoice,
+    exec: bool,
 ) -> Result<(ProcessChild, ReadyPipe), SpawnError> {
     let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(SpawnError::Pipe)?;
     // Keep the write end off fds 0-2, which the child's stdio replaces.
@@ -220,8 +222,11 @@ pub fn spawn(
 
     let ready_fd = write.as_raw_fd();
     let mut cmd = Command::new(bin);
-    cmd.args(process_args(vm_dir, vm_id, vmm, accel, ready_fd))
-        .stdin(Stdio::null())
+    cmd.args(process_args(vm_dir, vm_id, vmm, accel, ready_fd));
+    if exec {
+        cmd.arg("--exec");
+    }
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     // Runs in the child between fork and exec: async-signal-safe calls only.
@@ -494,8 +499,15 @@ mod tests {
             <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755),
         )
         .unwrap();
-        let (mut child, mut pipe) =
-            spawn(&script, dir.path(), "tmp-0", Vmm::None, AccelChoice::Auto).unwrap();
+        let (mut child, mut pipe) = spawn(
+            &script,
+            dir.path(),
+            "tmp-0",
+            Vmm::None,
+            AccelChoice::Auto,
+            false,
+        )
+        .unwrap();
         let mut signals = Signals::install().unwrap();
         let mut progress = Progress::new("test");
         let got = pipe.wait(&child, &mut signals, &mut progress).unwrap();

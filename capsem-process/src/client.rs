@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use capsem_proto::exec::HostToExec;
 use capsem_proto::frame::Process;
 use capsem_proto::ipc::{ClientToProcess, ProcessToClient};
 use capsem_proto::Codec;
@@ -171,11 +172,73 @@ async fn read_requests(
                 let _ = events.send(Event::DropGuest).await;
                 None
             }
-            ClientToProcess::Exec { .. }
-            | ClientToProcess::ExecStdin { .. }
+            ClientToProcess::Exec { .. } if attached => Some(reply("a client is already attached")),
+            ClientToProcess::Exec {
+                argv,
+                env,
+                workdir,
+                timeout_ms,
+            } => {
+                let (reply_tx, reply_rx) = oneshot::channel();
+                let ev = Event::ExecAttach {
+                    conn,
+                    notices: tx.clone(),
+                    reply: reply_tx,
+                    start: HostToExec::Start {
+                        argv,
+                        env,
+                        workdir,
+                        timeout_ms,
+                    },
+                };
+                if events.send(ev).await.is_err() {
+                    return;
+                }
+                match reply_rx.await {
+                    Ok(Ok(())) => {
+                        attached = true;
+                        info!("client {conn} attached to run a command");
+                        None
+                    }
+                    Ok(Err(message)) => Some(reply(&message)),
+                    Err(_) => return,
+                }
+            }
+            ClientToProcess::ExecStdin { .. }
             | ClientToProcess::ExecStdinEof
-            | ClientToProcess::ExecSignal { .. } => {
-                Some(reply("this VM was not started to run a command"))
+            | ClientToProcess::ExecSignal { .. }
+                if !attached =>
+            {
+                Some(reply("not attached"))
+            }
+            ClientToProcess::ExecStdin { data } => {
+                if shared
+                    .exec_tx
+                    .send(HostToExec::Stdin { data })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                None
+            }
+            ClientToProcess::ExecStdinEof => {
+                if shared.exec_tx.send(HostToExec::StdinEof).await.is_err() {
+                    return;
+                }
+                None
+            }
+            ClientToProcess::ExecSignal { signal } => {
+                info!("client {conn}: signal {signal} for the command");
+                if shared
+                    .exec_tx
+                    .send(HostToExec::Signal { signal })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                None
             }
         };
         if let Some(answer) = answer {
@@ -245,7 +308,9 @@ async fn write_responses(
         };
         let last = matches!(
             msg,
-            ProcessToClient::ShellExited { .. } | ProcessToClient::SessionLost { .. }
+            ProcessToClient::ShellExited { .. }
+                | ProcessToClient::ExecExit { .. }
+                | ProcessToClient::SessionLost { .. }
         );
         let frame = match Codec::<Process>::encode(&msg) {
             Ok(f) => f,

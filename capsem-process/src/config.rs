@@ -36,6 +36,10 @@ pub struct Config {
     /// Destroy the VM (and its directory) when the attached client goes away.
     #[arg(long)]
     pub temporary: bool,
+    /// Run one command instead of a shell: the agent starts in exec mode and
+    /// the client sends the command with `Exec` on ctl.sock.
+    #[arg(long)]
+    pub exec: bool,
     /// Inherited fd that receives `ready\n` or `error: <reason>\n`, then is closed.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(3..))]
     pub ready_fd: Option<i32>,
@@ -122,6 +126,7 @@ mod tests {
     fn defaults() {
         let c = parse(&["--vm-dir", "/x", "--vm-id", "a-1", "--vmm", "none"]).unwrap();
         assert!(!c.temporary);
+        assert!(!c.exec);
         assert_eq!(c.heartbeat(), Duration::from_secs(1));
         assert_eq!(c.missed_pongs, 3);
         assert_eq!(c.boot_timeout(), Duration::from_secs(10));

@@ -120,6 +120,24 @@ pub async fn accept_control(
     }
 }
 
+/// Accepts exec connections and hands them to the session.
+pub async fn accept_exec(listener: UnixListener, events: mpsc::Sender<Event>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tracing::info!("exec connection accepted");
+                if events.send(Event::ExecConn(stream)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                warn!("exec port: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 /// Accepts terminal connections and hands them to the session to pair.
 pub async fn accept_terminal(listener: UnixListener, events: mpsc::Sender<Event>) {
     loop {

@@ -3,8 +3,13 @@
 //! ```text
 //! capsem-process --vm-dir DIR --vm-id ID --vmm none|qemu [--temporary]
 //!                [--ready-fd N] [--heartbeat-ms 1000] [--missed-pongs 3]
-//!                [--boot-timeout-ms N]
+//!                [--boot-timeout-ms N] [--exec]
 //! ```
+//!
+//! With `--exec` the agent runs one command instead of a shell: the client
+//! attaches with `Exec{argv, env, workdir, timeout_ms}` and gets
+//! `ExecOutput`* then `ExecExit`; the guest's exec connection
+//! (`vsock.sock_5005`) is relayed by [`exec`].
 //!
 //! It is a child subreaper, owns the VM directory (0700), listens on
 //! `ctl.sock` (0600, peers of our uid only) and on `vsock.sock_5000` /
@@ -27,6 +32,7 @@
 //! * [`vmm`]: guest backends (`none`, `qemu`).
 //! * [`guest`]: control/terminal listeners and the hello check.
 //! * [`bridge`]: one connection generation's four tasks.
+//! * [`exec`]: the exec relay of a `--exec` VM (`capsem run`).
 //! * [`heartbeat`]: ping/pong bookkeeping.
 //! * [`client`]: `ctl.sock` connections.
 //! * [`state`]: what the tasks share and the events they report.
@@ -37,6 +43,7 @@ mod bridge;
 mod client;
 mod config;
 mod conntrace;
+mod exec;
 mod guest;
 mod heartbeat;
 mod log;

@@ -187,6 +187,13 @@ pub struct Session {
     guest_gone: Option<String>,
     attached: Option<u64>,
     torn_down: bool,
+    /// `--exec`: the client's `Start`, until the guest's exec connection.
+    exec_start: Option<capsem_proto::exec::HostToExec>,
+    /// `--exec`: the guest's exec connection, until the client's `Start`.
+    exec_conn: Option<UnixStream>,
+    exec_task: Option<JoinHandle<()>>,
+    /// The command's status was queued to the client.
+    exec_exited: bool,
 }
 
 impl Session {
@@ -199,6 +206,7 @@ impl Session {
         let ctl = listen(&dir.ctl_sock())?;
         let control = listen(&dir.control_sock())?;
         let terminal = listen(&dir.terminal_sock())?;
+        let exec = listen(&dir.exec_sock())?;
         let accept_tasks = vec![
             tokio::spawn(crate::client::accept_clients(
                 ctl,
@@ -211,6 +219,7 @@ impl Session {
                 events_tx.clone(),
             )),
             tokio::spawn(crate::guest::accept_terminal(terminal, events_tx.clone())),
+            tokio::spawn(crate::guest::accept_exec(exec, events_tx.clone())),
         ];
         info!(
             "listening on {} and {}",
@@ -242,6 +251,10 @@ impl Session {
             guest_gone: None,
             attached: None,
             torn_down: false,
+            exec_start: None,
+            exec_conn: None,
+            exec_task: None,
+            exec_exited: false,
         })
     }
 
@@ -432,7 +445,7 @@ impl Session {
                 self.attached = None;
                 self.shared.set_notices(None);
                 self.shared.attached.send_replace(false);
-                if self.shell_status.is_some() {
+                if self.shell_status.is_some() || self.exec_exited {
                     Some(Stop::ShellExited)
                 } else if self.cfg.temporary {
                     Some(Stop::ClientGone)
@@ -458,8 +471,84 @@ impl Session {
                 }
                 None
             }
+            Event::FinalDelivered if self.exec_exited => Some(Stop::ShellExited),
             Event::FinalDelivered => self.shell_status.map(|_| Stop::ShellExited),
+            Event::ExecConn(stream) => {
+                if !self.cfg.exec {
+                    warn!("exec connection rejected: this VM runs a shell");
+                } else if self.exec_conn.is_some() || self.exec_task.is_some() {
+                    warn!("exec connection rejected: one is already being served");
+                } else {
+                    self.exec_conn = Some(stream);
+                    self.start_exec();
+                }
+                None
+            }
+            Event::ExecAttach {
+                conn,
+                notices,
+                reply,
+                start,
+            } => {
+                let answer = if !self.cfg.exec {
+                    Err("this VM runs a shell, not a command".to_owned())
+                } else if self.attached.is_some()
+                    || self.exec_start.is_some()
+                    || self.exec_task.is_some()
+                {
+                    Err("a client is already attached".to_owned())
+                } else {
+                    let attached = ProcessToClient::Attached {
+                        vm_id: self.cfg.vm_id.clone(),
+                    };
+                    let _ = notices.try_send(Outgoing::Msg(attached));
+                    self.shared.set_notices(Some(notices));
+                    self.shared.attached.send_replace(true);
+                    self.attached = Some(conn);
+                    self.exec_start = Some(start);
+                    self.start_exec();
+                    Ok(())
+                };
+                let _ = reply.send(answer);
+                None
+            }
+            Event::ExecEnded(Ok(())) => {
+                self.exec_task = None;
+                self.exec_exited = true;
+                // The client's writer reports FinalDelivered.
+                None
+            }
+            Event::ExecEnded(Err(reason)) => {
+                self.exec_task = None;
+                if self.exec_exited {
+                    None
+                } else {
+                    Some(Stop::AgentDied(reason))
+                }
+            }
         }
+    }
+
+    /// Starts the exec relay once both the client's command and the guest's
+    /// exec connection are here.
+    fn start_exec(&mut self) {
+        if self.exec_conn.is_none() || self.exec_start.is_none() {
+            return;
+        }
+        let Some(notices) = self.shared.notices() else {
+            return;
+        };
+        let (Some(stream), Some(start)) = (self.exec_conn.take(), self.exec_start.take()) else {
+            return;
+        };
+        info!("exec: relaying the command");
+        self.exec_task = Some(tokio::spawn(crate::exec::relay(
+            stream,
+            start,
+            notices,
+            self.shared.clone(),
+            self.events_tx.clone(),
+        )));
     }
 
     async fn on_hello(&mut self, hello: Hello) {
@@ -686,6 +775,11 @@ impl Session {
         if let Some(g) = self.current.take() {
             g.stop().await;
         }
+        if let Some(task) = self.exec_task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+        self.exec_conn = None;
         self.pending = None;
         self.shared.set_bridged(false);
         for task in self.accept_tasks.drain(..) {

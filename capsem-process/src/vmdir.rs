@@ -59,6 +59,9 @@ impl VmDir {
     pub fn terminal_sock(&self) -> PathBuf {
         self.vsock_port(PORT_TERMINAL)
     }
+    pub fn exec_sock(&self) -> PathBuf {
+        self.vsock_port(capsem_proto::guest::PORT_EXEC)
+    }
     pub fn process_log(&self) -> PathBuf {
         self.root.join("process.log")
     }
@@ -69,8 +72,13 @@ impl VmDir {
         self.root.join("scratch")
     }
     /// Every socket this process binds, removed at teardown.
-    pub fn sockets(&self) -> [PathBuf; 3] {
-        [self.ctl_sock(), self.control_sock(), self.terminal_sock()]
+    pub fn sockets(&self) -> [PathBuf; 4] {
+        [
+            self.ctl_sock(),
+            self.control_sock(),
+            self.terminal_sock(),
+            self.exec_sock(),
+        ]
     }
 
     /// Creates the directory (and missing parents) with mode 0700, or checks

@@ -32,6 +32,9 @@ pub const MAX_WORKDIR: usize = 4096;
 /// Largest stdin/stdout/stderr chunk in one message (well under the 64 KiB
 /// frame limit).
 pub const MAX_EXEC_CHUNK: usize = 32 * 1024;
+/// Largest `Start` request: the arguments, environment and working
+/// directory together, so the encoded message always fits in one frame.
+pub const MAX_START_BYTES: usize = 56 * 1024;
 /// Largest timeout: one week.
 pub const MAX_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
 
@@ -158,6 +161,10 @@ pub enum ExecError {
     Workdir,
     #[error("timeout must be 1 to {MAX_TIMEOUT_MS} ms")]
     Timeout,
+    #[error(
+        "the command, its arguments and environment are over {MAX_START_BYTES} bytes together"
+    )]
+    TooLarge,
 }
 
 /// A name for logs and errors that cannot flood a terminal.
@@ -231,6 +238,16 @@ pub fn check_start(
         if ms == 0 || ms > MAX_TIMEOUT_MS {
             return Err(ExecError::Timeout);
         }
+    }
+    // A few bytes of MessagePack overhead per string, generously counted.
+    let total: usize = argv.iter().map(|a| a.len() + 8).sum::<usize>()
+        + env
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 16)
+            .sum::<usize>()
+        + workdir.map_or(0, str::len);
+    if total > MAX_START_BYTES {
+        return Err(ExecError::TooLarge);
     }
     Ok(())
 }
@@ -383,6 +400,19 @@ mod tests {
             check_start(&argv(1), &[], None, Some(0)),
             Err(ExecError::Timeout)
         );
+        let big = vec!["x".repeat(MAX_EXEC_ARG_LEN); 8];
+        assert_eq!(check_start(&big, &[], None, None), Err(ExecError::TooLarge));
+        // The largest accepted request still encodes into one frame.
+        let n = MAX_START_BYTES / (MAX_EXEC_ARG_LEN + 8);
+        let largest = vec!["x".repeat(MAX_EXEC_ARG_LEN); n];
+        check_start(&largest, &[], None, None).unwrap();
+        Codec::<ExecHost>::encode(&HostToExec::Start {
+            argv: largest,
+            env: vec![],
+            workdir: None,
+            timeout_ms: None,
+        })
+        .unwrap();
         let env = vec![("A".to_owned(), String::new()); MAX_EXEC_ENV + 1];
         assert_eq!(
             check_start(&argv(1), &env, None, None),

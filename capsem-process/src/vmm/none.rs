@@ -16,6 +16,8 @@ use crate::reaper::Child;
 pub const AGENT_BIN_ENV: &str = "CAPSEM_AGENT_BIN";
 /// Environment variable carrying the session token to the agent.
 pub const TOKEN_ENV: &str = "CAPSEM_TOKEN";
+/// Environment variable selecting the agent's mode (`shell` or `exec`).
+pub const MODE_ENV: &str = "CAPSEM_MODE";
 
 #[derive(Debug)]
 pub struct NoVm {
@@ -57,6 +59,7 @@ impl NoVm {
         cmd.arg("--transport")
             .arg(transport)
             .env(super::none::TOKEN_ENV, launch.token)
+            .env(MODE_ENV, if launch.cfg.exec { "exec" } else { "shell" })
             .env("HOME", &scratch)
             .current_dir(&scratch)
             .stdin(Stdio::null())

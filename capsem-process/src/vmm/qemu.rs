@@ -298,7 +298,11 @@ impl Qemu {
             ),
             Accel::Kvm => None,
         };
-        let cmdline = kernel_cmdline(launch.token, hostname, tsc_khz);
+        let mut cmdline = kernel_cmdline(launch.token, hostname, tsc_khz);
+        if cfg.exec {
+            // capsem-init passes it to the agent as CAPSEM_MODE.
+            cmdline.push_str(" capsem.mode=exec");
+        }
         let mut qemu = Command::new(&qemu_bin);
         qemu.args(qemu_args(
             accel,

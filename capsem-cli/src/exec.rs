@@ -1,0 +1,234 @@
+//! The `capsem run` poll loop: stdin → `ExecStdin`/`ExecStdinEof`,
+//! `ExecOutput` → stdout or stderr byte for byte, `ExecExit` → exit code.
+//!
+//! One thread, one poll set (the ctl socket, the signalfd, stdin until its
+//! EOF). Output is written with blocking writes, so a slow reader of
+//! capsem's stdout pushes back on the guest. The first SIGINT, SIGTERM or
+//! SIGHUP asks the guest to SIGTERM the command's process group (SIGKILL
+//! follows after a grace period there) and the status is still awaited; a
+//! second one gives up and shuts the VM down.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd};
+
+use capsem_proto::exec::{ExecStream, MAX_EXEC_CHUNK};
+use capsem_proto::ipc::{ClientToProcess, ProcessToClient};
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::Signal;
+
+use crate::attach::{is_transient, one_line, Session};
+use crate::exit;
+use crate::signals::Signals;
+
+/// Exit code when the timeout expired.
+pub const TIMED_OUT: u8 = 124;
+/// Queued stdin above which stdin is not read.
+const OUT_HIGH_WATER: usize = 4 * MAX_EXEC_CHUNK;
+
+/// How the command ended for capsem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecEnd {
+    /// capsem's exit code.
+    Exited(u8),
+    /// The session ended without a status.
+    Lost(String),
+}
+
+/// The exit code for an `ExecExit`; `None` when it carries no usable status.
+pub fn exit_code(exit_code: Option<i32>, signal: Option<i32>, timed_out: bool) -> Option<u8> {
+    if timed_out {
+        return Some(TIMED_OUT);
+    }
+    exit::from_shell(exit_code, signal)
+}
+
+/// Writes one output chunk; a closed stdout or stderr (EPIPE) only discards
+/// what follows on that stream, the status is still awaited.
+fn write_stream(open: &mut bool, w: &mut dyn Write, data: &[u8]) {
+    if !*open {
+        return;
+    }
+    if w.write_all(data).and_then(|()| w.flush()).is_err() {
+        *open = false;
+    }
+}
+
+/// Runs the command's session to its status.
+pub fn run(session: &mut Session, signals: &mut Signals) -> ExecEnd {
+    match run_inner(session, signals) {
+        Ok(end) => end,
+        Err(reason) => {
+            session.shutdown();
+            ExecEnd::Lost(reason)
+        }
+    }
+}
+
+fn run_inner(session: &mut Session, signals: &mut Signals) -> Result<ExecEnd, String> {
+    let stdin = io::stdin();
+    let mut stdout = io::stdout().lock();
+    let mut stderr = io::stderr().lock();
+    let (mut out_open, mut err_open) = (true, true);
+    let mut reading_stdin = true;
+    let mut stopping: Option<Signal> = None;
+    let mut buf = vec![0u8; MAX_EXEC_CHUNK];
+    loop {
+        while let Some(msg) = session
+            .codec
+            .next_message()
+            .map_err(|e| format!("invalid message from capsem-process: {e}"))?
+        {
+            match msg {
+                ProcessToClient::ExecOutput {
+                    stream: ExecStream::Stdout,
+                    data,
+                } => write_stream(&mut out_open, &mut stdout, &data),
+                ProcessToClient::ExecOutput {
+                    stream: ExecStream::Stderr,
+                    data,
+                } => write_stream(&mut err_open, &mut stderr, &data),
+                ProcessToClient::ExecExit {
+                    exit_code: code,
+                    signal,
+                    timed_out,
+                } => {
+                    if let Some(sig) = stopping {
+                        return Ok(ExecEnd::Exited(exit::from_signal(sig as i32)));
+                    }
+                    return Ok(match exit_code(code, signal, timed_out) {
+                        Some(code) => ExecEnd::Exited(code),
+                        None => ExecEnd::Lost("the command ended without an exit status".into()),
+                    });
+                }
+                ProcessToClient::SessionLost { reason } => {
+                    return Ok(ExecEnd::Lost(one_line(&reason)));
+                }
+                ProcessToClient::Error { message } => {
+                    return Ok(ExecEnd::Lost(one_line(&message)));
+                }
+                // Heartbeat notes would corrupt the command's stderr.
+                ProcessToClient::GuestUnresponsive { .. }
+                | ProcessToClient::GuestResponsive
+                | ProcessToClient::Attached { .. }
+                | ProcessToClient::Status(_)
+                | ProcessToClient::Output { .. }
+                | ProcessToClient::ShellExited { .. } => {}
+            }
+        }
+
+        let want_stdin =
+            reading_stdin && !session.send_closed && session.out.len() < OUT_HIGH_WATER;
+        let (sock_in, sock_out, signal, stdin_ready) = {
+            let mut sock_events = PollFlags::POLLIN;
+            if !session.out.is_empty() {
+                sock_events |= PollFlags::POLLOUT;
+            }
+            let mut fds = vec![
+                PollFd::new(session.sock.as_fd(), sock_events),
+                PollFd::new(signals.as_fd(), PollFlags::POLLIN),
+            ];
+            if want_stdin {
+                fds.push(PollFd::new(stdin.as_fd(), PollFlags::POLLIN));
+            }
+            match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(format!("poll failed: {e}")),
+            }
+            let rev = |i: usize| {
+                fds.get(i)
+                    .and_then(|f| f.revents())
+                    .unwrap_or(PollFlags::empty())
+            };
+            let sock = rev(0);
+            (
+                sock.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR),
+                sock.contains(PollFlags::POLLOUT),
+                !rev(1).is_empty(),
+                !rev(2).is_empty(),
+            )
+        };
+
+        if signal {
+            for sig in signals.drain().map_err(|e| e.to_string())? {
+                if sig == Signal::SIGWINCH {
+                    continue;
+                }
+                if stopping.is_some() {
+                    // Asked twice: stop waiting; the VM goes with us.
+                    session.shutdown();
+                    return Ok(ExecEnd::Exited(exit::from_signal(sig as i32)));
+                }
+                stopping = Some(sig);
+                session.queue(&ClientToProcess::ExecSignal {
+                    signal: libc::SIGTERM,
+                })?;
+            }
+        }
+
+        if stdin_ready {
+            // Straight from the fd: a buffered reader could hold bytes that
+            // poll would never report.
+            let n = match nix::unistd::read(stdin.as_raw_fd(), &mut buf) {
+                Ok(n) => Some(n),
+                Err(Errno::EAGAIN | Errno::EINTR) => None,
+                Err(_) => Some(0),
+            };
+            match n {
+                Some(0) => {
+                    reading_stdin = false;
+                    session.queue(&ClientToProcess::ExecStdinEof)?;
+                }
+                Some(n) => session.queue(&ClientToProcess::ExecStdin {
+                    data: buf[..n].to_vec(),
+                })?,
+                None => {}
+            }
+        }
+
+        if sock_in {
+            let read = match session.sock.read(&mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(0),
+                other => other,
+            };
+            match read {
+                Ok(0) => {
+                    return Ok(ExecEnd::Lost(match session.codec.finish() {
+                        Ok(()) => "capsem-process closed the connection".into(),
+                        Err(e) => format!("capsem-process closed the connection: {e}"),
+                    }));
+                }
+                Ok(n) => session
+                    .codec
+                    .feed(&buf[..n])
+                    .map_err(|e| format!("invalid message from capsem-process: {e}"))?,
+                Err(e) if is_transient(&e) => {}
+                Err(e) => {
+                    return Ok(ExecEnd::Lost(format!(
+                        "cannot read from capsem-process: {e}"
+                    )))
+                }
+            }
+        }
+
+        if sock_out || !session.out.is_empty() {
+            session.flush_nonblocking()?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_map_to_exit_codes() {
+        assert_eq!(exit_code(Some(0), None, false), Some(0));
+        assert_eq!(exit_code(Some(5), None, false), Some(5));
+        assert_eq!(exit_code(None, Some(9), false), Some(137));
+        assert_eq!(exit_code(None, Some(15), true), Some(124));
+        assert_eq!(exit_code(Some(127), None, false), Some(127));
+        assert_eq!(exit_code(None, None, false), None);
+    }
+}

@@ -1,0 +1,201 @@
+//! `capsem run`: one command in a temporary VM, from start to teardown.
+//!
+//! Order of events: the request is checked (a refused environment variable
+//! or an oversized command is exit 125 before anything starts), home and VM
+//! directory, capsem-process started with `--exec` and its ready line
+//! awaited, `Exec` on `ctl.sock`, the exec loop ([`crate::exec`]), then on
+//! every path: connection closed, capsem-process reaped (killed by process
+//! group after a grace period), VM directory removed. Locals are declared so
+//! that Rust's reverse drop order does exactly that.
+
+use std::path::{Path, PathBuf};
+
+use capsem_proto::exec::{check_env, check_start, ExecError};
+use capsem_proto::ipc::ClientToProcess;
+use nix::sys::signal::Signal;
+
+use crate::attach::{AttachError, Session};
+use crate::cli::{AccelChoice, RunArgs, Vmm};
+use crate::exec::{self, ExecEnd};
+use crate::exit;
+use crate::home::{self, HomeError, VmDir};
+use crate::progress::Progress;
+use crate::shell::NO_ISOLATION_WARNING;
+use crate::signals::{Signals, SignalsError};
+use crate::spawn::{self, ReadyOutcome, SpawnError, EXIT_GRACE};
+
+/// Why `capsem run` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Request(#[from] ExecError),
+    #[error("environment variable {0} is not set here (from -e {0})")]
+    EnvUnset(String),
+    #[error("the value of environment variable {0} is not UTF-8")]
+    EnvNotUtf8(String),
+    #[error(transparent)]
+    Home(#[from] HomeError),
+    #[error(transparent)]
+    Signals(#[from] SignalsError),
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
+    /// capsem-process reported that it could not start the VM.
+    #[error("{reason}{}", .log.as_ref().map(|l| format!(" (see {})", l.display())).unwrap_or_default())]
+    Startup {
+        reason: String,
+        log: Option<PathBuf>,
+    },
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    #[error("session lost: {0}")]
+    SessionLost(String),
+}
+
+impl RunError {
+    /// The documented exit code (see `exit.rs`).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunError::SessionLost(_) => exit::SESSION_LOST,
+            _ => exit::CAPSEM_FAILED,
+        }
+    }
+}
+
+/// `-e KEY=VAL` or `-e KEY` (the value from capsem's environment), checked.
+pub fn parse_env(
+    items: &[String],
+    lookup: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Result<Vec<(String, String)>, RunError> {
+    let mut env = Vec::with_capacity(items.len());
+    for item in items {
+        let (name, value) = match item.split_once('=') {
+            Some((n, v)) => (n.to_owned(), v.to_owned()),
+            None => {
+                capsem_proto::exec::check_env_name(item)?;
+                let value = lookup(item).ok_or_else(|| RunError::EnvUnset(item.clone()))?;
+                let value = value
+                    .into_string()
+                    .map_err(|_| RunError::EnvNotUtf8(item.clone()))?;
+                (item.clone(), value)
+            }
+        };
+        check_env(&name, &value)?;
+        env.push((name, value));
+    }
+    Ok(env)
+}
+
+/// Runs one command in a temporary VM and returns capsem's exit code.
+pub fn run(
+    home_flag: Option<&Path>,
+    vmm: Vmm,
+    accel: AccelChoice,
+    args: RunArgs,
+) -> Result<u8, RunError> {
+    let env = parse_env(&args.env, |k| std::env::var_os(k))?;
+    check_start(&args.command, &env, args.workdir.as_deref(), args.timeout)?;
+    let request = ClientToProcess::Exec {
+        argv: args.command,
+        env,
+        workdir: args.workdir,
+        timeout_ms: args.timeout,
+    };
+    let home = home::resolve_home(
+        home_flag,
+        std::env::var_os("CAPSEM_HOME").as_deref(),
+        home::user_home().as_deref(),
+    )?;
+    if vmm == Vmm::None {
+        eprintln!("{NO_ISOLATION_WARNING}");
+    }
+    let mut signals = Signals::install()?;
+    let bin = spawn::find_process_bin(
+        std::env::var_os(spawn::PROCESS_BIN_ENV),
+        std::env::current_exe(),
+    )?;
+    let id = home::new_temp_id()?;
+    // Declared before the child: dropped (removed) after it is reaped.
+    let vm_dir = VmDir::create(&home, &id)?;
+    let (mut child, mut ready) = spawn::spawn(&bin, vm_dir.path(), &id, vmm, accel, true)?;
+
+    let outcome = {
+        let mut progress = Progress::new(match vmm {
+            Vmm::Qemu => "starting VM",
+            Vmm::None => "starting",
+        });
+        ready.wait(&child, &mut signals, &mut progress)
+    };
+    match outcome {
+        Ok(ReadyOutcome::Ready) => {}
+        Ok(ReadyOutcome::Failed(reason)) => {
+            child.teardown(EXIT_GRACE);
+            let log = vm_dir.keep_log(&home, &id);
+            return Err(RunError::Startup { reason, log });
+        }
+        Ok(ReadyOutcome::Interrupted(sig)) => {
+            child.signal_group(Signal::SIGTERM);
+            return Ok(exit::from_signal(sig as i32));
+        }
+        Err(e) => {
+            child.signal_group(Signal::SIGTERM);
+            return Err(e.into());
+        }
+    }
+
+    let mut session = match Session::connect_with(&vm_dir.path().join("ctl.sock"), &request) {
+        Ok(s) => s,
+        Err(e) => {
+            child.signal_group(Signal::SIGTERM);
+            return Err(e.into());
+        }
+    };
+    match session.await_attached(&mut signals) {
+        Ok(None) => {}
+        Ok(Some(sig)) => {
+            session.shutdown();
+            return Ok(exit::from_signal(sig as i32));
+        }
+        Err(e) => {
+            session.shutdown();
+            return Err(e.into());
+        }
+    }
+    let end = exec::run(&mut session, &mut signals);
+    drop(session);
+    drop(child);
+    drop(vm_dir);
+    match end {
+        ExecEnd::Exited(code) => Ok(code),
+        ExecEnd::Lost(reason) => Err(RunError::SessionLost(reason)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_items() {
+        let lookup = |k: &str| (k == "HERE").then(|| std::ffi::OsString::from("v"));
+        assert_eq!(
+            parse_env(&["A=1".into(), "B=".into(), "C=x=y".into()], lookup).unwrap(),
+            vec![
+                ("A".into(), "1".into()),
+                ("B".into(), String::new()),
+                ("C".into(), "x=y".into())
+            ]
+        );
+        assert_eq!(
+            parse_env(&["HERE".into()], lookup).unwrap(),
+            vec![("HERE".into(), "v".into())]
+        );
+        assert!(matches!(
+            parse_env(&["GONE".into()], lookup),
+            Err(RunError::EnvUnset(_))
+        ));
+        let e = parse_env(&["LD_PRELOAD=/x.so".into()], lookup).unwrap_err();
+        assert_eq!(e.exit_code(), 125);
+        assert!(e.to_string().contains("LD_PRELOAD"), "{e}");
+        assert!(parse_env(&["1A=x".into()], lookup).is_err());
+    }
+}

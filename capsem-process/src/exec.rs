@@ -1,0 +1,147 @@
+//! The exec relay: one task per `capsem run` command, between the guest's
+//! exec connection and the attached client.
+//!
+//! It writes the client's `Start`, then forwards the client's stdin, EOF and
+//! signals (from [`Shared::exec_rx`]) to the guest, and the guest's `Output`
+//! and `Exit` to the client through the client's one bounded queue, in
+//! order: the `Exit` is queued after every `Output`, so the client gets all
+//! output before the status. A slow client blocks the queue, the relay stops
+//! reading, and backpressure reaches the command. The reader and the writer
+//! run concurrently, so a command that does not read its stdin never stops
+//! its output.
+
+use std::sync::Arc;
+
+use capsem_proto::exec::{ExecStream, ExecToHost, HostToExec};
+use capsem_proto::frame::ExecHost;
+use capsem_proto::ipc::ProcessToClient;
+use capsem_proto::Codec;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::log::chain;
+use crate::state::{Event, Outgoing, Shared};
+
+/// Relays one command; reports [`Event::ExecEnded`] when it ends.
+pub async fn relay(
+    stream: UnixStream,
+    start: HostToExec,
+    notices: mpsc::Sender<Outgoing>,
+    shared: Arc<Shared>,
+    events: mpsc::Sender<Event>,
+) {
+    let (rd, mut wr) = stream.into_split();
+    let result = match send_start(&mut wr, &start).await {
+        Err(reason) => Err(reason),
+        Ok(()) => relay_io(rd, wr, notices, &shared).await,
+    };
+    if let Err(reason) = &result {
+        warn!("exec: {reason}");
+    }
+    let _ = events.send(Event::ExecEnded(result)).await;
+}
+
+async fn send_start(wr: &mut OwnedWriteHalf, start: &HostToExec) -> Result<(), String> {
+    let frame = Codec::<ExecHost>::encode(start)
+        .map_err(|e| format!("cannot encode the command: {}", chain(&e)))?;
+    wr.write_all(&frame)
+        .await
+        .map_err(|e| format!("cannot send the command: {e}"))
+}
+
+async fn relay_io(
+    rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
+    notices: mpsc::Sender<Outgoing>,
+    shared: &Shared,
+) -> Result<(), String> {
+    tokio::select! {
+        r = read_guest(rd, notices) => r,
+        () = async {
+            if let Err(reason) = write_guest(wr, shared).await {
+                warn!("exec: {reason}");
+            }
+            // The reader decides the end: the guest's status may still come.
+            std::future::pending::<()>().await
+        } => Ok(()),
+    }
+}
+
+async fn write_guest(mut wr: OwnedWriteHalf, shared: &Shared) -> Result<(), String> {
+    let mut rx = shared.exec_rx.lock().await;
+    while let Some(msg) = rx.recv().await {
+        let frame = Codec::<ExecHost>::encode(&msg)
+            .map_err(|e| format!("cannot encode {msg:?}: {}", chain(&e)))?;
+        wr.write_all(&frame)
+            .await
+            .map_err(|e| format!("cannot write to the exec connection: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Reads the guest's frames to its `Exit`; `Err` when the connection ends
+/// without one.
+async fn read_guest(mut rd: OwnedReadHalf, notices: mpsc::Sender<Outgoing>) -> Result<(), String> {
+    let mut codec = Codec::<ExecHost>::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut stdout_bytes, mut stderr_bytes) = (0u64, 0u64);
+    loop {
+        while let Some(msg) = codec
+            .next_message()
+            .map_err(|e| format!("invalid exec frame: {}", chain(&e)))?
+        {
+            let out = match msg {
+                ExecToHost::Output { stream, data } => {
+                    match stream {
+                        ExecStream::Stdout => stdout_bytes += data.len() as u64,
+                        ExecStream::Stderr => stderr_bytes += data.len() as u64,
+                    }
+                    ProcessToClient::ExecOutput { stream, data }
+                }
+                ExecToHost::Exit {
+                    exit_code,
+                    signal,
+                    timed_out,
+                    stdout_bytes: want_out,
+                    stderr_bytes: want_err,
+                } => {
+                    info!(
+                        "command exited: exit_code={exit_code:?} signal={signal:?} timed_out={timed_out} stdout_bytes={stdout_bytes} stderr_bytes={stderr_bytes}"
+                    );
+                    if (want_out, want_err) != (stdout_bytes, stderr_bytes) {
+                        warn!("exec: the guest counted {want_out}/{want_err} output bytes, {stdout_bytes}/{stderr_bytes} arrived");
+                    }
+                    let exit = ProcessToClient::ExecExit {
+                        exit_code,
+                        signal,
+                        timed_out,
+                    };
+                    notices
+                        .send(Outgoing::Msg(exit))
+                        .await
+                        .map_err(|_| "the client went away".to_owned())?;
+                    return Ok(());
+                }
+            };
+            notices
+                .send(Outgoing::Msg(out))
+                .await
+                .map_err(|_| "the client went away".to_owned())?;
+        }
+        match rd.read(&mut buf).await {
+            Ok(0) => {
+                return Err(match codec.finish() {
+                    Ok(()) => "the exec connection closed without an exit status".into(),
+                    Err(e) => format!("the exec connection closed: {}", chain(&e)),
+                })
+            }
+            Ok(n) => codec
+                .feed(&buf[..n])
+                .map_err(|e| format!("invalid exec frame: {}", chain(&e)))?,
+            Err(e) => return Err(format!("exec connection read failed: {e}")),
+        }
+    }
+}
