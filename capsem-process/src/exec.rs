@@ -145,3 +145,63 @@ async fn read_guest(mut rd: OwnedReadHalf, notices: mpsc::Sender<Outgoing>) -> R
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use capsem_proto::frame::ExecGuest;
+
+    #[tokio::test]
+    async fn output_then_exit_in_order_and_eof_without_exit_is_an_error() {
+        let (guest, host) = UnixStream::pair().unwrap();
+        let (rd, _wr) = host.into_split();
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut bytes = Vec::new();
+        for (stream, data) in [
+            (ExecStream::Stdout, b"a".to_vec()),
+            (ExecStream::Stderr, b"b".to_vec()),
+        ] {
+            Codec::<ExecGuest>::encode_into(&ExecToHost::Output { stream, data }, &mut bytes)
+                .unwrap();
+        }
+        let exit = ExecToHost::Exit {
+            exit_code: Some(3),
+            signal: None,
+            timed_out: false,
+            stdout_bytes: 1,
+            stderr_bytes: 1,
+        };
+        Codec::<ExecGuest>::encode_into(&exit, &mut bytes).unwrap();
+        let (_, mut gw) = guest.into_split();
+        gw.write_all(&bytes).await.unwrap();
+        read_guest(rd, tx).await.unwrap();
+        let mut got = Vec::new();
+        while let Ok(Outgoing::Msg(m)) = rx.try_recv() {
+            got.push(m);
+        }
+        assert_eq!(
+            got,
+            vec![
+                ProcessToClient::ExecOutput {
+                    stream: ExecStream::Stdout,
+                    data: b"a".to_vec()
+                },
+                ProcessToClient::ExecOutput {
+                    stream: ExecStream::Stderr,
+                    data: b"b".to_vec()
+                },
+                ProcessToClient::ExecExit {
+                    exit_code: Some(3),
+                    signal: None,
+                    timed_out: false
+                },
+            ]
+        );
+
+        let (guest, host) = UnixStream::pair().unwrap();
+        let (rd, _wr) = host.into_split();
+        drop(guest);
+        let (tx, _rx) = mpsc::channel(8);
+        assert!(read_guest(rd, tx).await.is_err());
+    }
+}
