@@ -86,6 +86,8 @@ async fn read_requests(
     let mut codec = Codec::<Process>::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut attached = false;
+    // Attached with `Exec` (a command), not `Attach` (a shell).
+    let mut exec_attached = false;
     loop {
         let msg = match codec.next_message() {
             Ok(Some(msg)) => msg,
@@ -146,8 +148,10 @@ async fn read_requests(
                     Err(_) => return,
                 }
             }
-            ClientToProcess::Input { .. } | ClientToProcess::Resize { .. } if !attached => {
-                Some(reply("not attached"))
+            ClientToProcess::Input { .. } | ClientToProcess::Resize { .. }
+                if !attached || exec_attached =>
+            {
+                Some(reply("not attached to a shell"))
             }
             ClientToProcess::Input { data } => {
                 if shared.in_tx.send(data).await.is_err() {
@@ -197,6 +201,7 @@ async fn read_requests(
                 match reply_rx.await {
                     Ok(Ok(())) => {
                         attached = true;
+                        exec_attached = true;
                         info!("client {conn} attached to run a command");
                         None
                     }
@@ -207,9 +212,9 @@ async fn read_requests(
             ClientToProcess::ExecStdin { .. }
             | ClientToProcess::ExecStdinEof
             | ClientToProcess::ExecSignal { .. }
-                if !attached =>
+                if !exec_attached =>
             {
-                Some(reply("not attached"))
+                Some(reply("not attached to a command"))
             }
             ClientToProcess::ExecStdin { data } => {
                 if shared

@@ -42,6 +42,10 @@ const DRAIN_BACKSTOP: Duration = Duration::from_secs(30);
 const GUEST_EXIT_WAIT: Duration = Duration::from_secs(2);
 /// How long the attached client gets to receive its final message.
 const CLIENT_FLUSH_WAIT: Duration = Duration::from_secs(1);
+/// How long the guest may take to open the exec port once the client's
+/// command is here (it opens it right after the terminal, which made us
+/// ready).
+const EXEC_CONNECT_WAIT: Duration = Duration::from_secs(10);
 /// How long killed descendants get to be reaped.
 const REAP_WAIT: Duration = Duration::from_secs(5);
 
@@ -125,6 +129,7 @@ enum Wake {
     TerminalTimeout,
     StatusGraceOver,
     DrainBackstop,
+    ExecConnectTimeout,
     GuestExited(String, u32, ExitStatus),
 }
 
@@ -194,6 +199,8 @@ pub struct Session {
     exec_task: Option<JoinHandle<()>>,
     /// The command's status was queued to the client.
     exec_exited: bool,
+    /// Until when the guest may open the exec port.
+    exec_deadline: Option<Instant>,
 }
 
 impl Session {
@@ -255,6 +262,7 @@ impl Session {
             exec_conn: None,
             exec_task: None,
             exec_exited: false,
+            exec_deadline: None,
         })
     }
 
@@ -320,6 +328,7 @@ impl Session {
                 () = sleep_until(terminal) => Wake::TerminalTimeout,
                 () = sleep_until(self.status_grace) => Wake::StatusGraceOver,
                 () = sleep_until(self.drain_backstop) => Wake::DrainBackstop,
+                () = sleep_until(self.exec_deadline) => Wake::ExecConnectTimeout,
                 Ok(exit) = guest_exit.wait_for(Option::is_some), if self.guest_gone.is_none() => {
                     let (name, pid, status) = exit.clone().unwrap_or_default();
                     Wake::GuestExited(name, pid, status)
@@ -360,6 +369,13 @@ impl Session {
                 }
                 self.transport_lost("terminal closed without a shell exit status")
                     .await
+            }
+            Wake::ExecConnectTimeout => {
+                self.exec_deadline = None;
+                Some(Stop::AgentDied(format!(
+                    "the guest did not open the exec port within {} s",
+                    EXEC_CONNECT_WAIT.as_secs()
+                )))
             }
             Wake::DrainBackstop => {
                 warn!("the shell's last output was not delivered within {DRAIN_BACKSTOP:?}");
@@ -506,6 +522,7 @@ impl Session {
                     self.shared.attached.send_replace(true);
                     self.attached = Some(conn);
                     self.exec_start = Some(start);
+                    self.exec_deadline = Some(Instant::now() + EXEC_CONNECT_WAIT);
                     self.start_exec();
                     Ok(())
                 };
@@ -542,6 +559,7 @@ impl Session {
             return;
         };
         info!("exec: relaying the command");
+        self.exec_deadline = None;
         self.exec_task = Some(tokio::spawn(crate::exec::relay(
             stream,
             start,

@@ -13,7 +13,9 @@
 use serde::{Deserialize, Serialize};
 
 /// Protocol version exchanged in the hello. Peers must match exactly.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// 2: the exec port ([`crate::exec`]) and `CAPSEM_MODE=exec`; an agent of
+/// version 1 would start a shell where a command was asked for.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Vsock CID of the host as seen from a guest.
 pub const HOST_CID: u32 = 2;
@@ -21,7 +23,7 @@ pub const HOST_CID: u32 = 2;
 pub const PORT_CONTROL: u32 = 5000;
 /// Raw terminal bytes, both directions.
 pub const PORT_TERMINAL: u32 = 5001;
-/// Non-interactive exec channels (reserved).
+/// One non-interactive command's streams ([`crate::exec`]).
 pub const PORT_EXEC: u32 = 5005;
 /// Guest execve audit records (reserved).
 pub const PORT_AUDIT: u32 = 5006;
