@@ -113,7 +113,10 @@ fn vm_boot_failure_exits_125_and_names_the_kept_logs() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(125), "stderr: {stderr}");
-    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("capsem: ")).collect();
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("capsem: "))
+        .collect();
     assert_eq!(lines.len(), 1, "one error line expected: {stderr:?}");
     let logs = lines[0]
         .split("(logs: ")
