@@ -294,13 +294,21 @@ impl Shell {
         if let Some(s) = self.status() {
             return Ok(s);
         }
-        let _ = killpg(self.pid, Signal::SIGHUP);
-        let _ = killpg(self.pid, Signal::SIGCONT);
+        // Every group in the shell's session, not only the shell's own: with
+        // job control each job has its own group, and a shell too slow to
+        // forward the hangup before the SIGKILL would leave its jobs behind.
+        let groups = || session_groups(Path::new("/proc"), self.pid);
+        for g in groups() {
+            let _ = killpg(g, Signal::SIGHUP);
+            let _ = killpg(g, Signal::SIGCONT);
+        }
         let mut fds = [fdio::pollfd(self.pidfd.as_fd(), fdio::IN)];
         let _ = fdio::poll(&mut fds, Some(Instant::now() + grace));
-        // Whatever is left of the group (the shell included if it ignored the
-        // hangup) goes now; the unreaped shell keeps the group id ours.
-        let _ = killpg(self.pid, Signal::SIGKILL);
+        // Whatever is left goes now. The unreaped shell keeps its pid, and so
+        // the session id, from being reused, so these groups are still ours.
+        for g in groups() {
+            let _ = killpg(g, Signal::SIGKILL);
+        }
         self.reap()
     }
 
@@ -319,6 +327,37 @@ impl Drop for Shell {
             let _ = self.terminate(Duration::from_millis(500));
         }
     }
+}
+
+/// The process groups of every process in session `sid` (the shell's,
+/// always included), read from `/proc/<pid>/stat`.
+fn session_groups(proc_root: &Path, sid: Pid) -> Vec<Pid> {
+    let mut groups = vec![sid];
+    let Ok(entries) = std::fs::read_dir(proc_root) else {
+        return groups;
+    };
+    for entry in entries.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        if let Some((pgid, session)) = parse_pgid_session(&stat) {
+            if session == sid.as_raw() && pgid > 1 && !groups.contains(&Pid::from_raw(pgid)) {
+                groups.push(Pid::from_raw(pgid));
+            }
+        }
+    }
+    groups
+}
+
+/// `(pgrp, session)` from a `/proc/<pid>/stat` line; the command name may
+/// hold spaces and parentheses, so fields are counted after the last `)`.
+fn parse_pgid_session(stat: &str) -> Option<(i32, i32)> {
+    let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
+    let _state = fields.next()?;
+    let _ppid = fields.next()?;
+    let pgid = fields.next()?.parse().ok()?;
+    let session = fields.next()?.parse().ok()?;
+    Some((pgid, session))
 }
 
 fn set_winsize(master: BorrowedFd<'_>, cols: u16, rows: u16) -> io::Result<()> {
@@ -405,6 +444,66 @@ mod tests {
         // unreaped shell keeps the group id valid for this kill.
         killpg(Pid::from_raw(shell.pid() as i32), Signal::SIGKILL).unwrap();
         assert_eq!(shell.reap().unwrap().exit_code, Some(0));
+    }
+
+    #[test]
+    fn stat_fields_after_an_odd_command_name() {
+        assert_eq!(
+            parse_pgid_session("42 (a) b (c) S 1 40 41 0 -1"),
+            Some((40, 41))
+        );
+        assert_eq!(parse_pgid_session("garbage"), None);
+    }
+
+    #[test]
+    fn terminate_kills_jobs_in_other_groups_of_the_session() {
+        // A job in its own process group (as job control makes them) that
+        // ignores the hangup, under a shell that ignores it too.
+        let shell = Shell::spawn(&sh(
+            "trap '' HUP; setpgid_job() { (trap '' HUP; exec sleep 1000) & }; \
+             set -m; setpgid_job; echo job=$!; sleep 1000",
+        ))
+        .unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        let job: i32 = loop {
+            let text = String::from_utf8_lossy(&seen).into_owned();
+            if let Some(pid) = text
+                .split("job=")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|p| p.parse().ok())
+            {
+                break pid;
+            }
+            let mut fds = [fdio::pollfd(shell.master(), fdio::IN)];
+            fdio::poll(&mut fds, Some(Instant::now() + Duration::from_secs(10))).unwrap();
+            if let Ok(n) = fdio::read(shell.master(), &mut buf) {
+                assert!(n > 0, "shell exited early");
+                seen.extend_from_slice(&buf[..n]);
+            }
+        };
+        let groups = session_groups(Path::new("/proc"), shell.pid);
+        assert!(
+            groups.len() >= 2,
+            "the job should have its own group: {groups:?}"
+        );
+        shell.terminate(Duration::from_millis(100)).unwrap();
+        let gone = (0..500).any(|_| {
+            let state = std::fs::read_to_string(format!("/proc/{job}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .map(|r| r.trim_start().starts_with('Z'))
+                });
+            let dead = state.unwrap_or(true);
+            if !dead {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            dead
+        });
+        assert!(gone, "the job {job} in its own group survived");
     }
 
     #[test]
