@@ -76,6 +76,9 @@ impl Vm {
     }
 
     fn start_vmm(vmm: &str, extra: &[&str]) -> Vm {
+        // Every descendant, even one that left with setsid and outlived a
+        // killed capsem-process, stays ours to kill in Drop.
+        capsem_tests::procs::become_subreaper();
         let tmp = tempfile::tempdir().unwrap();
         let stub = tmp.path().join("agent.sh");
         fs::write(&stub, STUB).unwrap();
@@ -203,6 +206,8 @@ impl Drop for Vm {
                 }
             }
         }
+        // What the pid files no longer name (the VM dir may be gone).
+        capsem_tests::procs::kill_all_descendants();
     }
 }
 
