@@ -72,6 +72,7 @@ mod run;
 mod shell;
 mod signals;
 mod spawn;
+mod tempvm;
 mod terminal;
 
 use std::process::ExitCode;

@@ -8,7 +8,7 @@
 //! group after a grace period), VM directory removed. Locals are declared so
 //! that Rust's reverse drop order does exactly that.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use capsem_proto::exec::{check_env, check_start, ExecError};
 use capsem_proto::ipc::ClientToProcess;
@@ -18,11 +18,7 @@ use crate::attach::{AttachError, Session};
 use crate::cli::{AccelChoice, RunArgs, Vmm};
 use crate::exec::{self, ExecEnd};
 use crate::exit;
-use crate::home::{self, HomeError, VmDir};
-use crate::progress::Progress;
-use crate::shell::NO_ISOLATION_WARNING;
-use crate::signals::{Signals, SignalsError};
-use crate::spawn::{self, ReadyOutcome, SpawnError, EXIT_GRACE};
+use crate::tempvm::{self, Started, TempVmError};
 
 /// Why `capsem run` failed.
 #[derive(Debug, thiserror::Error)]
@@ -34,17 +30,7 @@ pub enum RunError {
     #[error("the value of environment variable {0} is not UTF-8")]
     EnvNotUtf8(String),
     #[error(transparent)]
-    Home(#[from] HomeError),
-    #[error(transparent)]
-    Signals(#[from] SignalsError),
-    #[error(transparent)]
-    Spawn(#[from] SpawnError),
-    /// capsem-process reported that it could not start the VM.
-    #[error("{reason}{}", .log.as_ref().map(|l| format!(" (see {})", l.display())).unwrap_or_default())]
-    Startup {
-        reason: String,
-        log: Option<PathBuf>,
-    },
+    Start(#[from] TempVmError),
     #[error(transparent)]
     Attach(#[from] AttachError),
     #[error("session lost: {0}")]
@@ -100,56 +86,19 @@ pub fn run(
         workdir: args.workdir,
         timeout_ms: args.timeout,
     };
-    let home = home::resolve_home(
-        home_flag,
-        std::env::var_os("CAPSEM_HOME").as_deref(),
-        home::user_home().as_deref(),
-    )?;
-    if vmm == Vmm::None {
-        eprintln!("{NO_ISOLATION_WARNING}");
-    }
-    let mut signals = Signals::install()?;
-    let bin = spawn::find_process_bin(
-        std::env::var_os(spawn::PROCESS_BIN_ENV),
-        std::env::current_exe(),
-    )?;
-    let id = home::new_temp_id()?;
-    // Declared before the child: dropped (removed) after it is reaped.
-    let vm_dir = VmDir::create(&home, &id)?;
-    let (mut child, mut ready) = spawn::spawn(&bin, vm_dir.path(), &id, vmm, accel, true)?;
-
-    let outcome = {
-        let mut progress = Progress::new(match vmm {
-            Vmm::Qemu => "starting VM",
-            Vmm::None => "starting",
-        });
-        ready.wait(&child, &mut signals, &mut progress)
+    let mut vm = match tempvm::start(home_flag, vmm, accel, true)? {
+        Started::Ready(vm) => vm,
+        Started::Interrupted(code) => return Ok(code),
     };
-    match outcome {
-        Ok(ReadyOutcome::Ready) => {}
-        Ok(ReadyOutcome::Failed(reason)) => {
-            child.teardown(EXIT_GRACE);
-            let log = vm_dir.keep_log(&home, &id);
-            return Err(RunError::Startup { reason, log });
-        }
-        Ok(ReadyOutcome::Interrupted(sig)) => {
-            child.signal_group(Signal::SIGTERM);
-            return Ok(exit::from_signal(sig as i32));
-        }
-        Err(e) => {
-            child.signal_group(Signal::SIGTERM);
-            return Err(e.into());
-        }
-    }
 
-    let mut session = match Session::connect_with(&vm_dir.path().join("ctl.sock"), &request) {
+    let mut session = match Session::connect_with(&vm.vm_dir.path().join("ctl.sock"), &request) {
         Ok(s) => s,
         Err(e) => {
-            child.signal_group(Signal::SIGTERM);
+            vm.child.signal_group(Signal::SIGTERM);
             return Err(e.into());
         }
     };
-    match session.await_attached(&mut signals) {
+    match session.await_attached(&mut vm.signals) {
         Ok(None) => {}
         Ok(Some(sig)) => {
             session.shutdown();
@@ -160,10 +109,9 @@ pub fn run(
             return Err(e.into());
         }
     }
-    let end = exec::run(&mut session, &mut signals);
+    let end = exec::run(&mut session, &mut vm.signals);
     drop(session);
-    drop(child);
-    drop(vm_dir);
+    drop(vm);
     match end {
         ExecEnd::Exited(code) => Ok(code),
         ExecEnd::Lost(reason) => Err(RunError::SessionLost(reason)),

@@ -8,38 +8,21 @@
 
 use std::io;
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use nix::sys::signal::Signal;
 
 use crate::attach::{AttachError, Session, SessionEnd};
 use crate::cli::{AccelChoice, Vmm};
 use crate::exit;
-use crate::home::{self, HomeError, VmDir};
-use crate::progress::Progress;
-use crate::signals::{Signals, SignalsError};
-use crate::spawn::{self, ReadyOutcome, SpawnError, EXIT_GRACE};
+use crate::tempvm::{self, Started, TempVmError};
 use crate::terminal::{self, RawGuard, TerminalError};
-
-/// The warning `--vmm none` prints, once, on stderr.
-pub const NO_ISOLATION_WARNING: &str =
-    "capsem: warning: --vmm none runs the shell on this host with no isolation";
 
 /// Why `capsem shell` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ShellError {
     #[error(transparent)]
-    Home(#[from] HomeError),
-    #[error(transparent)]
-    Signals(#[from] SignalsError),
-    #[error(transparent)]
-    Spawn(#[from] SpawnError),
-    /// capsem-process reported that it could not start the VM.
-    #[error("{reason}{}", .log.as_ref().map(|l| format!(" (see {})", l.display())).unwrap_or_default())]
-    Startup {
-        reason: String,
-        log: Option<PathBuf>,
-    },
+    Start(#[from] TempVmError),
     #[error(transparent)]
     Attach(#[from] AttachError),
     #[error(transparent)]
@@ -60,59 +43,22 @@ impl ShellError {
 
 /// Runs a shell in a temporary VM and returns capsem's exit code.
 pub fn run(home_flag: Option<&Path>, vmm: Vmm, accel: AccelChoice) -> Result<u8, ShellError> {
-    let home = home::resolve_home(
-        home_flag,
-        std::env::var_os("CAPSEM_HOME").as_deref(),
-        home::user_home().as_deref(),
-    )?;
-    if vmm == Vmm::None {
-        eprintln!("{NO_ISOLATION_WARNING}");
-    }
-    let mut signals = Signals::install()?;
-    let bin = spawn::find_process_bin(
-        std::env::var_os(spawn::PROCESS_BIN_ENV),
-        std::env::current_exe(),
-    )?;
-    let id = home::new_temp_id()?;
-    // Declared before the child: dropped (removed) after it is reaped.
-    let vm_dir = VmDir::create(&home, &id)?;
-    let (mut child, mut ready) = spawn::spawn(&bin, vm_dir.path(), &id, vmm, accel, false)?;
-
-    let outcome = {
-        let mut progress = Progress::new(match vmm {
-            Vmm::Qemu => "starting VM",
-            Vmm::None => "starting shell",
-        });
-        ready.wait(&child, &mut signals, &mut progress)
+    let mut vm = match tempvm::start(home_flag, vmm, accel, false)? {
+        Started::Ready(vm) => vm,
+        Started::Interrupted(code) => return Ok(code),
     };
-    match outcome {
-        Ok(ReadyOutcome::Ready) => {}
-        Ok(ReadyOutcome::Failed(reason)) => {
-            child.teardown(EXIT_GRACE);
-            let log = vm_dir.keep_log(&home, &id);
-            return Err(ShellError::Startup { reason, log });
-        }
-        Ok(ReadyOutcome::Interrupted(sig)) => {
-            child.signal_group(Signal::SIGTERM);
-            return Ok(exit::from_signal(sig as i32));
-        }
-        Err(e) => {
-            child.signal_group(Signal::SIGTERM);
-            return Err(e.into());
-        }
-    }
 
     let stdin = io::stdin();
     let stdin_tty = terminal::is_tty(stdin.as_fd());
     let size = terminal::size_or_default(stdin.as_fd());
-    let mut session = match Session::connect(&vm_dir.path().join("ctl.sock"), size) {
+    let mut session = match Session::connect(&vm.vm_dir.path().join("ctl.sock"), size) {
         Ok(s) => s,
         Err(e) => {
-            child.signal_group(Signal::SIGTERM);
+            vm.child.signal_group(Signal::SIGTERM);
             return Err(e.into());
         }
     };
-    match session.await_attached(&mut signals) {
+    match session.await_attached(&mut vm.signals) {
         Ok(None) => {}
         Ok(Some(sig)) => {
             session.shutdown();
@@ -135,11 +81,10 @@ pub fn run(home_flag: Option<&Path>, vmm: Vmm, accel: AccelChoice) -> Result<u8,
         None
     };
 
-    let end = session.run(stdin_tty, &mut signals);
+    let end = session.run(stdin_tty, &mut vm.signals);
     drop(raw);
     drop(session);
-    drop(child);
-    drop(vm_dir);
+    drop(vm);
     match end {
         SessionEnd::Exited(code) => Ok(code),
         SessionEnd::Signalled(sig) => Ok(exit::from_signal(sig as i32)),
@@ -155,10 +100,10 @@ mod tests {
     fn errors_map_to_exit_codes() {
         assert_eq!(ShellError::SessionLost("x".into()).exit_code(), 255);
         assert_eq!(
-            ShellError::Startup {
+            ShellError::Start(TempVmError::Startup {
                 reason: "r".into(),
                 log: None
-            }
+            })
             .exit_code(),
             125
         );
@@ -167,18 +112,18 @@ mod tests {
 
     #[test]
     fn startup_message_names_the_log() {
-        let e = ShellError::Startup {
+        let e = ShellError::Start(TempVmError::Startup {
             reason: "the qemu backend is not available yet".into(),
             log: Some("/h/logs/tmp-1.process.log".into()),
-        };
+        });
         assert_eq!(
             e.to_string(),
             "the qemu backend is not available yet (see /h/logs/tmp-1.process.log)"
         );
-        let e = ShellError::Startup {
+        let e = ShellError::Start(TempVmError::Startup {
             reason: "r".into(),
             log: None,
-        };
+        });
         assert_eq!(e.to_string(), "r");
     }
 }

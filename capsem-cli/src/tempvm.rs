@@ -1,0 +1,109 @@
+//! Starting a temporary VM, shared by `capsem shell` and `capsem run`: the
+//! home and VM directory, capsem-process spawned and its ready line awaited
+//! (with the boot progress on stderr), failures reported with their kept
+//! logs.
+//!
+//! [`TempVm`]'s fields drop in order: capsem-process is reaped (killed by
+//! process group after a grace period) before the VM directory is removed.
+
+use std::path::{Path, PathBuf};
+
+use nix::sys::signal::Signal;
+
+use crate::cli::{AccelChoice, Vmm};
+use crate::exit;
+use crate::home::{self, HomeError, VmDir};
+use crate::progress::Progress;
+use crate::signals::{Signals, SignalsError};
+use crate::spawn::{self, ProcessChild, ReadyOutcome, SpawnError, EXIT_GRACE};
+
+/// The warning `--vmm none` prints, once, on stderr.
+pub const NO_ISOLATION_WARNING: &str =
+    "capsem: warning: --vmm none runs the shell on this host with no isolation";
+
+/// Why a temporary VM did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TempVmError {
+    #[error(transparent)]
+    Home(#[from] HomeError),
+    #[error(transparent)]
+    Signals(#[from] SignalsError),
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
+    /// capsem-process reported that it could not start the VM.
+    #[error("{reason}{}", .log.as_ref().map(|l| format!(" (see {})", l.display())).unwrap_or_default())]
+    Startup {
+        reason: String,
+        log: Option<PathBuf>,
+    },
+}
+
+/// A temporary VM whose capsem-process reported ready.
+#[derive(Debug)]
+pub struct TempVm {
+    /// Declared before `vm_dir`: reaped before the directory is removed.
+    pub child: ProcessChild,
+    pub vm_dir: VmDir,
+    pub signals: Signals,
+}
+
+/// How starting ended.
+#[derive(Debug)]
+pub enum Started {
+    Ready(TempVm),
+    /// A signal arrived during the boot; the VM was stopped. The exit code.
+    Interrupted(u8),
+}
+
+/// Creates and boots a temporary VM; `exec` starts it for `capsem run`.
+pub fn start(
+    home_flag: Option<&Path>,
+    vmm: Vmm,
+    accel: AccelChoice,
+    exec: bool,
+) -> Result<Started, TempVmError> {
+    let home = home::resolve_home(
+        home_flag,
+        std::env::var_os("CAPSEM_HOME").as_deref(),
+        home::user_home().as_deref(),
+    )?;
+    if vmm == Vmm::None {
+        eprintln!("{NO_ISOLATION_WARNING}");
+    }
+    let mut signals = Signals::install()?;
+    let bin = spawn::find_process_bin(
+        std::env::var_os(spawn::PROCESS_BIN_ENV),
+        std::env::current_exe(),
+    )?;
+    let id = home::new_temp_id()?;
+    let vm_dir = VmDir::create(&home, &id)?;
+    let (mut child, mut ready) = spawn::spawn(&bin, vm_dir.path(), &id, vmm, accel, exec)?;
+    let outcome = {
+        let mut progress = Progress::new(match (vmm, exec) {
+            (Vmm::Qemu, _) => "starting VM",
+            (Vmm::None, false) => "starting shell",
+            (Vmm::None, true) => "starting",
+        });
+        ready.wait(&child, &mut signals, &mut progress)
+    };
+    match outcome {
+        Ok(ReadyOutcome::Ready) => Ok(Started::Ready(TempVm {
+            child,
+            vm_dir,
+            signals,
+        })),
+        Ok(ReadyOutcome::Failed(reason)) => {
+            child.teardown(EXIT_GRACE);
+            let log = vm_dir.keep_log(&home, &id);
+            Err(TempVmError::Startup { reason, log })
+        }
+        Ok(ReadyOutcome::Interrupted(sig)) => {
+            child.signal_group(Signal::SIGTERM);
+            Ok(Started::Interrupted(exit::from_signal(sig as i32)))
+        }
+        Err(e) => {
+            child.signal_group(Signal::SIGTERM);
+            Err(e.into())
+        }
+    }
+}
