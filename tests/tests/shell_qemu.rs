@@ -128,3 +128,22 @@ fn vm_boot_failure_exits_125_and_names_the_kept_logs() {
     assert!(std::path::Path::new(logs).join("process.log").exists());
     fx.assert_nothing_left();
 }
+
+#[test]
+fn vm_run_separates_streams_and_returns_the_status() {
+    if skipped() {
+        return;
+    }
+    let fx = capsem_tests::Fixture::new("vm_run", B);
+    let out = fx
+        .capsem()
+        .args(["run", "--", "sh", "-c", "echo out; echo err >&2; exit 3"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "stderr: {stderr}");
+    assert_eq!(out.stdout, b"out\n");
+    assert!(stderr.ends_with("err\n"), "{stderr:?}");
+    fx.assert_nothing_left();
+}
