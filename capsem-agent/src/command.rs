@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::signal::{killpg, Signal};
-use nix::sys::wait::{waitpid, WaitStatus};
+use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
 
 use crate::fdio;
@@ -197,29 +197,10 @@ impl Running {
             return Ok(s);
         }
         let _ = killpg(self.pid, Signal::SIGKILL);
-        let s = loop {
-            match waitpid(self.pid, None) {
-                Ok(WaitStatus::Exited(_, code)) => {
-                    break ShellStatus {
-                        exit_code: Some(code),
-                        signal: None,
-                    }
-                }
-                Ok(WaitStatus::Signaled(_, sig, _)) => {
-                    break ShellStatus {
-                        exit_code: None,
-                        signal: Some(sig as i32),
-                    }
-                }
-                Ok(_) | Err(Errno::EINTR) => continue,
-                Err(source) => {
-                    return Err(CommandError::Reap {
-                        pid: self.pid(),
-                        source,
-                    })
-                }
-            }
-        };
+        let s = crate::pty::wait_exit(self.pid).map_err(|source| CommandError::Reap {
+            pid: self.pid(),
+            source,
+        })?;
         self.status = Some(s);
         Ok(s)
     }

@@ -258,30 +258,10 @@ impl Shell {
         if let Some(s) = *status {
             return Ok(s);
         }
-        let s = loop {
-            match waitpid(self.pid, None) {
-                Ok(WaitStatus::Exited(_, code)) => {
-                    break ShellStatus {
-                        exit_code: Some(code),
-                        signal: None,
-                    }
-                }
-                Ok(WaitStatus::Signaled(_, sig, _)) => {
-                    break ShellStatus {
-                        exit_code: None,
-                        signal: Some(sig as i32),
-                    }
-                }
-                // Stop/continue reports need WUNTRACED/WCONTINUED, not asked.
-                Ok(_) | Err(Errno::EINTR) => continue,
-                Err(source) => {
-                    return Err(PtyError::Reap {
-                        pid: self.pid(),
-                        source,
-                    })
-                }
-            }
-        };
+        let s = wait_exit(self.pid).map_err(|source| PtyError::Reap {
+            pid: self.pid(),
+            source,
+        })?;
         *status = Some(s);
         Ok(s)
     }
@@ -325,6 +305,29 @@ impl Drop for Shell {
     fn drop(&mut self) {
         if self.status().is_none() {
             let _ = self.terminate(Duration::from_millis(500));
+        }
+    }
+}
+
+/// Blocks until child `pid` has exited and reaps it.
+pub fn wait_exit(pid: Pid) -> Result<ShellStatus, Errno> {
+    loop {
+        match waitpid(pid, None) {
+            Ok(WaitStatus::Exited(_, code)) => {
+                return Ok(ShellStatus {
+                    exit_code: Some(code),
+                    signal: None,
+                })
+            }
+            Ok(WaitStatus::Signaled(_, sig, _)) => {
+                return Ok(ShellStatus {
+                    exit_code: None,
+                    signal: Some(sig as i32),
+                })
+            }
+            // Stop/continue reports need WUNTRACED/WCONTINUED, not asked.
+            Ok(_) | Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
         }
     }
 }
