@@ -8,7 +8,7 @@
 //! pushes back on capsem-process and from there on the shell.
 
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -105,17 +105,51 @@ pub struct Session {
 }
 
 /// What one poll round reported.
-struct Events {
-    stdin: bool,
-    sock_in: bool,
-    sock_out: bool,
-    signal: bool,
+pub(crate) struct Events {
+    pub stdin: bool,
+    pub sock_in: bool,
+    pub sock_out: bool,
+    pub signal: bool,
 }
 
 impl Session {
-    /// Connects and sends `Attach{cols, rows}`.
-    pub fn connect(path: &Path, (cols, rows): (u16, u16)) -> Result<Self, AttachError> {
-        Self::connect_with(path, &ClientToProcess::Attach { cols, rows })
+    /// One poll round of a session loop (shell or exec): the socket (and
+    /// its writability while output is queued), the signalfd, and stdin when
+    /// `want_stdin`. `None` when interrupted: poll again.
+    pub(crate) fn wait(
+        &self,
+        signals: &Signals,
+        stdin: BorrowedFd<'_>,
+        want_stdin: bool,
+    ) -> Result<Option<Events>, String> {
+        let mut sock_events = PollFlags::POLLIN;
+        if !self.out.is_empty() {
+            sock_events |= PollFlags::POLLOUT;
+        }
+        let mut fds = vec![
+            PollFd::new(self.sock.as_fd(), sock_events),
+            PollFd::new(signals.as_fd(), PollFlags::POLLIN),
+        ];
+        if want_stdin {
+            fds.push(PollFd::new(stdin, PollFlags::POLLIN));
+        }
+        match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(Errno::EINTR) => return Ok(None),
+            Err(e) => return Err(format!("poll failed: {e}")),
+        }
+        let rev = |i: usize| {
+            fds.get(i)
+                .and_then(|f| f.revents())
+                .unwrap_or(PollFlags::empty())
+        };
+        let sock = rev(0);
+        Ok(Some(Events {
+            sock_in: sock.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR),
+            sock_out: sock.contains(PollFlags::POLLOUT),
+            signal: !rev(1).is_empty(),
+            stdin: !rev(2).is_empty(),
+        }))
     }
 
     /// Connects and sends `first` (`Attach`, or `Exec` for `capsem run`).
@@ -324,41 +358,14 @@ impl Session {
             }
 
             let want_stdin = reading_stdin && !self.send_closed && self.out.len() < OUT_HIGH_WATER;
-            let Events {
+            let Some(Events {
                 stdin: stdin_ready,
                 sock_in,
                 sock_out,
                 signal,
-            } = {
-                let mut sock_events = PollFlags::POLLIN;
-                if !self.out.is_empty() {
-                    sock_events |= PollFlags::POLLOUT;
-                }
-                let mut fds = vec![
-                    PollFd::new(self.sock.as_fd(), sock_events),
-                    PollFd::new(signals.as_fd(), PollFlags::POLLIN),
-                ];
-                if want_stdin {
-                    fds.push(PollFd::new(stdin.as_fd(), PollFlags::POLLIN));
-                }
-                match nix::poll::poll(&mut fds, PollTimeout::NONE) {
-                    Ok(_) => {}
-                    Err(Errno::EINTR) => continue,
-                    Err(e) => return Err(format!("poll failed: {e}")),
-                }
-                let rev = |i: usize| {
-                    fds.get(i)
-                        .and_then(|f| f.revents())
-                        .unwrap_or(PollFlags::empty())
-                };
-                let sock = rev(0);
-                Events {
-                    sock_in: sock
-                        .intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR),
-                    sock_out: sock.contains(PollFlags::POLLOUT),
-                    signal: !rev(1).is_empty(),
-                    stdin: !rev(2).is_empty(),
-                }
+            }) = self.wait(signals, stdin.as_fd(), want_stdin)?
+            else {
+                continue;
             };
 
             if signal {

@@ -14,10 +14,9 @@ use std::os::fd::{AsFd, AsRawFd};
 use capsem_proto::exec::{ExecStream, MAX_EXEC_CHUNK};
 use capsem_proto::ipc::{ClientToProcess, ProcessToClient};
 use nix::errno::Errno;
-use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::Signal;
 
-use crate::attach::{is_transient, one_line, Session};
+use crate::attach::{is_transient, one_line, Events, Session};
 use crate::exit;
 use crate::signals::Signals;
 
@@ -119,35 +118,14 @@ fn run_inner(session: &mut Session, signals: &mut Signals) -> Result<ExecEnd, St
 
         let want_stdin =
             reading_stdin && !session.send_closed && session.out.len() < OUT_HIGH_WATER;
-        let (sock_in, sock_out, signal, stdin_ready) = {
-            let mut sock_events = PollFlags::POLLIN;
-            if !session.out.is_empty() {
-                sock_events |= PollFlags::POLLOUT;
-            }
-            let mut fds = vec![
-                PollFd::new(session.sock.as_fd(), sock_events),
-                PollFd::new(signals.as_fd(), PollFlags::POLLIN),
-            ];
-            if want_stdin {
-                fds.push(PollFd::new(stdin.as_fd(), PollFlags::POLLIN));
-            }
-            match nix::poll::poll(&mut fds, PollTimeout::NONE) {
-                Ok(_) => {}
-                Err(Errno::EINTR) => continue,
-                Err(e) => return Err(format!("poll failed: {e}")),
-            }
-            let rev = |i: usize| {
-                fds.get(i)
-                    .and_then(|f| f.revents())
-                    .unwrap_or(PollFlags::empty())
-            };
-            let sock = rev(0);
-            (
-                sock.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR),
-                sock.contains(PollFlags::POLLOUT),
-                !rev(1).is_empty(),
-                !rev(2).is_empty(),
-            )
+        let Some(Events {
+            stdin: stdin_ready,
+            sock_in,
+            sock_out,
+            signal,
+        }) = session.wait(signals, stdin.as_fd(), want_stdin)?
+        else {
+            continue;
         };
 
         if signal {

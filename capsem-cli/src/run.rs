@@ -12,13 +12,12 @@ use std::path::Path;
 
 use capsem_proto::exec::{check_env, check_start, ExecError};
 use capsem_proto::ipc::ClientToProcess;
-use nix::sys::signal::Signal;
 
-use crate::attach::{AttachError, Session};
+use crate::attach::AttachError;
 use crate::cli::{AccelChoice, RunArgs, Vmm};
 use crate::exec::{self, ExecEnd};
 use crate::exit;
-use crate::tempvm::{self, Started, TempVmError};
+use crate::tempvm::{self, Attached, Started, TempVmError};
 
 /// Why `capsem run` failed.
 #[derive(Debug, thiserror::Error)]
@@ -91,24 +90,10 @@ pub fn run(
         Started::Interrupted(code) => return Ok(code),
     };
 
-    let mut session = match Session::connect_with(&vm.vm_dir.path().join("ctl.sock"), &request) {
-        Ok(s) => s,
-        Err(e) => {
-            vm.child.signal_group(Signal::SIGTERM);
-            return Err(e.into());
-        }
+    let mut session = match vm.attach(&request)? {
+        Attached::Session(s) => s,
+        Attached::Interrupted(code) => return Ok(code),
     };
-    match session.await_attached(&mut vm.signals) {
-        Ok(None) => {}
-        Ok(Some(sig)) => {
-            session.shutdown();
-            return Ok(exit::from_signal(sig as i32));
-        }
-        Err(e) => {
-            session.shutdown();
-            return Err(e.into());
-        }
-    }
     let end = exec::run(&mut session, &mut vm.signals);
     drop(session);
     drop(vm);

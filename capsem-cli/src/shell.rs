@@ -10,12 +10,12 @@ use std::io;
 use std::os::fd::AsFd;
 use std::path::Path;
 
-use nix::sys::signal::Signal;
+use capsem_proto::ipc::ClientToProcess;
 
-use crate::attach::{AttachError, Session, SessionEnd};
+use crate::attach::{AttachError, SessionEnd};
 use crate::cli::{AccelChoice, Vmm};
 use crate::exit;
-use crate::tempvm::{self, Started, TempVmError};
+use crate::tempvm::{self, Attached, Started, TempVmError};
 use crate::terminal::{self, RawGuard, TerminalError};
 
 /// Why `capsem shell` failed.
@@ -51,24 +51,11 @@ pub fn run(home_flag: Option<&Path>, vmm: Vmm, accel: AccelChoice) -> Result<u8,
     let stdin = io::stdin();
     let stdin_tty = terminal::is_tty(stdin.as_fd());
     let size = terminal::size_or_default(stdin.as_fd());
-    let mut session = match Session::connect(&vm.vm_dir.path().join("ctl.sock"), size) {
-        Ok(s) => s,
-        Err(e) => {
-            vm.child.signal_group(Signal::SIGTERM);
-            return Err(e.into());
-        }
+    let (cols, rows) = size;
+    let mut session = match vm.attach(&ClientToProcess::Attach { cols, rows })? {
+        Attached::Session(s) => s,
+        Attached::Interrupted(code) => return Ok(code),
     };
-    match session.await_attached(&mut vm.signals) {
-        Ok(None) => {}
-        Ok(Some(sig)) => {
-            session.shutdown();
-            return Ok(exit::from_signal(sig as i32));
-        }
-        Err(e) => {
-            session.shutdown();
-            return Err(e.into());
-        }
-    }
     let raw = if stdin_tty {
         match RawGuard::enter(stdin.as_fd()) {
             Ok(guard) => Some(guard),

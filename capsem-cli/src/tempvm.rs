@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 
 use nix::sys::signal::Signal;
 
+use capsem_proto::ipc::ClientToProcess;
+
+use crate::attach::{AttachError, Session};
 use crate::cli::{AccelChoice, Vmm};
 use crate::exit;
 use crate::home::{self, HomeError, VmDir};
@@ -53,6 +56,41 @@ pub enum Started {
     Ready(TempVm),
     /// A signal arrived during the boot; the VM was stopped. The exit code.
     Interrupted(u8),
+}
+
+/// How attaching ended.
+#[derive(Debug)]
+pub enum Attached {
+    Session(Session),
+    /// A signal arrived before the attach was confirmed; the VM was told to
+    /// shut down. The exit code.
+    Interrupted(u8),
+}
+
+impl TempVm {
+    /// Connects to the VM's `ctl.sock` with `first` (an attach or an exec
+    /// request) and waits for the confirmation, a signal, or an error; on
+    /// a failure or a signal the VM is stopped.
+    pub fn attach(&mut self, first: &ClientToProcess) -> Result<Attached, AttachError> {
+        let mut session = match Session::connect_with(&self.vm_dir.path().join("ctl.sock"), first) {
+            Ok(s) => s,
+            Err(e) => {
+                self.child.signal_group(Signal::SIGTERM);
+                return Err(e);
+            }
+        };
+        match session.await_attached(&mut self.signals) {
+            Ok(None) => Ok(Attached::Session(session)),
+            Ok(Some(sig)) => {
+                session.shutdown();
+                Ok(Attached::Interrupted(exit::from_signal(sig as i32)))
+            }
+            Err(e) => {
+                session.shutdown();
+                Err(e)
+            }
+        }
+    }
 }
 
 /// Creates and boots a temporary VM; `exec` starts it for `capsem run`.
