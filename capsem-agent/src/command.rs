@@ -5,7 +5,7 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -66,17 +66,6 @@ pub struct Running {
     status: Option<ShellStatus>,
 }
 
-/// Signals whose disposition the command must find at its default.
-const RESET_SIGNALS: [libc::c_int; 7] = [
-    libc::SIGHUP,
-    libc::SIGINT,
-    libc::SIGQUIT,
-    libc::SIGTERM,
-    libc::SIGPIPE,
-    libc::SIGCHLD,
-    libc::SIGTSTP,
-];
-
 /// The exit code and message for an exec error, like a shell's: ENOENT is
 /// "not found" (127), anything else "cannot execute" (126).
 pub fn spawn_failure(program: &str, err: &io::Error) -> SpawnFailure {
@@ -117,17 +106,7 @@ impl Running {
                 if libc::setsid() < 0 {
                     return Err(io::Error::last_os_error());
                 }
-                let mut none: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut none);
-                if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                let mut dfl: libc::sigaction = std::mem::zeroed();
-                dfl.sa_sigaction = libc::SIG_DFL;
-                for sig in RESET_SIGNALS {
-                    libc::sigaction(sig, &dfl, std::ptr::null_mut());
-                }
-                Ok(())
+                crate::pty::reset_signals_in_child()
             });
         }
         let mut child = match cmd.spawn() {
@@ -141,7 +120,7 @@ impl Running {
         let stderr = child.stderr.take().map(OwnedFd::from);
         // Dropping `Child` neither kills nor reaps; this module reaps.
         drop(child);
-        let pidfd = match pidfd_open(pid) {
+        let pidfd = match capsem_host::pidfd::pidfd_open(pid.as_raw().unsigned_abs()) {
             Ok(fd) => fd,
             Err(source) => {
                 let _ = killpg(pid, Signal::SIGKILL);
@@ -226,17 +205,6 @@ impl Drop for Running {
             let _ = self.terminate(Duration::from_millis(500));
         }
     }
-}
-
-fn pidfd_open(pid: Pid) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel returned a fresh fd (close-on-exec) that nothing
-    // else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
 }
 
 #[cfg(test)]

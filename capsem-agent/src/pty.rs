@@ -121,7 +121,8 @@ pub struct Shell {
     status: Mutex<Option<ShellStatus>>,
 }
 
-/// Signals whose disposition the shell must find at its default.
+/// Signals whose disposition a started shell or command must find at its
+/// default.
 const RESET_SIGNALS: [libc::c_int; 7] = [
     libc::SIGHUP,
     libc::SIGINT,
@@ -178,19 +179,7 @@ impl Shell {
                 if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                     return Err(io::Error::last_os_error());
                 }
-                // The agent blocks its termination signals (they arrive on a
-                // signalfd); the shell and its jobs must start unblocked.
-                let mut none: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut none);
-                if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                let mut dfl: libc::sigaction = std::mem::zeroed();
-                dfl.sa_sigaction = libc::SIG_DFL;
-                for sig in RESET_SIGNALS {
-                    libc::sigaction(sig, &dfl, std::ptr::null_mut());
-                }
-                Ok(())
+                reset_signals_in_child()
             });
         }
         let child = cmd.spawn().map_err(|source| PtyError::Spawn {
@@ -202,7 +191,7 @@ impl Shell {
         drop(child);
         drop(slave);
         let pid = Pid::from_raw(raw_pid as libc::pid_t);
-        let pidfd = match pidfd_open(pid) {
+        let pidfd = match capsem_host::pidfd::pidfd_open(pid.as_raw().unsigned_abs()) {
             Ok(fd) => fd,
             Err(source) => {
                 // Never leave the child behind.
@@ -309,6 +298,31 @@ impl Drop for Shell {
     }
 }
 
+/// In a forked child before exec: an empty signal mask and default
+/// dispositions. The agent blocks its termination signals (they arrive on a
+/// signalfd); what it starts must begin with them unblocked.
+///
+/// # Safety
+/// Only for a `pre_exec` closure: it makes async-signal-safe calls only
+/// (sigemptyset, sigprocmask, sigaction) and allocates nothing.
+pub unsafe fn reset_signals_in_child() -> io::Result<()> {
+    // SAFETY: zeroed sigset_t/sigaction are valid inputs to these calls,
+    // which only read and write the structures we pass.
+    unsafe {
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut dfl: libc::sigaction = std::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        for sig in RESET_SIGNALS {
+            libc::sigaction(sig, &dfl, std::ptr::null_mut());
+        }
+    }
+    Ok(())
+}
+
 /// Blocks until child `pid` has exited and reaps it.
 pub fn wait_exit(pid: Pid) -> Result<ShellStatus, Errno> {
     loop {
@@ -376,17 +390,6 @@ fn set_winsize(master: BorrowedFd<'_>, cols: u16, rows: u16) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
-}
-
-fn pidfd_open(pid: Pid) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel returned a fresh fd (close-on-exec) that nothing
-    // else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
 }
 
 #[cfg(test)]

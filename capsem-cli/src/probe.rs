@@ -16,7 +16,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
-use crate::spawn::pidfd_open;
+use capsem_host::pidfd::pidfd_open;
 
 /// How long `PROGRAM --version` may take.
 pub const VERSION_TIMEOUT: Duration = Duration::from_secs(5);

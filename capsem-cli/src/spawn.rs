@@ -162,18 +162,7 @@ pub struct ReadyPipe {
     line: ReadyLine,
 }
 
-pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
-    let pid =
-        libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = i32::try_from(fd).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
-    // SAFETY: the kernel just returned this fd; we are its only owner.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
+use capsem_host::pidfd::pidfd_open;
 
 /// capsem-process's arguments: `--vm-dir DIR --vm-id ID --vmm V --temporary
 /// --ready-fd N`, plus `--accel A` for qemu (capsem-process decides what

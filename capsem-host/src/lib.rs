@@ -1,7 +1,11 @@
-//! Host facts that both the `capsem` CLI and capsem-process need, kept in
-//! one place so the two never disagree.
+//! Host facts that the `capsem` CLI, capsem-process, the agent and the test
+//! harness share, kept in one place so they never disagree.
 //!
 //! * [`accel`]: which accelerator QEMU may use here (KVM only where a real
 //!   KVM module is loaded and `/dev/kvm` opens), and why.
+//! * [`pidfd`]: a process's exit as a pollable fd.
+//! * [`tsc`]: the host's TSC rate, told to TCG guests.
 
 pub mod accel;
+pub mod pidfd;
+pub mod tsc;

@@ -197,7 +197,7 @@ impl PtySession {
         if let Some(s) = self.status {
             return Ok(s);
         }
-        let pidfd = pidfd_open(self.child.id()).context("pidfd_open")?;
+        let pidfd = capsem_host::pidfd::pidfd_open(self.child.id()).context("pidfd_open")?;
         let mut fds = [nix::poll::PollFd::new(
             std::os::fd::AsFd::as_fd(&pidfd),
             nix::poll::PollFlags::POLLIN,
@@ -251,16 +251,6 @@ impl Drop for PtySession {
             }
         }
     }
-}
-
-fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the syscall returned a fresh fd that nothing else owns.
-    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) })
 }
 
 /// Position of `needle` in `hay`.

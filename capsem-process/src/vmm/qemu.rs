@@ -17,7 +17,7 @@
 
 use std::ffi::OsString;
 use std::fs::OpenOptions;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -115,26 +115,6 @@ pub fn kernel_cmdline(token: &str, hostname: &str, tsc_khz: Option<u64>) -> Stri
     line
 }
 
-/// The host's TSC rate in kHz: the kernel's own figure where it exports one,
-/// else cpu0's `cpu MHz` (constant on the TSC-invariant CPUs QEMU needs).
-pub fn host_tsc_khz(sys_tsc: &Path, cpuinfo: &Path) -> Option<u64> {
-    if let Ok(text) = std::fs::read_to_string(sys_tsc) {
-        if let Ok(khz) = text.trim().parse::<u64>() {
-            return Some(khz);
-        }
-    }
-    let info = std::fs::read_to_string(cpuinfo).ok()?;
-    let mhz: f64 = info
-        .lines()
-        .find(|l| l.starts_with("cpu MHz"))?
-        .split(':')
-        .nth(1)?
-        .trim()
-        .parse()
-        .ok()?;
-    (mhz > 0.0).then_some((mhz * 1000.0) as u64)
-}
-
 /// QEMU's arguments.
 pub fn qemu_args(
     accel: Accel,
@@ -196,7 +176,8 @@ fn wait_for_socket(sock: &Path, child: &Child, log: &Path) -> Result<(), VmmErro
     inotify
         .add_watch(dir, AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO)
         .map_err(|e| fail(format!("inotify watch: {e}")))?;
-    let pidfd = pidfd_open(child.pid).map_err(|e| fail(format!("pidfd_open: {e}")))?;
+    let pidfd =
+        capsem_host::pidfd::pidfd_open(child.pid).map_err(|e| fail(format!("pidfd_open: {e}")))?;
     let deadline = std::time::Instant::now() + VHOST_READY_WAIT;
     loop {
         // Checked after the watch exists, so a creation in between is seen.
@@ -225,16 +206,6 @@ fn wait_for_socket(sock: &Path, child: &Child, log: &Path) -> Result<(), VmmErro
         // Drain the events; only the socket's existence matters.
         let _ = inotify.read_events();
     }
-}
-
-fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
-    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) })
 }
 
 impl Qemu {
@@ -292,10 +263,7 @@ impl Qemu {
         })?;
         let hostname = if cfg.temporary { "capsem" } else { &cfg.vm_id };
         let tsc_khz = match accel {
-            Accel::Tcg => host_tsc_khz(
-                Path::new("/sys/devices/system/cpu/cpu0/tsc_freq_khz"),
-                Path::new("/proc/cpuinfo"),
-            ),
+            Accel::Tcg => capsem_host::tsc::host_tsc_khz(),
             Accel::Kvm => None,
         };
         let mut cmdline = kernel_cmdline(launch.token, hostname, tsc_khz);
@@ -418,18 +386,6 @@ mod tests {
         assert!(joined
             .join(" ")
             .contains("-accel kvm -M microvm,memory-backend=mem -cpu host -m 256M -smp 2"));
-    }
-
-    #[test]
-    fn tsc_rate_from_sysfs_else_cpuinfo() {
-        let d = tempfile::tempdir().unwrap();
-        let sys = d.path().join("tsc_freq_khz");
-        let info = d.path().join("cpuinfo");
-        std::fs::write(&info, "processor\t: 0\ncpu MHz\t\t: 2599.998\n").unwrap();
-        assert_eq!(host_tsc_khz(&sys, &info), Some(2_599_998));
-        std::fs::write(&sys, "3000000\n").unwrap();
-        assert_eq!(host_tsc_khz(&sys, &info), Some(3_000_000));
-        assert_eq!(host_tsc_khz(&d.path().join("x"), &d.path().join("y")), None);
     }
 
     #[test]

@@ -221,12 +221,8 @@ fn memory_idle(backend: Backend) -> Result<()> {
 /// and accelerator but no vsock device, until capsem-init's first console
 /// line; QEMU is killed there.
 fn bare_qemu_to_first_init_line(image: &Path) -> Result<f64> {
-    let khz = std::fs::read_to_string("/proc/cpuinfo")?
-        .lines()
-        .find(|l| l.starts_with("cpu MHz"))
-        .and_then(|l| l.split(':').nth(1)?.trim().parse::<f64>().ok())
-        .map(|mhz| (mhz * 1000.0) as u64)
-        .context("cpu MHz")?;
+    // The same rate capsem-process gives its TCG guests.
+    let khz = capsem_host::tsc::host_tsc_khz().context("host TSC rate")?;
     let t0 = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
         .args([
