@@ -3,9 +3,17 @@
 //!
 //! * [`accel`]: which accelerator QEMU may use here (KVM only where a real
 //!   KVM module is loaded and `/dev/kvm` opens), and why.
+//! * [`identity`]: a pid with its start time and an exact argv element,
+//!   checked before any signal.
+//! * [`lock`]: the per-VM command lock.
+//! * [`vmstate`]: the files describing a VM (`vm.json`, `pids.json`,
+//!   `status.json`, `token`) and VM names.
 //! * [`pidfd`]: a process's exit as a pollable fd.
 //! * [`tsc`]: the host's TSC rate, told to TCG guests.
 
 pub mod accel;
+pub mod identity;
+pub mod lock;
 pub mod pidfd;
 pub mod tsc;
+pub mod vmstate;
