@@ -42,9 +42,54 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Start a temporary VM, attach this terminal to its shell, and destroy
-    /// the VM when the shell exits (like `docker run --rm -it`).
-    Shell,
+    /// Without NAME: start a temporary VM, attach this terminal to its
+    /// shell, and destroy the VM when the shell exits (like `docker run
+    /// --rm -it`). With NAME: attach to the persistent VM's shell (Ctrl-]
+    /// detaches and leaves it running; recent output is replayed first).
+    Shell {
+        /// A persistent VM made with `capsem create`
+        name: Option<String>,
+    },
+    /// Create a persistent VM, boot it, and return once its agent is ready.
+    Create(CreateArgs),
+    /// List VMs: name, state, kind, created time.
+    List {
+        /// One JSON array (see docs/cli-json.md)
+        #[arg(long)]
+        json: bool,
+    },
+    /// One VM as JSON: name, state, kind, pids, created time, accelerator,
+    /// image, the agent's connection count, the last shell exit.
+    Inspect { name: String },
+    /// Stop a persistent VM: the agent ends the shell, syncs and powers the
+    /// VM off; whatever is left after the grace period is killed.
+    Stop {
+        name: String,
+        /// Seconds to wait for the graceful stop before killing
+        #[arg(long, value_name = "SECS", default_value_t = 10)]
+        grace: u64,
+    },
+    /// Boot a stopped persistent VM again (same name, settings, and disk
+    /// state directory).
+    Start { name: String },
+    /// Remove a VM and everything it keeps. A running VM is refused unless
+    /// --force, which stops it first.
+    Rm {
+        /// Stop the VM first if it is running
+        #[arg(short, long)]
+        force: bool,
+        name: String,
+    },
+    /// Print a VM's log.
+    Logs {
+        name: String,
+        /// Keep printing as the log grows, until the VM stops
+        #[arg(short, long)]
+        follow: bool,
+        /// Which log: capsem-process's own, or the guest's serial console
+        #[arg(long, value_enum, default_value_t = LogSource::Process)]
+        source: LogSource,
+    },
     /// Run one command in a temporary VM and destroy the VM when it ends
     /// (like `docker run --rm`). Its stdout and stderr arrive separately and
     /// byte for byte, stdin is forwarded up to its EOF, and capsem exits
@@ -57,6 +102,29 @@ pub enum Command {
     /// `fix:` command below each missing piece. Exits 0 when nothing is
     /// missing, 1 otherwise.
     Doctor,
+}
+
+/// `capsem create NAME [--cpus N] [--memory MIB]`.
+#[derive(Debug, clap::Args)]
+pub struct CreateArgs {
+    /// 1 to 48 characters: letters, digits, '-', '_', '.', starting with a
+    /// letter or digit
+    pub name: String,
+    /// Guest vCPUs
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub cpus: u32,
+    /// Guest memory in MiB
+    #[arg(long, value_name = "MIB", default_value_t = 512, value_parser = clap::value_parser!(u32).range(64..=65536))]
+    pub memory: u32,
+}
+
+/// Which log `capsem logs` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogSource {
+    /// `process.log`: capsem-process's events
+    Process,
+    /// `serial.log`: the guest console (qemu VMs), or `agent.log` (`--vmm none`)
+    Serial,
 }
 
 /// `capsem run [--timeout SECS] [-e KEY=VAL]... [--workdir DIR] -- CMD [ARG...]`.
@@ -150,7 +218,7 @@ mod tests {
             Cli::try_parse_from(["capsem", "shell", "--vmm", "none", "--home", "/x"]).unwrap();
         assert_eq!(cli.vmm, Vmm::None);
         assert_eq!(cli.home, Some(PathBuf::from("/x")));
-        assert!(matches!(cli.command, Command::Shell));
+        assert!(matches!(cli.command, Command::Shell { name: None }));
     }
 
     #[test]

@@ -66,14 +66,21 @@ mod exec;
 mod exit;
 mod home;
 mod image;
+mod inspect;
+mod list;
+mod logs;
 mod probe;
+mod persist;
 mod progress;
+mod rm;
 mod run;
 mod shell;
 mod signals;
 mod spawn;
+mod sweep;
 mod tempvm;
 mod terminal;
+mod vms;
 
 use std::process::ExitCode;
 
@@ -110,10 +117,19 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Shell => shell::run(cli.home.as_deref(), cli.vmm, cli.accel),
+        Command::Shell { name: None } => shell::run(cli.home.as_deref(), cli.vmm, cli.accel),
         Command::Doctor => Ok(doctor::run(cli.home.as_deref(), cli.vmm, cli.accel)),
         Command::Run(args) => {
             return match run::run(cli.home.as_deref(), cli.vmm, cli.accel, args) {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => {
+                    eprintln!("capsem: {}", one_line_chain(&e));
+                    ExitCode::from(e.exit_code())
+                }
+            };
+        }
+        other => {
+            return match persist::run(cli.home.as_deref(), cli.vmm, cli.accel, other) {
                 Ok(code) => ExitCode::from(code),
                 Err(e) => {
                     eprintln!("capsem: {}", one_line_chain(&e));
