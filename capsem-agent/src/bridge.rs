@@ -75,6 +75,10 @@ pub enum BridgeEnd {
     ShellExited {
         exit_code: Option<i32>,
         signal: Option<i32>,
+        /// A shutdown that arrived after the status was written (while
+        /// lingering). Only a persistent agent, which would otherwise start
+        /// the next shell, acts on it.
+        shutdown: Option<ShutdownBy>,
     },
     /// A connection closed or failed, or the host went silent. Reconnect.
     TransportLost { reason: String },
@@ -377,7 +381,7 @@ fn coordinate(
             Ok(x) => x,
             Err(RecvTimeoutError::Timeout) => {
                 return Ok(match phase {
-                    Phase::Lingering { status, .. } => shell_exited(status),
+                    Phase::Lingering { status, .. } => shell_exited(status, None),
                     _ => BridgeEnd::TransportLost {
                         reason: format!("shell status not written within {STATUS_TIMEOUT:?}"),
                     },
@@ -385,7 +389,7 @@ fn coordinate(
             }
             Err(RecvTimeoutError::Disconnected) => {
                 return Ok(match phase {
-                    Phase::Lingering { status, .. } => shell_exited(status),
+                    Phase::Lingering { status, .. } => shell_exited(status, None),
                     _ => BridgeEnd::TransportLost {
                         reason: "every bridge thread ended".into(),
                     },
@@ -445,7 +449,7 @@ fn coordinate(
                 deadline,
                 host_gone,
             } => match ev {
-                Event::StatusSent if host_gone => return Ok(shell_exited(status)),
+                Event::StatusSent if host_gone => return Ok(shell_exited(status, None)),
                 Event::StatusSent => Phase::Lingering {
                     status,
                     deadline: Instant::now() + LINGER,
@@ -478,21 +482,25 @@ fn coordinate(
                 },
             },
             // Status delivered: the host closing, a Shutdown or a signal all
-            // end the generation the same way.
+            // end the generation; the shutdown is kept so that a persistent
+            // agent stops instead of starting the next shell.
             Phase::Lingering { status, deadline } => match ev {
-                Event::TransportLost(_) | Event::ShutdownRequested | Event::Terminated => {
-                    return Ok(shell_exited(status))
+                Event::TransportLost(_) => return Ok(shell_exited(status, None)),
+                Event::ShutdownRequested => {
+                    return Ok(shell_exited(status, Some(ShutdownBy::Host)))
                 }
+                Event::Terminated => return Ok(shell_exited(status, Some(ShutdownBy::Signal))),
                 _ => Phase::Lingering { status, deadline },
             },
         };
     }
 }
 
-fn shell_exited(status: ShellStatus) -> BridgeEnd {
+fn shell_exited(status: ShellStatus, shutdown: Option<ShutdownBy>) -> BridgeEnd {
     BridgeEnd::ShellExited {
         exit_code: status.exit_code,
         signal: status.signal,
+        shutdown,
     }
 }
 

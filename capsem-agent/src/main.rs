@@ -3,7 +3,7 @@
 //! sockets vhost-device-vsock delivers, one connection generation at a time.
 //!
 //! ```text
-//! capsem-agent [--transport vsock|unix:PATH] [--host-timeout-ms N]
+//! capsem-agent [--transport vsock|unix:PATH] [--host-timeout-ms N] [--vm-id ID]
 //! ```
 //!
 //! * `--transport` (default `vsock`): `vsock` connects to CID 2, ports 5000
@@ -11,14 +11,21 @@
 //!   `PATH_5001`.
 //! * `--host-timeout-ms` (default 15000): the transport counts as lost when
 //!   no control message arrived for this long.
+//! * `--vm-id` (optional, 1 to 64 characters of `[A-Za-z0-9._-]`): logged at
+//!   start and otherwise unused; the host passes it so that an exact argv
+//!   element identifies the agent's pid later.
 //! * `$CAPSEM_TOKEN` (required, at most 128 bytes): the session token sent in
 //!   every hello.
 //! * `$CAPSEM_BOOT_STAGES` (optional, `name=micros,...`): reported once as
 //!   `BootTimings` after the first HelloAck; an invalid list is logged and
 //!   not sent.
-//! * `$CAPSEM_MODE` (optional): `exec` starts no shell; the agent runs one
+//! * `$CAPSEM_MODE` (optional): `shell` (the default, also when empty): one
+//!   shell; the agent exits once its status is delivered. `persistent` (for
+//!   VMs that outlive any one shell): when a shell exits and its status is
+//!   delivered, the agent starts a fresh shell and connects again at once;
+//!   only a shutdown ends it. `exec` starts no shell; the agent runs one
 //!   command that the host sends on the exec port (see [`exec`]). Anything
-//!   else but `shell` or empty is a configuration error.
+//!   else is a configuration error.
 //! * `$RUST_LOG` (optional, default `info`): log filter. Logs go to stderr
 //!   with RFC 3339 UTC timestamps.
 //!
@@ -31,13 +38,14 @@
 //!
 //! | code | meaning |
 //! |---|---|
-//! | 0 | the shell exited and its status was delivered, or a shutdown (host `Shutdown`, SIGTERM, SIGINT, SIGHUP) stopped the shell |
+//! | 0 | the shell exited and its status was delivered (shell mode), or a shutdown (host `Shutdown`, SIGTERM, SIGINT, SIGHUP) stopped the shell |
 //! | 1 | runtime failure (cannot start the shell, signal setup, a bridge thread panicked) |
-//! | 2 | usage or configuration error (bad flag, missing or over-long `$CAPSEM_TOKEN`) |
+//! | 2 | usage or configuration error (bad flag or `--vm-id`, missing or over-long `$CAPSEM_TOKEN`, unknown `$CAPSEM_MODE`) |
 //!
 //! Modules:
 //!
-//! * [`session`]: the main loop (connect, hello, bridge, act on the end).
+//! * [`session`]: shell and persistent modes' main loop (connect, hello,
+//!   bridge, act on the end).
 //! * [`exec`]: exec mode: one command, its streams on the exec port, one
 //!   poll loop.
 //! * [`command`]: the exec-mode command: pipes, pidfd, process group.
@@ -84,6 +92,28 @@ struct Cli {
     /// (1 to 86400000).
     #[arg(long, default_value_t = 15000, value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
     host_timeout_ms: u64,
+    /// The VM's id, logged; the host finds the agent's pid by this exact
+    /// argument (1 to 64 characters of A-Z a-z 0-9 . _ -).
+    #[arg(long, value_parser = parse_vm_id)]
+    vm_id: Option<String>,
+}
+
+/// Longest `--vm-id`.
+const MAX_VM_ID: usize = 64;
+
+/// `--vm-id`: 1 to [`MAX_VM_ID`] characters of `[A-Za-z0-9._-]`.
+fn parse_vm_id(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= MAX_VM_ID
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "must be 1 to {MAX_VM_ID} characters of A-Z a-z 0-9 . _ -"
+        ))
+    }
 }
 
 /// Why the agent failed; each maps to an exit code.
@@ -149,17 +179,38 @@ impl std::fmt::Display for Ended {
     }
 }
 
-/// `$CAPSEM_MODE`: `true` for exec mode.
-fn exec_mode() -> Result<bool, AgentError> {
-    match std::env::var("CAPSEM_MODE").as_deref() {
-        Ok("exec") => Ok(true),
-        Ok("shell") | Ok("") | Err(std::env::VarError::NotPresent) => Ok(false),
-        Ok(other) => Err(AgentError::Config(format!(
-            "CAPSEM_MODE must be shell or exec, got {:?}",
-            other.chars().take(32).collect::<String>()
-        ))),
-        Err(std::env::VarError::NotUnicode(_)) => {
-            Err(AgentError::Config("CAPSEM_MODE is not UTF-8".into()))
+/// What `$CAPSEM_MODE` selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// One shell; the agent exits once its status is delivered.
+    Shell,
+    /// A fresh shell whenever one exits; only a shutdown ends the agent.
+    Persistent,
+    /// One command from the exec port, no shell.
+    Exec,
+}
+
+impl Mode {
+    /// Parses `$CAPSEM_MODE`'s value; unset and empty mean `shell`.
+    fn parse(value: Option<&str>) -> Result<Self, AgentError> {
+        match value {
+            None | Some("") | Some("shell") => Ok(Self::Shell),
+            Some("persistent") => Ok(Self::Persistent),
+            Some("exec") => Ok(Self::Exec),
+            Some(other) => Err(AgentError::Config(format!(
+                "CAPSEM_MODE must be shell, persistent or exec, got {:?}",
+                other.chars().take(32).collect::<String>()
+            ))),
+        }
+    }
+
+    fn from_env() -> Result<Self, AgentError> {
+        match std::env::var("CAPSEM_MODE") {
+            Ok(v) => Self::parse(Some(&v)),
+            Err(std::env::VarError::NotPresent) => Self::parse(None),
+            Err(std::env::VarError::NotUnicode(_)) => {
+                Err(AgentError::Config("CAPSEM_MODE is not UTF-8".into()))
+            }
         }
     }
 }
@@ -186,7 +237,9 @@ fn run(cli: Cli) -> Result<Ended, AgentError> {
         Transport::Vsock => PathBuf::from("/root"),
         Transport::Unix(_) => cwd.clone(),
     };
-    if exec_mode()? {
+    let mode = Mode::from_env()?;
+    let vm_id = cli.vm_id.as_deref().unwrap_or("-");
+    if mode == Mode::Exec {
         let cfg = exec::ExecConfig {
             transport: cli.transport,
             token,
@@ -194,7 +247,7 @@ fn run(cli: Cli) -> Result<Ended, AgentError> {
             cwd,
         };
         let signals = Signals::block().map_err(AgentError::Signals)?;
-        info!(transport = %cfg.transport, "agent starting in exec mode");
+        info!(transport = %cfg.transport, vm_id = %vm_id, "agent starting in exec mode");
         return Ok(Ended::Exec(exec::run(&cfg, &signals)?));
     }
     let cfg = Config {
@@ -203,11 +256,18 @@ fn run(cli: Cli) -> Result<Ended, AgentError> {
         host_timeout: Duration::from_millis(cli.host_timeout_ms),
         boot_stages,
         shell: pty::ShellConfig::interactive(&home, cwd),
+        persistent: mode == Mode::Persistent,
     };
     // Before the shell and before any thread, so every thread inherits the
     // mask and the signals only arrive through the signalfd.
     let signals = Signals::block().map_err(AgentError::Signals)?;
-    info!(transport = %cfg.transport, host_timeout_ms = cli.host_timeout_ms, "agent starting");
+    info!(
+        transport = %cfg.transport,
+        host_timeout_ms = cli.host_timeout_ms,
+        ?mode,
+        vm_id = %vm_id,
+        "agent starting"
+    );
     Ok(Ended::Shell(session::run(&cfg, &signals)?))
 }
 
@@ -221,4 +281,42 @@ fn init_logging() {
         .with_timer(UtcTime::rfc_3339())
         .with_env_filter(filter)
         .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mode_values() {
+        assert_eq!(Mode::parse(None).unwrap(), Mode::Shell);
+        assert_eq!(Mode::parse(Some("")).unwrap(), Mode::Shell);
+        assert_eq!(Mode::parse(Some("shell")).unwrap(), Mode::Shell);
+        assert_eq!(Mode::parse(Some("persistent")).unwrap(), Mode::Persistent);
+        assert_eq!(Mode::parse(Some("exec")).unwrap(), Mode::Exec);
+        for bad in ["Persistent", "persist", "shell ", "x"] {
+            let err = Mode::parse(Some(bad)).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{bad}");
+        }
+    }
+
+    #[test]
+    fn vm_id_values() {
+        for good in ["a", "vm-1", "my_vm.2", &"x".repeat(MAX_VM_ID)] {
+            assert_eq!(parse_vm_id(good).as_deref(), Ok(good), "{good}");
+        }
+        for bad in ["", "a b", "a/b", "é", "a\0b", &"x".repeat(MAX_VM_ID + 1)] {
+            assert!(parse_vm_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn cli_takes_an_optional_vm_id() {
+        let cli = Cli::try_parse_from(["capsem-agent"]).unwrap();
+        assert_eq!(cli.vm_id, None);
+        let cli = Cli::try_parse_from(["capsem-agent", "--vm-id", "v-1"]).unwrap();
+        assert_eq!(cli.vm_id.as_deref(), Some("v-1"));
+        let err = Cli::try_parse_from(["capsem-agent", "--vm-id", "v 1"]).unwrap_err();
+        assert!(err.use_stderr());
+    }
 }

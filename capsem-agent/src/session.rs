@@ -1,12 +1,19 @@
-//! The agent's life: start the shell once, then connect, hello, bridge, and
-//! act on how each generation ended.
+//! The agent's life: start a shell, then connect, hello, bridge, and act on
+//! how each generation ended.
 //!
-//! * `ShellExited`: the status was delivered; the agent exits and never
-//!   reconnects.
+//! * `ShellExited`: the status was delivered. In shell mode the agent exits
+//!   and never reconnects. In persistent mode (the VM outlives any one
+//!   shell) it starts a fresh shell with the same [`ShellConfig`], drops the
+//!   old shell's undelivered bytes, and connects the next generation at once;
+//!   the hello's `connects` keeps counting and carries the new shell's pid.
+//!   A shutdown that arrived after the status was delivered still stops it.
 //! * `TransportLost`: one log line, a backoff wait, a new generation with the
 //!   same shell and the bytes the last one could not deliver.
 //! * `ShutdownRequested` (host `Shutdown` or SIGTERM/SIGINT/SIGHUP): the
 //!   shell's process group is hung up, then killed, and the shell reaped.
+//!
+//! A shell's exit is never a transport loss: only `TransportLost` and a
+//! failed attempt reconnect with the same shell.
 
 use std::os::fd::AsFd;
 use std::time::Duration;
@@ -45,15 +52,23 @@ pub struct Config {
     pub host_timeout: Duration,
     pub boot_stages: Vec<BootStage>,
     pub shell: ShellConfig,
+    /// Persistent mode: start a fresh shell when one exits, instead of
+    /// exiting.
+    pub persistent: bool,
 }
 
-/// How the session ended.
+/// How the session ended; `shells` counts the shells the agent started.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// The shell exited and its status reached the host.
-    ShellExited(ShellStatus),
-    /// The host or a signal asked for the end; the shell was stopped.
-    Shutdown { by: ShutdownBy, shell: ShellStatus },
+    /// The shell exited and its status reached the host (shell mode).
+    ShellExited { status: ShellStatus, shells: u64 },
+    /// The host or a signal asked for the end; the last shell was stopped
+    /// (or had already exited, its status delivered).
+    Shutdown {
+        by: ShutdownBy,
+        shell: ShellStatus,
+        shells: u64,
+    },
 }
 
 /// One connection attempt's result.
@@ -63,19 +78,17 @@ enum Attempt {
     Cancelled,
 }
 
-/// Runs the agent until the shell's status is delivered or a shutdown.
+/// Runs the agent until the shell's status is delivered (shell mode) or a
+/// shutdown.
 pub fn run(cfg: &Config, signals: &Signals) -> Result<Outcome, SessionError> {
-    let shell = Shell::spawn(&cfg.shell).map_err(SessionError::Shell)?;
-    info!(
-        pid = shell.pid(),
-        program = %cfg.shell.program.display(),
-        "shell started"
-    );
+    let mut shells = 1u64;
+    let mut shell = spawn_shell(cfg, shells)?;
     let opts = BridgeOptions {
         host_timeout: cfg.host_timeout,
     };
     let mut backoff = Backoff::from_entropy()?;
     let mut pending = Pending::default();
+    // Successful control connections over the agent's life, across shells.
     let mut connects = 0u64;
     let mut boot = (!cfg.boot_stages.is_empty()).then(|| GuestToHost::BootTimings {
         stages: cfg.boot_stages.clone(),
@@ -95,14 +108,40 @@ pub fn run(cfg: &Config, signals: &Signals) -> Result<Outcome, SessionError> {
             Attempt::Ended { generation, end } => {
                 failures = 0;
                 match end {
-                    BridgeEnd::ShellExited { exit_code, signal } => {
+                    BridgeEnd::ShellExited {
+                        exit_code,
+                        signal,
+                        shutdown,
+                    } => {
+                        let status = ShellStatus { exit_code, signal };
                         info!(
                             generation,
                             ?exit_code,
                             ?signal,
+                            shells,
                             "generation ended: shell exited, status delivered"
                         );
-                        return Ok(Outcome::ShellExited(ShellStatus { exit_code, signal }));
+                        if !cfg.persistent {
+                            return Ok(Outcome::ShellExited { status, shells });
+                        }
+                        if let Some(by) = shutdown {
+                            if by == ShutdownBy::Signal {
+                                log_signal(signals);
+                            }
+                            info!(?by, "shutdown requested after the shell exited");
+                            return Ok(Outcome::Shutdown {
+                                by,
+                                shell: status,
+                                shells,
+                            });
+                        }
+                        // The bridge reaped the old shell; its leftover input
+                        // was meant for it, and its output was all written.
+                        shells += 1;
+                        shell = spawn_shell(cfg, shells)?;
+                        pending = Pending::default();
+                        // A fresh shell, not a lost transport: no backoff.
+                        continue;
                     }
                     BridgeEnd::TransportLost { reason } => {
                         info!(
@@ -118,7 +157,7 @@ pub fn run(cfg: &Config, signals: &Signals) -> Result<Outcome, SessionError> {
                             log_signal(signals);
                         }
                         info!(generation, ?by, "generation ended: shutdown requested");
-                        return stop_shell(&shell, by);
+                        return stop_shell(&shell, by, shells);
                     }
                 }
             }
@@ -130,14 +169,26 @@ pub fn run(cfg: &Config, signals: &Signals) -> Result<Outcome, SessionError> {
             }
             Attempt::Cancelled => {
                 log_signal(signals);
-                return stop_shell(&shell, ShutdownBy::Signal);
+                return stop_shell(&shell, ShutdownBy::Signal, shells);
             }
         }
         if reconnect::wait(backoff.next_delay(), signals.fd())? == Waited::Cancelled {
             log_signal(signals);
-            return stop_shell(&shell, ShutdownBy::Signal);
+            return stop_shell(&shell, ShutdownBy::Signal, shells);
         }
     }
+}
+
+/// Starts shell number `nth` (counting from 1).
+fn spawn_shell(cfg: &Config, nth: u64) -> Result<Shell, SessionError> {
+    let shell = Shell::spawn(&cfg.shell).map_err(SessionError::Shell)?;
+    info!(
+        pid = shell.pid(),
+        shell = nth,
+        program = %cfg.shell.program.display(),
+        "shell started"
+    );
+    Ok(shell)
 }
 
 fn log_signal(signals: &Signals) {
@@ -146,10 +197,14 @@ fn log_signal(signals: &Signals) {
     }
 }
 
-fn stop_shell(shell: &Shell, by: ShutdownBy) -> Result<Outcome, SessionError> {
+fn stop_shell(shell: &Shell, by: ShutdownBy, shells: u64) -> Result<Outcome, SessionError> {
     let status = shell.terminate(KILL_GRACE).map_err(SessionError::Stop)?;
     info!(exit_code = ?status.exit_code, signal = ?status.signal, "shell stopped and reaped");
-    Ok(Outcome::Shutdown { by, shell: status })
+    Ok(Outcome::Shutdown {
+        by,
+        shell: status,
+        shells,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -681,6 +681,22 @@ fn usage_and_config_errors_exit_2() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+    for bad in ["", "a b", "a/b", &"v".repeat(65)] {
+        let out = Command::new(bin)
+            .args(["--transport", "unix:/nonexistent/x", "--vm-id", bad])
+            .env("CAPSEM_TOKEN", TOKEN)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "--vm-id {bad:?}");
+    }
+    let out = Command::new(bin)
+        .args(["--transport", "unix:/nonexistent/x"])
+        .env("CAPSEM_TOKEN", TOKEN)
+        .env("CAPSEM_MODE", "persist")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("CAPSEM_MODE"));
     let out = Command::new(bin)
         .args(["--bogus"])
         .env("CAPSEM_TOKEN", TOKEN)
@@ -833,4 +849,138 @@ fn inq(s: &UnixStream) -> usize {
     let rc = unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut n) };
     assert_eq!(rc, 0);
     n as usize
+}
+
+/// Live (not zombie) processes whose session is `sid`, from `/proc/*/stat`.
+fn live_in_session(sid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some((_, after)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        // state ppid pgrp session
+        let f: Vec<&str> = after.split_whitespace().take(4).collect();
+        if f.len() == 4 && f[0] != "Z" && f[3].parse::<u32>().ok() == Some(sid) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+fn hello_fields(hello: &GuestToHost) -> (u64, u32) {
+    match hello {
+        GuestToHost::Hello {
+            connects,
+            shell_pid,
+            ..
+        } => (*connects, *shell_pid),
+        other => panic!("expected Hello, got {other:?}"),
+    }
+}
+
+#[test]
+fn persistent_mode_starts_a_fresh_shell_after_each_exit() {
+    let host = FakeHost::new();
+    let mut agent = host.spawn(
+        &["--vm-id", "vm-test_1.a"],
+        &[("CAPSEM_MODE", "persistent")],
+    );
+    let mut conn = host.generation(&mut agent, 1);
+    let (connects1, shell1) = hello_fields(&conn.hello);
+    assert_eq!(connects1, 1);
+    conn.type_("X=old\n");
+    conn.type_("exit 3\n");
+    expect_exit(&mut conn, shell_exited(Some(3), None));
+    // The host closes after the status, as it does between shells.
+    drop(conn);
+
+    let mut conn = host.generation(&mut agent, 2);
+    let (connects2, shell2) = hello_fields(&conn.hello);
+    assert_ne!(shell2, shell1, "a fresh shell");
+    assert_eq!(connects2, connects1 + 1);
+    assert_eq!(proc_state(shell1), None, "the first shell was reaped");
+    // The echoed command line cannot match: the marker is computed, and the
+    // fresh shell has none of the old one's variables.
+    conn.type_("echo hi-$((40+2)) ${X-fresh}\n");
+    conn.expect("hi-42 fresh");
+
+    // The host keeps this connection open after the status: the agent
+    // lingers, then moves on to a third shell by itself.
+    conn.type_("exit 0\n");
+    expect_exit(&mut conn, shell_exited(Some(0), None));
+    let mut conn3 = host.generation(&mut agent, 3);
+    let (connects3, shell3) = hello_fields(&conn3.hello);
+    assert_eq!(connects3, connects2 + 1);
+    assert!(shell3 != shell1 && shell3 != shell2);
+    drop(conn);
+    conn3.type_("echo hi-$((40+3))\n");
+    conn3.expect("hi-43");
+
+    conn3.send(HostToGuest::Shutdown);
+    let status = agent.wait_exit(LONG).expect("agent exits");
+    assert_eq!(status.code(), Some(0), "{}", agent.log());
+    assert!(host.idle(), "no reconnect after Shutdown");
+    for shell in [shell1, shell2, shell3] {
+        assert_eq!(proc_state(shell), None, "shell {shell} reaped");
+        assert!(
+            wait_until(deadline(LONG), || live_in_session(shell).is_empty()),
+            "left in shell {shell}'s session: {:?}",
+            live_in_session(shell)
+        );
+    }
+    let log = agent.log();
+    assert!(log.contains("vm_id=vm-test_1.a"), "{log}");
+    assert!(log.contains("shells: 3"), "{log}");
+    assert_eq!(log.matches("shell started").count(), 3, "{log}");
+    // A shell's exit is not a lost transport, and never waits for a backoff.
+    assert!(!log.contains("transport lost"), "{log}");
+    assert!(!log.contains("connection attempt failed"), "{log}");
+    let text = conn3.text();
+    assert!(!text.contains("pong"), "{text}");
+}
+
+#[test]
+fn persistent_mode_shutdown_right_after_a_shell_exit_stops_the_agent() {
+    let host = FakeHost::new();
+    let mut agent = host.spawn(&[], &[("CAPSEM_MODE", "persistent")]);
+    let mut conn = host.generation(&mut agent, 1);
+    let (_, shell) = hello_fields(&conn.hello);
+    conn.type_("exit 5\n");
+    expect_exit(&mut conn, shell_exited(Some(5), None));
+    // While the agent lingers on the delivered status.
+    conn.send(HostToGuest::Shutdown);
+    let status = agent.wait_exit(LONG).expect("agent exits");
+    assert_eq!(status.code(), Some(0), "{}", agent.log());
+    assert!(host.idle(), "a fresh shell was started after Shutdown");
+    assert_eq!(proc_state(shell), None);
+    let log = agent.log();
+    assert_eq!(log.matches("shell started").count(), 1, "{log}");
+    assert!(log.contains("shells: 1"), "{log}");
+    drop(conn);
+}
+
+#[test]
+fn shell_mode_exits_after_the_status_and_counts_one_shell() {
+    let host = FakeHost::new();
+    let mut agent = host.spawn(&["--vm-id", "v1"], &[("CAPSEM_MODE", "shell")]);
+    let mut conn = host.generation(&mut agent, 1);
+    conn.type_("exit 3\n");
+    expect_exit(&mut conn, shell_exited(Some(3), None));
+    drop(conn);
+    let status = agent.wait_exit(LONG).expect("agent exits");
+    assert_eq!(status.code(), Some(0));
+    assert!(host.idle(), "shell mode reconnected after the shell exited");
+    let log = agent.log();
+    assert!(log.contains("ShellExited"), "{log}");
+    assert!(log.contains("shells: 1"), "{log}");
 }

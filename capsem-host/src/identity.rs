@@ -114,6 +114,19 @@ pub fn capture(role: &str, pid: u32, marker: &str) -> Result<ProcRecord, Identit
     })
 }
 
+/// Records a process just spawned with `marker` among its arguments. Its
+/// argv is not checked: it may not have called exec yet, and its start time
+/// (the fork's) is already final.
+pub fn record(role: &str, pid: u32, marker: &str) -> Result<ProcRecord, IdentityError> {
+    let (_, start_time) = stat(pid)?;
+    Ok(ProcRecord {
+        role: role.into(),
+        pid,
+        start_time,
+        marker: marker.into(),
+    })
+}
+
 impl ProcRecord {
     /// Whether the recorded process is still the one running under its pid.
     pub fn liveness(&self) -> Liveness {

@@ -57,7 +57,9 @@ pub enum NameError {
     Empty,
     #[error("a VM name is at most {MAX_NAME_LEN} characters")]
     TooLong,
-    #[error("a VM name starts with a letter or a digit and has only letters, digits, '-', '_' and '.'")]
+    #[error(
+        "a VM name starts with a letter or a digit and has only letters, digits, '-', '_' and '.'"
+    )]
     Charset,
     #[error("names starting with \"tmp-\" are reserved for temporary VMs")]
     Reserved,
@@ -269,7 +271,11 @@ mod tests {
             fs::metadata(&p).unwrap().permissions().mode() & 0o777,
             0o600
         );
-        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1, "no temp file left");
+        assert_eq!(
+            fs::read_dir(d.path()).unwrap().count(),
+            1,
+            "no temp file left"
+        );
         fs::write(&p, b"{").unwrap();
         assert!(matches!(
             read_json::<VmStatusFile>(&p),

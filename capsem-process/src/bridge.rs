@@ -275,11 +275,20 @@ async fn control_writer(mut wr: OwnedWriteHalf, heartbeat: Arc<Mutex<Heartbeat>>
     }
 }
 
+/// Reads the guest's terminal into the scrollback ring and, while a client
+/// is attached, to that client: a newly attached client first gets the
+/// ring's contents, then live output, with no byte lost or repeated. While
+/// a client is attached a slot in its bounded queue is taken before each
+/// read, so a slow client leaves the bytes in the guest (backpressure);
+/// while none is, output keeps flowing into the ring (a detached shell never
+/// blocks) and the oldest bytes are dropped.
 async fn terminal_reader(mut rd: OwnedReadHalf, mut drain: watch::Receiver<Option<u64>>, ctx: Ctx) {
     let mut attached = ctx.shared.attached.subscribe();
     let mut buf = vec![0u8; MAX_IPC_CHUNK];
     // Bytes received on this terminal connection.
     let mut received: u64 = 0;
+    // The attach epoch whose client already got the ring.
+    let mut replayed = 0u64;
     loop {
         // Once the shell exited, the guest said how many bytes it wrote:
         // all of them arrived, so the output is complete.
@@ -289,29 +298,38 @@ async fn terminal_reader(mut rd: OwnedReadHalf, mut drain: watch::Receiver<Optio
             return;
         }
         let draining = target.is_some();
-        // Take a slot in the output channel before reading, so a slow or
-        // absent client leaves the bytes in the guest (backpressure).
-        let permit = if *attached.borrow_and_update() {
+        let epoch = *attached.borrow_and_update();
+        if epoch != 0 && epoch != replayed {
+            replayed = epoch;
+            let ring = ctx.shared.with_scrollback(|s| s.snapshot());
+            for chunk in ring.chunks(MAX_IPC_CHUNK) {
+                let item = ToClient::Output {
+                    epoch,
+                    data: chunk.to_vec(),
+                };
+                if ctx.shared.out_tx.send(item).await.is_err() {
+                    return;
+                }
+            }
+            continue;
+        }
+        let permit = if epoch != 0 {
             tokio::select! {
                 p = ctx.shared.out_tx.reserve() => match p {
                     Ok(p) => Some(p),
                     Err(_) => return,
                 },
                 _ = drain.changed(), if !draining => continue,
+                _ = attached.changed() => continue,
             }
-        } else if draining {
-            None
         } else {
-            tokio::select! {
-                _ = attached.changed() => {}
-                _ = drain.changed() => {}
-            }
-            continue;
+            None
         };
         let result = tokio::select! {
             // Cancel-safe: a read that loses the race consumed nothing.
             r = rd.read(&mut buf) => r,
             _ = drain.changed(), if !draining => continue,
+            _ = attached.changed() => continue,
             () = tokio::time::sleep(DRAIN_IDLE), if draining => {
                 warn!(
                     "terminal: {received} of {} bytes after the shell exited, then {DRAIN_IDLE:?} of silence",
@@ -328,8 +346,12 @@ async fn terminal_reader(mut rd: OwnedReadHalf, mut drain: watch::Receiver<Optio
             }
             Ok(n) => {
                 received += n as u64;
+                ctx.shared.with_scrollback(|s| s.push(&buf[..n]));
                 if let Some(permit) = permit {
-                    permit.send(ToClient::Output(buf[..n].to_vec()));
+                    permit.send(ToClient::Output {
+                        epoch,
+                        data: buf[..n].to_vec(),
+                    });
                 }
             }
             Err(e) if draining => {

@@ -292,21 +292,24 @@ async fn write_responses(
         attached: false,
     };
     let mut output = None;
+    let mut my_epoch = 0;
     loop {
         let msg = tokio::select! {
             biased;
             m = rx.recv() => match m {
                 None => return,
-                Some(Outgoing::StartOutput) => {
+                Some(Outgoing::StartOutput { epoch }) => {
                     finish.attached = true;
+                    my_epoch = epoch;
                     output = Some(shared.out_rx.lock().await);
                     continue;
                 }
                 Some(Outgoing::Msg(m)) => m,
             },
             item = next_output(&mut output) => match item {
-                ToClient::Output(data) => ProcessToClient::Output { data },
-                ToClient::Exited { exit_code, signal } => {
+                item if item.epoch() != my_epoch => continue,
+                ToClient::Output { data, .. } => ProcessToClient::Output { data },
+                ToClient::Exited { exit_code, signal, .. } => {
                     ProcessToClient::ShellExited { exit_code, signal }
                 }
             },

@@ -40,6 +40,11 @@ pub struct Config {
     /// the client sends the command with `Exec` on ctl.sock.
     #[arg(long)]
     pub exec: bool,
+    /// Take over the running guest recorded in `<vm-dir>/pids.json` (its
+    /// capsem-process died) instead of starting one: each process is adopted
+    /// only if its start time and recorded argv element match.
+    #[arg(long, conflicts_with_all = ["temporary", "exec"])]
+    pub adopt: bool,
     /// Inherited fd that receives `ready\n` or `error: <reason>\n`, then is closed.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(3..))]
     pub ready_fd: Option<i32>,
@@ -69,6 +74,23 @@ pub struct Config {
 }
 
 impl Config {
+    /// A persistent VM's shell: not temporary and not one command.
+    pub fn persistent(&self) -> bool {
+        !self.temporary && !self.exec
+    }
+
+    /// `CAPSEM_MODE` for the agent: `exec` (one command), `persistent` (a
+    /// fresh shell after each exit) or `shell` (one shell).
+    pub fn agent_mode(&self) -> &'static str {
+        if self.exec {
+            "exec"
+        } else if self.temporary {
+            "shell"
+        } else {
+            "persistent"
+        }
+    }
+
     pub fn heartbeat(&self) -> Duration {
         Duration::from_millis(self.heartbeat_ms)
     }

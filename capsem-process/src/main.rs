@@ -36,6 +36,7 @@
 //! * [`heartbeat`]: ping/pong bookkeeping.
 //! * [`client`]: `ctl.sock` connections.
 //! * [`state`]: what the tasks share and the events they report.
+//! * [`records`]: `pids.json`, `status.json` and `token` in the VM directory.
 //! * [`session`]: the session loop and teardown orchestration.
 //! * [`teardown`]: killing and reaping every descendant, removing files.
 
@@ -50,6 +51,7 @@ mod log;
 mod logkeep;
 mod ready;
 mod reaper;
+mod records;
 mod session;
 mod state;
 mod teardown;

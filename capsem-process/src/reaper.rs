@@ -8,6 +8,11 @@
 //!
 //! The registry lock is held while spawning and while killing, so a pid we
 //! signal is always an unreaped child of ours: it cannot have been recycled.
+//!
+//! Processes adopted from a crashed capsem-process ([`Reaper::adopt`]) are
+//! not our children: their exit is watched through a pidfd opened before
+//! their identity was checked, and they are signalled only while that pidfd
+//! says they are alive (so their pid cannot have been recycled).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -95,6 +100,8 @@ struct Known {
 struct Registry {
     /// Known children not reaped yet.
     live: HashMap<i32, Known>,
+    /// Adopted processes (not our children), by pid, with their pidfds.
+    adopted: HashMap<i32, Arc<std::os::fd::OwnedFd>>,
 }
 
 /// Result of one `waitpid` sweep.
@@ -174,6 +181,46 @@ impl Reaper {
         })
     }
 
+    /// Watches a process that is not our child (adopted from a crashed
+    /// capsem-process): `pidfd` must have been opened before its identity
+    /// was checked. Its status is unknown when it exits (its parent reaps it).
+    pub fn adopt(
+        &self,
+        name: &str,
+        pid: u32,
+        pidfd: std::os::fd::OwnedFd,
+    ) -> Result<Child, ReaperError> {
+        let spawn_err = |source: io::Error| ReaperError::Spawn {
+            name: name.into(),
+            source,
+        };
+        let watch_fd = pidfd.try_clone().map_err(spawn_err)?;
+        // SAFETY: `watch_fd` is an OwnedFd moved into the AsyncFd, which owns
+        // it (and closes it only after deregistering) for its whole life.
+        let async_fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(
+                watch_fd,
+                tokio::io::Interest::READABLE,
+            )
+        }
+        .map_err(|e| spawn_err(e.into()))?;
+        let (tx, rx) = watch::channel(None);
+        self.lock().adopted.insert(pid as i32, Arc::new(pidfd));
+        let reaper = self.clone();
+        let task_name = name.to_owned();
+        tokio::spawn(async move {
+            let _ = async_fd.readable().await;
+            reaper.lock().adopted.remove(&(pid as i32));
+            info!("{task_name} (pid {pid}, adopted) exited");
+            tx.send_replace(Some(ExitStatus::default()));
+        });
+        Ok(Child {
+            name: name.into(),
+            pid,
+            exit: rx,
+        })
+    }
+
     /// Reaps every exited child without blocking and publishes known exits.
     pub fn sweep(&self) -> Sweep {
         let mut reg = self.lock();
@@ -220,6 +267,9 @@ impl Reaper {
     /// been reaped (so the group id still names our child's group).
     pub fn kill_group(&self, child: &Child, sig: Signal) -> bool {
         let reg = self.lock();
+        if let Some(pidfd) = reg.adopted.get(&(child.pid as i32)) {
+            return capsem_host::identity::signal_group_by_pidfd(pidfd, child.pid, sig as i32);
+        }
         if !reg.live.contains_key(&(child.pid as i32)) {
             return false;
         }

@@ -38,8 +38,10 @@ const TERMINAL_WAIT: Duration = Duration::from_secs(5);
 const STATUS_GRACE: Duration = Duration::from_secs(2);
 /// Upper bound on forwarding the shell's last output to a slow client.
 const DRAIN_BACKSTOP: Duration = Duration::from_secs(30);
-/// How long the guest gets to exit after `Shutdown`.
+/// How long a temporary guest gets to exit after `Shutdown`.
 const GUEST_EXIT_WAIT: Duration = Duration::from_secs(2);
+/// How long a persistent guest gets to stop the shell, sync and power off.
+const PERSISTENT_EXIT_WAIT: Duration = Duration::from_secs(8);
 /// How long the attached client gets to receive its final message.
 const CLIENT_FLUSH_WAIT: Duration = Duration::from_secs(1);
 /// How long the guest may take to open the exec port once the client's
@@ -63,6 +65,8 @@ pub enum SessionError {
     },
     #[error("cannot install a signal handler")]
     Signal(#[source] io::Error),
+    #[error(transparent)]
+    Records(#[from] crate::records::RecordsError),
 }
 
 /// Why the session ended.
@@ -192,6 +196,15 @@ pub struct Session {
     guest_gone: Option<String>,
     attached: Option<u64>,
     torn_down: bool,
+    /// `status.json`, `pids.json`, `token`.
+    records: crate::records::Records,
+    /// `--adopt`: the processes to take over.
+    adopt: Option<capsem_host::vmstate::Pids>,
+    /// A persistent VM's next shell said hello before the last one's exit
+    /// was finished: served once it is.
+    deferred_hello: Option<Hello>,
+    /// The last attach epoch handed out.
+    epoch: u64,
     /// `--exec`: the client's `Start`, until the guest's exec connection.
     exec_start: Option<capsem_proto::exec::HostToExec>,
     /// `--exec`: the guest's exec connection, until the client's `Start`.
@@ -206,7 +219,13 @@ pub struct Session {
 impl Session {
     /// Binds the listeners and starts the reaper; the guest starts in [`Session::run`].
     pub fn new(cfg: Config, dir: VmDir) -> Result<Self, SessionError> {
-        let token = new_token().map_err(SessionError::Token)?;
+        let (token, adopt) = if cfg.adopt {
+            let (token, pids) = crate::records::read_adoption(&dir)?;
+            (token, Some(pids))
+        } else {
+            (new_token().map_err(SessionError::Token)?, None)
+        };
+        let records = crate::records::Records::load(&dir);
         let (reaper, reaper_task) = Reaper::start()?;
         let shared = Shared::new(cfg.vm_id.clone(), token, cfg.heartbeat(), cfg.missed_pongs);
         let (events_tx, events) = mpsc::channel(64);
@@ -258,6 +277,10 @@ impl Session {
             guest_gone: None,
             attached: None,
             torn_down: false,
+            records,
+            adopt,
+            deferred_hello: None,
+            epoch: 0,
             exec_start: None,
             exec_conn: None,
             exec_task: None,
@@ -292,7 +315,26 @@ impl Session {
             reaper: &self.reaper,
             cfg: &self.cfg,
         };
-        let backend = vmm::start(self.cfg.vmm, &launch).map_err(|e| chain(&e))?;
+        let backend: Box<dyn GuestBackend> = match &self.adopt {
+            Some(pids) => {
+                let name = match self.cfg.vmm {
+                    crate::config::VmmKind::None => "none",
+                    crate::config::VmmKind::Qemu => "qemu",
+                };
+                Box::new(
+                    vmm::adopted::Adopted::adopt(name, pids, &self.reaper)
+                        .map_err(|e| format!("cannot adopt the running guest: {}", chain(&e)))?,
+                )
+            }
+            None => vmm::start(self.cfg.vmm, &launch).map_err(|e| chain(&e))?,
+        };
+        self.records.write_token(&self.shared.token);
+        self.records
+            .write_pids(&self.cfg.vm_id, backend.records(), None);
+        let image = (self.cfg.vmm == crate::config::VmmKind::Qemu)
+            .then(|| self.cfg.image_dir().display().to_string());
+        self.records
+            .started(self.adopt.is_some(), backend.accel(), image);
         info!(
             "guest backend {} started {}",
             backend.name(),
@@ -380,7 +422,7 @@ impl Session {
             Wake::DrainBackstop => {
                 warn!("the shell's last output was not delivered within {DRAIN_BACKSTOP:?}");
                 self.drain_backstop = None;
-                self.finish_shell()
+                self.finish_shell().await
             }
             Wake::GuestExited(name, pid, status) => {
                 info!("guest exited: {name} (pid {pid}) {status}");
@@ -434,19 +476,27 @@ impl Session {
                 reply,
             } => {
                 let answer = if self.attached.is_some() {
-                    Err("a client is already attached".to_owned())
-                } else if self.shell_status.is_some() {
+                    Err(format!(
+                        "a client is already attached to {} (detach it with Ctrl-] first)",
+                        self.cfg.vm_id
+                    ))
+                } else if self.shell_status.is_some() && !self.cfg.persistent() {
                     Err("the shell has exited".to_owned())
+                } else if self.cfg.exec {
+                    Err("this VM runs a command, not a shell".to_owned())
                 } else {
                     // Queued before the registration, so `Attached` is the
                     // first message this client gets.
                     let attached = ProcessToClient::Attached {
                         vm_id: self.cfg.vm_id.clone(),
                     };
+                    self.epoch += 1;
+                    let epoch = self.epoch;
                     let _ = notices.try_send(Outgoing::Msg(attached));
-                    let _ = notices.try_send(Outgoing::StartOutput);
+                    let _ = notices.try_send(Outgoing::StartOutput { epoch });
                     self.shared.set_notices(Some(notices));
-                    self.shared.attached.send_replace(true);
+                    self.shared.client_finished.send_replace(false);
+                    self.shared.attached.send_replace(epoch);
                     self.attached = Some(conn);
                     Ok(())
                 };
@@ -460,7 +510,7 @@ impl Session {
                 info!("client {conn} detached");
                 self.attached = None;
                 self.shared.set_notices(None);
-                self.shared.attached.send_replace(false);
+                self.shared.attached.send_replace(0);
                 if self.shell_status.is_some() || self.exec_exited {
                     Some(Stop::ShellExited)
                 } else if self.cfg.temporary {
@@ -519,7 +569,8 @@ impl Session {
                     };
                     let _ = notices.try_send(Outgoing::Msg(attached));
                     self.shared.set_notices(Some(notices));
-                    self.shared.attached.send_replace(true);
+                    self.epoch += 1;
+                    self.shared.attached.send_replace(self.epoch);
                     self.attached = Some(conn);
                     self.exec_start = Some(start);
                     self.exec_deadline = Some(Instant::now() + EXEC_CONNECT_WAIT);
@@ -571,7 +622,14 @@ impl Session {
 
     async fn on_hello(&mut self, hello: Hello) {
         if self.shell_status.is_some() {
-            warn!("control connection rejected: the shell has already exited");
+            if self.cfg.persistent() {
+                debug!(
+                    "the next shell said hello; serving it once the last one's exit is finished"
+                );
+                self.deferred_hello = Some(hello);
+            } else {
+                warn!("control connection rejected: the shell has already exited");
+            }
             return;
         }
         if let Some(p) = self.pending.take() {
@@ -594,6 +652,8 @@ impl Session {
         let generation = self.next_generation;
         self.shared
             .set_generation(generation, hello.connects, hello.shell_pid);
+        self.records
+            .hello(generation, hello.connects, hello.shell_pid);
         info!(
             "guest connected generation={generation} agent_connects={} shell_pid={}",
             hello.connects, hello.shell_pid
@@ -681,7 +741,7 @@ impl Session {
                 self.shell_status = Some((exit_code, signal));
                 self.status_grace = None;
                 if self.terminal_done {
-                    self.finish_shell()
+                    self.finish_shell().await
                 } else {
                     if let Some(g) = &self.current {
                         g.drain(terminal_bytes);
@@ -693,7 +753,7 @@ impl Session {
             GenEvent::TerminalDone { eof } => {
                 self.terminal_done = true;
                 if self.shell_status.is_some() {
-                    return self.finish_shell();
+                    return self.finish_shell().await;
                 }
                 if !eof {
                     return self.transport_lost("terminal read ended").await;
@@ -724,21 +784,57 @@ impl Session {
 
     /// The terminal was drained (or given up on): the status goes to the
     /// client after every output chunk already queued.
-    fn finish_shell(&mut self) -> Option<Stop> {
+    async fn finish_shell(&mut self) -> Option<Stop> {
         self.drain_backstop = None;
         let (exit_code, signal) = self.shell_status?;
-        if self.attached.is_none() {
+        if self.attached.is_none() && !self.cfg.persistent() {
             return Some(Stop::ShellExited);
         }
-        if !self.exit_queued {
+        if self.attached.is_some() && !self.exit_queued {
             self.exit_queued = true;
             let out = self.shared.out_tx.clone();
+            let epoch = *self.shared.attached.borrow();
             tokio::spawn(async move {
-                let _ = out.send(ToClient::Exited { exit_code, signal }).await;
+                let _ = out
+                    .send(ToClient::Exited {
+                        epoch,
+                        exit_code,
+                        signal,
+                    })
+                    .await;
             });
+        }
+        if self.cfg.persistent() {
+            self.next_shell(exit_code, signal).await;
         }
         // The client's writer reports FinalDelivered (or the client leaves).
         None
+    }
+
+    /// A persistent VM's shell ended and its status is on its way to the
+    /// client: the VM stays, and the agent's next shell (its next hello)
+    /// starts from a clean slate. The client, which leaves after the status,
+    /// no longer gets output.
+    async fn next_shell(&mut self, exit_code: Option<i32>, signal: Option<i32>) {
+        self.records.shell_exited(exit_code, signal);
+        info!("persistent VM: waiting for the agent's next shell");
+        if let Some(conn) = self.attached.take() {
+            debug!("client {conn} gets no more output");
+            self.shared.set_notices(None);
+            self.shared.attached.send_replace(0);
+        }
+        if let Some(g) = self.current.take() {
+            g.stop().await;
+            self.shared.set_bridged(false);
+        }
+        self.shared.with_scrollback(|s| s.clear());
+        self.shell_status = None;
+        self.exit_queued = false;
+        self.terminal_done = false;
+        self.status_grace = None;
+        if let Some(hello) = self.deferred_hello.take() {
+            Box::pin(self.on_hello(hello)).await;
+        }
     }
 
     /// `reason`, plus where a failed temporary VM's logs will be kept.
@@ -781,11 +877,17 @@ impl Session {
         if let Some(backend) = &self.backend {
             if !vmm::all_exited(backend.as_ref()) {
                 let mut exit = self.guest_exit.clone();
-                if tokio::time::timeout(GUEST_EXIT_WAIT, exit.wait_for(Option::is_some))
+                let wait = if self.cfg.persistent() && self.cfg.vmm == crate::config::VmmKind::Qemu
+                {
+                    PERSISTENT_EXIT_WAIT
+                } else {
+                    GUEST_EXIT_WAIT
+                };
+                if tokio::time::timeout(wait, exit.wait_for(Option::is_some))
                     .await
                     .is_err()
                 {
-                    info!("the guest did not exit within {GUEST_EXIT_WAIT:?}; killing it");
+                    info!("the guest did not exit within {wait:?}; killing it");
                 }
                 vmm::kill_all(backend.as_ref(), &self.reaper);
             }
@@ -810,6 +912,9 @@ impl Session {
             if let Err(e) = crate::teardown::remove_file(&path) {
                 warn!("{}", chain(&e));
             }
+        }
+        if !self.cfg.temporary {
+            self.records.stopped();
         }
         if self.cfg.temporary {
             let keep = crate::logkeep::LogKeep::new(&self.cfg.home(), &self.cfg.vm_id);

@@ -18,24 +18,68 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub const OUTPUT_CHUNKS: usize = 16;
 /// Input chunks buffered towards the guest.
 pub const INPUT_CHUNKS: usize = 16;
+/// The shell's most recent output, replayed to a client when it attaches.
+pub const SCROLLBACK_BYTES: usize = 256 * 1024;
 
-/// What the terminal path hands the attached client, in order.
+/// What the terminal path hands the attached client, in order. Each item
+/// carries the epoch of the attach it was meant for: a client's writer
+/// drops items of another attach (queued before it came, or for the client
+/// before it), so a reattached client never sees bytes twice.
 #[derive(Debug)]
 pub enum ToClient {
-    Output(Vec<u8>),
+    Output {
+        epoch: u64,
+        data: Vec<u8>,
+    },
     /// Queued only after every `Output` of the shell.
     Exited {
+        epoch: u64,
         exit_code: Option<i32>,
         signal: Option<i32>,
     },
+}
+
+impl ToClient {
+    pub fn epoch(&self) -> u64 {
+        match self {
+            ToClient::Output { epoch, .. } | ToClient::Exited { epoch, .. } => *epoch,
+        }
+    }
 }
 
 /// What a client connection's writer sends, besides terminal output.
 #[derive(Debug)]
 pub enum Outgoing {
     Msg(ProcessToClient),
-    /// The attach was accepted: start forwarding terminal output.
-    StartOutput,
+    /// The attach was accepted: start forwarding terminal output of this
+    /// attach epoch.
+    StartOutput {
+        epoch: u64,
+    },
+}
+
+/// The last [`SCROLLBACK_BYTES`] of terminal output: a ring, oldest bytes
+/// dropped first.
+#[derive(Debug, Default)]
+pub struct Scrollback {
+    buf: std::collections::VecDeque<u8>,
+}
+
+impl Scrollback {
+    pub fn push(&mut self, data: &[u8]) {
+        let data = &data[data.len().saturating_sub(SCROLLBACK_BYTES)..];
+        let excess = (self.buf.len() + data.len()).saturating_sub(SCROLLBACK_BYTES);
+        self.buf.drain(..excess);
+        self.buf.extend(data);
+    }
+
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.buf.iter().copied().collect()
+    }
+
+    pub fn clear(&mut self) {
+        self.buf.clear();
+    }
 }
 
 /// How a generation's tasks report to the session loop.
@@ -134,8 +178,12 @@ pub struct Shared {
     pub guest_tx: mpsc::Sender<HostToGuest>,
     /// Locked by the current generation's control writer.
     pub guest_rx: tokio::sync::Mutex<mpsc::Receiver<HostToGuest>>,
-    /// Whether a client is attached; the terminal is not read while false.
-    pub attached: watch::Sender<bool>,
+    /// The attached client's epoch (each attach gets the next number), or 0
+    /// while none is attached. Output is forwarded only while it is set.
+    pub attached: watch::Sender<u64>,
+    /// The shell's recent output (see [`Scrollback`]); only the terminal
+    /// reader of the current generation writes it.
+    pub scrollback: Mutex<Scrollback>,
     notices: Mutex<Option<mpsc::Sender<Outgoing>>>,
     /// Set once the attached client's writer is finished: its final message
     /// was delivered, or the client is gone and it never can be.
@@ -166,7 +214,8 @@ impl Shared {
             exec_rx: tokio::sync::Mutex::new(exec_rx),
             guest_tx,
             guest_rx: tokio::sync::Mutex::new(guest_rx),
-            attached: watch::channel(false).0,
+            attached: watch::channel(0).0,
+            scrollback: Mutex::default(),
             notices: Mutex::new(None),
             client_finished: watch::channel(false).0,
         })
@@ -180,7 +229,7 @@ impl Shared {
             agent_connects: s.agent_connects,
             guest_pid: s.guest_pid,
             shell_pid: s.shell_pid,
-            attached: *self.attached.borrow(),
+            attached: *self.attached.borrow() != 0,
             bridged: s.bridged,
         }
     }
@@ -217,6 +266,11 @@ impl Shared {
         }
     }
 
+    /// Runs `f` on the scrollback ring.
+    pub fn with_scrollback<R>(&self, f: impl FnOnce(&mut Scrollback) -> R) -> R {
+        f(&mut lock(&self.scrollback))
+    }
+
     /// The attached client's message sender, or none.
     pub fn set_notices(&self, tx: Option<mpsc::Sender<Outgoing>>) {
         *lock(&self.notices) = tx;
@@ -233,5 +287,29 @@ impl Shared {
             Some(tx) => tx.try_send(Outgoing::Msg(msg)).is_ok(),
             None => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scrollback_keeps_the_newest_bytes() {
+        let mut s = Scrollback::default();
+        s.push(b"abc");
+        assert_eq!(s.snapshot(), b"abc");
+        let big: Vec<u8> = (0..SCROLLBACK_BYTES + 10)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        s.push(&big);
+        assert_eq!(s.snapshot().len(), SCROLLBACK_BYTES);
+        assert_eq!(s.snapshot(), big[10..]);
+        s.push(b"xy");
+        assert_eq!(s.snapshot().len(), SCROLLBACK_BYTES);
+        assert!(s.snapshot().ends_with(b"xy"));
+        assert_eq!(s.snapshot()[0], big[12]);
+        s.clear();
+        assert!(s.snapshot().is_empty());
     }
 }

@@ -68,6 +68,10 @@ impl VmDir {
     pub fn agent_log(&self) -> PathBuf {
         self.root.join("agent.log")
     }
+    /// A file of the VM directory, by name (`pids.json`, `status.json`...).
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
     pub fn scratch(&self) -> PathBuf {
         self.root.join("scratch")
     }

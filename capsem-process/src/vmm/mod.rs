@@ -3,11 +3,13 @@
 //! vhost-device-vsock and qemu, each in its own session.
 //!
 //! * [`none`]: the no-VM backend.
+//! * [`adopted`]: the processes of a guest whose capsem-process crashed.
 //! * [`qemu`]: the real VM; with [`accel`] (KVM or TCG), [`image`] (kernel
 //!   and initramfs), [`cid`] (unique guest CIDs) and [`serial`] (the console
 //!   log).
 
 pub mod accel;
+pub mod adopted;
 pub mod cid;
 pub mod image;
 pub mod none;
@@ -71,6 +73,12 @@ pub trait GuestBackend: Send + Sync + fmt::Debug {
     /// Facts for the log line that says the backend started.
     fn details(&self) -> String {
         String::new()
+    }
+    /// The identities of its host processes, for `pids.json`.
+    fn records(&self) -> Vec<capsem_host::identity::ProcRecord>;
+    /// The accelerator in use (`kvm`, `tcg`), if any.
+    fn accel(&self) -> Option<&'static str> {
+        None
     }
 }
 

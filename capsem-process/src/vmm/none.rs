@@ -22,6 +22,7 @@ pub const MODE_ENV: &str = "CAPSEM_MODE";
 #[derive(Debug)]
 pub struct NoVm {
     children: Vec<Child>,
+    records: Vec<capsem_host::identity::ProcRecord>,
 }
 
 /// `$CAPSEM_AGENT_BIN`, else `capsem-agent` beside our own executable.
@@ -58,8 +59,11 @@ impl NoVm {
         let mut cmd = Command::new(&bin);
         cmd.arg("--transport")
             .arg(transport)
+            // An exact argv element that identifies the agent as this VM's.
+            .arg("--vm-id")
+            .arg(launch.vm_id)
             .env(super::none::TOKEN_ENV, launch.token)
-            .env(MODE_ENV, if launch.cfg.exec { "exec" } else { "shell" })
+            .env(MODE_ENV, launch.cfg.agent_mode())
             .env("HOME", &scratch)
             .current_dir(&scratch)
             .stdin(Stdio::null())
@@ -75,8 +79,11 @@ impl NoVm {
             child.pid,
             launch.dir.vsock_base().display()
         );
+        let record = capsem_host::identity::record("capsem-agent", child.pid, launch.vm_id)
+            .map_err(|e| VmmError::Backend(format!("cannot record the agent's identity: {e}")))?;
         Ok(Self {
             children: vec![child],
+            records: vec![record],
         })
     }
 }
@@ -87,5 +94,8 @@ impl GuestBackend for NoVm {
     }
     fn children(&self) -> &[Child] {
         &self.children
+    }
+    fn records(&self) -> Vec<capsem_host::identity::ProcRecord> {
+        self.records.clone()
     }
 }

@@ -45,6 +45,7 @@ const VHOST_READY_WAIT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct Qemu {
     children: Vec<Child>,
+    records: Vec<capsem_host::identity::ProcRecord>,
     accel: Accel,
     cid: CidLease,
     facts: ConsoleFacts,
@@ -267,9 +268,9 @@ impl Qemu {
             Accel::Kvm => None,
         };
         let mut cmdline = kernel_cmdline(launch.token, hostname, tsc_khz);
-        if cfg.exec {
+        if cfg.agent_mode() != "shell" {
             // capsem-init passes it to the agent as CAPSEM_MODE.
-            cmdline.push_str(" capsem.mode=exec");
+            cmdline.push_str(&format!(" capsem.mode={}", cfg.agent_mode()));
         }
         let mut qemu = Command::new(&qemu_bin);
         qemu.args(qemu_args(
@@ -280,6 +281,9 @@ impl Qemu {
             &image,
             &cmdline,
         ))
+        // `-name ID`: an exact argv element that identifies this VM's qemu.
+        .arg("-name")
+        .arg(launch.vm_id)
         .stdin(Stdio::null())
         .stdout(Stdio::from(console_tx))
         .stderr(Stdio::from(log_file(&dir.root().join("qemu.log"))?));
@@ -306,7 +310,28 @@ impl Qemu {
             cfg.memory_mib,
             cfg.cpus
         );
+        let marker = vhost_sock.to_string_lossy().into_owned();
+        let records = [
+            capsem_host::identity::record("qemu", qemu_child.pid, launch.vm_id),
+            capsem_host::identity::record("vhost-device-vsock", vhost_child.pid, &marker),
+        ]
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| VmmError::Backend(format!("cannot record the guest's identity: {e}")));
+        let records = match records {
+            Ok(r) => r,
+            Err(e) => {
+                for child in [&qemu_child, &vhost_child] {
+                    launch
+                        .reaper
+                        .kill_group(child, nix::sys::signal::Signal::SIGKILL);
+                }
+                serial.abort();
+                return Err(e);
+            }
+        };
         Ok(Self {
+            records,
             children: vec![qemu_child, vhost_child],
             accel,
             cid,
@@ -339,6 +364,12 @@ impl GuestBackend for Qemu {
     }
     fn details(&self) -> String {
         format!("accel={} guest-cid={}", self.accel.name(), self.cid.cid)
+    }
+    fn records(&self) -> Vec<capsem_host::identity::ProcRecord> {
+        self.records.clone()
+    }
+    fn accel(&self) -> Option<&'static str> {
+        Some(self.accel.name())
     }
 }
 

@@ -119,6 +119,14 @@ mod tests {
     }
 
     #[test]
+    fn persistent_mode_reaches_the_agent() {
+        let cmd = cmdline::parse("capsem.token=tok capsem.mode=persistent").unwrap();
+        let a = agent_command(&cmd, &BootStages::default());
+        let mode = a.env.iter().find(|(k, _)| k == "CAPSEM_MODE");
+        assert_eq!(mode.map(|(_, v)| v.as_str()), Some("persistent"));
+    }
+
+    #[test]
     fn stand_in_agent_gets_no_arguments() {
         let cmd = cmdline::parse("capsem.agent=/bin/sh").unwrap();
         let a = agent_command(&cmd, &BootStages::default());

@@ -5,7 +5,7 @@
 //! | `capsem.token=T` | session token, passed to the agent as `CAPSEM_TOKEN` | none (the agent's hello will be refused) |
 //! | `capsem.hostname=H` | guest hostname | `capsem` |
 //! | `capsem.agent=PATH` | program to run instead of the agent (debugging) | `/usr/bin/capsem-agent` |
-//! | `capsem.mode=exec` | the agent runs one command instead of a shell, passed as `CAPSEM_MODE` | `shell` |
+//! | `capsem.mode=M` | the agent's mode, passed as `CAPSEM_MODE`: `shell` (one shell, then power off), `persistent` (a fresh shell whenever one exits; only a host `Shutdown` ends the VM), `exec` (one command instead of a shell) | `shell` |
 
 use std::path::PathBuf;
 
@@ -17,6 +17,8 @@ pub const PROC_CMDLINE: &str = "/proc/cmdline";
 pub const DEFAULT_AGENT: &str = "/usr/bin/capsem-agent";
 /// The hostname unless `capsem.hostname=` says otherwise.
 pub const DEFAULT_HOSTNAME: &str = "capsem";
+/// The values `capsem.mode=` accepts, as the agent's `CAPSEM_MODE` does.
+pub const MODES: [&str; 3] = ["shell", "persistent", "exec"];
 /// Longest hostname Linux accepts (`HOST_NAME_MAX`).
 const MAX_HOSTNAME: usize = 64;
 
@@ -33,7 +35,7 @@ pub enum CmdlineError {
     HostnameInvalid(String),
     #[error("capsem.agent {0:?} is not an absolute path")]
     AgentNotAbsolute(String),
-    #[error("capsem.mode {0:?} is not shell or exec")]
+    #[error("capsem.mode {0:?} is not shell, persistent or exec")]
     ModeInvalid(String),
 }
 
@@ -43,7 +45,7 @@ pub struct Cmdline {
     pub token: Option<String>,
     pub hostname: String,
     pub agent: PathBuf,
-    /// `shell` or `exec`.
+    /// One of [`MODES`].
     pub mode: String,
 }
 
@@ -82,7 +84,7 @@ pub fn parse(text: &str) -> Result<Cmdline, CmdlineError> {
             }
             out.agent = PathBuf::from(agent);
         } else if let Some(mode) = word.strip_prefix("capsem.mode=") {
-            if mode != "shell" && mode != "exec" {
+            if !MODES.contains(&mode) {
                 return Err(CmdlineError::ModeInvalid(mode.chars().take(32).collect()));
             }
             out.mode = mode.to_owned();
@@ -110,10 +112,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn mode_is_shell_or_exec() {
+    fn mode_is_shell_persistent_or_exec() {
         assert_eq!(parse("").unwrap().mode, "shell");
+        assert_eq!(parse("capsem.mode=shell").unwrap().mode, "shell");
         assert_eq!(parse("capsem.mode=exec").unwrap().mode, "exec");
-        assert!(parse("capsem.mode=x").is_err());
+        assert_eq!(
+            parse("console=ttyS0 capsem.mode=persistent quiet")
+                .unwrap()
+                .mode,
+            "persistent"
+        );
+        assert_eq!(
+            parse("capsem.mode=exec capsem.mode=persistent")
+                .unwrap()
+                .mode,
+            "persistent"
+        );
+        for bad in ["x", "Persistent", "persist", ""] {
+            assert!(
+                matches!(
+                    parse(&format!("capsem.mode={bad}")),
+                    Err(CmdlineError::ModeInvalid(_))
+                ),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

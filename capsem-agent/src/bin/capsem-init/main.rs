@@ -8,7 +8,8 @@
 //!
 //! Modules:
 //! - [`boot`]: the sequence and its [`boot::BootError`].
-//! - [`cmdline`]: `capsem.token=`, `capsem.hostname=`, `capsem.agent=`.
+//! - [`cmdline`]: `capsem.token=`, `capsem.hostname=`, `capsem.agent=`,
+//!   `capsem.mode=`.
 //! - [`console`]: timestamped console lines, stdio repair.
 //! - [`modules`]: `finit_module` of the list in `/etc/capsem/modules`.
 //! - [`mounts`]: /proc, /sys, /dev, /dev/pts, /dev/shm, /tmp, /run.

@@ -19,6 +19,7 @@ pub fn shutdown() -> ! {
 /// Syncs and powers off without touching other processes (also the last
 /// resort of the panic hook).
 pub fn power_off() -> ! {
+    // Persistent VMs are stopped gracefully (host Shutdown): flush their disk.
     sync();
     log!("powering off");
     // reboot() returns only on failure (its Ok type is uninhabited).

@@ -1,0 +1,83 @@
+//! A guest adopted from a crashed capsem-process (`--adopt`): its host
+//! processes (the agent, or vhost-device-vsock and qemu) are still running,
+//! recorded in `pids.json`. Each is taken over only if its identity checks
+//! out (start time and the exact argv element recorded for it), through a
+//! pidfd opened before the check.
+
+use capsem_host::identity::{Liveness, ProcRecord};
+use capsem_host::vmstate::Pids;
+
+use super::{GuestBackend, VmmError};
+use crate::reaper::{Child, Reaper};
+
+#[derive(Debug)]
+pub struct Adopted {
+    backend: &'static str,
+    children: Vec<Child>,
+    records: Vec<ProcRecord>,
+}
+
+impl Adopted {
+    /// Takes over every guest process in `pids`; fails (touching nothing)
+    /// if any is gone or is not the recorded process any more.
+    pub fn adopt(backend: &'static str, pids: &Pids, reaper: &Reaper) -> Result<Self, VmmError> {
+        if pids.guest.is_empty() {
+            return Err(VmmError::Backend("no guest process is recorded".into()));
+        }
+        let mut fds = Vec::new();
+        for rec in &pids.guest {
+            match rec.open_verified() {
+                Ok(fd) => fds.push(fd),
+                Err(Liveness::Gone) => {
+                    return Err(VmmError::Backend(format!(
+                        "{} (pid {}) is no longer running",
+                        rec.role, rec.pid
+                    )))
+                }
+                Err(Liveness::Reused(why)) => {
+                    return Err(VmmError::Backend(format!(
+                        "{} (pid {}) is not the recorded process: {why}",
+                        rec.role, rec.pid
+                    )))
+                }
+                Err(Liveness::Alive) => unreachable_alive(),
+            }
+        }
+        let mut children = Vec::new();
+        for (rec, fd) in pids.guest.iter().zip(fds) {
+            children.push(reaper.adopt(&rec.role, rec.pid, fd)?);
+            tracing::info!(
+                "adopted {} (pid {}, started at tick {}, argv has {:?})",
+                rec.role,
+                rec.pid,
+                rec.start_time,
+                rec.marker
+            );
+        }
+        Ok(Self {
+            backend,
+            children,
+            records: pids.guest.clone(),
+        })
+    }
+}
+
+/// `open_verified` returns `Alive` only as `Ok`.
+fn unreachable_alive() -> ! {
+    unreachable!("open_verified reports Alive as Ok")
+}
+
+impl GuestBackend for Adopted {
+    fn name(&self) -> &'static str {
+        self.backend
+    }
+    fn children(&self) -> &[Child] {
+        &self.children
+    }
+    fn records(&self) -> Vec<ProcRecord> {
+        self.records.clone()
+    }
+    fn details(&self) -> String {
+        "adopted".into()
+    }
+}
