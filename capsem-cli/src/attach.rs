@@ -66,9 +66,15 @@ pub enum SessionEnd {
     Exited(u8),
     /// The session ended without an exit status.
     Lost(String),
-    /// capsem received SIGHUP or SIGTERM; `Shutdown` was sent.
+    /// capsem received SIGHUP or SIGTERM; `Shutdown` was sent (a temporary
+    /// VM) or the session was left (a persistent VM, which keeps running).
     Signalled(Signal),
+    /// The user pressed the detach key (a persistent VM keeps running).
+    Detached,
 }
+
+/// Ctrl-]: detaches from a persistent VM's shell (as telnet and docker do).
+pub const DETACH_KEY: u8 = 0x1d;
 
 /// Peer text made safe to print as part of one line.
 pub(crate) fn one_line(s: &str) -> String {
@@ -102,6 +108,9 @@ pub struct Session {
     /// more is sent, but what it sent before closing is still read, so its
     /// last word (an exit status, a reason) is not lost to the race.
     pub(crate) send_closed: bool,
+    /// Attached to a persistent VM: Ctrl-] detaches, and nothing this side
+    /// does (a signal, an error) shuts the VM down.
+    pub(crate) persistent: bool,
 }
 
 /// What one poll round reported.
@@ -163,6 +172,7 @@ impl Session {
             codec: Codec::new(),
             out: Vec::new(),
             send_closed: false,
+            persistent: false,
         };
         Codec::<Client>::encode_into(first, &mut session.out).map_err(AttachError::Frame)?;
         session
@@ -269,7 +279,26 @@ impl Session {
     /// Best effort: finishes queued frames and sends `Shutdown`, bounded by
     /// a send timeout (capsem-process is killed later if it never reads).
     pub fn shutdown(&mut self) {
+        if self.persistent {
+            // Leaving is enough: the VM outlives its clients.
+            self.flush_before_leaving();
+            return;
+        }
         let _ = self.queue(&ClientToProcess::Shutdown);
+        let _ = self.sock.set_nonblocking(false);
+        let _ = self.sock.set_write_timeout(Some(SHUTDOWN_SEND_TIMEOUT));
+        let _ = self.sock.write_all(&self.out);
+        self.out.clear();
+    }
+
+    /// Marks this session as attached to a persistent VM (see the field).
+    pub fn set_persistent(&mut self) {
+        self.persistent = true;
+    }
+
+    /// Writes what is queued (keystrokes typed before a detach), bounded by
+    /// the send timeout.
+    fn flush_before_leaving(&mut self) {
         let _ = self.sock.set_nonblocking(false);
         let _ = self.sock.set_write_timeout(Some(SHUTDOWN_SEND_TIMEOUT));
         let _ = self.sock.write_all(&self.out);
@@ -405,7 +434,19 @@ impl Session {
                             self.queue_input(&[CTRL_D])?;
                         }
                     }
-                    Some(n) => self.queue_input(&buf[..n])?,
+                    Some(n) => {
+                        let detach_at = (self.persistent && stdin_tty)
+                            .then(|| buf[..n].iter().position(|b| *b == DETACH_KEY))
+                            .flatten();
+                        match detach_at {
+                            Some(at) => {
+                                self.queue_input(&buf[..at])?;
+                                self.flush_before_leaving();
+                                return Ok(SessionEnd::Detached);
+                            }
+                            None => self.queue_input(&buf[..n])?,
+                        }
+                    }
                     None => {}
                 }
             }

@@ -76,6 +76,8 @@ pub fn run(home_flag: Option<&Path>, vmm: Vmm, accel: AccelChoice) -> Result<u8,
         SessionEnd::Exited(code) => Ok(code),
         SessionEnd::Signalled(sig) => Ok(exit::from_signal(sig as i32)),
         SessionEnd::Lost(reason) => Err(ShellError::SessionLost(reason)),
+        // Only a persistent VM's session detaches.
+        SessionEnd::Detached => Ok(0),
     }
 }
 

@@ -153,6 +153,8 @@ pub struct ProcessChild {
     child: Child,
     pidfd: OwnedFd,
     reaped: Option<ExitStatus>,
+    /// A persistent VM's capsem-process: left running on drop.
+    released: bool,
 }
 
 /// The read end of the ready pipe (non-blocking).
@@ -164,39 +166,66 @@ pub struct ReadyPipe {
 
 use capsem_host::pidfd::pidfd_open;
 
-/// capsem-process's arguments: `--vm-dir DIR --vm-id ID --vmm V --temporary
-/// --ready-fd N`, plus `--accel A` for qemu (capsem-process decides what
-/// `auto` means; the CLI never probes KVM for the shell).
-pub fn process_args(
-    vm_dir: &Path,
-    vm_id: &str,
-    vmm: Vmm,
-    accel: AccelChoice,
-    ready_fd: i32,
-) -> Vec<OsString> {
-    let mut args: Vec<OsString> = vec!["--vm-dir".into(), vm_dir.into()];
-    for a in ["--vm-id", vm_id, "--vmm", vmm.as_arg(), "--temporary"] {
+/// What kind of capsem-process to start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A temporary VM (`--temporary`), running a shell or one command
+    /// (`exec`, adds `--exec`).
+    Temporary { exec: bool },
+    /// A persistent VM booted with these resources.
+    Persistent { cpus: u32, memory_mib: u32 },
+    /// Take over the running guest of a persistent VM whose capsem-process
+    /// died (`--adopt`).
+    Adopt,
+}
+
+/// Who capsem-process runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub vm_dir: &'a Path,
+    pub vm_id: &'a str,
+    pub vmm: Vmm,
+    pub accel: AccelChoice,
+    pub kind: Kind,
+}
+
+/// capsem-process's arguments: `--vm-dir DIR --vm-id ID --vmm V --ready-fd
+/// N`, then `--temporary [--exec]`, `--cpus N --memory-mib M` or `--adopt`,
+/// plus `--accel A` for qemu (capsem-process decides what `auto` means; the
+/// CLI never probes KVM for the shell).
+pub fn process_args(target: &Target<'_>, ready_fd: i32) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec!["--vm-dir".into(), target.vm_dir.into()];
+    for a in ["--vm-id", target.vm_id, "--vmm", target.vmm.as_arg()] {
         args.push(a.into());
     }
     args.push("--ready-fd".into());
     args.push(ready_fd.to_string().into());
-    if vmm == Vmm::Qemu {
+    match target.kind {
+        Kind::Temporary { exec } => {
+            args.push("--temporary".into());
+            if exec {
+                args.push("--exec".into());
+            }
+        }
+        Kind::Persistent { cpus, memory_mib } => {
+            for a in ["--cpus".to_owned(), cpus.to_string()] {
+                args.push(a.into());
+            }
+            for a in ["--memory-mib".to_owned(), memory_mib.to_string()] {
+                args.push(a.into());
+            }
+        }
+        Kind::Adopt => args.push("--adopt".into()),
+    }
+    if target.vmm == Vmm::Qemu {
         args.push("--accel".into());
-        args.push(accel.as_arg().into());
+        args.push(target.accel.as_arg().into());
     }
     args
 }
 
-/// Starts capsem-process with [`process_args`], plus `--exec` when `exec`
-/// (the VM runs one command instead of a shell).
-pub fn spawn(
-    bin: &Path,
-    vm_dir: &Path,
-    vm_id: &str,
-    vmm: Vmm,
-    accel: AccelChoice,
-    exec: bool,
-) -> Result<(ProcessChild, ReadyPipe), SpawnError> {
+/// Starts capsem-process with [`process_args`].
+pub fn spawn(bin: &Path, target: &Target<'_>) -> Result<(ProcessChild, ReadyPipe), SpawnError> {
     let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(SpawnError::Pipe)?;
     // Keep the write end off fds 0-2, which the child's stdio replaces.
     let write: OwnedFd = if write.as_raw_fd() < 3 {
@@ -211,10 +240,7 @@ pub fn spawn(
 
     let ready_fd = write.as_raw_fd();
     let mut cmd = Command::new(bin);
-    cmd.args(process_args(vm_dir, vm_id, vmm, accel, ready_fd));
-    if exec {
-        cmd.arg("--exec");
-    }
+    cmd.args(process_args(target, ready_fd));
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -264,6 +290,7 @@ pub fn spawn(
             child,
             pidfd,
             reaped: None,
+            released: false,
         },
         ReadyPipe {
             // SAFETY: `read` is an owned fd we hand over to File.
@@ -345,6 +372,12 @@ impl ReadyPipe {
 }
 
 impl ProcessChild {
+    /// Leaves it running (a persistent VM's capsem-process) when this handle
+    /// drops; once this CLI exits it is reparented and reaped by init.
+    pub fn release(mut self) {
+        self.released = true;
+    }
+
     /// Its pidfd: readable once it has exited.
     pub fn pidfd(&self) -> BorrowedFd<'_> {
         self.pidfd.as_fd()
@@ -393,6 +426,9 @@ impl ProcessChild {
 
 impl Drop for ProcessChild {
     fn drop(&mut self) {
+        if self.released {
+            return;
+        }
         let (_, killed) = self.teardown(EXIT_GRACE);
         if killed {
             eprintln!(
@@ -440,21 +476,43 @@ mod tests {
     }
 
     #[test]
-    fn accel_is_passed_for_qemu_only() {
-        let args = |vmm| {
-            process_args(Path::new("/h/vms/x"), "x", vmm, AccelChoice::Tcg, 7)
+    fn arguments_per_kind_and_accel_for_qemu_only() {
+        let args = |vmm, kind| {
+            let target = Target {
+                vm_dir: Path::new("/h/vms/x"),
+                vm_id: "x",
+                vmm,
+                accel: AccelChoice::Tcg,
+                kind,
+            };
+            process_args(&target, 7)
                 .into_iter()
                 .map(|a| a.into_string().unwrap())
                 .collect::<Vec<_>>()
                 .join(" ")
         };
+        let temp = Kind::Temporary { exec: false };
         assert_eq!(
-            args(Vmm::Qemu),
-            "--vm-dir /h/vms/x --vm-id x --vmm qemu --temporary --ready-fd 7 --accel tcg"
+            args(Vmm::Qemu, temp),
+            "--vm-dir /h/vms/x --vm-id x --vmm qemu --ready-fd 7 --temporary --accel tcg"
         );
         assert_eq!(
-            args(Vmm::None),
-            "--vm-dir /h/vms/x --vm-id x --vmm none --temporary --ready-fd 7"
+            args(Vmm::None, Kind::Temporary { exec: true }),
+            "--vm-dir /h/vms/x --vm-id x --vmm none --ready-fd 7 --temporary --exec"
+        );
+        assert_eq!(
+            args(
+                Vmm::None,
+                Kind::Persistent {
+                    cpus: 2,
+                    memory_mib: 256
+                }
+            ),
+            "--vm-dir /h/vms/x --vm-id x --vmm none --ready-fd 7 --cpus 2 --memory-mib 256"
+        );
+        assert_eq!(
+            args(Vmm::Qemu, Kind::Adopt),
+            "--vm-dir /h/vms/x --vm-id x --vmm qemu --ready-fd 7 --adopt --accel tcg"
         );
     }
 

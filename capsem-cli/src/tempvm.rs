@@ -33,6 +33,8 @@ pub enum TempVmError {
     Signals(#[from] SignalsError),
     #[error(transparent)]
     Spawn(#[from] SpawnError),
+    #[error("cannot record the VM: {0}")]
+    Record(String),
     /// capsem-process reported that it could not start the VM.
     #[error("{reason}{}", .log.as_ref().map(|l| format!(" (see {})", l.display())).unwrap_or_default())]
     Startup {
@@ -114,8 +116,21 @@ pub fn start(
         std::env::current_exe(),
     )?;
     let id = home::new_temp_id()?;
+    // Under the VM's lock until vm.json names us as the owner, so a sweep
+    // by another capsem never takes the new directory for a dead VM's.
+    let lock = capsem_host::lock::VmLock::acquire(&home, &id)
+        .map_err(|e| TempVmError::Record(e.to_string()))?;
     let vm_dir = VmDir::create(&home, &id)?;
-    let (mut child, mut ready) = spawn::spawn(&bin, vm_dir.path(), &id, vmm, accel, exec)?;
+    write_vm_json(vm_dir.path(), &id, vmm, accel)?;
+    drop(lock);
+    let target = spawn::Target {
+        vm_dir: vm_dir.path(),
+        vm_id: &id,
+        vmm,
+        accel,
+        kind: spawn::Kind::Temporary { exec },
+    };
+    let (mut child, mut ready) = spawn::spawn(&bin, &target)?;
     let outcome = {
         let mut progress = Progress::new(match (vmm, exec) {
             (Vmm::Qemu, _) => "starting VM",
@@ -144,4 +159,32 @@ pub fn start(
             Err(e.into())
         }
     }
+}
+
+/// This process's identity, as the owner of a temporary VM: the sweep
+/// removes the VM once it is gone.
+pub fn owner_record() -> Result<capsem_host::identity::ProcRecord, String> {
+    let me = std::process::id();
+    let argv = capsem_host::identity::argv(me).map_err(|e| e.to_string())?;
+    let argv0 = argv
+        .first()
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .ok_or("no argv")?;
+    capsem_host::identity::capture("owner", me, &argv0).map_err(|e| e.to_string())
+}
+
+/// `vm.json` for a temporary VM owned by this process.
+fn write_vm_json(dir: &Path, id: &str, vmm: Vmm, accel: AccelChoice) -> Result<(), TempVmError> {
+    let config = capsem_host::vmstate::VmConfig {
+        name: id.to_owned(),
+        temporary: true,
+        created: capsem_host::vmstate::now_rfc3339(),
+        vmm: vmm.as_arg().to_owned(),
+        accel: accel.as_arg().to_owned(),
+        cpus: 1,
+        memory_mib: 512,
+        owner: Some(owner_record().map_err(TempVmError::Record)?),
+    };
+    capsem_host::vmstate::write_json(&dir.join(capsem_host::vmstate::VM_FILE), &config)
+        .map_err(|e| TempVmError::Record(e.to_string()))
 }

@@ -130,7 +130,10 @@ impl Vm {
 
     /// Every recorded process that is alive, capsem-process first.
     pub fn live_processes(&self) -> impl Iterator<Item = &ProcCheck> {
-        self.process.iter().chain(self.guest.iter()).filter(|p| p.alive())
+        self.process
+            .iter()
+            .chain(self.guest.iter())
+            .filter(|p| p.alive())
     }
 }
 
@@ -234,7 +237,14 @@ mod tests {
         assert!(vm.temporary());
         assert!(vm.owner_gone());
         let mut c = config(true);
-        c.owner = Some(capture("owner", std::process::id(), &std::env::args().next().unwrap()).unwrap());
+        c.owner = Some(
+            capture(
+                "owner",
+                std::process::id(),
+                &std::env::args().next().unwrap(),
+            )
+            .unwrap(),
+        );
         vmstate::write_json(&dir.join(VM_FILE), &c).unwrap();
         assert!(!Vm::load(&dir).unwrap().owner_gone());
     }
