@@ -17,6 +17,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod fixture;
+pub mod persist;
 pub mod procs;
 pub mod pty;
 pub mod scenarios;

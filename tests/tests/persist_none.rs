@@ -1,0 +1,37 @@
+//! Persistent VMs on the no-VM backend (see `capsem_tests::persist`).
+#![allow(clippy::unwrap_used)]
+
+use capsem_tests::persist;
+use capsem_tests::Backend;
+
+const B: Backend = Backend::None;
+
+#[test]
+fn create_detach_reattach_exit_stop_start_rm() {
+    persist::lifecycle(B);
+}
+
+#[test]
+fn host_process_crash_is_recovered_by_adoption() {
+    persist::host_process_crash(B);
+}
+
+#[test]
+fn guest_killed_and_everything_killed_are_swept() {
+    persist::guest_and_everything_killed(B);
+}
+
+#[test]
+fn orphaned_temporary_vm_is_swept() {
+    persist::orphaned_temporary_vm_is_swept(B);
+}
+
+#[test]
+fn recycled_pid_is_never_signalled() {
+    persist::recycled_pid_is_never_signalled(B);
+}
+
+#[test]
+fn concurrent_starts_boot_once() {
+    persist::concurrent_starts_boot_once(B);
+}
