@@ -12,6 +12,7 @@ use std::marker::PhantomData;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::audit::{AuditToHost, HostToAudit, MAX_AUDIT_FRAME};
 use crate::exec::{ExecToHost, HostToExec};
 use crate::guest::{GuestToHost, HostToGuest, MAX_CONTROL_FRAME};
 use crate::ipc::{ClientToProcess, ProcessToClient, MAX_IPC_FRAME};
@@ -62,6 +63,12 @@ pub enum ExecHost {}
 /// The guest agent on the exec port.
 #[derive(Debug)]
 pub enum ExecGuest {}
+/// The host per-VM process on the audit port.
+#[derive(Debug)]
+pub enum AuditHost {}
+/// The guest agent on the audit port.
+#[derive(Debug)]
+pub enum AuditGuest {}
 /// The `capsem` CLI, facing capsem-process.
 #[derive(Debug)]
 pub enum Client {}
@@ -92,6 +99,18 @@ impl Role for ExecGuest {
     type Outbound = ExecToHost;
     const MAX_INBOUND: usize = MAX_CONTROL_FRAME;
     const MAX_OUTBOUND: usize = MAX_CONTROL_FRAME;
+}
+impl Role for AuditHost {
+    type Inbound = AuditToHost;
+    type Outbound = HostToAudit;
+    const MAX_INBOUND: usize = MAX_AUDIT_FRAME;
+    const MAX_OUTBOUND: usize = MAX_AUDIT_FRAME;
+}
+impl Role for AuditGuest {
+    type Inbound = HostToAudit;
+    type Outbound = AuditToHost;
+    const MAX_INBOUND: usize = MAX_AUDIT_FRAME;
+    const MAX_OUTBOUND: usize = MAX_AUDIT_FRAME;
 }
 impl Role for Client {
     type Inbound = ProcessToClient;

@@ -25,7 +25,7 @@ pub const PORT_CONTROL: u32 = 5000;
 pub const PORT_TERMINAL: u32 = 5001;
 /// One non-interactive command's streams ([`crate::exec`]).
 pub const PORT_EXEC: u32 = 5005;
-/// Guest execve audit records (reserved).
+/// Guest execve audit records ([`crate::audit`]).
 pub const PORT_AUDIT: u32 = 5006;
 
 /// Largest control payload either side accepts.
