@@ -96,6 +96,19 @@ pub enum Command {
     /// with the command's status (124 on timeout, 126 not executable, 127
     /// not found, 128+N killed by signal N, 125 capsem failed).
     Run(RunArgs),
+    /// Run one command in a running persistent VM, beside its shell and any
+    /// other commands (same streams, flags and exit codes as `run`).
+    Exec(ExecArgs),
+    /// Show the guest's execve audit records: time, pid, uid, argv, cwd.
+    Audit {
+        name: String,
+        /// Keep printing new records until the VM stops
+        #[arg(short, long)]
+        follow: bool,
+        /// The stored JSON lines as they are (see docs/cli-json.md)
+        #[arg(long)]
+        json: bool,
+    },
     /// Check that this host can run capsem: qemu, vhost-device-vsock, the
     /// accelerator, the guest image, capsem-process, capsem-agent and a
     /// writable home. One line per check, `ok`, `warn` or `missing`, with a
@@ -127,9 +140,33 @@ pub enum LogSource {
     Serial,
 }
 
-/// `capsem run [--timeout SECS] [-e KEY=VAL]... [--workdir DIR] -- CMD [ARG...]`.
+/// `capsem run [COMMAND FLAGS] [--audit-log FILE] -- CMD [ARG...]`.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
+    #[command(flatten)]
+    pub cmd: CommandArgs,
+    /// Append the guest's execve audit records (JSON lines) to FILE before
+    /// the temporary VM is destroyed
+    #[arg(long, value_name = "FILE")]
+    pub audit_log: Option<PathBuf>,
+}
+
+/// `capsem exec NAME [COMMAND FLAGS] -- CMD [ARG...]`.
+#[derive(Debug, clap::Args)]
+pub struct ExecArgs {
+    /// A running persistent VM
+    pub name: String,
+    #[command(flatten)]
+    pub cmd: CommandArgs,
+}
+
+/// What `run` and `exec` share: the command and how it runs.
+#[derive(Debug, clap::Args)]
+pub struct CommandArgs {
+    /// Run the command on a pseudo-terminal (one stream, like ssh -t);
+    /// without it stdout and stderr stay apart
+    #[arg(short = 't', long)]
+    pub tty: bool,
     /// Stop the command (SIGTERM to its process group, SIGKILL 2 s later)
     /// after this many seconds, and exit 124
     #[arg(long, value_name = "SECS", value_parser = parse_timeout)]

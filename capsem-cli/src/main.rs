@@ -60,9 +60,11 @@
 //! * [`exit`]: the exit codes.
 
 mod attach;
+mod audit;
 mod cli;
 mod doctor;
 mod exec;
+mod exec_named;
 mod exit;
 mod home;
 mod image;

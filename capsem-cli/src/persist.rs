@@ -157,6 +157,8 @@ pub fn run(
             follow,
             source,
         } => crate::logs::run(&ctx, &name, follow, source),
+        Command::Exec(args) => crate::exec_named::run(&ctx, args),
+        Command::Audit { name, follow, json } => crate::audit::run(&ctx, &name, follow, json),
         Command::Shell { name: None } | Command::Run(_) | Command::Doctor => {
             Err(PersistError::Start("not a VM command".into()))
         }

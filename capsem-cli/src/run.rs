@@ -77,6 +77,7 @@ pub fn run(
     accel: AccelChoice,
     args: RunArgs,
 ) -> Result<u8, RunError> {
+    let args = args.cmd;
     let env = parse_env(&args.env, |k| std::env::var_os(k))?;
     check_start(&args.command, &env, args.workdir.as_deref(), args.timeout)?;
     let request = ClientToProcess::Exec {
