@@ -546,15 +546,14 @@ mod tests {
             <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755),
         )
         .unwrap();
-        let (mut child, mut pipe) = spawn(
-            &script,
-            dir.path(),
-            "tmp-0",
-            Vmm::None,
-            AccelChoice::Auto,
-            false,
-        )
-        .unwrap();
+        let target = Target {
+            vm_dir: dir.path(),
+            vm_id: "tmp-0",
+            vmm: Vmm::None,
+            accel: AccelChoice::Auto,
+            kind: Kind::Temporary { exec: false },
+        };
+        let (mut child, mut pipe) = spawn(&script, &target).unwrap();
         let mut signals = Signals::install().unwrap();
         let mut progress = Progress::new("test");
         let got = pipe.wait(&child, &mut signals, &mut progress).unwrap();
