@@ -1,5 +1,199 @@
-//! `capsem list` (placeholder).
+//! `capsem list [--json]`: every VM under `<home>/vms/`, sorted by name.
+//!
+//! The table has the columns `NAME STATE KIND CREATED` (KIND is
+//! `persistent` or `temporary`; CREATED is `-` when unknown). `--json`
+//! prints one JSON array of [`ListEntry`] objects, whose shape is
+//! documented in `docs/cli-json.md` and only grows. A VM directory that
+//! cannot be read is reported with one warning line on stderr and left
+//! out.
+
+use std::io::{self, Write};
+
+use serde::Serialize;
+
 use crate::persist::{Ctx, PersistError};
-pub fn run(_ctx: &Ctx, _json: bool) -> Result<u8, PersistError> {
-    Err(PersistError::Start("list: not built yet".into()))
+use crate::sweep::error_chain;
+use crate::vms::{Vm, VmState};
+
+/// One element of `capsem list --json`. Fields are only ever added.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ListEntry {
+    pub name: String,
+    pub state: VmState,
+    pub temporary: bool,
+    /// RFC 3339, UTC; `null` when the VM has no `vm.json`.
+    pub created: Option<String>,
+    /// `qemu` or `none`; `null` when unknown.
+    pub vmm: Option<String>,
+    pub cpus: Option<u32>,
+    pub memory_mib: Option<u32>,
+}
+
+impl ListEntry {
+    pub fn new(vm: &Vm) -> Self {
+        let config = vm.config.as_ref();
+        Self {
+            name: vm.name.clone(),
+            state: vm.state(),
+            temporary: vm.temporary(),
+            created: config.map(|c| c.created.clone()),
+            vmm: config.map(|c| c.vmm.clone()),
+            cpus: config.map(|c| c.cpus),
+            memory_mib: config.map(|c| c.memory_mib),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        if self.temporary {
+            "temporary"
+        } else {
+            "persistent"
+        }
+    }
+}
+
+/// Prints the VMs; exit code 0.
+pub fn run(ctx: &Ctx, json: bool) -> Result<u8, PersistError> {
+    let (vms, errors) = crate::vms::list(&ctx.home);
+    for e in errors {
+        eprintln!("capsem: warning: skipping a VM: {}", error_chain(&e));
+    }
+    let mut entries: Vec<ListEntry> = vms.iter().map(ListEntry::new).collect();
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    let text = if json {
+        to_json(&entries)
+    } else {
+        table(&entries)
+    };
+    write_stdout(text.as_bytes())?;
+    Ok(0)
+}
+
+/// The `--json` text: a pretty array and a newline.
+pub fn to_json(entries: &[ListEntry]) -> String {
+    // Serializing plain strings, numbers and enums cannot fail.
+    let mut text = serde_json::to_string_pretty(entries).unwrap_or_else(|_| "[]".into());
+    text.push('\n');
+    text
+}
+
+/// The table: a header and one line per VM, columns padded to the widest
+/// cell (the last column is not padded).
+pub fn table(entries: &[ListEntry]) -> String {
+    let mut rows: Vec<[String; 4]> = vec![[
+        "NAME".into(),
+        "STATE".into(),
+        "KIND".into(),
+        "CREATED".into(),
+    ]];
+    for e in entries {
+        rows.push([
+            e.name.clone(),
+            e.state.to_string(),
+            e.kind().into(),
+            e.created.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    let mut widths = [0usize; 3];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row.iter()) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        for (w, cell) in widths.iter().zip(row.iter()) {
+            out.push_str(cell);
+            out.push_str(&" ".repeat(w - cell.chars().count() + 2));
+        }
+        out.push_str(&row[3]);
+        out.push('\n');
+    }
+    out
+}
+
+/// Writes all of `data` to stdout; a closed stdout is an error, not a
+/// panic.
+pub(crate) fn write_stdout(data: &[u8]) -> Result<(), PersistError> {
+    let mut out = io::stdout().lock();
+    out.write_all(data)
+        .and_then(|()| out.flush())
+        .map_err(|source| PersistError::Io {
+            what: "cannot write to stdout".into(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sweep::tests::{config, make_vm, Marked};
+    use capsem_host::vmstate::Pids;
+
+    #[test]
+    fn entries_table_and_json() {
+        let home = tempfile::tempdir().unwrap();
+        make_vm(home.path(), "web", Some(&config("web", false, None)), None);
+        let mut process = Marked::spawn("capsem-process");
+        let pids = Pids {
+            process: process.record.clone(),
+            guest: vec![],
+            cid: None,
+        };
+        let id = "tmp-0123456789abcdef";
+        make_vm(home.path(), id, Some(&config(id, true, None)), Some(&pids));
+        make_vm(home.path(), "db", Some(&config("db", false, None)), None);
+        make_vm(home.path(), "tmp-00000000000000aa", None, None);
+
+        let (vms, errors) = crate::vms::list(home.path());
+        assert!(errors.is_empty());
+        let mut entries: Vec<ListEntry> = vms.iter().map(ListEntry::new).collect();
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        assert_eq!(
+            table(&entries),
+            "\
+NAME                  STATE    KIND        CREATED
+db                    stopped  persistent  2026-01-02T03:04:05Z
+tmp-00000000000000aa  stopped  temporary   -
+tmp-0123456789abcdef  running  temporary   2026-01-02T03:04:05Z
+web                   stopped  persistent  2026-01-02T03:04:05Z
+"
+        );
+        let json: serde_json::Value = serde_json::from_str(&to_json(&entries)).unwrap();
+        assert_eq!(
+            json[2],
+            serde_json::json!({
+                "name": id,
+                "state": "running",
+                "temporary": true,
+                "created": "2026-01-02T03:04:05Z",
+                "vmm": "none",
+                "cpus": 2,
+                "memory_mib": 1024,
+            })
+        );
+        assert_eq!(
+            json[1],
+            serde_json::json!({
+                "name": "tmp-00000000000000aa",
+                "state": "stopped",
+                "temporary": true,
+                "created": null,
+                "vmm": null,
+                "cpus": null,
+                "memory_mib": null,
+            })
+        );
+        assert_eq!(json.as_array().unwrap().len(), 4);
+        process.finish();
+    }
+
+    #[test]
+    fn empty_home() {
+        let home = tempfile::tempdir().unwrap();
+        let (vms, _) = crate::vms::list(home.path());
+        assert!(vms.is_empty());
+        assert_eq!(table(&[]), "NAME  STATE  KIND  CREATED\n");
+        assert_eq!(to_json(&[]), "[]\n");
+    }
 }

@@ -116,12 +116,12 @@ impl Vm {
 
     /// Temporary: named `tmp-*` or marked so in `vm.json`.
     pub fn temporary(&self) -> bool {
-        self.config.as_ref().map_or(true, |c| c.temporary) || self.name.starts_with("tmp-")
+        self.config.as_ref().is_none_or(|c| c.temporary) || self.name.starts_with("tmp-")
     }
 
     /// A temporary VM whose CLI is gone (or was never recorded).
     pub fn owner_gone(&self) -> bool {
-        self.owner.as_ref().map_or(true, |o| !o.alive())
+        self.owner.as_ref().is_none_or(|o| !o.alive())
     }
 
     pub fn ctl_sock(&self) -> PathBuf {

@@ -79,7 +79,13 @@ impl VmLock {
         loop {
             // SAFETY: flock on an fd we own; no memory is involved.
             if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
-                return Ok(Some(Self { _file: file }));
+                // `rm` unlinks the lock file while holding it: a lock won on
+                // the unlinked inode guards nothing, so start over on the
+                // file the path names now.
+                if same_inode(&file, &path) {
+                    return Ok(Some(Self { _file: file }));
+                }
+                return Self::take(home, name, block);
             }
             let e = io::Error::last_os_error();
             match e.raw_os_error() {
@@ -88,6 +94,15 @@ impl VmLock {
                 _ => return Err(LockError::Flock { path, source: e }),
             }
         }
+    }
+}
+
+/// Whether `file` is still the file `path` names.
+fn same_inode(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }
 
@@ -103,5 +118,17 @@ mod tests {
         assert!(VmLock::try_acquire(home.path(), "y").unwrap().is_some());
         drop(a);
         assert!(VmLock::try_acquire(home.path(), "x").unwrap().is_some());
+    }
+
+    #[test]
+    fn a_lock_on_an_unlinked_file_is_not_kept() {
+        let home = tempfile::tempdir().unwrap();
+        let a = VmLock::acquire(home.path(), "x").unwrap();
+        // Unlinked while held (as rm does): a new lock is on the new file.
+        std::fs::remove_file(lock_path(home.path(), "x")).unwrap();
+        let b = VmLock::try_acquire(home.path(), "x").unwrap();
+        assert!(b.is_some());
+        assert!(VmLock::try_acquire(home.path(), "x").unwrap().is_none());
+        drop(a);
     }
 }
