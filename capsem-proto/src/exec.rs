@@ -2,8 +2,12 @@
 //! one non-interactive command per connection, with its three standard
 //! streams as pipes (never a PTY, never the terminal channel).
 //!
-//! The agent (started in exec mode, `CAPSEM_MODE=exec`) connects to the exec
-//! port after its hello was acknowledged. The host sends exactly one
+//! The agent connects to the exec port and sends [`ExecToHost::Hello`] with
+//! the session token: in exec mode (`CAPSEM_MODE=exec`, `capsem run`) once,
+//! after its control hello was acknowledged; in a persistent VM it keeps one
+//! idle exec connection open and opens the next as soon as one is given a
+//! command, so `capsem exec` runs many commands at once, each on its own
+//! connection and in its own process group. The host sends exactly one
 //! [`HostToExec::Start`], then any number of `Stdin`, at most one `StdinEof`
 //! and any `Signal`. The guest sends `Output` chunks in the order the command
 //! wrote them and then exactly one [`ExecToHost::Exit`]; nothing follows it.
@@ -105,6 +109,9 @@ pub enum HostToExec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "t", content = "c", rename_all = "snake_case")]
 pub enum ExecToHost {
+    /// First message on every exec connection: the session token. The host
+    /// closes a connection whose first message is anything else.
+    Hello { token: String },
     /// Bytes the command wrote, in order per stream.
     Output {
         stream: ExecStream,
@@ -130,6 +137,7 @@ impl ExecToHost {
     /// The variant's wire tag, for logs.
     pub fn kind(&self) -> &'static str {
         match self {
+            Self::Hello { .. } => "hello",
             Self::Output { .. } => "output",
             Self::Exit { .. } => "exit",
         }
@@ -330,6 +338,16 @@ mod tests {
         let mut host = Codec::<ExecHost>::new();
         host.feed(&frame).unwrap();
         assert!(host.next_message().is_err());
+    }
+
+    #[test]
+    fn golden_exec_hello() {
+        let frame = Codec::<ExecGuest>::encode(&ExecToHost::Hello { token: "ab".into() }).unwrap();
+        // {"t":"hello","c":{"token":"ab"}}
+        assert_eq!(
+            frame,
+            b"\x00\x00\x00\x15\x82\xa1t\xa5hello\xa1c\x81\xa5token\xa2ab".to_vec()
+        );
     }
 
     #[test]
