@@ -142,6 +142,11 @@ fn connect_once(cfg: &ExecConfig, signals: &Signals) -> Result<Option<Conns>, St
     let Some(exec) = connect(PORT_EXEC)? else {
         return Ok(None);
     };
+    if !send_hello(exec.as_fd(), &cfg.token, signals.fd())
+        .map_err(|e| format!("exec hello: {e}"))?
+    {
+        return Ok(None);
+    }
     info!(generation, transport = %cfg.transport, "connected for exec");
     Ok(Some(Conns {
         control,
@@ -149,6 +154,16 @@ fn connect_once(cfg: &ExecConfig, signals: &Signals) -> Result<Option<Conns>, St
         _terminal: terminal,
         exec,
     }))
+}
+
+/// Writes `ExecToHost::Hello{token}` on a fresh exec connection; `false`
+/// when `cancel` became readable first.
+pub fn send_hello(fd: BorrowedFd<'_>, token: &str, cancel: BorrowedFd<'_>) -> io::Result<bool> {
+    let frame = Codec::<ExecGuest>::encode(&ExecToHost::Hello {
+        token: token.to_owned(),
+    })
+    .map_err(io::Error::other)?;
+    Ok(fdio::write_all(fd, &frame, cancel)? == fdio::Written::All)
 }
 
 /// The base environment, then the request's variables (already checked).
@@ -409,16 +424,58 @@ pub fn run(cfg: &ExecConfig, signals: &Signals) -> Result<ExecOutcome, ExecError
     };
     let Conns {
         control,
-        mut ctl_codec,
+        ctl_codec,
         _terminal,
         exec: exec_sock,
     } = conns;
+    let ctl = Ctl {
+        fd: control,
+        codec: ctl_codec,
+        out: Vec::new(),
+    };
+    serve(
+        cfg,
+        &exec_sock,
+        None,
+        Codec::<ExecGuest>::new(),
+        Some(ctl),
+        signals.fd(),
+        &|| format!("termination signal {:?}", signals.take()),
+    )
+}
+
+/// Exec mode's control connection: answered (pings) and watched (Shutdown,
+/// EOF) in the command's poll loop.
+pub struct Ctl {
+    pub fd: OwnedFd,
+    pub codec: Codec<Guest>,
+    pub out: Vec<u8>,
+}
+
+/// Serves one command on `exec_sock` (its `Start` already read when
+/// `first` is given; its codec may hold bytes read after it) to its end: its `Exit` sent, or stopped (the command's group
+/// terminated and reaped). `stop` is an fd that becomes readable when the
+/// agent is stopping (`why_stopped` says why). With `ctl` (exec mode) the
+/// control connection is served in the same loop and the agent lingers
+/// after `Exit` for the host's Shutdown; without it (a persistent VM's
+/// command) it returns once `Exit` is written.
+pub fn serve(
+    cfg: &ExecConfig,
+    exec_sock: &OwnedFd,
+    first: Option<HostToExec>,
+    mut exec_codec: Codec<ExecGuest>,
+    mut ctl: Option<Ctl>,
+    stop_fd: BorrowedFd<'_>,
+    why_stopped: &dyn Fn() -> String,
+) -> Result<ExecOutcome, ExecError> {
     let mut ex = Exec::new();
-    let mut exec_codec = Codec::<ExecGuest>::new();
-    let mut ctl_out: Vec<u8> = Vec::new();
     let mut exec_in_open = true;
     let mut started = false;
     let mut linger_until: Option<Instant> = None;
+    if let Some(start) = first {
+        started = true;
+        ex.start(cfg, start)?;
+    }
     let mut buf = vec![0u8; 64 * 1024];
 
     let stop = |ex: &mut Exec, why: String| -> Result<ExecOutcome, ExecError> {
@@ -431,10 +488,10 @@ pub fn run(cfg: &ExecConfig, signals: &Signals) -> Result<ExecOutcome, ExecError
 
     loop {
         // Control messages already buffered.
-        loop {
-            match ctl_codec.next_message() {
+        while let Some(c) = ctl.as_mut() {
+            match c.codec.next_message() {
                 Ok(Some(HostToGuest::Ping { seq })) => {
-                    Codec::<Guest>::encode_into(&GuestToHost::Pong { seq }, &mut ctl_out)
+                    Codec::<Guest>::encode_into(&GuestToHost::Pong { seq }, &mut c.out)
                         .map_err(ExecError::Encode)?;
                 }
                 Ok(Some(HostToGuest::Shutdown)) => {
@@ -479,19 +536,24 @@ pub fn run(cfg: &ExecConfig, signals: &Signals) -> Result<ExecOutcome, ExecError
         if let Err(e) = ex.out.flush(exec_sock.as_fd()) {
             return stop(&mut ex, format!("exec connection broken: {e}"));
         }
-        if !ctl_out.is_empty() {
+        if let Some(c) = ctl.as_mut().filter(|c| !c.out.is_empty()) {
             // Tiny pongs; a host that stops reading its control connection
             // is a lost transport soon enough.
-            match fdio::write(control.as_fd(), &ctl_out) {
+            match fdio::write(c.fd.as_fd(), &c.out) {
                 Ok(n) => {
-                    ctl_out.drain(..n);
+                    c.out.drain(..n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return stop(&mut ex, format!("control connection broken: {e}")),
             }
         }
-        if ex.exit_queued && ex.out.buf.is_empty() && linger_until.is_none() {
-            linger_until = Some(Instant::now() + LINGER);
+        if ex.exit_queued && ex.out.buf.is_empty() {
+            if ctl.is_none() {
+                return Ok(ExecOutcome::Reported);
+            }
+            if linger_until.is_none() {
+                linger_until = Some(Instant::now() + LINGER);
+            }
         }
 
         let now = Instant::now();
@@ -535,13 +597,15 @@ pub fn run(cfg: &ExecConfig, signals: &Signals) -> Result<ExecOutcome, ExecError
             idx[slot] = fds.len();
             fds.push(fdio::pollfd(fd, ev));
         };
-        add(0, signals.fd(), fdio::IN, &mut fds);
-        let ctl_ev = if ctl_out.is_empty() {
-            fdio::IN
-        } else {
-            fdio::IN | fdio::OUT
-        };
-        add(1, control.as_fd(), ctl_ev, &mut fds);
+        add(0, stop_fd, fdio::IN, &mut fds);
+        if let Some(c) = &ctl {
+            let ctl_ev = if c.out.is_empty() {
+                fdio::IN
+            } else {
+                fdio::IN | fdio::OUT
+            };
+            add(1, c.fd.as_fd(), ctl_ev, &mut fds);
+        }
         let mut exec_ev = 0;
         if exec_in_open && ex.stdin_buf.len() < STDIN_CAP {
             exec_ev |= fdio::IN;
@@ -571,15 +635,14 @@ pub fn run(cfg: &ExecConfig, signals: &Signals) -> Result<ExecOutcome, ExecError
         let deadline = next_deadline(&[ex.deadline, ex.kill_at, ex.drain_until, linger_until]);
         fdio::poll(&mut fds, deadline).map_err(ExecError::Poll)?;
         let hit = |slot: usize| idx[slot] != usize::MAX && fdio::ready(&fds[idx[slot]]);
-        let (sig, ctl, exe, so, se, pid) = (hit(0), hit(1), hit(2), hit(3), hit(4), hit(6));
+        let (sig, ctl_ready, exe, so, se, pid) = (hit(0), hit(1), hit(2), hit(3), hit(4), hit(6));
         drop(fds);
 
         if sig {
-            let n = signals.take();
-            return stop(&mut ex, format!("termination signal {n:?}"));
+            return stop(&mut ex, why_stopped());
         }
-        if ctl {
-            match fdio::read(control.as_fd(), &mut buf) {
+        if let (true, Some(c)) = (ctl_ready, ctl.as_mut()) {
+            match fdio::read(c.fd.as_fd(), &mut buf) {
                 Ok(0) => {
                     if ex.exit_queued && ex.out.buf.is_empty() {
                         return Ok(ExecOutcome::Reported);
@@ -587,7 +650,7 @@ pub fn run(cfg: &ExecConfig, signals: &Signals) -> Result<ExecOutcome, ExecError
                     return stop(&mut ex, "the host closed the control connection".into());
                 }
                 Ok(n) => {
-                    if let Err(e) = ctl_codec.feed(&buf[..n]) {
+                    if let Err(e) = c.codec.feed(&buf[..n]) {
                         return stop(&mut ex, format!("invalid control frame: {}", chain(&e)));
                     }
                 }

@@ -46,6 +46,7 @@
 //!
 //! * [`session`]: shell and persistent modes' main loop (connect, hello,
 //!   bridge, act on the end).
+//! * [`execpool`]: a persistent VM's concurrent `capsem exec` commands.
 //! * [`exec`]: exec mode: one command, its streams on the exec port, one
 //!   poll loop.
 //! * [`command`]: the exec-mode command: pipes, pidfd, process group.
@@ -62,6 +63,7 @@ mod bridge;
 mod command;
 mod control;
 mod exec;
+mod execpool;
 mod fdio;
 mod pty;
 mod reconnect;
@@ -127,13 +129,15 @@ enum AgentError {
     Session(#[from] SessionError),
     #[error("exec mode failed")]
     Exec(#[from] exec::ExecError),
+    #[error("cannot start the exec pool")]
+    ExecPool(#[from] execpool::ExecPoolError),
 }
 
 impl AgentError {
     fn exit_code(&self) -> u8 {
         match self {
             Self::Config(_) => 2,
-            Self::Signals(_) | Self::Session(_) | Self::Exec(_) => 1,
+            Self::Signals(_) | Self::Session(_) | Self::Exec(_) | Self::ExecPool(_) => 1,
         }
     }
 }
@@ -250,6 +254,12 @@ fn run(cli: Cli) -> Result<Ended, AgentError> {
         info!(transport = %cfg.transport, vm_id = %vm_id, "agent starting in exec mode");
         return Ok(Ended::Exec(exec::run(&cfg, &signals)?));
     }
+    let exec_cfg = exec::ExecConfig {
+        transport: cli.transport.clone(),
+        token: token.clone(),
+        home: home.clone(),
+        cwd: cwd.clone(),
+    };
     let cfg = Config {
         transport: cli.transport,
         token,
@@ -268,7 +278,17 @@ fn run(cli: Cli) -> Result<Ended, AgentError> {
         vm_id = %vm_id,
         "agent starting"
     );
-    Ok(Ended::Shell(session::run(&cfg, &signals)?))
+    // A persistent VM also runs `capsem exec` commands, beside its shell;
+    // the pool is stopped and joined (its commands' groups terminated) when
+    // the session ends.
+    let pool = if mode == Mode::Persistent {
+        Some(execpool::ExecPool::start(exec_cfg)?)
+    } else {
+        None
+    };
+    let ended = session::run(&cfg, &signals);
+    drop(pool);
+    Ok(Ended::Shell(ended?))
 }
 
 fn init_logging() {

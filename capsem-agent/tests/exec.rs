@@ -115,7 +115,7 @@ impl Session {
             .unwrap();
         let term = accept(&term_l);
         let exec = accept(&exec_l);
-        Self {
+        let mut session = Self {
             _dir: dir,
             agent,
             ctl,
@@ -124,7 +124,15 @@ impl Session {
             exec,
             exec_codec: Codec::new(),
             hello,
-        }
+        };
+        // Every exec connection opens with the session token.
+        assert_eq!(
+            session.recv(),
+            Some(ExecToHost::Hello {
+                token: TOKEN.into()
+            })
+        );
+        session
     }
 
     fn send(&mut self, msg: &HostToExec) {
@@ -165,6 +173,7 @@ impl Session {
                     data,
                 } => err.extend(data),
                 exit @ ExecToHost::Exit { .. } => return (out, err, exit),
+                hello @ ExecToHost::Hello { .. } => panic!("{hello:?} after the first message"),
             }
         }
     }

@@ -305,7 +305,7 @@ fn persistent(ctx: &Ctx, name: &str) -> Result<Vm, PersistError> {
 
 /// Brings a persistent VM to `running`: adopts an orphaned guest, boots a
 /// stopped one only when `boot_stopped`.
-fn ensure_running(ctx: &Ctx, name: &str, boot_stopped: bool) -> Result<Vm, PersistError> {
+pub fn ensure_running(ctx: &Ctx, name: &str, boot_stopped: bool) -> Result<Vm, PersistError> {
     let vm = persistent(ctx, name)?;
     if vm.state() == VmState::Running {
         return Ok(vm);

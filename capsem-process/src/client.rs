@@ -86,8 +86,8 @@ async fn read_requests(
     let mut codec = Codec::<Process>::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut attached = false;
-    // Attached with `Exec` (a command), not `Attach` (a shell).
-    let mut exec_attached = false;
+    // Attached with `Exec` (a command), not `Attach` (a shell): its stdin.
+    let mut exec_stdin: Option<mpsc::Sender<HostToExec>> = None;
     loop {
         let msg = match codec.next_message() {
             Ok(Some(msg)) => msg,
@@ -149,7 +149,7 @@ async fn read_requests(
                 }
             }
             ClientToProcess::Input { .. } | ClientToProcess::Resize { .. }
-                if !attached || exec_attached =>
+                if !attached || exec_stdin.is_some() =>
             {
                 Some(reply("not attached to a shell"))
             }
@@ -184,6 +184,7 @@ async fn read_requests(
                 timeout_ms,
             } => {
                 let (reply_tx, reply_rx) = oneshot::channel();
+                let (stdin_tx, stdin_rx) = mpsc::channel(crate::state::INPUT_CHUNKS);
                 let ev = Event::ExecAttach {
                     conn,
                     notices: tx.clone(),
@@ -194,6 +195,7 @@ async fn read_requests(
                         workdir,
                         timeout_ms,
                     },
+                    stdin: stdin_rx,
                 };
                 if events.send(ev).await.is_err() {
                     return;
@@ -201,7 +203,7 @@ async fn read_requests(
                 match reply_rx.await {
                     Ok(Ok(())) => {
                         attached = true;
-                        exec_attached = true;
+                        exec_stdin = Some(stdin_tx);
                         info!("client {conn} attached to run a command");
                         None
                     }
@@ -212,37 +214,21 @@ async fn read_requests(
             ClientToProcess::ExecStdin { .. }
             | ClientToProcess::ExecStdinEof
             | ClientToProcess::ExecSignal { .. }
-                if !exec_attached =>
+                if exec_stdin.is_none() =>
             {
                 Some(reply("not attached to a command"))
             }
             ClientToProcess::ExecStdin { data } => {
-                if shared
-                    .exec_tx
-                    .send(HostToExec::Stdin { data })
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
+                forward(&exec_stdin, HostToExec::Stdin { data }).await;
                 None
             }
             ClientToProcess::ExecStdinEof => {
-                if shared.exec_tx.send(HostToExec::StdinEof).await.is_err() {
-                    return;
-                }
+                forward(&exec_stdin, HostToExec::StdinEof).await;
                 None
             }
             ClientToProcess::ExecSignal { signal } => {
                 info!("client {conn}: signal {signal} for the command");
-                if shared
-                    .exec_tx
-                    .send(HostToExec::Signal { signal })
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
+                forward(&exec_stdin, HostToExec::Signal { signal }).await;
                 None
             }
         };
@@ -251,6 +237,14 @@ async fn read_requests(
                 return;
             }
         }
+    }
+}
+
+/// Hands a message to this client's command; a relay that already ended
+/// (the command exited) drops it.
+async fn forward(stdin: &Option<mpsc::Sender<HostToExec>>, msg: HostToExec) {
+    if let Some(tx) = stdin {
+        let _ = tx.send(msg).await;
     }
 }
 

@@ -2,15 +2,13 @@
 //! exec connection and the attached client.
 //!
 //! It writes the client's `Start`, then forwards the client's stdin, EOF and
-//! signals (from [`Shared::exec_rx`]) to the guest, and the guest's `Output`
+//! signals (that client's own channel) to the guest, and the guest's `Output`
 //! and `Exit` to the client through the client's one bounded queue, in
 //! order: the `Exit` is queued after every `Output`, so the client gets all
 //! output before the status. A slow client blocks the queue, the relay stops
 //! reading, and backpressure reaches the command. The reader and the writer
 //! run concurrently, so a command that does not read its stdin never stops
 //! its output.
-
-use std::sync::Arc;
 
 use capsem_proto::exec::{ExecStream, ExecToHost, HostToExec};
 use capsem_proto::frame::ExecHost;
@@ -23,25 +21,31 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::log::chain;
-use crate::state::{Event, Outgoing, Shared};
+use crate::state::{Event, Outgoing};
+
+/// One command to relay: the guest's exec connection (after its hello,
+/// with any bytes read past it in `codec`) and the client's side.
+#[derive(Debug)]
+pub struct Relay {
+    pub id: u64,
+    pub stream: UnixStream,
+    pub codec: Codec<ExecHost>,
+    pub start: HostToExec,
+    pub notices: mpsc::Sender<Outgoing>,
+    pub stdin: mpsc::Receiver<HostToExec>,
+}
 
 /// Relays one command; reports [`Event::ExecEnded`] when it ends.
-pub async fn relay(
-    stream: UnixStream,
-    start: HostToExec,
-    notices: mpsc::Sender<Outgoing>,
-    shared: Arc<Shared>,
-    events: mpsc::Sender<Event>,
-) {
-    let (rd, mut wr) = stream.into_split();
-    let result = match send_start(&mut wr, &start).await {
+pub async fn relay(r: Relay, events: mpsc::Sender<Event>) {
+    let (rd, mut wr) = r.stream.into_split();
+    let result = match send_start(&mut wr, &r.start).await {
         Err(reason) => Err(reason),
-        Ok(()) => relay_io(rd, wr, notices, &shared).await,
+        Ok(()) => relay_io(rd, r.codec, wr, r.notices, r.stdin).await,
     };
     if let Err(reason) = &result {
-        warn!("exec: {reason}");
+        warn!("exec {}: {reason}", r.id);
     }
-    let _ = events.send(Event::ExecEnded(result)).await;
+    let _ = events.send(Event::ExecEnded { id: r.id, result }).await;
 }
 
 async fn send_start(wr: &mut OwnedWriteHalf, start: &HostToExec) -> Result<(), String> {
@@ -54,14 +58,15 @@ async fn send_start(wr: &mut OwnedWriteHalf, start: &HostToExec) -> Result<(), S
 
 async fn relay_io(
     rd: OwnedReadHalf,
+    codec: Codec<ExecHost>,
     wr: OwnedWriteHalf,
     notices: mpsc::Sender<Outgoing>,
-    shared: &Shared,
+    stdin: mpsc::Receiver<HostToExec>,
 ) -> Result<(), String> {
     tokio::select! {
-        r = read_guest(rd, notices) => r,
+        r = read_guest(rd, codec, notices) => r,
         () = async {
-            if let Err(reason) = write_guest(wr, shared).await {
+            if let Err(reason) = write_guest(wr, stdin).await {
                 warn!("exec: {reason}");
             }
             // The reader decides the end: the guest's status may still come.
@@ -70,8 +75,10 @@ async fn relay_io(
     }
 }
 
-async fn write_guest(mut wr: OwnedWriteHalf, shared: &Shared) -> Result<(), String> {
-    let mut rx = shared.exec_rx.lock().await;
+async fn write_guest(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<HostToExec>,
+) -> Result<(), String> {
     while let Some(msg) = rx.recv().await {
         let frame = Codec::<ExecHost>::encode(&msg)
             .map_err(|e| format!("cannot encode {msg:?}: {}", chain(&e)))?;
@@ -84,8 +91,11 @@ async fn write_guest(mut wr: OwnedWriteHalf, shared: &Shared) -> Result<(), Stri
 
 /// Reads the guest's frames to its `Exit`; `Err` when the connection ends
 /// without one.
-async fn read_guest(mut rd: OwnedReadHalf, notices: mpsc::Sender<Outgoing>) -> Result<(), String> {
-    let mut codec = Codec::<ExecHost>::new();
+async fn read_guest(
+    mut rd: OwnedReadHalf,
+    mut codec: Codec<ExecHost>,
+    notices: mpsc::Sender<Outgoing>,
+) -> Result<(), String> {
     let mut buf = vec![0u8; 64 * 1024];
     let (mut stdout_bytes, mut stderr_bytes) = (0u64, 0u64);
     loop {
@@ -94,6 +104,7 @@ async fn read_guest(mut rd: OwnedReadHalf, notices: mpsc::Sender<Outgoing>) -> R
             .map_err(|e| format!("invalid exec frame: {}", chain(&e)))?
         {
             let out = match msg {
+                ExecToHost::Hello { .. } => return Err("a second hello".into()),
                 ExecToHost::Output { stream, data } => {
                     match stream {
                         ExecStream::Stdout => stdout_bytes += data.len() as u64,
@@ -174,7 +185,7 @@ mod tests {
         Codec::<ExecGuest>::encode_into(&exit, &mut bytes).unwrap();
         let (_, mut gw) = guest.into_split();
         gw.write_all(&bytes).await.unwrap();
-        read_guest(rd, tx).await.unwrap();
+        read_guest(rd, Codec::new(), tx).await.unwrap();
         let mut got = Vec::new();
         while let Ok(Outgoing::Msg(m)) = rx.try_recv() {
             got.push(m);
@@ -202,6 +213,6 @@ mod tests {
         let (rd, _wr) = host.into_split();
         drop(guest);
         let (tx, _rx) = mpsc::channel(8);
-        assert!(read_guest(rd, tx).await.is_err());
+        assert!(read_guest(rd, Codec::new(), tx).await.is_err());
     }
 }

@@ -7,7 +7,8 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use capsem_proto::frame::Host;
+use capsem_proto::exec::ExecToHost;
+use capsem_proto::frame::{ExecHost, Host};
 use capsem_proto::guest::{GuestToHost, HelloError};
 use capsem_proto::{Codec, FrameError};
 use tokio::io::AsyncReadExt;
@@ -120,20 +121,67 @@ pub async fn accept_control(
     }
 }
 
-/// Accepts exec connections and hands them to the session.
-pub async fn accept_exec(listener: UnixListener, events: mpsc::Sender<Event>) {
+/// Accepts exec connections; each must open with `Hello{token}` within
+/// [`HELLO_WAIT`] before it is handed to the session (with any bytes read
+/// after the hello still in its codec).
+pub async fn accept_exec(listener: UnixListener, shared: Arc<Shared>, events: mpsc::Sender<Event>) {
+    let mut hellos = JoinSet::new();
     loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                tracing::info!("exec connection accepted");
-                if events.send(Event::ExecConn(stream)).await.is_err() {
-                    return;
+        tokio::select! {
+            accepted = listener.accept() => {
+                let mut stream = match accepted {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        warn!("exec port: accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                if hellos.len() >= MAX_PENDING_HANDSHAKES {
+                    warn!("exec connection rejected: too many handshakes in progress");
+                    continue;
                 }
+                let (shared, events) = (shared.clone(), events.clone());
+                hellos.spawn(async move {
+                    match tokio::time::timeout(HELLO_WAIT, exec_hello(&mut stream, &shared.token)).await {
+                        Ok(Ok(codec)) => {
+                            debug!("exec connection: hello accepted");
+                            let _ = events.send(Event::ExecConn(stream, Box::new(codec))).await;
+                        }
+                        Ok(Err(reason)) => warn!("exec connection rejected: {reason}"),
+                        Err(_) => warn!("exec connection rejected: no hello within {HELLO_WAIT:?}"),
+                    }
+                });
             }
-            Err(e) => {
-                warn!("exec port: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+            Some(_) = hellos.join_next(), if !hellos.is_empty() => {}
+        }
+    }
+}
+
+/// Reads the exec connection's first message, which must be a hello with
+/// our token.
+async fn exec_hello(stream: &mut UnixStream, token: &str) -> Result<Codec<ExecHost>, String> {
+    let mut codec = Codec::<ExecHost>::new();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        match codec.next_message() {
+            Ok(Some(ExecToHost::Hello { token: got })) => {
+                return if capsem_proto::guest::constant_time_eq(got.as_bytes(), token.as_bytes()) {
+                    Ok(codec)
+                } else {
+                    Err("wrong token".into())
+                };
             }
+            Ok(Some(other)) => return Err(format!("{} before the hello", other.kind())),
+            Ok(None) => {}
+            Err(e) => return Err(format!("invalid frame: {}", chain(&e))),
+        }
+        match stream.read(&mut buf).await {
+            Ok(0) => return Err("closed before the hello".into()),
+            Ok(n) => codec
+                .feed(&buf[..n])
+                .map_err(|e| format!("invalid frame: {}", chain(&e)))?,
+            Err(e) => return Err(format!("read failed: {e}")),
         }
     }
 }

@@ -124,6 +124,20 @@ struct Pending {
     deadline: Instant,
 }
 
+/// A guest exec connection whose hello was accepted.
+type IdleExec = (UnixStream, Box<Codec<capsem_proto::frame::ExecHost>>);
+
+/// A client's command, waiting for a guest exec connection.
+#[derive(Debug)]
+struct WaitingExec {
+    notices: mpsc::Sender<Outgoing>,
+    start: capsem_proto::exec::HostToExec,
+    stdin: mpsc::Receiver<capsem_proto::exec::HostToExec>,
+}
+
+/// Idle exec connections kept beyond this are closed (the agent keeps one).
+const MAX_IDLE_EXEC: usize = 4;
+
 /// What woke the loop.
 #[derive(Debug)]
 enum Wake {
@@ -205,10 +219,17 @@ pub struct Session {
     deferred_hello: Option<Hello>,
     /// The last attach epoch handed out.
     epoch: u64,
-    /// `--exec`: the client's `Start`, until the guest's exec connection.
-    exec_start: Option<capsem_proto::exec::HostToExec>,
+    /// `--exec`: the client's command, until the guest's exec connection.
+    exec_start: Option<WaitingExec>,
     /// `--exec`: the guest's exec connection, until the client's `Start`.
-    exec_conn: Option<UnixStream>,
+    exec_conn: Option<IdleExec>,
+    /// A persistent VM's idle guest exec connections (the agent keeps one).
+    exec_idle: std::collections::VecDeque<IdleExec>,
+    /// A persistent VM's commands waiting for an idle exec connection.
+    exec_waiting: std::collections::VecDeque<WaitingExec>,
+    /// A persistent VM's running command relays.
+    exec_relays: tokio::task::JoinSet<()>,
+    next_exec_id: u64,
     exec_task: Option<JoinHandle<()>>,
     /// The command's status was queued to the client.
     exec_exited: bool,
@@ -245,7 +266,11 @@ impl Session {
                 events_tx.clone(),
             )),
             tokio::spawn(crate::guest::accept_terminal(terminal, events_tx.clone())),
-            tokio::spawn(crate::guest::accept_exec(exec, events_tx.clone())),
+            tokio::spawn(crate::guest::accept_exec(
+                exec,
+                shared.clone(),
+                events_tx.clone(),
+            )),
         ];
         info!(
             "listening on {} and {}",
@@ -283,6 +308,10 @@ impl Session {
             epoch: 0,
             exec_start: None,
             exec_conn: None,
+            exec_idle: std::collections::VecDeque::new(),
+            exec_waiting: std::collections::VecDeque::new(),
+            exec_relays: tokio::task::JoinSet::new(),
+            next_exec_id: 0,
             exec_task: None,
             exec_exited: false,
             exec_deadline: None,
@@ -539,13 +568,20 @@ impl Session {
             }
             Event::FinalDelivered if self.exec_exited => Some(Stop::ShellExited),
             Event::FinalDelivered => self.shell_status.map(|_| Stop::ShellExited),
-            Event::ExecConn(stream) => {
-                if !self.cfg.exec {
+            Event::ExecConn(stream, codec) => {
+                if self.cfg.persistent() {
+                    if self.exec_idle.len() >= MAX_IDLE_EXEC {
+                        warn!("exec connection closed: {MAX_IDLE_EXEC} idle ones already");
+                    } else {
+                        self.exec_idle.push_back((stream, codec));
+                        self.match_execs();
+                    }
+                } else if !self.cfg.exec {
                     warn!("exec connection rejected: this VM runs a shell");
                 } else if self.exec_conn.is_some() || self.exec_task.is_some() {
                     warn!("exec connection rejected: one is already being served");
                 } else {
-                    self.exec_conn = Some(stream);
+                    self.exec_conn = Some((stream, codec));
                     self.start_exec();
                 }
                 None
@@ -555,6 +591,28 @@ impl Session {
                 notices,
                 reply,
                 start,
+                stdin,
+            } if self.cfg.persistent() => {
+                let attached = ProcessToClient::Attached {
+                    vm_id: self.cfg.vm_id.clone(),
+                };
+                let _ = notices.try_send(Outgoing::Msg(attached));
+                info!("client {conn}: a command, waiting for an exec connection");
+                self.exec_waiting.push_back(WaitingExec {
+                    notices,
+                    start,
+                    stdin,
+                });
+                self.match_execs();
+                let _ = reply.send(Ok(()));
+                None
+            }
+            Event::ExecAttach {
+                conn,
+                notices,
+                reply,
+                start,
+                stdin,
             } => {
                 let answer = if !self.cfg.exec {
                     Err("this VM runs a shell, not a command".to_owned())
@@ -568,11 +626,16 @@ impl Session {
                         vm_id: self.cfg.vm_id.clone(),
                     };
                     let _ = notices.try_send(Outgoing::Msg(attached));
+                    let notices_for_start = notices.clone();
                     self.shared.set_notices(Some(notices));
                     self.epoch += 1;
                     self.shared.attached.send_replace(self.epoch);
                     self.attached = Some(conn);
-                    self.exec_start = Some(start);
+                    self.exec_start = Some(WaitingExec {
+                        notices: notices_for_start,
+                        start,
+                        stdin,
+                    });
                     self.exec_deadline = Some(Instant::now() + EXEC_CONNECT_WAIT);
                     self.start_exec();
                     Ok(())
@@ -580,13 +643,20 @@ impl Session {
                 let _ = reply.send(answer);
                 None
             }
-            Event::ExecEnded(Ok(())) => {
+            Event::ExecEnded { id, result } if self.cfg.persistent() => {
+                debug!("exec {id} ended: {result:?}");
+                None
+            }
+            Event::ExecEnded { result: Ok(()), .. } => {
                 self.exec_task = None;
                 self.exec_exited = true;
                 // The client's writer reports FinalDelivered.
                 None
             }
-            Event::ExecEnded(Err(reason)) => {
+            Event::ExecEnded {
+                result: Err(reason),
+                ..
+            } => {
                 self.exec_task = None;
                 if self.exec_exited {
                     None
@@ -603,21 +673,51 @@ impl Session {
         if self.exec_conn.is_none() || self.exec_start.is_none() {
             return;
         }
-        let Some(notices) = self.shared.notices() else {
-            return;
-        };
-        let (Some(stream), Some(start)) = (self.exec_conn.take(), self.exec_start.take()) else {
+        let (Some((stream, codec)), Some(waiting)) =
+            (self.exec_conn.take(), self.exec_start.take())
+        else {
             return;
         };
         info!("exec: relaying the command");
         self.exec_deadline = None;
-        self.exec_task = Some(tokio::spawn(crate::exec::relay(
+        self.next_exec_id += 1;
+        let relay = crate::exec::Relay {
+            id: self.next_exec_id,
             stream,
-            start,
-            notices,
-            self.shared.clone(),
+            codec: *codec,
+            start: waiting.start,
+            notices: waiting.notices,
+            stdin: waiting.stdin,
+        };
+        self.exec_task = Some(tokio::spawn(crate::exec::relay(
+            relay,
             self.events_tx.clone(),
         )));
+    }
+
+    /// A persistent VM: pairs waiting commands with idle guest connections,
+    /// oldest first; each pair gets its own relay.
+    fn match_execs(&mut self) {
+        while !self.exec_idle.is_empty() && !self.exec_waiting.is_empty() {
+            let (Some((stream, codec)), Some(waiting)) =
+                (self.exec_idle.pop_front(), self.exec_waiting.pop_front())
+            else {
+                return;
+            };
+            self.next_exec_id += 1;
+            let id = self.next_exec_id;
+            info!("exec {id}: relaying a command");
+            let relay = crate::exec::Relay {
+                id,
+                stream,
+                codec: *codec,
+                start: waiting.start,
+                notices: waiting.notices,
+                stdin: waiting.stdin,
+            };
+            self.exec_relays
+                .spawn(crate::exec::relay(relay, self.events_tx.clone()));
+        }
     }
 
     async fn on_hello(&mut self, hello: Hello) {
@@ -899,6 +999,9 @@ impl Session {
             task.abort();
             let _ = task.await;
         }
+        self.exec_relays.shutdown().await;
+        self.exec_idle.clear();
+        self.exec_waiting.clear();
         self.exec_conn = None;
         self.pending = None;
         self.shared.set_bridged(false);

@@ -132,8 +132,9 @@ pub enum Event {
     /// The attached client's writer wrote `ShellExited`, `ExecExit` or
     /// `SessionLost`.
     FinalDelivered,
-    /// A guest connection on the exec port.
-    ExecConn(UnixStream),
+    /// A guest connection on the exec port whose hello was accepted (its
+    /// codec holds any bytes after the hello).
+    ExecConn(UnixStream, Box<Codec<capsem_proto::frame::ExecHost>>),
     /// A client asked to run a command (`Exec`): attach it like `Attach`
     /// and keep `start` for the guest.
     ExecAttach {
@@ -141,10 +142,15 @@ pub enum Event {
         notices: mpsc::Sender<Outgoing>,
         reply: oneshot::Sender<Result<(), String>>,
         start: HostToExec,
+        /// This client's stdin, EOF and signals for its command.
+        stdin: mpsc::Receiver<HostToExec>,
     },
-    /// The exec relay ended: the status was queued to the client (`Ok`), or
-    /// the exec connection ended without one.
-    ExecEnded(Result<(), String>),
+    /// The exec relay of command `id` ended: the status was queued to the
+    /// client (`Ok`), or the exec connection ended without one.
+    ExecEnded {
+        id: u64,
+        result: Result<(), String>,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -171,10 +177,6 @@ pub struct Shared {
     pub in_tx: mpsc::Sender<Vec<u8>>,
     /// Locked by the current generation's terminal writer.
     pub in_rx: tokio::sync::Mutex<mpsc::Receiver<Vec<u8>>>,
-    /// The attached client's stdin, EOF and signals for an exec command.
-    pub exec_tx: mpsc::Sender<HostToExec>,
-    /// Locked by the exec relay's writer.
-    pub exec_rx: tokio::sync::Mutex<mpsc::Receiver<HostToExec>>,
     pub guest_tx: mpsc::Sender<HostToGuest>,
     /// Locked by the current generation's control writer.
     pub guest_rx: tokio::sync::Mutex<mpsc::Receiver<HostToGuest>>,
@@ -199,7 +201,6 @@ impl Shared {
         let (out_tx, out_rx) = mpsc::channel(OUTPUT_CHUNKS);
         let (in_tx, in_rx) = mpsc::channel(INPUT_CHUNKS);
         let (guest_tx, guest_rx) = mpsc::channel(32);
-        let (exec_tx, exec_rx) = mpsc::channel(INPUT_CHUNKS);
         Arc::new(Self {
             vm_id,
             token,
@@ -210,8 +211,6 @@ impl Shared {
             out_rx: tokio::sync::Mutex::new(out_rx),
             in_tx,
             in_rx: tokio::sync::Mutex::new(in_rx),
-            exec_tx,
-            exec_rx: tokio::sync::Mutex::new(exec_rx),
             guest_tx,
             guest_rx: tokio::sync::Mutex::new(guest_rx),
             attached: watch::channel(0).0,
@@ -274,11 +273,6 @@ impl Shared {
     /// The attached client's message sender, or none.
     pub fn set_notices(&self, tx: Option<mpsc::Sender<Outgoing>>) {
         *lock(&self.notices) = tx;
-    }
-
-    /// The attached client's message sender, if any.
-    pub fn notices(&self) -> Option<mpsc::Sender<Outgoing>> {
-        lock(&self.notices).clone()
     }
 
     /// Sends a message to the attached client, if any, without waiting.

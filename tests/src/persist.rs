@@ -83,12 +83,17 @@ pub fn running(pid: i32) -> bool {
     crate::procs::reap_zombies();
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().to_owned()))
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().to_owned())
+        })
         .is_some_and(|rest| !rest.starts_with('Z') && !rest.starts_with('X'))
 }
 
 fn connects(fx: &Fixture, name: &str) -> u64 {
-    inspect(fx, name)["agent_connects"].as_u64().expect("agent_connects")
+    inspect(fx, name)["agent_connects"]
+        .as_u64()
+        .expect("agent_connects")
 }
 
 /// create, shell, set a variable, detach with Ctrl-], reattach: the
@@ -230,7 +235,9 @@ pub fn guest_and_everything_killed(backend: Backend) {
     for pid in guest_pids(&fx, "dev") {
         kill9(pid);
     }
-    wait_until(step(backend), "capsem-process to stop", || !running(process));
+    wait_until(step(backend), "capsem-process to stop", || {
+        !running(process)
+    });
     assert_eq!(inspect(&fx, "dev")["state"], "stopped");
     assert!(!vm_dir(&fx, "dev").join("pids.json").exists());
 
@@ -294,7 +301,15 @@ pub fn recycled_pid_is_never_signalled(backend: Backend) {
         .expect("sleep");
     let pid = bystander.id();
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let start: u64 = stat.rsplit_once(')').unwrap().1.split_whitespace().nth(19).unwrap().parse().unwrap();
+    let start: u64 = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .nth(19)
+        .unwrap()
+        .parse()
+        .unwrap();
     let dir = vm_dir(&fx, "dev");
     // The right pid and start time but not the VM's argv element, as
     // capsem-process and as the guest: a pid reused by another program.
@@ -339,6 +354,116 @@ pub fn concurrent_starts_boot_once(backend: Backend) {
     let state = inspect(&fx, "dev");
     assert_eq!(state["state"], "running");
     assert_eq!(state["boots"], 2, "booted more than once: {state}");
+    ok(&fx, &["rm", "--force", "dev"]);
+    fx.assert_nothing_left();
+}
+
+/// `capsem exec NAME ...` with stdin.
+pub fn exec(fx: &Fixture, name: &str, args: &[&str], stdin: &[u8]) -> Output {
+    use std::io::Write;
+    let mut cmd = fx.capsem();
+    cmd.args(["exec", name])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("capsem exec");
+    let mut input = child.stdin.take().expect("stdin");
+    input.write_all(stdin).expect("write stdin");
+    drop(input);
+    child.wait_with_output().expect("capsem exec output")
+}
+
+/// `capsem exec` on a persistent VM: separate byte-exact streams, stdin
+/// with its EOF, exit codes 0/5/124/126/127/137, a timeout that kills the
+/// command's background grandchildren, 20 concurrent commands with their
+/// own outputs, a refused environment variable; the shell is unaffected.
+pub fn exec_on_a_persistent_vm(backend: Backend) {
+    let fx = Fixture::new("persist_exec", backend);
+    ok(&fx, &["create", "dev"]);
+    let out = exec(
+        &fx,
+        "dev",
+        &["--", "sh", "-c", "echo out; echo err >&2; exit 5"],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(5));
+    assert_eq!(out.stdout, b"out\n");
+    assert_eq!(out.stderr, b"err\n");
+    let out = exec(
+        &fx,
+        "dev",
+        &["--", "sh", "-c", "printf '\\000\\001\\377'"],
+        b"",
+    );
+    assert_eq!(out.stdout, [0u8, 1, 255]);
+    assert_eq!(out.status.code(), Some(0));
+    let input: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let out = exec(&fx, "dev", &["--", "cat"], &input);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(out.stdout == input, "stdin did not round-trip");
+    let out = exec(&fx, "dev", &["--", "sh", "-c", "kill -9 $$"], b"");
+    assert_eq!(out.status.code(), Some(137));
+    let out = exec(&fx, "dev", &["--", "no-such-program"], b"");
+    assert_eq!(out.status.code(), Some(127));
+    let out = exec(
+        &fx,
+        "dev",
+        &["--", "sh", "-c", "echo x > nx; chmod -x nx"],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let out = exec(&fx, "dev", &["--", "./nx"], b"");
+    assert_eq!(out.status.code(), Some(126));
+    let out = exec(&fx, "dev", &["-e", "LD_PRELOAD=/x.so", "--", "true"], b"");
+    assert_eq!(out.status.code(), Some(125));
+
+    let out = exec(
+        &fx,
+        "dev",
+        &[
+            "--timeout",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            "sleep 1001 & sleep 1001 & sleep 1001; echo unreachable",
+        ],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(124));
+    assert!(out.stdout.is_empty());
+    let count = "n=0; for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null | grep -q '^sleep 1001' && n=$((n+1)); done; echo left=$n";
+    let out = exec(&fx, "dev", &["--", "sh", "-c", count], b"");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "left=0");
+
+    let children: Vec<_> = (0..20)
+        .map(|i| {
+            let mut cmd = fx.capsem();
+            cmd.args(["exec", "dev", "--", "sh", "-c"])
+                .arg(format!(
+                    "i={i}; echo start-$i; sleep 0.2; echo end-$i; exit $i"
+                ))
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            cmd.spawn().expect("capsem exec")
+        })
+        .collect();
+    for (i, child) in children.into_iter().enumerate() {
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(i as i32), "{out:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("start-{i}\nend-{i}\n")
+        );
+    }
+
+    // The shell is still there, untouched by the commands.
+    let mut s = attach(&fx, "dev");
+    wait_ready(&mut s, backend);
+    s.send(DETACH).unwrap();
+    assert_eq!(s.wait_code(step(backend)).unwrap(), 0);
     ok(&fx, &["rm", "--force", "dev"]);
     fx.assert_nothing_left();
 }

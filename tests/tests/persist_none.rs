@@ -35,3 +35,8 @@ fn recycled_pid_is_never_signalled() {
 fn concurrent_starts_boot_once() {
     persist::concurrent_starts_boot_once(B);
 }
+
+#[test]
+fn exec_on_a_persistent_vm() {
+    persist::exec_on_a_persistent_vm(B);
+}

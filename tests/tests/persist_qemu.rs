@@ -38,3 +38,10 @@ fn orphaned_temporary_vm_is_swept() {
         persist::orphaned_temporary_vm_is_swept(B);
     }
 }
+
+#[test]
+fn exec_on_a_persistent_vm() {
+    if !skip() {
+        persist::exec_on_a_persistent_vm(B);
+    }
+}
