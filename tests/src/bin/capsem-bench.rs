@@ -1,5 +1,5 @@
 //! Benchmarks that print figures: `cargo run --release -p capsem-tests --bin
-//! capsem-bench -- [--vmm none|qemu] [exit|throughput|echo|memory|boot|all]`.
+//! capsem-bench -- [--vmm none|qemu] [exit|throughput|echo|memory|boot|exec|all]`.
 //!
 //! Every figure in docs/benchmarks.md comes from this program; each section
 //! there names the command line that reproduced it.
@@ -113,6 +113,59 @@ fn throughput(backend: Backend, mib: u64) -> Result<()> {
         c_rate / l_rate
     );
     println!("rss during throughput: {peak}");
+    Ok(())
+}
+
+/// `capsem exec NAME true` on a persistent VM, end to end (CLI start to
+/// exit), then the command's output throughput to the CLI.
+fn exec_bench(backend: Backend, runs: usize, mib: u64) -> Result<()> {
+    let fx = Fixture::new("bench_exec", backend);
+    let created = fx
+        .capsem()
+        .args(["create", "bench"])
+        .stdin(Stdio::null())
+        .output()?;
+    if !created.status.success() {
+        bail!("create failed: {}", String::from_utf8_lossy(&created.stderr));
+    }
+    let exec = |args: &[&str]| {
+        let mut cmd = fx.capsem();
+        cmd.args(["exec", "bench", "--"]).args(args);
+        cmd
+    };
+    let mut samples = Vec::new();
+    for _ in 0..runs {
+        let t0 = Instant::now();
+        let status = exec(&["true"]).stdin(Stdio::null()).status()?;
+        samples.push(t0.elapsed().as_secs_f64() * 1000.0);
+        if !status.success() {
+            bail!("exec true failed: {status}");
+        }
+    }
+    summarize(&format!("exec true latency ({})", backend.flag()), "ms", samples);
+    let bytes = mib * 1024 * 1024;
+    let child = exec(&["head", "-c", &bytes.to_string(), "/dev/zero"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let (got, secs) = drain(child)?;
+    if got != bytes {
+        bail!("exec output: {got} of {bytes} bytes");
+    }
+    println!(
+        "exec output throughput ({}): {got} bytes in {secs:.2}s = {:.1} MB/s",
+        backend.flag(),
+        got as f64 / secs / 1e6
+    );
+    let rm = fx
+        .capsem()
+        .args(["rm", "--force", "bench"])
+        .stdin(Stdio::null())
+        .output()?;
+    if !rm.status.success() {
+        bail!("rm failed: {}", String::from_utf8_lossy(&rm.stderr));
+    }
+    fx.assert_nothing_left();
     Ok(())
 }
 
@@ -321,6 +374,14 @@ fn main() -> Result<()> {
     }
     if (all && backend == Backend::Qemu) || what == "boot" {
         boot(5)?;
+    }
+    if all || what == "exec" {
+        let (runs, mib) = if backend == Backend::None {
+            (200, 256)
+        } else {
+            (50, 16)
+        };
+        exec_bench(backend, runs, mib)?;
     }
     if all || what == "throughput" {
         throughput(backend, if backend == Backend::None { 256 } else { 32 })?;
