@@ -5,7 +5,7 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -30,6 +30,8 @@ pub enum CommandError {
     },
     #[error("cannot configure the command's pipes")]
     Pipes(#[source] io::Error),
+    #[error("cannot open a PTY for the command")]
+    Pty(#[source] nix::Error),
     #[error("cannot reap the command (pid {pid})")]
     Reap {
         pid: u32,
@@ -53,6 +55,9 @@ pub struct CommandSpec {
     pub argv: Vec<String>,
     pub env: Vec<(OsString, OsString)>,
     pub cwd: PathBuf,
+    /// Run on a new PTY of this size (`cols`, `rows`) as its controlling
+    /// terminal: `stdout` and `stdin` are then the master, `stderr` none.
+    pub tty: Option<(u16, u16)>,
 }
 
 /// A started command: the parent's ends of its pipes and its pidfd.
@@ -92,18 +97,47 @@ impl Running {
         cmd.args(&spec.argv[1..])
             .env_clear()
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
-            .current_dir(&spec.cwd)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .current_dir(&spec.cwd);
+        let mut master = None;
+        if let Some((cols, rows)) = spec.tty {
+            let size = nix::pty::Winsize {
+                ws_row: rows,
+                ws_col: cols,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            let pty = nix::pty::openpty(Some(&size), None).map_err(CommandError::Pty)?;
+            let slave = |fd: &OwnedFd| fd.try_clone().map(Stdio::from).map_err(CommandError::Pipes);
+            cmd.stdin(slave(&pty.slave)?)
+                .stdout(slave(&pty.slave)?)
+                .stderr(slave(&pty.slave)?);
+            // The master must not reach the child; nix's openpty leaves it
+            // inheritable.
+            nix::fcntl::fcntl(
+                pty.master.as_raw_fd(),
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+            )
+            .map_err(CommandError::Pty)?;
+            master = Some(pty.master);
+        } else {
+            cmd.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+        }
+        let with_tty = master.is_some();
         // SAFETY: the closure runs in the child between fork and exec and only
         // makes async-signal-safe calls (setsid, sigemptyset, sigprocmask,
         // sigaction); it allocates nothing and touches no lock.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 // Its own session and process group: a kill reaches every
                 // process it started that did not leave the group itself.
                 if libc::setsid() < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // On a PTY, it becomes the session's controlling terminal,
+                // so Ctrl-C and a hang-up reach the command's group.
+                if with_tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                     return Err(io::Error::last_os_error());
                 }
                 crate::pty::reset_signals_in_child()
@@ -115,9 +149,20 @@ impl Running {
         };
         let raw_pid = child.id();
         let pid = Pid::from_raw(raw_pid as libc::pid_t);
-        let stdin = child.stdin.take().map(OwnedFd::from);
-        let stdout = child.stdout.take().map(OwnedFd::from);
-        let stderr = child.stderr.take().map(OwnedFd::from);
+        // The parent's slave copies were in `cmd`; they close with it, so
+        // the master reads EIO once the command's side is all closed.
+        drop(cmd);
+        let (stdin, stdout, stderr) = match master {
+            Some(m) => {
+                let reader = m.try_clone().map_err(CommandError::Pipes)?;
+                (Some(m), Some(reader), None)
+            }
+            None => (
+                child.stdin.take().map(OwnedFd::from),
+                child.stdout.take().map(OwnedFd::from),
+                child.stderr.take().map(OwnedFd::from),
+            ),
+        };
         // Dropping `Child` neither kills nor reaps; this module reaps.
         drop(child);
         let pidfd = match capsem_host::pidfd::pidfd_open(pid.as_raw().unsigned_abs()) {

@@ -222,6 +222,8 @@ struct Exec {
     kill_at: Option<Instant>,
     drain_until: Option<Instant>,
     exit_queued: bool,
+    /// On a PTY: stdin's EOF is a Ctrl-D, and EIO on the master is its EOF.
+    tty: bool,
 }
 
 impl Exec {
@@ -238,6 +240,7 @@ impl Exec {
             kill_at: None,
             drain_until: None,
             exit_queued: false,
+            tty: false,
         }
     }
 
@@ -266,6 +269,7 @@ impl Exec {
             env,
             workdir,
             timeout_ms,
+            tty,
         } = msg
         else {
             return Ok(());
@@ -287,10 +291,16 @@ impl Exec {
                 ),
             );
         }
+        let mut env = command_env(&cfg.home, &env);
+        if tty.is_some() && !env.iter().any(|(k, _)| k == "TERM") {
+            env.push(("TERM".into(), "xterm-256color".into()));
+        }
+        self.tty = tty.is_some();
         let spec = CommandSpec {
             argv,
-            env: command_env(&cfg.home, &env),
+            env,
             cwd,
+            tty,
         };
         match Running::spawn(&spec)? {
             Ok(running) => {
@@ -348,6 +358,8 @@ impl Exec {
                 self.out.push(&ExecToHost::Output { stream, data: buf })?;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            // A PTY master reads EIO once every slave fd is closed.
+            Err(e) if self.tty && e.raw_os_error() == Some(libc::EIO) => *slot = None,
             Err(e) => {
                 warn!(?stream, "reading the command's output failed: {e}");
                 *slot = None;
@@ -377,6 +389,11 @@ impl Exec {
             }
         }
         if self.stdin_eof {
+            if self.tty {
+                // The master stays open for output: end-of-input is the
+                // terminal's EOF character, once.
+                let _ = fdio::write(fd.as_fd(), b"\x04");
+            }
             cmd.stdin = None;
         }
     }

@@ -212,6 +212,7 @@ fn start(argv: &[&str]) -> HostToExec {
         env: vec![],
         workdir: None,
         timeout_ms: None,
+        tty: None,
     }
 }
 
@@ -299,6 +300,7 @@ fn a_denied_variable_is_refused_by_the_agent_too() {
         env: vec![("LD_PRELOAD".into(), "/x.so".into())],
         workdir: None,
         timeout_ms: None,
+        tty: None,
     });
     let (out, err, exit) = s.collect();
     assert!(out.is_empty());
@@ -324,6 +326,7 @@ fn timeout_is_reported() {
         env: vec![],
         workdir: None,
         timeout_ms: Some(200),
+        tty: None,
     });
     let (_, _, exit) = s.collect();
     assert!(

@@ -34,13 +34,17 @@ pub fn run(ctx: &Ctx, args: ExecArgs) -> Result<u8, PersistError> {
         env,
         workdir: cmd.workdir,
         timeout_ms: cmd.timeout,
+        tty: cmd.tty.then(crate::run::tty_size),
     };
     let mut session = Session::connect_with(&vm.ctl_sock(), &request)?;
     session.set_persistent();
     if let Some(sig) = session.await_attached(&mut signals)? {
         return Ok(exit::from_signal(sig as i32));
     }
-    match exec::run(&mut session, &mut signals) {
+    let raw = crate::run::raw_if_tty(cmd.tty)?;
+    let end = exec::run(&mut session, &mut signals);
+    drop(raw);
+    match end {
         ExecEnd::Exited(code) => Ok(code),
         ExecEnd::Lost(reason) => Err(PersistError::SessionLost(reason)),
     }

@@ -70,6 +70,25 @@ pub fn parse_env(
     Ok(env)
 }
 
+/// `-t`: the PTY size, from capsem's own terminal (80x24 without one).
+pub fn tty_size() -> (u16, u16) {
+    use std::os::fd::AsFd;
+    crate::terminal::size_or_default(std::io::stdin().as_fd())
+}
+
+/// `-t` with a terminal on stdin: raw mode for the command's lifetime, so
+/// keys (Ctrl-C, Ctrl-D) reach the command's PTY as bytes.
+pub fn raw_if_tty(tty: bool) -> Result<Option<crate::terminal::RawGuard>, RunError> {
+    use std::os::fd::AsFd;
+    let stdin = std::io::stdin();
+    if !tty || !crate::terminal::is_tty(stdin.as_fd()) {
+        return Ok(None);
+    }
+    crate::terminal::RawGuard::enter(stdin.as_fd())
+        .map(Some)
+        .map_err(|e| RunError::SessionLost(format!("cannot set the terminal to raw mode: {e}")))
+}
+
 /// Runs one command in a temporary VM and returns capsem's exit code.
 pub fn run(
     home_flag: Option<&Path>,
@@ -85,6 +104,7 @@ pub fn run(
         env,
         workdir: args.workdir,
         timeout_ms: args.timeout,
+        tty: args.tty.then(tty_size),
     };
     let mut vm = match tempvm::start(home_flag, vmm, accel, true)? {
         Started::Ready(vm) => vm,
@@ -95,7 +115,9 @@ pub fn run(
         Attached::Session(s) => s,
         Attached::Interrupted(code) => return Ok(code),
     };
+    let raw = raw_if_tty(args.tty)?;
     let end = exec::run(&mut session, &mut vm.signals);
+    drop(raw);
     drop(session);
     drop(vm);
     match end {

@@ -182,6 +182,7 @@ async fn read_requests(
                 env,
                 workdir,
                 timeout_ms,
+                tty,
             } => {
                 let (reply_tx, reply_rx) = oneshot::channel();
                 let (stdin_tx, stdin_rx) = mpsc::channel(crate::state::INPUT_CHUNKS);
@@ -194,6 +195,7 @@ async fn read_requests(
                         env,
                         workdir,
                         timeout_ms,
+                        tty,
                     },
                     stdin: stdin_rx,
                 };

@@ -92,6 +92,11 @@ pub enum HostToExec {
         env: Vec<(String, String)>,
         workdir: Option<String>,
         timeout_ms: Option<u64>,
+        /// Run on a PTY of this size (`cols`, `rows`) instead of pipes:
+        /// one output stream (`stdout`), stdin's EOF sent as Ctrl-D.
+        /// Absent on the wire when `None`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tty: Option<(u16, u16)>,
     },
     /// Bytes for the command's stdin.
     Stdin {
@@ -278,6 +283,7 @@ mod tests {
                     env: vec![("A".into(), "1".into())],
                     workdir: None,
                     timeout_ms: Some(1000),
+                    tty: None,
                 },
                 "0000003b82a174a57374617274a16384a46172677692a46563686fa26869a3656e769192a141a131a7776f726b646972c0aa74696d656f75745f6d73cd03e8",
             ),
@@ -429,6 +435,7 @@ mod tests {
             env: vec![],
             workdir: None,
             timeout_ms: None,
+            tty: None,
         })
         .unwrap();
         let env = vec![("A".to_owned(), String::new()); MAX_EXEC_ENV + 1];

@@ -44,6 +44,9 @@ pub enum ClientToProcess {
         env: Vec<(String, String)>,
         workdir: Option<String>,
         timeout_ms: Option<u64>,
+        /// `-t`: run on a PTY of this size (`cols`, `rows`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tty: Option<(u16, u16)>,
     },
     /// Bytes for the command's stdin (at most `MAX_EXEC_CHUNK`).
     ExecStdin {
@@ -159,6 +162,7 @@ mod tests {
                     env: vec![],
                     workdir: Some("/tmp".into()),
                     timeout_ms: None,
+                    tty: None,
                 },
                 "0000003482a174a465786563a16384a46172677691a474727565a3656e7690a7776f726b646972a42f746d70aa74696d656f75745f6d73c0",
             ),

@@ -399,6 +399,25 @@ pub fn exec_on_a_persistent_vm(backend: Backend) {
     assert_eq!(out.stdout, [0u8, 1, 255]);
     assert_eq!(out.status.code(), Some(0));
     let input: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    // -t: one stream from a PTY, stdin's EOF as Ctrl-D.
+    let out = exec(
+        &fx,
+        "dev",
+        &[
+            "-t",
+            "--",
+            "sh",
+            "-c",
+            "test -t 0 && test -t 1 && echo on-a-tty; echo err >&2; exit 4",
+        ],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(4));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "on-a-tty\r\nerr\r\n");
+    assert!(out.stderr.is_empty());
+    let out = exec(&fx, "dev", &["-t", "--", "cat"], b"typed\n");
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "typed\r\ntyped\r\n");
     let out = exec(&fx, "dev", &["--", "cat"], &input);
     assert_eq!(out.status.code(), Some(0));
     assert!(out.stdout == input, "stdin did not round-trip");
