@@ -260,6 +260,7 @@ fn boot(ctx: &Ctx, config: &VmConfig, kind: Kind) -> Result<(), PersistError> {
         vmm,
         accel: accel_of(config),
         kind,
+        audit_log: None,
     };
     let (mut child, mut ready) = crate::spawn::spawn(&bin, &target)?;
     let outcome = {

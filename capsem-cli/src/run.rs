@@ -8,7 +8,7 @@
 //! group after a grace period), VM directory removed. Locals are declared so
 //! that Rust's reverse drop order does exactly that.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use capsem_proto::exec::{check_env, check_start, ExecError};
 use capsem_proto::ipc::ClientToProcess;
@@ -34,6 +34,12 @@ pub enum RunError {
     Attach(#[from] AttachError),
     #[error("session lost: {0}")]
     SessionLost(String),
+    #[error("cannot write the audit log {path}")]
+    AuditLog {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl RunError {
@@ -89,6 +95,26 @@ pub fn raw_if_tty(tty: bool) -> Result<Option<crate::terminal::RawGuard>, RunErr
         .map_err(|e| RunError::SessionLost(format!("cannot set the terminal to raw mode: {e}")))
 }
 
+/// `--audit-log FILE`: made absolute (capsem-process, which appends the
+/// records at teardown, runs elsewhere) and opened for appending (created
+/// with mode 0600) now, so a path that cannot be written fails with exit
+/// 125 before anything starts rather than after the command ran.
+pub fn prepare_audit_log(path: &Path) -> Result<PathBuf, RunError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| RunError::AuditLog { path, source }
+    };
+    let abs = std::path::absolute(path).map_err(err(path))?;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(&abs)
+        .map_err(err(&abs))?;
+    Ok(abs)
+}
+
 /// Runs one command in a temporary VM and returns capsem's exit code.
 pub fn run(
     home_flag: Option<&Path>,
@@ -96,9 +122,12 @@ pub fn run(
     accel: AccelChoice,
     args: RunArgs,
 ) -> Result<u8, RunError> {
+    let audit_log = args.audit_log;
     let args = args.cmd;
     let env = parse_env(&args.env, |k| std::env::var_os(k))?;
     check_start(&args.command, &env, args.workdir.as_deref(), args.timeout)?;
+    // capsem-process appends the guest's audit records there at teardown.
+    let audit_log = audit_log.as_deref().map(prepare_audit_log).transpose()?;
     let request = ClientToProcess::Exec {
         argv: args.command,
         env,
@@ -106,7 +135,7 @@ pub fn run(
         timeout_ms: args.timeout,
         tty: args.tty.then(tty_size),
     };
-    let mut vm = match tempvm::start(home_flag, vmm, accel, true)? {
+    let mut vm = match tempvm::start(home_flag, vmm, accel, true, audit_log.as_deref())? {
         Started::Ready(vm) => vm,
         Started::Interrupted(code) => return Ok(code),
     };
@@ -153,5 +182,22 @@ mod tests {
         assert_eq!(e.exit_code(), 125);
         assert!(e.to_string().contains("LD_PRELOAD"), "{e}");
         assert!(parse_env(&["1A=x".into()], lookup).is_err());
+    }
+
+    #[test]
+    fn audit_log_is_absolute_and_writable_before_the_start() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("audit.jsonl");
+        std::fs::write(&file, "kept\n").unwrap();
+        assert_eq!(prepare_audit_log(&file).unwrap(), file);
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "kept\n");
+        // Created in the current directory: removed before any assert.
+        let abs = prepare_audit_log(Path::new("capsem-run-test-audit.jsonl")).unwrap();
+        let removed = std::fs::remove_file(&abs);
+        assert!(abs.is_absolute() && abs.ends_with("capsem-run-test-audit.jsonl"));
+        removed.unwrap();
+        let e = prepare_audit_log(&d.path().join("missing/dir/a.jsonl")).unwrap_err();
+        assert_eq!(e.exit_code(), 125);
+        assert!(e.to_string().contains("missing/dir/a.jsonl"), "{e}");
     }
 }

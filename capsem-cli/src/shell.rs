@@ -43,7 +43,7 @@ impl ShellError {
 
 /// Runs a shell in a temporary VM and returns capsem's exit code.
 pub fn run(home_flag: Option<&Path>, vmm: Vmm, accel: AccelChoice) -> Result<u8, ShellError> {
-    let mut vm = match tempvm::start(home_flag, vmm, accel, false)? {
+    let mut vm = match tempvm::start(home_flag, vmm, accel, false, None)? {
         Started::Ready(vm) => vm,
         Started::Interrupted(code) => return Ok(code),
     };

@@ -187,6 +187,8 @@ pub struct Target<'a> {
     pub vmm: Vmm,
     pub accel: AccelChoice,
     pub kind: Kind,
+    /// `--audit-log FILE` (a temporary VM's audit records, kept).
+    pub audit_log: Option<&'a Path>,
 }
 
 /// capsem-process's arguments: `--vm-dir DIR --vm-id ID --vmm V --ready-fd
@@ -216,6 +218,10 @@ pub fn process_args(target: &Target<'_>, ready_fd: i32) -> Vec<OsString> {
             }
         }
         Kind::Adopt => args.push("--adopt".into()),
+    }
+    if let Some(file) = target.audit_log {
+        args.push("--audit-log".into());
+        args.push(file.into());
     }
     if target.vmm == Vmm::Qemu {
         args.push("--accel".into());
@@ -484,6 +490,7 @@ mod tests {
                 vmm,
                 accel: AccelChoice::Tcg,
                 kind,
+                audit_log: None,
             };
             process_args(&target, 7)
                 .into_iter()
@@ -552,6 +559,7 @@ mod tests {
             vmm: Vmm::None,
             accel: AccelChoice::Auto,
             kind: Kind::Temporary { exec: false },
+            audit_log: None,
         };
         let (mut child, mut pipe) = spawn(&script, &target).unwrap();
         let mut signals = Signals::install().unwrap();

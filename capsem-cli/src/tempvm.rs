@@ -101,6 +101,7 @@ pub fn start(
     vmm: Vmm,
     accel: AccelChoice,
     exec: bool,
+    audit_log: Option<&Path>,
 ) -> Result<Started, TempVmError> {
     let home = home::resolve_home(
         home_flag,
@@ -129,6 +130,7 @@ pub fn start(
         vmm,
         accel,
         kind: spawn::Kind::Temporary { exec },
+        audit_log,
     };
     let (mut child, mut ready) = spawn::spawn(&bin, &target)?;
     let outcome = {

@@ -71,6 +71,11 @@ pub struct Config {
     /// How long the guest may take to connect (default: 10000 for none, 120000 for qemu).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub boot_timeout_ms: Option<u64>,
+    /// At teardown (before a temporary VM's directory is removed), append
+    /// the stored audit records (`audit.jsonl.1`, then `audit.jsonl`) to
+    /// FILE, created with mode 0600 if missing. An absolute path.
+    #[arg(long, value_name = "FILE", value_parser = parse_absolute)]
+    pub audit_log: Option<PathBuf>,
 }
 
 impl Config {
@@ -123,6 +128,16 @@ impl Config {
     }
 }
 
+/// `--audit-log`: our working directory is not the caller's.
+fn parse_absolute(s: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(s);
+    if path.is_absolute() {
+        Ok(path)
+    } else {
+        Err("expected an absolute path".into())
+    }
+}
+
 /// A VM id names files and appears in logs: keep it short and plain.
 fn parse_vm_id(s: &str) -> Result<String, String> {
     let ok = !s.is_empty()
@@ -172,5 +187,28 @@ mod tests {
         ])
         .is_err());
         assert!(parse(&["--vm-id", "a", "--vmm", "none"]).is_err());
+        assert!(parse(&[
+            "--vm-dir",
+            "/x",
+            "--vm-id",
+            "a",
+            "--vmm",
+            "none",
+            "--audit-log",
+            "rel"
+        ])
+        .is_err());
+        let c = parse(&[
+            "--vm-dir",
+            "/x",
+            "--vm-id",
+            "a",
+            "--vmm",
+            "none",
+            "--audit-log",
+            "/tmp/a.jsonl",
+        ])
+        .unwrap();
+        assert_eq!(c.audit_log, Some(PathBuf::from("/tmp/a.jsonl")));
     }
 }

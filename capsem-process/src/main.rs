@@ -3,7 +3,7 @@
 //! ```text
 //! capsem-process --vm-dir DIR --vm-id ID --vmm none|qemu [--temporary]
 //!                [--ready-fd N] [--heartbeat-ms 1000] [--missed-pongs 3]
-//!                [--boot-timeout-ms N] [--exec]
+//!                [--boot-timeout-ms N] [--exec] [--audit-log FILE]
 //! ```
 //!
 //! With `--exec` the agent runs one command instead of a shell: the client
@@ -33,6 +33,7 @@
 //! * [`guest`]: control/terminal listeners and the hello check.
 //! * [`bridge`]: one connection generation's four tasks.
 //! * [`exec`]: the exec relay of a `--exec` VM (`capsem run`).
+//! * [`audit`]: the audit port (`vsock.sock_5006`) and `audit.jsonl`.
 //! * [`heartbeat`]: ping/pong bookkeeping.
 //! * [`client`]: `ctl.sock` connections.
 //! * [`state`]: what the tasks share and the events they report.
@@ -40,6 +41,7 @@
 //! * [`session`]: the session loop and teardown orchestration.
 //! * [`teardown`]: killing and reaping every descendant, removing files.
 
+mod audit;
 mod bridge;
 mod client;
 mod config;

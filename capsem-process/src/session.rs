@@ -67,6 +67,8 @@ pub enum SessionError {
     Signal(#[source] io::Error),
     #[error(transparent)]
     Records(#[from] crate::records::RecordsError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
 }
 
 /// Why the session ended.
@@ -254,6 +256,8 @@ impl Session {
         let control = listen(&dir.control_sock())?;
         let terminal = listen(&dir.terminal_sock())?;
         let exec = listen(&dir.exec_sock())?;
+        let audit = listen(&dir.audit_sock())?;
+        let audit_log = crate::audit::AuditLog::open(&dir, cfg.adopt)?;
         let accept_tasks = vec![
             tokio::spawn(crate::client::accept_clients(
                 ctl,
@@ -270,6 +274,12 @@ impl Session {
                 exec,
                 shared.clone(),
                 events_tx.clone(),
+            )),
+            tokio::spawn(crate::audit::accept_audit(
+                audit,
+                shared.clone(),
+                audit_log,
+                cfg.audit_log.clone(),
             )),
         ];
         info!(

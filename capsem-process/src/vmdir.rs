@@ -6,7 +6,7 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use capsem_proto::guest::{PORT_CONTROL, PORT_TERMINAL};
+use capsem_proto::guest::{PORT_AUDIT, PORT_CONTROL, PORT_TERMINAL};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmDirError {
@@ -62,6 +62,18 @@ impl VmDir {
     pub fn exec_sock(&self) -> PathBuf {
         self.vsock_port(capsem_proto::guest::PORT_EXEC)
     }
+    /// `vsock.sock_5006`: the guest's execve records (see `audit`).
+    pub fn audit_sock(&self) -> PathBuf {
+        self.vsock_port(PORT_AUDIT)
+    }
+    /// The stored audit records, one JSON object per line.
+    pub fn audit_log(&self) -> PathBuf {
+        self.root.join("audit.jsonl")
+    }
+    /// The previous `audit.jsonl`, after a rotation.
+    pub fn audit_log_rotated(&self) -> PathBuf {
+        self.root.join("audit.jsonl.1")
+    }
     pub fn process_log(&self) -> PathBuf {
         self.root.join("process.log")
     }
@@ -76,12 +88,13 @@ impl VmDir {
         self.root.join("scratch")
     }
     /// Every socket this process binds, removed at teardown.
-    pub fn sockets(&self) -> [PathBuf; 4] {
+    pub fn sockets(&self) -> [PathBuf; 5] {
         [
             self.ctl_sock(),
             self.control_sock(),
             self.terminal_sock(),
             self.exec_sock(),
+            self.audit_sock(),
         ]
     }
 
@@ -145,6 +158,8 @@ mod tests {
         assert_eq!(mode, 0o700);
         assert_eq!(dir.control_sock(), dir.root().join("vsock.sock_5000"));
         assert_eq!(dir.terminal_sock(), dir.root().join("vsock.sock_5001"));
+        assert_eq!(dir.audit_sock(), dir.root().join("vsock.sock_5006"));
+        assert!(dir.sockets().contains(&dir.audit_sock()));
     }
 
     #[test]
