@@ -8,7 +8,7 @@
 //! | `capsem-ctl-rx` | control frames: Ping → Pong (via the writer), Resize, Shutdown |
 //! | `capsem-ctl-tx` | the only writer of the control socket, fed by a bounded channel |
 //! | `capsem-heartbeat` | declares the transport lost when the host is silent too long; watches the termination signalfd |
-//! | `capsem-audit` | placeholder for the execve audit stream: waits for the stop |
+//! | `capsem-audit` | the audit port: `Hello{token, generation}`, unacknowledged then new execve records, acks (see [`crate::audit`]); with audit off, or after its connection failed, it waits for the stop |
 //!
 //! Ownership makes the join order structural: [`Bridge::run`] consumes the
 //! bridge, runs the threads in a `std::thread::scope` that borrows the
@@ -32,6 +32,7 @@ use capsem_proto::Codec;
 use crossbeam_channel::{select, Receiver, RecvTimeoutError, Sender};
 use tracing::{debug, info, warn};
 
+use crate::audit;
 use crate::fdio::{self, Written};
 use crate::pty::{PtyError, Shell, ShellStatus};
 use crate::stop::{StopError, StopOnDrop, StopSignal};
@@ -187,6 +188,8 @@ struct Cx<'a> {
     epoch: Instant,
     /// Milliseconds after `epoch` of the last control message received.
     last_rx_ms: AtomicU64,
+    /// The audit port's inputs; `None` with audit off.
+    audit: Option<audit::Link<'a>>,
 }
 
 /// Sends `Panicked` if the thread unwinds before reporting.
@@ -240,7 +243,8 @@ impl Bridge {
     }
 
     /// Runs the generation to its end. `initial` is queued on the control
-    /// writer before anything else; `signals` is the termination signalfd.
+    /// writer before anything else; `signals` is the termination signalfd;
+    /// `audit` (when audit is on) is what the `capsem-audit` thread serves.
     pub fn run(
         self,
         shell: &Shell,
@@ -248,6 +252,7 @@ impl Bridge {
         signals: BorrowedFd<'_>,
         opts: &BridgeOptions,
         initial: Vec<GuestToHost>,
+        audit: Option<audit::Link<'_>>,
     ) -> Result<BridgeEnd, BridgeError> {
         let Bridge {
             generation,
@@ -266,6 +271,7 @@ impl Bridge {
             opts,
             epoch: Instant::now(),
             last_rx_ms: AtomicU64::new(0),
+            audit,
         };
         let (out_tx, out_rx) = crossbeam_channel::bounded::<Outgoing>(CONTROL_QUEUE);
         for msg in initial {
@@ -293,7 +299,7 @@ impl Bridge {
                 handles.push((Role::CtlTx, h));
                 let h = spawn(s, Role::Heartbeat, &ev_tx, move |_| heartbeat(cx))?;
                 handles.push((Role::Heartbeat, h));
-                let h = spawn(s, Role::Audit, &ev_tx, move |_| audit(cx))?;
+                let h = spawn(s, Role::Audit, &ev_tx, move |_| audit_thread(cx))?;
                 handles.push((Role::Audit, h));
                 Ok(())
             })();
@@ -774,8 +780,9 @@ fn heartbeat(cx: &Cx<'_>) -> Event {
     }
 }
 
-/// The audit stream's thread: its source lands later; its lifecycle is here.
-fn audit(cx: &Cx<'_>) -> Event {
-    let _ = cx.stop.receiver().recv();
+/// The audit port. It returns only at the stop: an audit connection failure
+/// is logged there and never ends the generation.
+fn audit_thread(cx: &Cx<'_>) -> Event {
+    audit::run_generation(cx.audit, cx.generation, cx.stop);
     Event::Stopped
 }

@@ -261,6 +261,7 @@ mod tests {
             argv: argv.iter().map(|s| s.to_string()).collect(),
             env: vec![("PATH".into(), crate::pty::SHELL_PATH.into())],
             cwd: std::env::temp_dir(),
+            tty: None,
         }
     }
 

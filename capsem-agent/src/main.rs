@@ -26,6 +26,13 @@
 //!   only a shutdown ends it. `exec` starts no shell; the agent runs one
 //!   command that the host sends on the exec port (see [`exec`]). Anything
 //!   else is a configuration error.
+//! * `$CAPSEM_AUDIT` (optional, shell and persistent modes): the execve
+//!   audit stream's source (see [`audit`]). Unset or empty: the kernel audit
+//!   subsystem with the vsock transport (inside a VM), none with a Unix
+//!   transport (the host's audit configuration is never touched); `1`: the
+//!   kernel; `0`: none; `file:PATH`: auditd log lines from a file or FIFO
+//!   (tests). When audit is unavailable the agent logs one line and runs
+//!   without it; anything else is a configuration error.
 //! * `$RUST_LOG` (optional, default `info`): log filter. Logs go to stderr
 //!   with RFC 3339 UTC timestamps.
 //!
@@ -40,7 +47,7 @@
 //! |---|---|
 //! | 0 | the shell exited and its status was delivered (shell mode), or a shutdown (host `Shutdown`, SIGTERM, SIGINT, SIGHUP) stopped the shell |
 //! | 1 | runtime failure (cannot start the shell, signal setup, a bridge thread panicked) |
-//! | 2 | usage or configuration error (bad flag or `--vm-id`, missing or over-long `$CAPSEM_TOKEN`, unknown `$CAPSEM_MODE`) |
+//! | 2 | usage or configuration error (bad flag or `--vm-id`, missing or over-long `$CAPSEM_TOKEN`, unknown `$CAPSEM_MODE` or `$CAPSEM_AUDIT`) |
 //!
 //! Modules:
 //!
@@ -51,6 +58,9 @@
 //!   poll loop.
 //! * [`command`]: the exec-mode command: pipes, pidfd, process group.
 //! * [`bridge`]: one generation's six threads and its typed [`bridge::BridgeEnd`].
+//! * [`audit`]: the execve audit stream: the agent-lifetime netlink source
+//!   and reader thread, the record parser, the unacknowledged-record buffer,
+//!   and the per-generation audit connection.
 //! * [`control`]: the hello handshake and the boot stage parser.
 //! * [`pty`]: the shell on a PTY: spawn, resize, terminate, reap.
 //! * [`transport`]: vsock or Unix connections, cancellable.
@@ -59,6 +69,7 @@
 //! * [`stop`]: the per-generation stop signal (eventfd + channel).
 //! * [`fdio`]: poll, nonblocking reads and writes, cancellable writes.
 
+mod audit;
 mod bridge;
 mod command;
 mod control;
@@ -260,6 +271,8 @@ fn run(cli: Cli) -> Result<Ended, AgentError> {
         home: home.clone(),
         cwd: cwd.clone(),
     };
+    let audit_mode =
+        audit::AuditMode::from_env(&cli.transport).map_err(|e| AgentError::Config(chain(&e)))?;
     let cfg = Config {
         transport: cli.transport,
         token,
@@ -286,8 +299,13 @@ fn run(cli: Cli) -> Result<Ended, AgentError> {
     } else {
         None
     };
-    let ended = session::run(&cfg, &signals);
+    // Before the first shell, so that its exec is audited too; dropped after
+    // the session, which stops the reader and restores the kernel's audit
+    // configuration.
+    let auditor = audit::Auditor::start(&audit_mode);
+    let ended = session::run(&cfg, &signals, auditor.as_ref());
     drop(pool);
+    drop(auditor);
     Ok(Ended::Shell(ended?))
 }
 

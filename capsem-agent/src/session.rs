@@ -21,6 +21,7 @@ use std::time::Duration;
 use capsem_proto::guest::{BootStage, GuestToHost, PORT_CONTROL, PORT_TERMINAL, PROTOCOL_VERSION};
 use tracing::info;
 
+use crate::audit::{self, Auditor};
 use crate::bridge::{Bridge, BridgeEnd, BridgeError, BridgeOptions, Pending, ShutdownBy};
 use crate::control::{self, Handshake, HELLO_TIMEOUT};
 use crate::pty::{PtyError, Shell, ShellConfig, ShellStatus};
@@ -79,8 +80,12 @@ enum Attempt {
 }
 
 /// Runs the agent until the shell's status is delivered (shell mode) or a
-/// shutdown.
-pub fn run(cfg: &Config, signals: &Signals) -> Result<Outcome, SessionError> {
+/// shutdown. With an `auditor`, every generation also serves the audit port.
+pub fn run(
+    cfg: &Config,
+    signals: &Signals,
+    auditor: Option<&Auditor>,
+) -> Result<Outcome, SessionError> {
     let mut shells = 1u64;
     let mut shell = spawn_shell(cfg, shells)?;
     let opts = BridgeOptions {
@@ -104,6 +109,7 @@ pub fn run(cfg: &Config, signals: &Signals) -> Result<Outcome, SessionError> {
             &mut pending,
             &mut connects,
             &mut boot,
+            auditor,
         )? {
             Attempt::Ended { generation, end } => {
                 failures = 0;
@@ -217,6 +223,7 @@ fn attempt(
     pending: &mut Pending,
     connects: &mut u64,
     boot: &mut Option<GuestToHost>,
+    auditor: Option<&Auditor>,
 ) -> Result<Attempt, SessionError> {
     let control = match cfg.transport.connect(PORT_CONTROL, signals.fd()) {
         Ok(Connected::Socket(fd)) => fd,
@@ -249,8 +256,13 @@ fn attempt(
         "connected"
     );
     let initial: Vec<GuestToHost> = boot.take().into_iter().collect();
+    let audit = auditor.map(|a| audit::Link {
+        transport: &cfg.transport,
+        token: &cfg.token,
+        shared: a.shared(),
+    });
     let end = Bridge::new(generation, control, terminal, codec)
-        .run(shell, pending, signals.fd(), opts, initial)
+        .run(shell, pending, signals.fd(), opts, initial, audit)
         .map_err(SessionError::Bridge)?;
     Ok(Attempt::Ended { generation, end })
 }

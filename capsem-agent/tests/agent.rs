@@ -178,6 +178,8 @@ impl FakeHost {
             .args(args)
             .env("CAPSEM_TOKEN", TOKEN)
             .env_remove("CAPSEM_BOOT_STAGES")
+            // The kernel audit source is the host's here: never from a test.
+            .env_remove("CAPSEM_AUDIT")
             .envs(env.iter().copied())
             .current_dir(self.dir.path().join("scratch"))
             .stdin(Stdio::null())
