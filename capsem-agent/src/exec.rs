@@ -88,6 +88,7 @@ pub struct ExecConfig {
 }
 
 struct Conns {
+    generation: u64,
     control: OwnedFd,
     ctl_codec: Codec<Guest>,
     // Held open so the host pairs the generation; never read or written.
@@ -149,6 +150,7 @@ fn connect_once(cfg: &ExecConfig, signals: &Signals) -> Result<Option<Conns>, St
     }
     info!(generation, transport = %cfg.transport, "connected for exec");
     Ok(Some(Conns {
+        generation,
         control,
         ctl_codec,
         _terminal: terminal,
@@ -434,12 +436,66 @@ fn next_deadline(ds: &[Option<Instant>]) -> Option<Instant> {
     ds.iter().flatten().min().copied()
 }
 
-/// Runs exec mode to its end.
-pub fn run(cfg: &ExecConfig, signals: &Signals) -> Result<ExecOutcome, ExecError> {
+/// How long the records of the command's execs may take to be acknowledged
+/// once the command is over, before the agent exits anyway.
+const AUDIT_FLUSH: Duration = Duration::from_secs(1);
+
+/// Runs exec mode to its end. With an `auditor`, one audit connection
+/// streams the guest's execs beside the command (`capsem run --audit-log`);
+/// after the command, the agent waits (at most [`AUDIT_FLUSH`]) until the
+/// host acknowledged every record, then stops and joins that thread.
+pub fn run(
+    cfg: &ExecConfig,
+    signals: &Signals,
+    auditor: Option<&crate::audit::Auditor>,
+) -> Result<ExecOutcome, ExecError> {
     let Some(conns) = connect_all(cfg, signals)? else {
         return Ok(ExecOutcome::Stopped("termination signal".into()));
     };
+    let Some(auditor) = auditor else {
+        return serve_conns(cfg, signals, conns);
+    };
+    let stop = crate::stop::StopSignal::new().map_err(|e| ExecError::Connect(e.to_string()))?;
+    let generation = conns.generation;
+    std::thread::scope(|scope| {
+        let link = crate::audit::Link {
+            transport: &cfg.transport,
+            token: &cfg.token,
+            shared: auditor.shared(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("capsem-audit".into())
+            .spawn_scoped(scope, {
+                let stop = &stop;
+                move || crate::audit::run_generation(Some(link), generation, stop)
+            });
+        let outcome = serve_conns(cfg, signals, conns);
+        let deadline = Instant::now() + AUDIT_FLUSH;
+        while !auditor.shared().lock().is_empty() && Instant::now() < deadline {
+            // Acks arrive on the audit thread; nothing to wait on here but
+            // the (bounded) deadline.
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        stop.trigger();
+        match thread {
+            Ok(t) => {
+                if t.join().is_err() {
+                    warn!("the audit thread panicked");
+                }
+            }
+            Err(e) => warn!("cannot start the audit thread: {e}"),
+        }
+        outcome
+    })
+}
+
+fn serve_conns(
+    cfg: &ExecConfig,
+    signals: &Signals,
+    conns: Conns,
+) -> Result<ExecOutcome, ExecError> {
     let Conns {
+        generation: _,
         control,
         ctl_codec,
         _terminal,

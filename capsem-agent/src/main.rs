@@ -261,9 +261,16 @@ fn run(cli: Cli) -> Result<Ended, AgentError> {
             home,
             cwd,
         };
+        let audit_mode = audit::AuditMode::from_env(&cfg.transport)
+            .map_err(|e| AgentError::Config(chain(&e)))?;
         let signals = Signals::block().map_err(AgentError::Signals)?;
         info!(transport = %cfg.transport, vm_id = %vm_id, "agent starting in exec mode");
-        return Ok(Ended::Exec(exec::run(&cfg, &signals)?));
+        // Before the command, so its execs are audited (`capsem run
+        // --audit-log`); dropped after it.
+        let auditor = audit::Auditor::start(&audit_mode);
+        let ended = exec::run(&cfg, &signals, auditor.as_ref());
+        drop(auditor);
+        return Ok(Ended::Exec(ended?));
     }
     let exec_cfg = exec::ExecConfig {
         transport: cli.transport.clone(),
