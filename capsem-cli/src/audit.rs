@@ -387,9 +387,8 @@ pub fn run(ctx: &Ctx, name: &str, follow: bool, json: bool) -> Result<u8, Persis
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::logs::tests::{expect, PipeStop};
     use crate::sweep::tests::{config, ctx, make_vm, Marked};
-    use std::os::fd::OwnedFd;
-    use std::time::{Duration, Instant};
 
     fn record(serial: u64) -> AuditRecord {
         AuditRecord {
@@ -545,40 +544,6 @@ mod tests {
             run(&ctx(home.path()), "nope", false, false),
             Err(PersistError::NoSuchVm(_))
         ));
-    }
-
-    /// Stops when its pipe is readable, with exit code 0.
-    struct PipeStop(OwnedFd);
-
-    impl AsFd for PipeStop {
-        fn as_fd(&self) -> BorrowedFd<'_> {
-            self.0.as_fd()
-        }
-    }
-
-    impl StopSource for PipeStop {
-        fn stopped(&mut self) -> Result<Option<u8>, LogsError> {
-            Ok(Some(0))
-        }
-    }
-
-    /// Reads exactly `want` from `r`, failing after 10 s without it.
-    fn expect(r: &mut File, want: &str) {
-        use nix::poll::{PollFd, PollFlags, PollTimeout};
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut got = Vec::new();
-        while got.len() < want.len() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let mut fds = [PollFd::new(r.as_fd(), PollFlags::POLLIN)];
-            let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
-            let n = nix::poll::poll(&mut fds, PollTimeout::from(ms)).unwrap();
-            assert!(n > 0, "timed out waiting for {want:?}; got {got:?}");
-            let mut buf = vec![0; want.len() - got.len()];
-            let k = r.read(&mut buf).unwrap();
-            assert!(k > 0, "EOF waiting for {want:?}; got {got:?}");
-            got.extend_from_slice(&buf[..k]);
-        }
-        assert_eq!(String::from_utf8_lossy(&got), want);
     }
 
     fn append(path: &Path, data: &str) {

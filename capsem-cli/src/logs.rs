@@ -465,7 +465,7 @@ fn follow_inner<W: Write + AsFd, S: StopSource>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::sweep::tests::{config, ctx, make_vm, Marked};
     use std::io::Read;
@@ -473,7 +473,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     /// Stops when its pipe is readable, with exit code 0.
-    struct PipeStop(OwnedFd);
+    pub(crate) struct PipeStop(pub(crate) OwnedFd);
 
     impl AsFd for PipeStop {
         fn as_fd(&self) -> BorrowedFd<'_> {
@@ -488,7 +488,7 @@ mod tests {
     }
 
     /// Reads exactly `want` from `r`, failing after 10 s without it.
-    fn expect(r: &mut File, want: &str) {
+    pub(crate) fn expect(r: &mut File, want: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut got = Vec::new();
         while got.len() < want.len() {

@@ -91,7 +91,7 @@ use clap::Parser;
 use crate::cli::{Cli, Command};
 
 /// `error: cause: cause`, on one line.
-fn one_line_chain(err: &dyn std::error::Error) -> String {
+pub(crate) fn one_line_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {

@@ -250,20 +250,8 @@ fn remove_dir(path: &Path) -> Result<(), SweepError> {
     }
 }
 
-/// `error: cause: cause`, on one line.
-pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.ends_with(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
+/// `error: cause: cause`, on one line (the one rule, from `main`).
+pub(crate) use crate::one_line_chain as error_chain;
 
 #[cfg(test)]
 pub(crate) mod tests {
