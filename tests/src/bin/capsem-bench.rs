@@ -126,7 +126,10 @@ fn exec_bench(backend: Backend, runs: usize, mib: u64) -> Result<()> {
         .stdin(Stdio::null())
         .output()?;
     if !created.status.success() {
-        bail!("create failed: {}", String::from_utf8_lossy(&created.stderr));
+        bail!(
+            "create failed: {}",
+            String::from_utf8_lossy(&created.stderr)
+        );
     }
     let exec = |args: &[&str]| {
         let mut cmd = fx.capsem();
@@ -142,7 +145,11 @@ fn exec_bench(backend: Backend, runs: usize, mib: u64) -> Result<()> {
             bail!("exec true failed: {status}");
         }
     }
-    summarize(&format!("exec true latency ({})", backend.flag()), "ms", samples);
+    summarize(
+        &format!("exec true latency ({})", backend.flag()),
+        "ms",
+        samples,
+    );
     let bytes = mib * 1024 * 1024;
     let child = exec(&["head", "-c", &bytes.to_string(), "/dev/zero"])
         .stdin(Stdio::null())
