@@ -69,8 +69,9 @@ pub enum Command {
         #[arg(long, value_name = "SECS", default_value_t = 10)]
         grace: u64,
     },
-    /// Boot a stopped persistent VM again (same name, settings, and disk
-    /// state directory).
+    /// Boot a stopped persistent VM again, with the same name, settings,
+    /// logs and records. The guest's files live in its memory (the image is
+    /// an initramfs), so they start fresh.
     Start { name: String },
     /// Remove a VM and everything it keeps. A running VM is refused unless
     /// --force, which stops it first.
