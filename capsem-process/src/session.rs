@@ -150,6 +150,8 @@ enum Wake {
     StatusGraceOver,
     DrainBackstop,
     ExecConnectTimeout,
+    /// A persistent VM's exec relay task was joined (a panic, if it failed).
+    ExecRelayJoined(Option<String>),
     GuestExited(String, u32, ExitStatus),
 }
 
@@ -410,6 +412,11 @@ impl Session {
                 () = sleep_until(self.status_grace) => Wake::StatusGraceOver,
                 () = sleep_until(self.drain_backstop) => Wake::DrainBackstop,
                 () = sleep_until(self.exec_deadline) => Wake::ExecConnectTimeout,
+                // A finished relay is joined at once, so a long-lived VM's
+                // set holds only the commands still running.
+                Some(joined) = self.exec_relays.join_next(), if !self.exec_relays.is_empty() => {
+                    Wake::ExecRelayJoined(joined.err().map(|e| e.to_string()))
+                }
                 Ok(exit) = guest_exit.wait_for(Option::is_some), if self.guest_gone.is_none() => {
                     let (name, pid, status) = exit.clone().unwrap_or_default();
                     Wake::GuestExited(name, pid, status)
@@ -457,6 +464,12 @@ impl Session {
                     "the guest did not open the exec port within {} s",
                     EXEC_CONNECT_WAIT.as_secs()
                 )))
+            }
+            Wake::ExecRelayJoined(failure) => {
+                if let Some(e) = failure {
+                    warn!("an exec relay failed: {e}");
+                }
+                None
             }
             Wake::DrainBackstop => {
                 warn!("the shell's last output was not delivered within {DRAIN_BACKSTOP:?}");
