@@ -255,6 +255,31 @@ impl Session {
     }
 
     /// Writes queued frames until the socket would block.
+    /// Reads what capsem-process sent into the codec. `Ok(Some(reason))`:
+    /// the connection ended (EOF, or ECONNRESET: it closed with our bytes
+    /// unread, and everything it sent was read first) or broke; the
+    /// session is lost. `Err`: it sent an invalid frame.
+    pub(crate) fn read_from_process(&mut self, buf: &mut [u8]) -> Result<Option<String>, String> {
+        let read = match self.sock.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(0),
+            other => other,
+        };
+        match read {
+            Ok(0) => Ok(Some(match self.codec.finish() {
+                Ok(()) => "capsem-process closed the connection".into(),
+                Err(e) => format!("capsem-process closed the connection: {e}"),
+            })),
+            Ok(n) => {
+                self.codec
+                    .feed(&buf[..n])
+                    .map_err(|e| format!("invalid message from capsem-process: {e}"))?;
+                Ok(None)
+            }
+            Err(e) if is_transient(&e) => Ok(None),
+            Err(e) => Ok(Some(format!("cannot read from capsem-process: {e}"))),
+        }
+    }
+
     pub(crate) fn flush_nonblocking(&mut self) -> Result<(), String> {
         if self.send_closed {
             self.out.clear();
@@ -452,31 +477,9 @@ impl Session {
             }
 
             if sock_in {
-                // ECONNRESET: it closed with our bytes unread; everything it
-                // sent was read first, so this is its EOF.
-                let read = match self.sock.read(&mut buf) {
-                    Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(0),
-                    other => other,
-                };
-                match read {
-                    Ok(0) => {
-                        let _ = stdout.flush();
-                        return Ok(SessionEnd::Lost(match self.codec.finish() {
-                            Ok(()) => "capsem-process closed the connection".into(),
-                            Err(e) => format!("capsem-process closed the connection: {e}"),
-                        }));
-                    }
-                    Ok(n) => self
-                        .codec
-                        .feed(&buf[..n])
-                        .map_err(|e| format!("invalid message from capsem-process: {e}"))?,
-                    Err(e) if is_transient(&e) => {}
-                    Err(e) => {
-                        let _ = stdout.flush();
-                        return Ok(SessionEnd::Lost(format!(
-                            "cannot read from capsem-process: {e}"
-                        )));
-                    }
+                if let Some(reason) = self.read_from_process(&mut buf)? {
+                    let _ = stdout.flush();
+                    return Ok(SessionEnd::Lost(reason));
                 }
             }
 

@@ -8,7 +8,7 @@
 //! follows after a grace period there) and the status is still awaited; a
 //! second one gives up and shuts the VM down.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd};
 
 use capsem_proto::exec::{ExecStream, MAX_EXEC_CHUNK};
@@ -16,7 +16,7 @@ use capsem_proto::ipc::{ClientToProcess, ProcessToClient};
 use nix::errno::Errno;
 use nix::sys::signal::Signal;
 
-use crate::attach::{is_transient, one_line, Events, Session};
+use crate::attach::{one_line, Events, Session};
 use crate::exit;
 use crate::signals::Signals;
 
@@ -166,27 +166,8 @@ fn run_inner(session: &mut Session, signals: &mut Signals) -> Result<ExecEnd, St
         }
 
         if sock_in {
-            let read = match session.sock.read(&mut buf) {
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(0),
-                other => other,
-            };
-            match read {
-                Ok(0) => {
-                    return Ok(ExecEnd::Lost(match session.codec.finish() {
-                        Ok(()) => "capsem-process closed the connection".into(),
-                        Err(e) => format!("capsem-process closed the connection: {e}"),
-                    }));
-                }
-                Ok(n) => session
-                    .codec
-                    .feed(&buf[..n])
-                    .map_err(|e| format!("invalid message from capsem-process: {e}"))?,
-                Err(e) if is_transient(&e) => {}
-                Err(e) => {
-                    return Ok(ExecEnd::Lost(format!(
-                        "cannot read from capsem-process: {e}"
-                    )))
-                }
+            if let Some(reason) = session.read_from_process(&mut buf)? {
+                return Ok(ExecEnd::Lost(reason));
             }
         }
 
