@@ -58,7 +58,6 @@ use std::time::Duration;
 
 use capsem_proto::audit::{AuditRecord, AuditToHost, HostToAudit, MAX_AUDIT_ARGS, MAX_AUDIT_FIELD};
 use capsem_proto::frame::AuditHost;
-use capsem_proto::guest::{constant_time_eq, MAX_TOKEN_LEN};
 use capsem_proto::{Codec, FrameError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -88,10 +87,8 @@ const TAIL_WINDOW: u64 = 8 * capsem_proto::audit::MAX_AUDIT_FRAME as u64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
-    #[error("no hello within {0:?}")]
-    Timeout(Duration),
-    #[error("connection closed before the hello")]
-    Closed,
+    #[error(transparent)]
+    First(#[from] crate::guest::FirstMessageError),
     #[error("connection closed inside a frame")]
     Truncated(#[source] FrameError),
     #[error("invalid frame")]
@@ -100,10 +97,8 @@ pub enum AuditError {
     NotHello,
     #[error("a second hello on the connection")]
     SecondHello,
-    #[error("session token of {len} bytes is over the limit")]
-    TokenTooLong { len: usize },
-    #[error("wrong session token")]
-    WrongToken,
+    #[error(transparent)]
+    Token(#[from] capsem_proto::guest::HelloError),
     #[error("generation {got} is older than generation {newest}")]
     Stale { got: u64, newest: u64 },
     #[error("generation {got} was never given (the current one is {current})")]
@@ -462,39 +457,17 @@ pub async fn handshake(
     token: &str,
     wait: Duration,
 ) -> Result<(Codec<AuditHost>, u64), AuditError> {
-    let deadline = tokio::time::Instant::now() + wait;
-    let mut codec = Codec::<AuditHost>::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        if let Some(msg) = codec.next_message().map_err(AuditError::Frame)? {
-            let AuditToHost::Hello {
-                token: got,
-                generation,
-            } = msg
-            else {
-                return Err(AuditError::NotHello);
-            };
-            // As the control hello: length bound, constant-time compare.
-            if got.len() > MAX_TOKEN_LEN {
-                return Err(AuditError::TokenTooLong { len: got.len() });
-            }
-            if !constant_time_eq(got.as_bytes(), token.as_bytes()) {
-                return Err(AuditError::WrongToken);
-            }
-            return Ok((codec, generation));
-        }
-        let n = tokio::time::timeout_at(deadline, stream.read(&mut buf))
-            .await
-            .map_err(|_| AuditError::Timeout(wait))?
-            .map_err(AuditError::Read)?;
-        if n == 0 {
-            return match codec.finish() {
-                Ok(()) => Err(AuditError::Closed),
-                Err(e) => Err(AuditError::Truncated(e)),
-            };
-        }
-        codec.feed(&buf[..n]).map_err(AuditError::Frame)?;
-    }
+    let (codec, msg) = crate::guest::first_message::<AuditHost>(stream, wait).await?;
+    let AuditToHost::Hello {
+        token: got,
+        generation,
+    } = msg
+    else {
+        return Err(AuditError::NotHello);
+    };
+    // As the control hello: length bound, constant-time compare.
+    capsem_proto::guest::check_token(&got, token)?;
+    Ok((codec, generation))
 }
 
 /// Stores the records of one accepted audit connection and acks them,
@@ -830,7 +803,9 @@ mod tests {
 
     #[tokio::test]
     async fn handshake_checks() {
+        use crate::guest::FirstMessageError;
         use capsem_proto::frame::AuditGuest;
+        use capsem_proto::guest::HelloError;
         let hello = |token: &str| {
             Codec::<AuditGuest>::encode(&AuditToHost::Hello {
                 token: token.into(),
@@ -841,11 +816,11 @@ mod tests {
         assert_eq!(try_handshake(hello("tok")).await.unwrap(), 4);
         assert!(matches!(
             try_handshake(hello("bad")).await,
-            Err(AuditError::WrongToken)
+            Err(AuditError::Token(HelloError::WrongToken))
         ));
         assert!(matches!(
             try_handshake(hello(&"t".repeat(1000))).await,
-            Err(AuditError::TokenTooLong { .. })
+            Err(AuditError::Token(HelloError::TokenTooLong { .. }))
         ));
         let rec = Codec::<AuditGuest>::encode(&AuditToHost::Record(record(1))).unwrap();
         assert!(matches!(
@@ -854,11 +829,13 @@ mod tests {
         ));
         assert!(matches!(
             try_handshake(vec![0xff, 0xff, 0xff, 0xff]).await,
-            Err(AuditError::Frame(FrameError::TooLong { .. }))
+            Err(AuditError::First(FirstMessageError::Frame(
+                FrameError::TooLong { .. }
+            )))
         ));
         assert!(matches!(
             try_handshake(vec![]).await,
-            Err(AuditError::Timeout(_))
+            Err(AuditError::First(FirstMessageError::Timeout(_)))
         ));
     }
 }

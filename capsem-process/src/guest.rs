@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use capsem_proto::exec::ExecToHost;
 use capsem_proto::frame::{ExecHost, Host};
-use capsem_proto::guest::{GuestToHost, HelloError};
-use capsem_proto::{Codec, FrameError};
+use capsem_proto::guest::{check_token, GuestToHost, HelloError};
+use capsem_proto::{Codec, FrameError, Role};
 use tokio::io::AsyncReadExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
@@ -25,8 +25,9 @@ pub const HELLO_WAIT: Duration = Duration::from_secs(5);
 /// Handshakes in progress at once; more connections are refused.
 const MAX_PENDING_HANDSHAKES: usize = 8;
 
+/// Why a guest connection's first message (its hello) did not arrive.
 #[derive(Debug, thiserror::Error)]
-pub enum GuestError {
+pub enum FirstMessageError {
     #[error("no hello within {0:?}")]
     Timeout(Duration),
     #[error("connection closed before the hello")]
@@ -35,10 +36,43 @@ pub enum GuestError {
     Truncated(#[source] FrameError),
     #[error("invalid frame")]
     Frame(#[source] FrameError),
-    #[error(transparent)]
-    Rejected(#[from] HelloError),
     #[error("read failed")]
     Io(#[source] io::Error),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    #[error(transparent)]
+    First(#[from] FirstMessageError),
+    #[error(transparent)]
+    Rejected(#[from] HelloError),
+}
+
+/// Reads the first message of a guest connection (control, exec or audit
+/// port) within `wait`; the codec keeps any bytes that followed it.
+pub async fn first_message<R: Role>(
+    stream: &mut UnixStream,
+    wait: Duration,
+) -> Result<(Codec<R>, R::Inbound), FirstMessageError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut codec = Codec::<R>::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(msg) = codec.next_message().map_err(FirstMessageError::Frame)? {
+            return Ok((codec, msg));
+        }
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut buf))
+            .await
+            .map_err(|_| FirstMessageError::Timeout(wait))?
+            .map_err(FirstMessageError::Io)?;
+        if n == 0 {
+            return match codec.finish() {
+                Ok(()) => Err(FirstMessageError::Closed),
+                Err(e) => Err(FirstMessageError::Truncated(e)),
+            };
+        }
+        codec.feed(&buf[..n]).map_err(FirstMessageError::Frame)?;
+    }
 }
 
 /// Reads and checks the first message of a control connection.
@@ -47,35 +81,18 @@ pub async fn handshake(
     token: &str,
     wait: Duration,
 ) -> Result<(Codec<Host>, u64, u32), GuestError> {
-    let deadline = tokio::time::Instant::now() + wait;
-    let mut codec = Codec::<Host>::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        if let Some(msg) = codec.next_message().map_err(GuestError::Frame)? {
-            msg.check_hello(token)?;
-            let GuestToHost::Hello {
-                connects,
-                shell_pid,
-                ..
-            } = msg
-            else {
-                // check_hello accepted it, so it is a hello.
-                return Err(GuestError::Rejected(HelloError::NotHello(msg.kind())));
-            };
-            return Ok((codec, connects, shell_pid));
-        }
-        let n = tokio::time::timeout_at(deadline, stream.read(&mut buf))
-            .await
-            .map_err(|_| GuestError::Timeout(wait))?
-            .map_err(GuestError::Io)?;
-        if n == 0 {
-            return match codec.finish() {
-                Ok(()) => Err(GuestError::Closed),
-                Err(e) => Err(GuestError::Truncated(e)),
-            };
-        }
-        codec.feed(&buf[..n]).map_err(GuestError::Frame)?;
-    }
+    let (codec, msg) = first_message::<Host>(stream, wait).await?;
+    msg.check_hello(token)?;
+    let GuestToHost::Hello {
+        connects,
+        shell_pid,
+        ..
+    } = msg
+    else {
+        // check_hello accepted it, so it is a hello.
+        return Err(GuestError::Rejected(HelloError::NotHello(msg.kind())));
+    };
+    Ok((codec, connects, shell_pid))
 }
 
 /// Accepts control connections; each valid hello becomes an [`Event::Hello`].
@@ -143,13 +160,12 @@ pub async fn accept_exec(listener: UnixListener, shared: Arc<Shared>, events: mp
                 }
                 let (shared, events) = (shared.clone(), events.clone());
                 hellos.spawn(async move {
-                    match tokio::time::timeout(HELLO_WAIT, exec_hello(&mut stream, &shared.token)).await {
-                        Ok(Ok(codec)) => {
+                    match exec_hello(&mut stream, &shared.token).await {
+                        Ok(codec) => {
                             debug!("exec connection: hello accepted");
                             let _ = events.send(Event::ExecConn(stream, Box::new(codec))).await;
                         }
-                        Ok(Err(reason)) => warn!("exec connection rejected: {reason}"),
-                        Err(_) => warn!("exec connection rejected: no hello within {HELLO_WAIT:?}"),
+                        Err(e) => warn!("exec connection rejected: {}", chain(&e)),
                     }
                 });
             }
@@ -160,29 +176,14 @@ pub async fn accept_exec(listener: UnixListener, shared: Arc<Shared>, events: mp
 
 /// Reads the exec connection's first message, which must be a hello with
 /// our token.
-async fn exec_hello(stream: &mut UnixStream, token: &str) -> Result<Codec<ExecHost>, String> {
-    let mut codec = Codec::<ExecHost>::new();
-    let mut buf = vec![0u8; 4096];
-    loop {
-        match codec.next_message() {
-            Ok(Some(ExecToHost::Hello { token: got })) => {
-                return if capsem_proto::guest::constant_time_eq(got.as_bytes(), token.as_bytes()) {
-                    Ok(codec)
-                } else {
-                    Err("wrong token".into())
-                };
-            }
-            Ok(Some(other)) => return Err(format!("{} before the hello", other.kind())),
-            Ok(None) => {}
-            Err(e) => return Err(format!("invalid frame: {}", chain(&e))),
+async fn exec_hello(stream: &mut UnixStream, token: &str) -> Result<Codec<ExecHost>, GuestError> {
+    let (codec, msg) = first_message::<ExecHost>(stream, HELLO_WAIT).await?;
+    match msg {
+        ExecToHost::Hello { token: got } => {
+            check_token(&got, token)?;
+            Ok(codec)
         }
-        match stream.read(&mut buf).await {
-            Ok(0) => return Err("closed before the hello".into()),
-            Ok(n) => codec
-                .feed(&buf[..n])
-                .map_err(|e| format!("invalid frame: {}", chain(&e)))?,
-            Err(e) => return Err(format!("read failed: {e}")),
-        }
+        other => Err(GuestError::Rejected(HelloError::NotHello(other.kind()))),
     }
 }
 
@@ -257,20 +258,27 @@ mod tests {
         ));
         assert!(matches!(
             run(vec![0, 0, 0, 3, 0xc1, 0xc1, 0xc1], false).await,
-            Err(GuestError::Frame(FrameError::Invalid(_)))
+            Err(GuestError::First(FirstMessageError::Frame(
+                FrameError::Invalid(_)
+            )))
         ));
         assert!(matches!(
             run(vec![0xff, 0xff, 0xff, 0xff], false).await,
-            Err(GuestError::Frame(FrameError::TooLong { .. }))
+            Err(GuestError::First(FirstMessageError::Frame(
+                FrameError::TooLong { .. }
+            )))
         ));
         assert!(matches!(
             run(vec![0, 0, 0, 10, 1, 2], true).await,
-            Err(GuestError::Truncated(_))
+            Err(GuestError::First(FirstMessageError::Truncated(_)))
         ));
-        assert!(matches!(run(vec![], true).await, Err(GuestError::Closed)));
+        assert!(matches!(
+            run(vec![], true).await,
+            Err(GuestError::First(FirstMessageError::Closed))
+        ));
         assert!(matches!(
             run(vec![], false).await,
-            Err(GuestError::Timeout(_))
+            Err(GuestError::First(FirstMessageError::Timeout(_)))
         ));
         let pong = Codec::<Guest>::encode(&GuestToHost::Pong { seq: 1 }).unwrap();
         assert!(matches!(
@@ -279,5 +287,48 @@ mod tests {
         ));
         let e = run(hello("bad"), false).await.unwrap_err();
         assert_eq!(chain(&e), "wrong session token");
+    }
+
+    #[tokio::test]
+    async fn exec_hello_needs_our_token_first() {
+        use capsem_proto::frame::ExecGuest;
+        let exec = |msg: ExecToHost| async move {
+            let (mut host, mut guest) = UnixStream::pair().unwrap();
+            let mut bytes = Codec::<ExecGuest>::encode(&msg).unwrap();
+            // A frame after the hello stays in the returned codec.
+            bytes.extend(
+                Codec::<ExecGuest>::encode(&ExecToHost::Output {
+                    stream: capsem_proto::exec::ExecStream::Stdout,
+                    data: b"x".to_vec(),
+                })
+                .unwrap(),
+            );
+            guest.write_all(&bytes).await.unwrap();
+            exec_hello(&mut host, "tok").await
+        };
+        let mut codec = exec(ExecToHost::Hello {
+            token: "tok".into(),
+        })
+        .await
+        .unwrap();
+        assert!(matches!(
+            codec.next_message().unwrap(),
+            Some(ExecToHost::Output { .. })
+        ));
+        assert!(matches!(
+            exec(ExecToHost::Hello {
+                token: "bad".into()
+            })
+            .await,
+            Err(GuestError::Rejected(HelloError::WrongToken))
+        ));
+        assert!(matches!(
+            exec(ExecToHost::Output {
+                stream: capsem_proto::exec::ExecStream::Stdout,
+                data: Vec::new(),
+            })
+            .await,
+            Err(GuestError::Rejected(HelloError::NotHello("output")))
+        ));
     }
 }

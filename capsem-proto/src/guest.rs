@@ -128,14 +128,20 @@ impl GuestToHost {
                 want: PROTOCOL_VERSION,
             });
         }
-        if token.len() > MAX_TOKEN_LEN {
-            return Err(HelloError::TokenTooLong { len: token.len() });
-        }
-        if !constant_time_eq(token.as_bytes(), expected_token.as_bytes()) {
-            return Err(HelloError::WrongToken);
-        }
-        Ok(())
+        check_token(token, expected_token)
     }
+}
+
+/// Checks a session token a guest presented (in a control, exec or audit
+/// hello): bounded length, constant-time compare.
+pub fn check_token(got: &str, expected: &str) -> Result<(), HelloError> {
+    if got.len() > MAX_TOKEN_LEN {
+        return Err(HelloError::TokenTooLong { len: got.len() });
+    }
+    if !constant_time_eq(got.as_bytes(), expected.as_bytes()) {
+        return Err(HelloError::WrongToken);
+    }
+    Ok(())
 }
 
 /// Compares without an early exit, so timing does not reveal a prefix match.
