@@ -13,10 +13,10 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use capsem_proto::audit::{AuditRecord, AuditToHost, HostToAudit};
@@ -27,117 +27,8 @@ use capsem_proto::Codec;
 const TOKEN: &str = "audit-token-42";
 const LONG: Duration = Duration::from_secs(20);
 
-fn deadline(d: Duration) -> Instant {
-    Instant::now() + d
-}
-
-/// Polls `fd` until readable or `until`; true when readable.
-fn readable(fd: BorrowedFd<'_>, until: Instant) -> bool {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    loop {
-        let left = until.saturating_duration_since(Instant::now());
-        let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: one valid pollfd for the call.
-        let n = unsafe { libc::poll(&mut p, 1, ms) };
-        if n >= 0 {
-            return n > 0;
-        }
-        assert_eq!(
-            std::io::Error::last_os_error().kind(),
-            std::io::ErrorKind::Interrupted
-        );
-    }
-}
-
-/// Re-checks `cond` until it holds or `until` passes.
-fn wait_until(until: Instant, mut cond: impl FnMut() -> bool) -> bool {
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= until {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn count_dir(path: String) -> usize {
-    std::fs::read_dir(path).map(|d| d.count()).unwrap_or(0)
-}
-
-/// Thread names of `pid`.
-fn thread_names(pid: u32) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|d| {
-            d.filter_map(|e| {
-                let p = e.ok()?.path().join("comm");
-                Some(std::fs::read_to_string(p).ok()?.trim().to_owned())
-            })
-            .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
-}
-
-/// The agent process; Drop terminates, kills leftovers, reaps.
-struct Agent {
-    child: Option<Child>,
-    log: PathBuf,
-    shell_pid: Option<u32>,
-}
-
-impl Agent {
-    fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
-    }
-
-    fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
-        let child = self.child.as_mut()?;
-        let until = deadline(within);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                self.child = None;
-                return Some(status);
-            }
-            if Instant::now() >= until {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(c) = self.child.as_ref() {
-            // SAFETY: signals our own unreaped child.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            if self.wait_exit(Duration::from_secs(10)).is_none() {
-                if let Some(c) = self.child.as_mut() {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                }
-                self.child = None;
-            }
-        }
-        if let Some(shell) = self.shell_pid {
-            if std::fs::metadata(format!("/proc/{shell}")).is_ok() {
-                // SAFETY: kill takes plain integers; the group is the shell's.
-                unsafe { libc::kill(-(shell as i32), libc::SIGKILL) };
-            }
-        }
-    }
-}
+mod common;
+use common::*;
 
 /// The fake host: control, terminal and audit listeners.
 struct FakeHost {
@@ -219,7 +110,7 @@ impl FakeHost {
     }
 
     fn accept(listener: &UnixListener, within: Duration) -> Option<UnixStream> {
-        if !readable(listener.as_fd(), deadline(within)) {
+        if !poll_readable(listener.as_fd(), deadline(within)) {
             return None;
         }
         Some(listener.accept().unwrap().0)
@@ -234,7 +125,7 @@ impl FakeHost {
             if let Some(m) = codec.next_message().unwrap() {
                 break m;
             }
-            assert!(readable(ctl.as_fd(), deadline(LONG)), "no hello");
+            assert!(poll_readable(ctl.as_fd(), deadline(LONG)), "no hello");
             let n = ctl.read(&mut buf).unwrap();
             assert!(n > 0, "control closed before the hello");
             codec.feed(&buf[..n]).unwrap();
@@ -279,7 +170,7 @@ impl FakeHost {
     /// stays in the backlog even after its peer closed).
     fn audit_untouched(&self) -> bool {
         let listener = self.audit.as_ref().expect("an audit listener");
-        !readable(listener.as_fd(), Instant::now())
+        !poll_readable(listener.as_fd(), Instant::now())
     }
 }
 
@@ -299,7 +190,7 @@ impl Conn {
         let mut buf = [0u8; 4096];
         while !String::from_utf8_lossy(&self.term_out).contains(needle) {
             assert!(
-                readable(self.term.as_fd(), until),
+                poll_readable(self.term.as_fd(), until),
                 "timed out waiting for {needle:?}"
             );
             let n = self.term.read(&mut buf).unwrap();
@@ -317,7 +208,7 @@ impl Audit {
             if let Some(m) = self.codec.next_message().unwrap() {
                 return Some(m);
             }
-            if !readable(self.sock.as_fd(), until) {
+            if !poll_readable(self.sock.as_fd(), until) {
                 return None;
             }
             let n = self.sock.read(&mut buf).unwrap();
