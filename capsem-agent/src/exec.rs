@@ -226,6 +226,10 @@ struct Exec {
     exit_queued: bool,
     /// On a PTY: stdin's EOF is a Ctrl-D, and EIO on the master is its EOF.
     tty: bool,
+    /// The PTY master after its EIO, held until the command is reaped:
+    /// closing the last master fd hangs the terminal up, and a command that
+    /// closed its stdio but has not exited yet would die of that SIGHUP.
+    tty_master: Option<OwnedFd>,
 }
 
 impl Exec {
@@ -243,6 +247,7 @@ impl Exec {
             drain_until: None,
             exit_queued: false,
             tty: false,
+            tty_master: None,
         }
     }
 
@@ -361,7 +366,9 @@ impl Exec {
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             // A PTY master reads EIO once every slave fd is closed.
-            Err(e) if self.tty && e.raw_os_error() == Some(libc::EIO) => *slot = None,
+            Err(e) if self.tty && e.raw_os_error() == Some(libc::EIO) => {
+                self.tty_master = slot.take();
+            }
             Err(e) => {
                 warn!(?stream, "reading the command's output failed: {e}");
                 *slot = None;
@@ -428,6 +435,8 @@ impl Exec {
             stderr_bytes: self.stderr_bytes,
         })?;
         self.exit_queued = true;
+        // Reaped: the hang-up can reach no one now.
+        self.tty_master = None;
         Ok(())
     }
 }
