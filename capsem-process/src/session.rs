@@ -913,6 +913,11 @@ impl Session {
         if self.attached.is_none() && !self.cfg.persistent() {
             return Some(Stop::ShellExited);
         }
+        if self.cfg.persistent() && !self.exit_queued {
+            // Before the client can see the status, so a command it runs
+            // next (`capsem inspect`) finds the exit recorded.
+            self.records.shell_exited(exit_code, signal);
+        }
         if self.attached.is_some() && !self.exit_queued {
             self.exit_queued = true;
             let out = self.shared.out_tx.clone();
@@ -928,7 +933,7 @@ impl Session {
             });
         }
         if self.cfg.persistent() {
-            self.next_shell(exit_code, signal).await;
+            self.next_shell().await;
         }
         // The client's writer reports FinalDelivered (or the client leaves).
         None
@@ -938,8 +943,7 @@ impl Session {
     /// client: the VM stays, and the agent's next shell (its next hello)
     /// starts from a clean slate. The client, which leaves after the status,
     /// no longer gets output.
-    async fn next_shell(&mut self, exit_code: Option<i32>, signal: Option<i32>) {
-        self.records.shell_exited(exit_code, signal);
+    async fn next_shell(&mut self) {
         info!("persistent VM: waiting for the agent's next shell");
         if let Some(conn) = self.attached.take() {
             debug!("client {conn} gets no more output");
