@@ -415,6 +415,20 @@ pub fn exec_on_a_persistent_vm(backend: Backend) {
     assert_eq!(out.status.code(), Some(4));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "on-a-tty\r\nerr\r\n");
     assert!(out.stderr.is_empty());
+    // A command that closes its terminal before it exits is not hung up.
+    let out = exec(
+        &fx,
+        "dev",
+        &[
+            "-t",
+            "--",
+            "sh",
+            "-c",
+            "exec 0<&- 1>&- 2>&-; sleep 0.3; exit 5",
+        ],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(5));
     let out = exec(&fx, "dev", &["-t", "--", "cat"], b"typed\n");
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "typed\r\ntyped\r\n");
