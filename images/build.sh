@@ -20,7 +20,7 @@ TARGET=x86_64-unknown-linux-gnu
 # virtio_pci for -M q35/pc, virtio_mmio for -M microvm, then vsock over virtio.
 ROOT_MODULES=(virtio_pci virtio_mmio vmw_vsock_virtio_transport)
 
-say() { echo "build.sh: $*"; }
+say() { echo "build.sh: $*" >&2; }
 die() {
     echo "build.sh: error: $*" >&2
     exit 1
