@@ -44,15 +44,31 @@ BBVER=$(candidate busybox-static)
 [ -n "$BBVER" ] && [ "$BBVER" != "(none)" ] || die "no candidate for busybox-static"
 
 mkdir -p "$CACHE"
+# Every scratch directory this run made; removed on any exit.
+SCRATCH=()
+cleanup() { [ ${#SCRATCH[@]} -eq 0 ] || rm -rf "${SCRATCH[@]}"; }
+trap cleanup EXIT
 fetch() { # package version -> path of the .deb in the cache
-    local deb
+    local deb part
     deb="$CACHE/${1}_${2//:/%3a}_amd64.deb"
     if [ ! -f "$deb" ]; then
         say "downloading $1 $2"
+        # Into a scratch directory beside the cache, then one rename: an
+        # interrupted download never leaves a .deb that a later run trusts.
+        # (fetch runs in a command substitution, whose subshell does not run
+        # the EXIT trap: it removes its scratch directory itself.)
+        part=$(mktemp -d "$CACHE/.download.XXXXXX")
         # As root, apt's _apt sandbox user cannot write the cache; download as root.
-        (cd "$CACHE" && apt-get download -qq -o APT::Sandbox::User=root "$1=$2" >/dev/null) ||
+        if ! (cd "$part" && apt-get download -qq -o APT::Sandbox::User=root "$1=$2" >/dev/null); then
+            rm -rf "$part"
             die "apt-get download $1=$2 failed"
-        [ -f "$deb" ] || die "downloaded $1 but $deb is not there"
+        fi
+        if [ ! -f "$part/$(basename "$deb")" ]; then
+            rm -rf "$part"
+            die "downloaded $1 but $(basename "$deb") is not there"
+        fi
+        mv -f "$part/$(basename "$deb")" "$deb"
+        rm -rf "$part"
     fi
     echo "$deb"
 }
@@ -106,7 +122,7 @@ fi
 # --- build --------------------------------------------------------------------
 mkdir -p "$OUT"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/capsem-image.XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
+SCRATCH+=("$WORK")
 TREE=$WORK/tree
 KX=$WORK/kernel
 
@@ -228,7 +244,12 @@ artifact() { # name -> JSON object
 } >"$WORK/manifest.json"
 
 # Replace the artifacts, stamp last, so an interrupted build is rebuilt.
+# Each is copied to a temporary name in $OUT (WORK may be another file
+# system) and renamed into place, so no file under $OUT is ever half-written.
 rm -f "$OUT/.stamp"
-for f in vmlinuz initramfs.cpio.gz manifest.json; do mv -f "$WORK/$f" "$OUT/$f"; done
-echo "$STAMP" >"$OUT/.stamp"
+echo "$STAMP" >"$WORK/.stamp"
+for f in vmlinuz initramfs.cpio.gz manifest.json .stamp; do
+    cp "$WORK/$f" "$OUT/.$f.part"
+    mv -f "$OUT/.$f.part" "$OUT/$f"
+done
 say "image ready: $OUT ($(du -h "$OUT/initramfs.cpio.gz" | cut -f1) initramfs, kernel $KREL)"

@@ -10,7 +10,6 @@ declare -A APT=(
     [cpio]=cpio                          # initramfs archive
     [gzip]=gzip                          # initramfs compression
     [xz]=xz-utils                        # .ko.xz modules, should a kernel ship them
-    [python3]=python3                    # scripts/boot-smoke.sh's Unix listener
     [sha256sum]=coreutils
 )
 VHOST_VSOCK_VERSION=0.3.0 # the version docs/qemu-notes.md was verified with

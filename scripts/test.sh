@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what it needs, then formatting, lints, unit
-# tests, end-to-end tests on the no-VM backend and in real VMs.
-# CAPSEM_SKIP_VM_TESTS=1 skips the real-VM tests for a quick local run; CI
-# runs them.
+# tests, the front door (scripts/shell.sh driven through a pipe), and the
+# end-to-end tests on the no-VM backend and in real VMs.
+# CAPSEM_SKIP_VM_TESTS=1 leaves out everything that needs the guest image
+# (nextest profile `novm`: the `*_qemu` test binaries are reported as
+# skipped); CI runs them.
+# Extra arguments go to `cargo nextest run`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,15 +19,42 @@ if ! cargo nextest --version >/dev/null 2>&1; then
     echo "installed cargo-nextest (cargo)"
 fi
 
+vm=1
+[ "${CAPSEM_SKIP_VM_TESTS:-0}" != 1 ] || vm=0
+
 echo "== fmt"
 cargo fmt --all -- --check
 echo "== clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== build"
 cargo build --workspace --quiet
-if [ "${CAPSEM_SKIP_VM_TESTS:-0}" != 1 ]; then
+if [ $vm = 1 ]; then
     echo "== guest image"
     images/build.sh
 fi
+
+# The README's first command, as a user would run it but with the shell's
+# input from a pipe (its EOF ends the shell like Ctrl-D), in a throw-away home.
+echo "== front door (scripts/shell.sh)"
+front_home=$(mktemp -d "${TMPDIR:-/tmp}/capsem-front.XXXXXX")
+trap 'rm -rf "$front_home"' EXIT
+front_args=()
+[ $vm = 1 ] || front_args=(--vmm none)
+out=$(printf 'echo "front door $((6 * 7))"\nexit 3\n' |
+    CAPSEM_HOME=$front_home scripts/shell.sh "${front_args[@]}" 2>"$front_home/stderr") && rc=0 || rc=$?
+if [ $rc != 3 ] || ! grep -q '^front door 42' <<<"$out"; then
+    echo "scripts/shell.sh: expected 'front door 42' and exit 3, got exit $rc:" >&2
+    printf '%s\n' "$out" >&2
+    cat "$front_home/stderr" >&2
+    exit 1
+fi
+[ -z "$(ls -A "$front_home/vms" 2>/dev/null)" ] || {
+    echo "scripts/shell.sh left a VM directory behind: $(ls "$front_home/vms")" >&2
+    exit 1
+}
+echo "scripts/shell.sh: prompt reached, 'front door 42', exit 3, nothing left"
+
 echo "== tests"
-cargo nextest run --workspace --no-fail-fast "$@"
+profile=()
+[ $vm = 1 ] || profile=(--profile novm)
+cargo nextest run --workspace --no-fail-fast "${profile[@]}" "$@"

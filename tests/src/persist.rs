@@ -470,12 +470,15 @@ pub fn exec_on_a_persistent_vm(backend: Backend) {
     let out = exec(&fx, "dev", &["--", "sh", "-c", count], b"");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "left=0");
 
+    // A barrier in the guest: each command arrives, then waits until all 20
+    // have (bounded at 60 s, then exit 99), so the commands must overlap.
     let children: Vec<_> = (0..20)
         .map(|i| {
             let mut cmd = fx.capsem();
             cmd.args(["exec", "dev", "--", "sh", "-c"])
                 .arg(format!(
-                    "i={i}; echo start-$i; sleep 0.2; echo end-$i; exit $i"
+                    "i={i}; echo start-$i; {}; echo end-$i; exit $i",
+                    barrier("barrier.d", 20)
                 ))
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
@@ -492,6 +495,8 @@ pub fn exec_on_a_persistent_vm(backend: Backend) {
         );
     }
 
+    ok(&fx, &["exec", "dev", "--", "rm", "-r", "barrier.d"]);
+
     // The shell is still there, untouched by the commands.
     let mut s = attach(&fx, "dev");
     wait_ready(&mut s, backend);
@@ -499,4 +504,16 @@ pub fn exec_on_a_persistent_vm(backend: Backend) {
     assert_eq!(s.wait_code(step(backend)).unwrap(), 0);
     ok(&fx, &["rm", "--force", "dev"]);
     fx.assert_nothing_left();
+}
+
+/// Shell text for a barrier of `n` parties in directory `dir`: this party
+/// arrives (a file named after `$$`), then waits until `n` have, polling
+/// every 50 ms for at most 60 s, after which it exits 99: commands that ran
+/// one by one never pass it.
+pub fn barrier(dir: &str, n: usize) -> String {
+    format!(
+        "mkdir -p {dir} && : > {dir}/$$ && t=0 && \
+         while set -- {dir}/*; [ $# -lt {n} ]; do \
+           t=$((t+1)); [ $t -le 1200 ] || exit 99; sleep 0.05; done"
+    )
 }

@@ -178,6 +178,10 @@ fn background_jobs_die_with_the_command() {
 #[test]
 fn twenty_concurrent_runs() {
     let fx = Fixture::new("run_concurrent", B);
+    // With --vmm none every command sees the host's files: a barrier in this
+    // test's home proves the 20 ran at once (one by one, none passes it).
+    let dir = fx.home().join("barrier.d");
+    let dir = dir.to_str().unwrap();
     let children: Vec<_> = (0..20)
         .map(|i| {
             fx.capsem()
@@ -186,7 +190,10 @@ fn twenty_concurrent_runs() {
                     "--",
                     "sh",
                     "-c",
-                    &format!("echo run-{i}; echo err-{i} >&2"),
+                    &format!(
+                        "echo run-{i}; {}; echo err-{i} >&2",
+                        capsem_tests::persist::barrier(dir, 20)
+                    ),
                 ])
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())

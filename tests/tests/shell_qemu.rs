@@ -1,103 +1,72 @@
 //! `capsem shell` in real VMs under QEMU (TCG here, KVM where it is loaded),
-//! end to end through a real PTY. `CAPSEM_SKIP_VM_TESTS=1` skips them for a
-//! quick local run; CI runs them.
+//! end to end through a real PTY. `CAPSEM_SKIP_VM_TESTS=1 scripts/test.sh`
+//! leaves them out for a quick local run (nextest profile `novm`, counted as
+//! skipped); CI runs them.
 
 use capsem_tests::scenarios;
 use capsem_tests::Backend;
 
 const B: Backend = Backend::Qemu;
 
-/// True when the real-VM tests were asked to be skipped.
-fn skipped() -> bool {
-    let skip = std::env::var("CAPSEM_SKIP_VM_TESTS").is_ok_and(|v| v == "1");
-    if skip {
-        eprintln!("CAPSEM_SKIP_VM_TESTS=1: skipped");
-    }
-    skip
-}
-
 #[test]
 fn vm_exit_7() {
-    if !skipped() {
-        scenarios::exit_7(B);
-    }
+    scenarios::exit_7(B);
 }
 
 #[test]
 fn vm_printf_end_then_exit_3() {
-    if !skipped() {
-        scenarios::output_before_status(B);
-    }
+    scenarios::output_before_status(B);
 }
 
 #[test]
 fn vm_killed_by_signal() {
-    if !skipped() {
-        scenarios::killed_by_signal(B);
-    }
+    scenarios::killed_by_signal(B);
 }
 
 #[test]
 fn vm_resize_reaches_the_guest() {
-    if !skipped() {
-        scenarios::resize_reaches_the_shell(B);
-    }
+    scenarios::resize_reaches_the_shell(B);
 }
 
 #[test]
 fn vm_ctrl_d_exits_zero() {
-    if !skipped() {
-        scenarios::ctrl_d_exits_zero(B);
-    }
+    scenarios::ctrl_d_exits_zero(B);
 }
 
 #[test]
 fn vm_seed_case_ctrl_d_counts() {
-    if !skipped() {
-        let counts = scenarios::seed_case_ctrl_d(B);
-        // One generation: control, terminal and audit (in a VM, audit is on).
-        assert_eq!(counts.vsock_connections_accepted, 3, "{counts:?}");
-    }
+    let counts = scenarios::seed_case_ctrl_d(B);
+    // One generation: control, terminal and audit (in a VM, audit is on).
+    assert_eq!(counts.vsock_connections_accepted, 3, "{counts:?}");
 }
 
 #[test]
 fn vm_agent_killed_exits_255() {
-    if !skipped() {
-        scenarios::agent_killed_exits_255(B);
-    }
+    scenarios::agent_killed_exits_255(B);
 }
 
 #[test]
 fn vm_kernel_panic_exits_255() {
-    if !skipped() {
-        scenarios::session_lost_exits_255(
-            "kernel_panic",
-            B,
-            "echo c > /proc/sysrq-trigger\r",
-            "kernel panicked",
-        );
-    }
+    scenarios::session_lost_exits_255(
+        "kernel_panic",
+        B,
+        "echo c > /proc/sysrq-trigger\r",
+        "kernel panicked",
+    );
 }
 
 #[test]
 fn vm_transport_loss_reconnects_once_and_keeps_the_shell() {
-    if !skipped() {
-        scenarios::transport_loss_keeps_the_shell(B);
-    }
+    scenarios::transport_loss_keeps_the_shell(B);
 }
 
 #[test]
 fn vm_sigterm_to_the_cli_destroys_the_vm() {
-    if !skipped() {
-        scenarios::signal_to_the_cli_destroys_the_vm(B, nix::sys::signal::Signal::SIGTERM);
-    }
+    scenarios::signal_to_the_cli_destroys_the_vm(B, nix::sys::signal::Signal::SIGTERM);
 }
 
 #[test]
 fn vm_boot_failure_exits_125_and_names_the_kept_logs() {
-    if skipped() {
-        return;
-    }
     let fx = capsem_tests::Fixture::new("boot_failure", B);
     // An image whose kernel QEMU cannot load.
     let image = fx.home().join("broken-image");
@@ -132,9 +101,6 @@ fn vm_boot_failure_exits_125_and_names_the_kept_logs() {
 
 #[test]
 fn vm_run_separates_streams_and_returns_the_status() {
-    if skipped() {
-        return;
-    }
     let fx = capsem_tests::Fixture::new("vm_run", B);
     let out = fx
         .capsem()
