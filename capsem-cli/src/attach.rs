@@ -20,7 +20,7 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::Signal;
 
-use crate::exit;
+use crate::exit::{self, Exit};
 use crate::signals::{Signals, SignalsError};
 use crate::terminal;
 
@@ -63,7 +63,7 @@ pub enum AttachError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionEnd {
     /// The shell exited; this is capsem's exit code.
-    Exited(u8),
+    Exited(Exit),
     /// The session ended without an exit status.
     Lost(String),
     /// capsem received SIGHUP or SIGTERM; `Shutdown` was sent (a temporary

@@ -7,7 +7,8 @@
 //! when the shell exits. Home: `--home`, else `$CAPSEM_HOME`, else
 //! `~/.capsem`. Backend: `--vmm`, else `$CAPSEM_VMM`, else `qemu`.
 //! capsem-process: `$CAPSEM_PROCESS_BIN` if set, else `capsem-process` beside
-//! this executable.
+//! this executable (so an installed `capsem` finds its helper from any
+//! directory; `scripts/install.sh` puts them side by side).
 //!
 //! Exit status (also in `capsem --help`):
 //!
@@ -40,70 +41,69 @@
 //! byte, so a shell at its prompt sees end-of-input and exits. SIGINT is
 //! forwarded as Ctrl-C (0x03).
 //!
-//! Modules:
+//! Modules (`main` only parses and hands over to [`cmd::dispatch`]):
 //!
 //! * [`cli`]: clap definitions (subcommands as an enum, global flags).
-//! * [`shell`]: the `shell` command: the temporary VM's whole lifetime.
-//! * [`run`]: the `run` command: one command in a temporary VM.
-//! * [`exec`]: `run`'s poll loop: stdin, separate stdout/stderr, the status.
-//! * [`doctor`]: the `doctor` command: one line per host check, with fixes.
-//! * [`accel`]: what `--accel auto` would pick (for `doctor` only).
-//! * [`probe`]: finding host programs, `--version` with a time bound.
-//! * [`image`]: the guest image directory and its manifest.
+//! * [`cmd`]: one module per command, and the dispatcher.
+//! * [`exit`]: [`exit::Exit`], the one exit-code type every command returns.
+//! * [`error`]: [`error::CliError`], the one error type, and its one-line
+//!   rendering.
+//! * [`context`]: [`context::Ctx`] (home, backend, accelerator), loading and
+//!   locking a VM by name.
 //! * [`home`]: home resolution, `vms/` and VM directories, VM ids.
+//! * [`vms`]: the VM directories read and their states.
+//! * [`vmctl`]: booting, adopting and stopping a persistent VM's processes.
+//! * [`sweep`]: cleaning up what crashes left, before every VM command.
+//! * [`tempvm`]: starting a temporary VM (`shell` and `run`).
 //! * [`spawn`]: starting capsem-process, the ready pipe, reaping by pidfd
 //!   and killing by process group.
-//! * [`attach`]: the ctl.sock handshake and the poll loop.
+//! * [`attach`]: the ctl.sock handshake and the shell's poll loop.
+//! * [`request`]: `run`/`exec` requests: `-e`, `-t`, `--audit-log`.
+//! * [`exec_loop`]: `run`'s and `exec`'s poll loop: stdin, separate
+//!   stdout/stderr, the status.
+//! * [`follow`]: following a file until a process exits (`logs` and
+//!   `audit --follow`).
+//! * [`auditfmt`]: audit records printed safely.
+//! * [`checks`]: `doctor`'s host checks; [`health`]: its report lines.
+//! * [`probe`]: finding host programs, `--version` with a time bound.
+//! * [`image`]: the guest image directory and its manifest.
+//! * [`output`]: writing a result to stdout.
 //! * [`terminal`]: window size, raw mode guard, panic hook.
 //! * [`signals`]: signals as signalfd events.
 //! * [`progress`]: the "starting" indicator on a terminal stderr.
-//! * [`exit`]: the exit codes.
 
 mod attach;
-mod audit;
+mod auditfmt;
+mod checks;
 mod cli;
-mod doctor;
-mod exec;
-mod exec_named;
+mod cmd;
+mod context;
+mod error;
+mod exec_loop;
 mod exit;
+mod follow;
+mod health;
 mod home;
 mod image;
-mod inspect;
-mod list;
-mod logs;
-mod persist;
+mod output;
 mod probe;
 mod progress;
-mod rm;
-mod run;
-mod shell;
+mod request;
 mod signals;
 mod spawn;
 mod sweep;
 mod tempvm;
 mod terminal;
+#[cfg(test)]
+mod testutil;
+mod vmctl;
 mod vms;
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command};
-
-/// `error: cause: cause`, on one line.
-pub(crate) fn one_line_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.ends_with(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
+use crate::cli::Cli;
 
 fn main() -> ExitCode {
     terminal::install_panic_hook();
@@ -118,49 +118,11 @@ fn main() -> ExitCode {
             });
         }
     };
-    let result = match cli.command {
-        Command::Shell { name: None } => shell::run(cli.home.as_deref(), cli.vmm, cli.accel),
-        Command::Doctor => Ok(doctor::run(cli.home.as_deref(), cli.vmm, cli.accel)),
-        Command::Run(args) => {
-            return match run::run(cli.home.as_deref(), cli.vmm, cli.accel, args) {
-                Ok(code) => ExitCode::from(code),
-                Err(e) => {
-                    eprintln!("capsem: {}", one_line_chain(&e));
-                    ExitCode::from(e.exit_code())
-                }
-            };
-        }
-        other => {
-            return match persist::run(cli.home.as_deref(), cli.vmm, cli.accel, other) {
-                Ok(code) => ExitCode::from(code),
-                Err(e) => {
-                    eprintln!("capsem: {}", one_line_chain(&e));
-                    ExitCode::from(e.exit_code())
-                }
-            };
-        }
-    };
-    match result {
-        Ok(code) => ExitCode::from(code),
+    match cmd::dispatch(cli) {
+        Ok(exit) => exit.into(),
         Err(e) => {
-            eprintln!("capsem: {}", one_line_chain(&e));
-            ExitCode::from(e.exit_code())
+            eprintln!("capsem: {}", error::one_line_chain(&e));
+            e.exit().into()
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn error_chain_is_one_line() {
-        let e = home::HomeError::Create {
-            path: "/x".into(),
-            source: std::io::Error::from_raw_os_error(libc::EACCES),
-        };
-        let line = one_line_chain(&e);
-        assert!(line.starts_with("cannot create /x: "), "{line}");
-        assert!(!line.contains('\n'));
     }
 }

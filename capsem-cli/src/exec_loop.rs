@@ -17,11 +17,9 @@ use nix::errno::Errno;
 use nix::sys::signal::Signal;
 
 use crate::attach::{one_line, Events, Session};
-use crate::exit;
+use crate::exit::{self, Exit};
 use crate::signals::Signals;
 
-/// Exit code when the timeout expired.
-pub const TIMED_OUT: u8 = 124;
 /// Queued stdin above which stdin is not read.
 const OUT_HIGH_WATER: usize = 4 * MAX_EXEC_CHUNK;
 
@@ -29,15 +27,15 @@ const OUT_HIGH_WATER: usize = 4 * MAX_EXEC_CHUNK;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExecEnd {
     /// capsem's exit code.
-    Exited(u8),
+    Exited(Exit),
     /// The session ended without a status.
     Lost(String),
 }
 
-/// The exit code for an `ExecExit`; `None` when it carries no usable status.
-pub fn exit_code(exit_code: Option<i32>, signal: Option<i32>, timed_out: bool) -> Option<u8> {
+/// The exit for an `ExecExit`; `None` when it carries no usable status.
+pub fn exit_code(exit_code: Option<i32>, signal: Option<i32>, timed_out: bool) -> Option<Exit> {
     if timed_out {
-        return Some(TIMED_OUT);
+        return Some(Exit::TimedOut);
     }
     exit::from_shell(exit_code, signal)
 }
@@ -183,11 +181,12 @@ mod tests {
 
     #[test]
     fn statuses_map_to_exit_codes() {
-        assert_eq!(exit_code(Some(0), None, false), Some(0));
-        assert_eq!(exit_code(Some(5), None, false), Some(5));
-        assert_eq!(exit_code(None, Some(9), false), Some(137));
-        assert_eq!(exit_code(None, Some(15), true), Some(124));
-        assert_eq!(exit_code(Some(127), None, false), Some(127));
-        assert_eq!(exit_code(None, None, false), None);
+        let code = |c, s, t| exit_code(c, s, t).map(Exit::code);
+        assert_eq!(code(Some(0), None, false), Some(0));
+        assert_eq!(code(Some(5), None, false), Some(5));
+        assert_eq!(code(None, Some(9), false), Some(137));
+        assert_eq!(code(None, Some(15), true), Some(124));
+        assert_eq!(code(Some(127), None, false), Some(127));
+        assert_eq!(code(None, None, false), None);
     }
 }
