@@ -603,6 +603,26 @@ fn usage_errors_exit_125_and_help_documents_exit_codes() {
 }
 
 #[test]
+fn an_unknown_option_before_the_command_exits_125_and_runs_nothing() {
+    let env = TestEnv::new();
+    for args in [
+        &["run", "--image", "X", "--", "sh"][..],
+        &["exec", "dev", "--image", "X", "--", "sh"],
+    ] {
+        let out = CliGuard::spawn(env.command("exit7", args)).finish(DEADLINE);
+        assert_eq!(out.status.code(), Some(125), "{args:?}: {}", out.stderr);
+        assert!(
+            out.stderr
+                .starts_with("error: unexpected argument '--image' found"),
+            "{args:?}: {}",
+            out.stderr
+        );
+        assert!(!env.report("pid").exists(), "capsem-process was started");
+        assert_eq!(env.vm_dirs(), Vec::<PathBuf>::new());
+    }
+}
+
+#[test]
 fn terminal_is_raw_while_attached_and_restored_after_sigterm() {
     use nix::sys::termios::{tcgetattr, LocalFlags};
     use std::os::fd::AsFd;
