@@ -20,13 +20,15 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    /// The home from `--home`, `$CAPSEM_HOME` or `~/.capsem`.
+    /// The home from `--home`, `$CAPSEM_HOME` or `~/.capsem`; one that
+    /// exists but cannot be read is an error (exit 125).
     pub fn new(home_flag: Option<&Path>, vmm: Vmm, accel: AccelChoice) -> Result<Self, CliError> {
         let home = home::resolve_home(
             home_flag,
             std::env::var_os("CAPSEM_HOME").as_deref(),
             home::user_home().as_deref(),
         )?;
+        home::check_readable(&home)?;
         Ok(Self { home, vmm, accel })
     }
 

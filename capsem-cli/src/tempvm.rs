@@ -114,6 +114,7 @@ pub fn start(
         std::env::var_os("CAPSEM_HOME").as_deref(),
         home::user_home().as_deref(),
     )?;
+    home::check_readable(&home)?;
     if vmm == Vmm::None {
         eprintln!("{NO_ISOLATION_WARNING}");
     }
