@@ -1,5 +1,6 @@
-//! Command-line parsing (clap). Subcommands are an enum so that `create`,
-//! `list` and `exec` can be added beside `shell` and `doctor`.
+//! Command-line parsing (clap): global flags, and the subcommands as an
+//! enum, one variant per module of [`crate::cmd`]. `completions` and `man`
+//! are generated from these definitions.
 
 use std::path::PathBuf;
 
@@ -116,6 +117,14 @@ pub enum Command {
     /// `fix:` command below each missing piece. Exits 0 when nothing is
     /// missing, 1 otherwise.
     Doctor,
+    /// Print a completion script for SHELL on stdout (e.g. `capsem
+    /// completions bash > /etc/bash_completion.d/capsem`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print capsem's manual page (roff) on stdout (`capsem man | man -l -`).
+    Man,
 }
 
 /// `capsem create NAME [--cpus N] [--memory MIB]`.

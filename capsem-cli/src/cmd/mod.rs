@@ -9,12 +9,14 @@
 //! sweeps what crashes left ([`crate::sweep`]).
 
 pub mod audit;
+pub mod completions;
 pub mod create;
 pub mod doctor;
 pub mod exec;
 pub mod inspect;
 pub mod list;
 pub mod logs;
+pub mod man;
 pub mod rm;
 pub mod run;
 pub mod shell;
@@ -51,6 +53,8 @@ pub fn dispatch(cli: Cli) -> Result<Exit, CliError> {
         Command::Shell { name: None } => shell::run_temporary(home, vmm, accel),
         Command::Run(args) => run::run(home, vmm, accel, args),
         Command::Doctor => Ok(doctor::run(home, vmm, accel)),
+        Command::Completions { shell } => completions::run(shell),
+        Command::Man => man::run(),
         Command::Create(args) => vm_command(home, vmm, accel, |ctx| create::run(ctx, &args)),
         Command::Shell { name: Some(name) } => {
             vm_command(home, vmm, accel, |ctx| shell::run_named(ctx, &name))
