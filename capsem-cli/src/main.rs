@@ -1,41 +1,61 @@
-//! `capsem`: run an interactive shell inside a hardware-isolated Linux VM,
-//! like `docker run --rm -it`.
+//! `capsem`: run an interactive shell, or a command, inside a
+//! hardware-isolated Linux VM, like `docker run --rm -it`.
 //!
-//! `capsem [--home DIR] [--vmm qemu|none] shell` creates a temporary VM under
+//! Usage (global flags go before or after the command):
+//!
+//! ```text
+//! capsem [--home DIR] [--vmm qemu|none] [--accel auto|kvm|tcg] shell
+//! capsem [...] run [-t] [--timeout SECS] [-e KEY=VAL]... [-w DIR] [--audit-log FILE] -- CMD [ARG...]
+//! capsem [...] create NAME [--cpus N] [--memory MIB]
+//! capsem [...] shell NAME                  # Ctrl-] detaches, the shell keeps running
+//! capsem [...] exec NAME [-t] [--timeout SECS] [-e KEY=VAL]... [-w DIR] -- CMD [ARG...]
+//! capsem [...] list [--json] | inspect NAME | logs NAME [--follow] [--source process|serial]
+//! capsem [...] stop NAME [--grace SECS] | start NAME | rm [--force] NAME
+//! capsem [...] audit NAME [--follow] [--json]
+//! capsem [--home DIR] doctor
+//! capsem completions bash|zsh|fish|elvish|powershell
+//! capsem man
+//! ```
+//!
+//! `shell` without NAME creates a temporary VM under
 //! `<home>/vms/tmp-<16 hex>/`, starts `capsem-process` for it, attaches this
 //! terminal to the guest shell over `<vm-dir>/ctl.sock`, and destroys the VM
-//! when the shell exits. Home: `--home`, else `$CAPSEM_HOME`, else
-//! `~/.capsem`. Backend: `--vmm`, else `$CAPSEM_VMM`, else `qemu`.
-//! capsem-process: `$CAPSEM_PROCESS_BIN` if set, else `capsem-process` beside
-//! this executable (so an installed `capsem` finds its helper from any
-//! directory; `scripts/install.sh` puts them side by side).
+//! when the shell exits; `run` does the same for one command (like `docker
+//! run --rm`): its stdout and stderr byte for byte on capsem's, stdin
+//! forwarded with its EOF. `create` makes a persistent VM that `shell NAME`,
+//! `exec NAME`, `stop`, `start` and `rm` act on. Home: `--home`, else
+//! `$CAPSEM_HOME`, else `~/.capsem`. Backend: `--vmm`, else `$CAPSEM_VMM`,
+//! else `qemu`. `--accel` (else `$CAPSEM_ACCEL`, else `auto`) is passed to
+//! capsem-process, which decides what `auto` means. capsem-process:
+//! `$CAPSEM_PROCESS_BIN` if set, else `capsem-process` beside this
+//! executable; capsem-process runs the `--vmm none` agent from
+//! `$CAPSEM_AGENT_BIN`, else beside itself; the guest image is
+//! `$CAPSEM_IMAGE_DIR`, else `<home>/images/default`. So an installed
+//! `capsem` (`scripts/install.sh` puts the three side by side) works from
+//! any directory.
 //!
-//! Exit status (also in `capsem --help`):
+//! Options before `run`'s or `exec`'s command are capsem's: an unknown one
+//! is a usage error (exit 125), never taken as the command; after the
+//! command's name, or after `--`, every word is the command's.
 //!
-//! * the shell's exit status;
-//! * 128 + N when signal N killed the shell, or capsem itself got SIGHUP,
-//!   SIGTERM (or SIGINT before the shell ran);
-//! * 125 when capsem failed before the shell ran (usage, capsem-process
-//!   missing, the VM did not start);
-//! * 255 when the session was lost without an exit status.
+//! Exit status ([`exit::Exit`], also in `capsem --help`):
 //!
-//! Every failure is one line on stderr starting with `capsem: `.
+//! * the shell's (or command's) own exit status;
+//! * 124 when `run`/`exec --timeout` expired (SIGTERM to the command's
+//!   process group, SIGKILL 2 s later);
+//! * 126 not executable, 127 not found (`run`/`exec`);
+//! * 128 + N when signal N killed it, or capsem itself got SIGHUP, SIGTERM
+//!   (or SIGINT before the shell ran; for `run`, the command's process
+//!   group is stopped first);
+//! * 125 when capsem failed before the shell ran or refused the request
+//!   (usage, capsem-process missing, the VM did not start, a home it
+//!   cannot read, `-e LD_PRELOAD=...`);
+//! * 255 when the session was lost without an exit status;
+//! * `doctor`: 0 when nothing is missing, 1 otherwise (see [`health`] for
+//!   the output format).
 //!
-//! `--accel auto|kvm|tcg` (else `$CAPSEM_ACCEL`, else `auto`) is passed to
-//! capsem-process as `--accel` for `--vmm qemu`; capsem-process decides what
-//! `auto` means.
-//!
-//! `capsem run [--timeout SECS] [-e KEY=VAL]... [--workdir DIR] -- CMD [ARG...]`
-//! runs one command in a temporary VM (like `docker run --rm`): its stdout
-//! and stderr byte for byte on capsem's, stdin forwarded with its EOF, and
-//! capsem's exit status is the command's: 124 when `--timeout` expired, 126
-//! not executable, 127 not found, 128 + N killed by signal N (or capsem got
-//! signal N: the command's process group is stopped first), 125 when capsem
-//! failed or refused the request (e.g. `-e LD_PRELOAD=...`), 255 when the
-//! session was lost.
-//!
-//! `capsem doctor` checks the host (see [`doctor`] for the output format)
-//! and exits 0 when nothing is missing, 1 otherwise.
+//! Every failure is one line on stderr starting with `capsem: ` (a usage
+//! error is clap's message).
 //!
 //! When stdin is not a terminal, its EOF is forwarded as one Ctrl-D (0x04)
 //! byte, so a shell at its prompt sees end-of-input and exits. SIGINT is
@@ -123,6 +143,61 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("capsem: {}", error::one_line_chain(&e));
             e.exit().into()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    const MAIN: &str = include_str!("main.rs");
+    const CMD: &str = include_str!("cmd/mod.rs");
+
+    /// The names declared by `mod NAME;` / `pub mod NAME;` lines.
+    fn declared(src: &str) -> Vec<&str> {
+        src.lines()
+            .filter_map(|l| {
+                l.trim_start_matches("pub ")
+                    .strip_prefix("mod ")?
+                    .strip_suffix(';')
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_module_map_names_every_module() {
+        let modules = declared(MAIN);
+        assert!(modules.len() > 20, "{modules:?}");
+        for m in modules {
+            if m == "testutil" {
+                continue;
+            }
+            assert!(
+                MAIN.contains(&format!("[`{m}`]")),
+                "main.rs's module map misses {m}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_usage_block_and_cmd_cover_every_subcommand() {
+        let usage: Vec<&str> = MAIN
+            .lines()
+            .skip_while(|l| *l != "//! ```text")
+            .skip(1)
+            .take_while(|l| *l != "//! ```")
+            .collect();
+        let commands = declared(CMD);
+        for sub in crate::cli::Cli::command().get_subcommands() {
+            let name = sub.get_name();
+            assert!(
+                usage
+                    .iter()
+                    .any(|l| l.split_whitespace().any(|w| w == name)),
+                "main.rs's usage misses {name}"
+            );
+            assert!(commands.contains(&name), "cmd/ has no module {name}");
         }
     }
 }
