@@ -110,14 +110,23 @@ pub fn shell_quote(s: &str) -> String {
 }
 
 /// The command that puts binary `pkg` at `path`: a plain `cargo build`
-/// when `path` is in cargo's own `debug`/`release` directory, else a
-/// release build installed there (run from the capsem repository).
+/// when `path` is in cargo's own `debug`/`release` directory,
+/// `scripts/install.sh PREFIX` for `PREFIX/bin/<pkg>`, else a release build
+/// installed there (run from the capsem repository).
 pub fn build_fix(pkg: &str, path: &Path) -> String {
-    let dir = path.parent().and_then(Path::file_name);
+    let parent = path.parent();
+    let dir = parent.and_then(Path::file_name);
     let named_pkg = path.file_name().is_some_and(|n| n == pkg);
-    match dir.and_then(|d| d.to_str()) {
-        Some("debug") if named_pkg => format!("cargo build -p {pkg}"),
-        Some("release") if named_pkg => format!("cargo build --release -p {pkg}"),
+    let prefix = parent
+        .and_then(Path::parent)
+        .filter(|p| !p.as_os_str().is_empty());
+    match (dir.and_then(|d| d.to_str()), prefix) {
+        (Some("debug"), _) if named_pkg => format!("cargo build -p {pkg}"),
+        (Some("release"), _) if named_pkg => format!("cargo build --release -p {pkg}"),
+        (Some("bin"), Some(prefix)) if named_pkg => format!(
+            "scripts/install.sh {}",
+            shell_quote(&prefix.display().to_string())
+        ),
         _ => format!(
             "cargo build --release -p {pkg} && install -m 0755 target/release/{pkg} {}",
             shell_quote(&path.display().to_string())
@@ -175,8 +184,12 @@ mod tests {
         );
         assert_eq!(
             build_fix("capsem-agent", Path::new("/usr/local/bin/capsem-agent")),
+            "scripts/install.sh /usr/local"
+        );
+        assert_eq!(
+            build_fix("capsem-agent", Path::new("/opt/x/capsem-agent")),
             "cargo build --release -p capsem-agent && \
-             install -m 0755 target/release/capsem-agent /usr/local/bin/capsem-agent"
+             install -m 0755 target/release/capsem-agent /opt/x/capsem-agent"
         );
     }
 }

@@ -35,6 +35,7 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
 use crate::context::Ctx;
+use crate::error::one_line_chain;
 use crate::vms::{Vm, VmState};
 
 /// How long killed processes get to disappear before the sweep gives up on
@@ -83,7 +84,7 @@ pub enum Swept {
 pub fn sweep(ctx: &Ctx) {
     let (vms, errors) = crate::vms::list(&ctx.home);
     for e in errors {
-        eprintln!("capsem: warning: skipping a VM: {}", error_chain(&e));
+        eprintln!("capsem: warning: skipping a VM: {}", one_line_chain(&e));
     }
     for vm in vms {
         match sweep_one(ctx, &vm.name) {
@@ -104,7 +105,7 @@ pub fn sweep(ctx: &Ctx) {
             Err(e) => eprintln!(
                 "capsem: warning: cannot sweep VM {}: {}",
                 vm.name,
-                error_chain(&e)
+                one_line_chain(&e)
             ),
         }
     }
@@ -249,9 +250,6 @@ fn remove_dir(path: &Path) -> Result<(), SweepError> {
         }),
     }
 }
-
-/// `error: cause: cause`, on one line (the one rule, from `main`).
-pub(crate) use crate::error::one_line_chain as error_chain;
 
 #[cfg(test)]
 mod tests {
@@ -554,7 +552,7 @@ mod tests {
             path: "/x".into(),
             source: io::Error::from_raw_os_error(libc::EACCES),
         };
-        let line = error_chain(&e);
+        let line = one_line_chain(&e);
         assert!(line.starts_with("cannot remove /x: "), "{line}");
         assert!(!line.contains('\n'));
     }
