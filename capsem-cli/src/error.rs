@@ -14,6 +14,7 @@ use crate::auditfmt::AuditError;
 use crate::exit::Exit;
 use crate::follow::FollowError;
 use crate::home::HomeError;
+use crate::lost::Lost;
 use crate::signals::SignalsError;
 use crate::spawn::SpawnError;
 use crate::tempvm::TempVmError;
@@ -100,8 +101,8 @@ pub enum CliError {
     Follow(#[from] FollowError),
     #[error(transparent)]
     Audit(#[from] AuditError),
-    #[error("session lost: {0}")]
-    SessionLost(String),
+    #[error("session lost")]
+    SessionLost(#[source] Lost),
 }
 
 impl CliError {
@@ -156,6 +157,6 @@ mod tests {
             "transparent keeps the io::Error as the source"
         );
         assert_eq!(e.exit(), Exit::Failed);
-        assert_eq!(CliError::SessionLost("x".into()).exit(), Exit::Lost);
+        assert_eq!(CliError::SessionLost(Lost::Closed).exit(), Exit::Lost);
     }
 }

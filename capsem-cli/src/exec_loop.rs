@@ -18,18 +18,19 @@ use nix::sys::signal::Signal;
 
 use crate::attach::{one_line, Events, Session};
 use crate::exit::{self, Exit};
+use crate::lost::Lost;
 use crate::signals::Signals;
 
 /// Queued stdin above which stdin is not read.
 const OUT_HIGH_WATER: usize = 4 * MAX_EXEC_CHUNK;
 
 /// How the command ended for capsem.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum ExecEnd {
     /// capsem's exit code.
     Exited(Exit),
     /// The session ended without a status.
-    Lost(String),
+    Lost(Lost),
 }
 
 /// The exit for an `ExecExit`; `None` when it carries no usable status.
@@ -62,7 +63,7 @@ pub fn run(session: &mut Session, signals: &mut Signals) -> ExecEnd {
     }
 }
 
-fn run_inner(session: &mut Session, signals: &mut Signals) -> Result<ExecEnd, String> {
+fn run_inner(session: &mut Session, signals: &mut Signals) -> Result<ExecEnd, Lost> {
     let stdin = io::stdin();
     let mut stdout = io::stdout().lock();
     let mut stderr = io::stderr().lock();
@@ -71,11 +72,7 @@ fn run_inner(session: &mut Session, signals: &mut Signals) -> Result<ExecEnd, St
     let mut stopping: Option<Signal> = None;
     let mut buf = vec![0u8; MAX_EXEC_CHUNK];
     loop {
-        while let Some(msg) = session
-            .codec
-            .next_message()
-            .map_err(|e| format!("invalid message from capsem-process: {e}"))?
-        {
+        while let Some(msg) = session.codec.next_message().map_err(Lost::Invalid)? {
             match msg {
                 ProcessToClient::ExecOutput {
                     stream: ExecStream::Stdout,
@@ -95,14 +92,14 @@ fn run_inner(session: &mut Session, signals: &mut Signals) -> Result<ExecEnd, St
                     }
                     return Ok(match exit_code(code, signal, timed_out) {
                         Some(code) => ExecEnd::Exited(code),
-                        None => ExecEnd::Lost("the command ended without an exit status".into()),
+                        None => ExecEnd::Lost(Lost::NoCommandStatus),
                     });
                 }
                 ProcessToClient::SessionLost { reason } => {
-                    return Ok(ExecEnd::Lost(one_line(&reason)));
+                    return Ok(ExecEnd::Lost(Lost::Reported(one_line(&reason))));
                 }
                 ProcessToClient::Error { message } => {
-                    return Ok(ExecEnd::Lost(one_line(&message)));
+                    return Ok(ExecEnd::Lost(Lost::Reported(one_line(&message))));
                 }
                 // Heartbeat notes would corrupt the command's stderr.
                 ProcessToClient::GuestUnresponsive { .. }
@@ -127,7 +124,7 @@ fn run_inner(session: &mut Session, signals: &mut Signals) -> Result<ExecEnd, St
         };
 
         if signal {
-            for sig in signals.drain().map_err(|e| e.to_string())? {
+            for sig in signals.drain()? {
                 if sig == Signal::SIGWINCH {
                     continue;
                 }

@@ -79,6 +79,7 @@
 //!   and killing by process group.
 //! * [`attach`]: the ctl.sock handshake and the shell's poll loop.
 //! * [`request`]: `run`/`exec` requests: `-e`, `-t`, `--audit-log`.
+//! * [`lost`]: why a session ended without a status ([`lost::Lost`]).
 //! * [`exec_loop`]: `run`'s and `exec`'s poll loop: stdin, separate
 //!   stdout/stderr, the status.
 //! * [`follow`]: following a file until a process exits (`logs` and
@@ -105,6 +106,7 @@ mod follow;
 mod health;
 mod home;
 mod image;
+mod lost;
 mod output;
 mod probe;
 mod progress;

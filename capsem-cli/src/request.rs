@@ -9,6 +9,7 @@ use capsem_proto::ipc::ClientToProcess;
 
 use crate::cli::CommandArgs;
 use crate::error::CliError;
+use crate::lost::Lost;
 
 /// The checked `Exec` request for `args` (a refused variable or an
 /// oversized command is an error, exit 125, before anything starts).
@@ -66,7 +67,7 @@ pub fn raw_if_tty(tty: bool) -> Result<Option<crate::terminal::RawGuard>, CliErr
     }
     crate::terminal::RawGuard::enter(stdin.as_fd())
         .map(Some)
-        .map_err(|e| CliError::SessionLost(format!("cannot set the terminal to raw mode: {e}")))
+        .map_err(|e| CliError::SessionLost(Lost::RawMode(e)))
 }
 
 /// `--audit-log FILE`: made absolute (capsem-process, which appends the

@@ -109,7 +109,12 @@ mod tests {
 
     #[test]
     fn errors_map_to_exit_codes() {
-        assert_eq!(CliError::SessionLost("x".into()).exit().code(), 255);
+        assert_eq!(
+            CliError::SessionLost(crate::lost::Lost::Closed)
+                .exit()
+                .code(),
+            255
+        );
         assert_eq!(
             CliError::TempVm(TempVmError::Startup {
                 reason: "r".into(),
