@@ -61,7 +61,7 @@
 //! byte, so a shell at its prompt sees end-of-input and exits. SIGINT is
 //! forwarded as Ctrl-C (0x03).
 //!
-//! Modules (`main` only parses and hands over to [`cmd::dispatch`]):
+//! Modules (`main` only parses and dispatches to one of [`cmd`]):
 //!
 //! * [`cli`]: clap definitions (subcommands as an enum, global flags).
 //! * [`cmd`]: one module per command, and the dispatcher.
@@ -121,11 +121,15 @@ mod testutil;
 mod vmctl;
 mod vms;
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::cli::Cli;
+use crate::cli::{AccelChoice, Cli, Command, Vmm};
+use crate::context::Ctx;
+use crate::error::CliError;
+use crate::exit::Exit;
 
 fn main() -> ExitCode {
     terminal::install_panic_hook();
@@ -140,12 +144,68 @@ fn main() -> ExitCode {
             });
         }
     };
-    match cmd::dispatch(cli) {
+    match dispatch(cli) {
         Ok(exit) => exit.into(),
         Err(e) => {
             eprintln!("capsem: {}", error::one_line_chain(&e));
             e.exit().into()
         }
+    }
+}
+
+/// The VM commands: the home resolved, then the sweep, then the command.
+fn vm_command(
+    home: Option<&Path>,
+    vmm: Vmm,
+    accel: AccelChoice,
+    run: impl FnOnce(&Ctx) -> Result<Exit, CliError>,
+) -> Result<Exit, CliError> {
+    let ctx = Ctx::new(home, vmm, accel)?;
+    crate::sweep::sweep(&ctx);
+    run(&ctx)
+}
+
+/// Runs the parsed command line's command.
+fn dispatch(cli: Cli) -> Result<Exit, CliError> {
+    let Cli {
+        home,
+        vmm,
+        accel,
+        command,
+    } = cli;
+    let home = home.as_deref();
+    match command {
+        Command::Shell { name: None } => cmd::shell::run_temporary(home, vmm, accel),
+        Command::Run(args) => cmd::run::run(home, vmm, accel, args),
+        Command::Doctor => Ok(cmd::doctor::run(home, vmm, accel)),
+        Command::Completions { shell } => cmd::completions::run(shell),
+        Command::Man => cmd::man::run(),
+        Command::Create(args) => vm_command(home, vmm, accel, |ctx| cmd::create::run(ctx, &args)),
+        Command::Shell { name: Some(name) } => {
+            vm_command(home, vmm, accel, |ctx| cmd::shell::run_named(ctx, &name))
+        }
+        Command::Start { name } => vm_command(home, vmm, accel, |ctx| cmd::start::run(ctx, &name)),
+        Command::Stop { name, grace } => {
+            vm_command(home, vmm, accel, |ctx| cmd::stop::run(ctx, &name, grace))
+        }
+        Command::List { json } => vm_command(home, vmm, accel, |ctx| cmd::list::run(ctx, json)),
+        Command::Inspect { name } => {
+            vm_command(home, vmm, accel, |ctx| cmd::inspect::run(ctx, &name))
+        }
+        Command::Rm { force, name } => {
+            vm_command(home, vmm, accel, |ctx| cmd::rm::run(ctx, &name, force))
+        }
+        Command::Logs {
+            name,
+            follow,
+            source,
+        } => vm_command(home, vmm, accel, |ctx| {
+            cmd::logs::run(ctx, &name, follow, source)
+        }),
+        Command::Exec(args) => vm_command(home, vmm, accel, |ctx| cmd::exec::run(ctx, args)),
+        Command::Audit { name, follow, json } => vm_command(home, vmm, accel, |ctx| {
+            cmd::audit::run(ctx, &name, follow, json)
+        }),
     }
 }
 
