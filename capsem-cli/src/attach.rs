@@ -20,7 +20,8 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::Signal;
 
-use crate::exit;
+use crate::exit::{self, Exit};
+use crate::lost::Lost;
 use crate::signals::{Signals, SignalsError};
 use crate::terminal;
 
@@ -60,12 +61,12 @@ pub enum AttachError {
 }
 
 /// How an attached session ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum SessionEnd {
     /// The shell exited; this is capsem's exit code.
-    Exited(u8),
+    Exited(Exit),
     /// The session ended without an exit status.
-    Lost(String),
+    Lost(Lost),
     /// capsem received SIGHUP or SIGTERM; `Shutdown` was sent (a temporary
     /// VM) or the session was left (a persistent VM, which keeps running).
     Signalled(Signal),
@@ -130,7 +131,7 @@ impl Session {
         signals: &Signals,
         stdin: BorrowedFd<'_>,
         want_stdin: bool,
-    ) -> Result<Option<Events>, String> {
+    ) -> Result<Option<Events>, Lost> {
         let mut sock_events = PollFlags::POLLIN;
         if !self.out.is_empty() {
             sock_events |= PollFlags::POLLOUT;
@@ -145,7 +146,7 @@ impl Session {
         match nix::poll::poll(&mut fds, PollTimeout::NONE) {
             Ok(_) => {}
             Err(Errno::EINTR) => return Ok(None),
-            Err(e) => return Err(format!("poll failed: {e}")),
+            Err(e) => return Err(Lost::Poll(e)),
         }
         let rev = |i: usize| {
             fds.get(i)
@@ -245,13 +246,12 @@ impl Session {
         }
     }
 
-    pub(crate) fn queue(&mut self, msg: &ClientToProcess) -> Result<(), String> {
-        Codec::<Client>::encode_into(msg, &mut self.out)
-            .map_err(|e| format!("cannot encode a message: {e}"))
+    pub(crate) fn queue(&mut self, msg: &ClientToProcess) -> Result<(), Lost> {
+        Codec::<Client>::encode_into(msg, &mut self.out).map_err(Lost::Encode)
     }
 
-    fn queue_input(&mut self, data: &[u8]) -> Result<(), String> {
-        encode_input(data, &mut self.out).map_err(|e| format!("cannot encode input: {e}"))
+    fn queue_input(&mut self, data: &[u8]) -> Result<(), Lost> {
+        encode_input(data, &mut self.out).map_err(Lost::EncodeInput)
     }
 
     /// Writes queued frames until the socket would block.
@@ -259,34 +259,32 @@ impl Session {
     /// the connection ended (EOF, or ECONNRESET: it closed with our bytes
     /// unread, and everything it sent was read first) or broke; the
     /// session is lost. `Err`: it sent an invalid frame.
-    pub(crate) fn read_from_process(&mut self, buf: &mut [u8]) -> Result<Option<String>, String> {
+    pub(crate) fn read_from_process(&mut self, buf: &mut [u8]) -> Result<Option<Lost>, Lost> {
         let read = match self.sock.read(buf) {
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(0),
             other => other,
         };
         match read {
             Ok(0) => Ok(Some(match self.codec.finish() {
-                Ok(()) => "capsem-process closed the connection".into(),
-                Err(e) => format!("capsem-process closed the connection: {e}"),
+                Ok(()) => Lost::Closed,
+                Err(e) => Lost::ClosedMidFrame(e),
             })),
             Ok(n) => {
-                self.codec
-                    .feed(&buf[..n])
-                    .map_err(|e| format!("invalid message from capsem-process: {e}"))?;
+                self.codec.feed(&buf[..n]).map_err(Lost::Invalid)?;
                 Ok(None)
             }
             Err(e) if is_transient(&e) => Ok(None),
-            Err(e) => Ok(Some(format!("cannot read from capsem-process: {e}"))),
+            Err(e) => Ok(Some(Lost::Read(e))),
         }
     }
 
-    pub(crate) fn flush_nonblocking(&mut self) -> Result<(), String> {
+    pub(crate) fn flush_nonblocking(&mut self) -> Result<(), Lost> {
         if self.send_closed {
             self.out.clear();
         }
         while !self.out.is_empty() {
             match self.sock.write(&self.out) {
-                Ok(0) => return Err("capsem-process stopped reading".into()),
+                Ok(0) => return Err(Lost::StoppedReading),
                 Ok(n) => {
                     self.out.drain(..n);
                 }
@@ -295,7 +293,7 @@ impl Session {
                     self.send_closed = true;
                     self.out.clear();
                 }
-                Err(e) => return Err(format!("cannot send to capsem-process: {e}")),
+                Err(e) => return Err(Lost::Send(e)),
             }
         }
         Ok(())
@@ -343,7 +341,7 @@ impl Session {
         }
     }
 
-    fn run_inner(&mut self, stdin_tty: bool, signals: &mut Signals) -> Result<SessionEnd, String> {
+    fn run_inner(&mut self, stdin_tty: bool, signals: &mut Signals) -> Result<SessionEnd, Lost> {
         let stdin = io::stdin();
         let mut stdout = io::stdout().lock();
         let mut reading_stdin = true;
@@ -353,32 +351,22 @@ impl Session {
         loop {
             // Messages already decoded come first: output before status.
             let mut wrote = false;
-            while let Some(msg) = self
-                .codec
-                .next_message()
-                .map_err(|e| format!("invalid message from capsem-process: {e}"))?
-            {
+            while let Some(msg) = self.codec.next_message().map_err(Lost::Invalid)? {
                 match msg {
                     ProcessToClient::Output { data } => {
-                        stdout
-                            .write_all(&data)
-                            .map_err(|e| format!("cannot write to stdout: {e}"))?;
+                        stdout.write_all(&data).map_err(Lost::Stdout)?;
                         wrote = true;
                     }
                     ProcessToClient::ShellExited { exit_code, signal } => {
-                        stdout
-                            .flush()
-                            .map_err(|e| format!("cannot write to stdout: {e}"))?;
+                        stdout.flush().map_err(Lost::Stdout)?;
                         return Ok(match exit::from_shell(exit_code, signal) {
                             Some(code) => SessionEnd::Exited(code),
-                            None => {
-                                SessionEnd::Lost("the shell ended without an exit status".into())
-                            }
+                            None => SessionEnd::Lost(Lost::NoShellStatus),
                         });
                     }
                     ProcessToClient::SessionLost { reason } => {
                         let _ = stdout.flush();
-                        return Ok(SessionEnd::Lost(one_line(&reason)));
+                        return Ok(SessionEnd::Lost(Lost::Reported(one_line(&reason))));
                     }
                     ProcessToClient::GuestUnresponsive { .. } => {
                         if !unresponsive {
@@ -406,9 +394,7 @@ impl Session {
                 }
             }
             if wrote {
-                stdout
-                    .flush()
-                    .map_err(|e| format!("cannot write to stdout: {e}"))?;
+                stdout.flush().map_err(Lost::Stdout)?;
             }
 
             let want_stdin = reading_stdin && !self.send_closed && self.out.len() < OUT_HIGH_WATER;
@@ -423,7 +409,7 @@ impl Session {
             };
 
             if signal {
-                for sig in signals.drain().map_err(|e| e.to_string())? {
+                for sig in signals.drain()? {
                     match sig {
                         Signal::SIGWINCH => {
                             let now = terminal::window_size(stdin.as_fd());

@@ -1,5 +1,6 @@
-//! Command-line parsing (clap). Subcommands are an enum so that `create`,
-//! `list` and `exec` can be added beside `shell` and `doctor`.
+//! Command-line parsing (clap): global flags, and the subcommands as an
+//! enum, one variant per module of [`crate::cmd`]. `completions` and `man`
+//! are generated from these definitions.
 
 use std::path::PathBuf;
 
@@ -116,6 +117,14 @@ pub enum Command {
     /// `fix:` command below each missing piece. Exits 0 when nothing is
     /// missing, 1 otherwise.
     Doctor,
+    /// Print a completion script for SHELL on stdout (e.g. `capsem
+    /// completions bash > /etc/bash_completion.d/capsem`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print capsem's manual page (roff) on stdout (`capsem man | man -l -`).
+    Man,
 }
 
 /// `capsem create NAME [--cpus N] [--memory MIB]`.
@@ -180,13 +189,11 @@ pub struct CommandArgs {
     /// The command's working directory inside the guest
     #[arg(short = 'w', long, value_name = "DIR")]
     pub workdir: Option<String>,
-    /// The command and its arguments (put them after `--`)
-    #[arg(
-        required = true,
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "CMD"
-    )]
+    /// The command and its arguments (put them after `--`). Options before
+    /// the command are capsem's: an unknown one is a usage error (exit
+    /// 125), never taken for the command; after the command's name (or
+    /// after `--`) every word is the command's.
+    #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
     pub command: Vec<String>,
 }
 
@@ -270,6 +277,41 @@ mod tests {
         assert!(matches!(cli.command, Command::Doctor));
         assert_eq!(AccelChoice::Kvm.as_arg(), "kvm");
         assert!(Cli::try_parse_from(["capsem", "--accel", "hvf", "shell"]).is_err());
+    }
+
+    #[test]
+    fn an_unknown_option_before_the_command_is_an_error_not_the_command() {
+        for args in [
+            &["capsem", "run", "--image", "X", "--", "sh"][..],
+            &["capsem", "exec", "dev", "--bogus", "--", "sh"],
+            &["capsem", "run", "-Z", "sh"],
+        ] {
+            let err = Cli::try_parse_from(args).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::UnknownArgument,
+                "{args:?}"
+            );
+            assert!(err.use_stderr());
+        }
+        // After `--`, or after the command's name, every word is the command's.
+        let argv = |args: &[&str]| match Cli::try_parse_from(args).unwrap().command {
+            Command::Run(r) => r.cmd.command,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            argv(&["capsem", "run", "-t", "--", "ls", "-la", "--color"]),
+            ["ls", "-la", "--color"]
+        );
+        assert_eq!(argv(&["capsem", "run", "--", "--image"]), ["--image"]);
+        assert_eq!(
+            argv(&["capsem", "run", "ls", "-la", "--", "x"]),
+            ["ls", "-la", "--", "x"]
+        );
+        assert_eq!(
+            argv(&["capsem", "run", "sh", "-c", "exit 3"]),
+            ["sh", "-c", "exit 3"]
+        );
     }
 
     #[test]

@@ -1,25 +1,71 @@
-//! capsem's exit codes, in one place so `--help`, the crate doc and the code
-//! agree.
+//! capsem's exit codes: one type, [`Exit`], that every command returns, so
+//! `--help`, the crate doc and the code agree.
 //!
-//! | code | meaning |
-//! |---|---|
-//! | 0..=124, ... | the shell's own exit status |
-//! | 128 + N | the shell was killed by signal N, or capsem was stopped by signal N (SIGHUP, SIGTERM, SIGINT) |
-//! | 125 | capsem itself failed before the shell ran (bad usage, no capsem-process, the VM did not start) |
-//! | 255 | the session was lost without an exit status |
-//!
-//! `capsem run` uses the same codes for its command, plus 124 (the
-//! `--timeout` expired), 126 (not executable), 127 (not found), and 125 also
-//! for a refused request (a denied `-e` variable, an oversized command).
-//!
-//! `capsem doctor`: 0 when nothing is missing, 1 when something is.
+//! | code | [`Exit`] | meaning |
+//! |---|---|---|
+//! | 0..=255 | `Status(N)` | the shell's (or command's) own exit status |
+//! | 124 | `TimedOut` | `capsem run`/`exec`: `--timeout` expired |
+//! | 125 | `Failed` | capsem itself failed before the shell ran (bad usage, no capsem-process, the VM did not start, an unreadable home), or refused the request (a denied `-e` variable, an oversized command) |
+//! | 126 | `Status(126)` | `run`/`exec`: the command is not executable (the agent's status, as in a shell) |
+//! | 127 | `Status(127)` | `run`/`exec`: the command was not found (likewise) |
+//! | 128 + N | `Signal(N)` | the shell was killed by signal N, or capsem was stopped by signal N (SIGHUP, SIGTERM, SIGINT) |
+//! | 255 | `Lost` | the session was lost without an exit status |
+//! | 1 | `DoctorMissing` | `capsem doctor` found something missing |
+
+use std::process::ExitCode;
+
+/// How capsem exits. `code()` is the number the shell sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// The shell's or command's own status, passed through.
+    Status(u8),
+    /// Killed by (or capsem stopped by) signal N: 128 + N; a number no
+    /// real signal has (it comes from the guest) counts as [`Exit::Lost`].
+    Signal(i32),
+    /// `--timeout` expired: 124.
+    TimedOut,
+    /// capsem failed or refused the request: 125.
+    Failed,
+    /// The session ended without an exit status: 255.
+    Lost,
+    /// `capsem doctor` found something missing: 1.
+    DoctorMissing,
+}
 
 /// capsem failed before the shell ran.
 pub const CAPSEM_FAILED: u8 = 125;
+/// The `--timeout` expired.
+pub const TIMED_OUT: u8 = 124;
 /// The session ended without an exit status.
 pub const SESSION_LOST: u8 = 255;
 /// `capsem doctor` found something missing.
 pub const DOCTOR_MISSING: u8 = 1;
+
+impl Exit {
+    /// Success: status 0.
+    pub const OK: Exit = Exit::Status(0);
+
+    /// The process exit status.
+    pub fn code(self) -> u8 {
+        match self {
+            Exit::Status(n) => n,
+            Exit::Signal(sig) => match u8::try_from(sig) {
+                Ok(n @ 1..=127) => 128 + n,
+                _ => SESSION_LOST,
+            },
+            Exit::TimedOut => TIMED_OUT,
+            Exit::Failed => CAPSEM_FAILED,
+            Exit::Lost => SESSION_LOST,
+            Exit::DoctorMissing => DOCTOR_MISSING,
+        }
+    }
+}
+
+impl From<Exit> for ExitCode {
+    fn from(exit: Exit) -> Self {
+        ExitCode::from(exit.code())
+    }
+}
 
 /// Text for `capsem --help`.
 pub const HELP: &str = "\
@@ -28,7 +74,7 @@ Exit status:
   128+N    the shell was killed by signal N, or capsem received signal N
            (SIGHUP, SIGTERM; SIGINT while waiting for the VM)
   125      capsem failed before the shell ran (usage error, capsem-process
-           missing, the VM did not start)
+           missing, the VM did not start, the home cannot be read)
   255      the session was lost without an exit status
 
 capsem run: the command's exit status, 124 when --timeout expired, 126 when
@@ -39,22 +85,18 @@ request (for example -e LD_PRELOAD=...), 255 when the session was lost
 capsem doctor: 0 when nothing is missing, 1 when something is
 (125 on a usage error).";
 
-/// Exit code for "killed by signal `sig`": 128 + N, or 255 for a signal
-/// number no real signal has (the value comes from the guest).
-pub fn from_signal(sig: i32) -> u8 {
-    match u8::try_from(sig) {
-        Ok(n @ 1..=127) => 128 + n,
-        _ => SESSION_LOST,
-    }
+/// "Killed by signal `sig`" (or capsem got `sig`).
+pub fn from_signal(sig: i32) -> Exit {
+    Exit::Signal(sig)
 }
 
-/// Exit code for a `ShellExited` report, `None` when the report carries no
+/// The exit for a `ShellExited` report, `None` when the report carries no
 /// usable status (then the session counts as lost). A signal wins over an
 /// exit code; both come from the guest and are range-checked.
-pub fn from_shell(exit_code: Option<i32>, signal: Option<i32>) -> Option<u8> {
+pub fn from_shell(exit_code: Option<i32>, signal: Option<i32>) -> Option<Exit> {
     match (exit_code, signal) {
         (_, Some(sig)) => Some(from_signal(sig)),
-        (Some(code), None) => u8::try_from(code).ok(),
+        (Some(code), None) => u8::try_from(code).ok().map(Exit::Status),
         (None, None) => None,
     }
 }
@@ -63,26 +105,44 @@ pub fn from_shell(exit_code: Option<i32>, signal: Option<i32>) -> Option<u8> {
 mod tests {
     use super::*;
 
+    fn code(e: Option<Exit>) -> Option<u8> {
+        e.map(Exit::code)
+    }
+
     #[test]
     fn shell_status_maps_to_exit_codes() {
-        assert_eq!(from_shell(Some(0), None), Some(0));
-        assert_eq!(from_shell(Some(7), None), Some(7));
-        assert_eq!(from_shell(Some(255), None), Some(255));
-        assert_eq!(from_shell(None, Some(9)), Some(137));
-        assert_eq!(from_shell(None, Some(15)), Some(143));
-        assert_eq!(from_shell(Some(1), Some(2)), Some(130));
+        assert_eq!(code(from_shell(Some(0), None)), Some(0));
+        assert_eq!(code(from_shell(Some(7), None)), Some(7));
+        assert_eq!(code(from_shell(Some(255), None)), Some(255));
+        assert_eq!(code(from_shell(None, Some(9))), Some(137));
+        assert_eq!(code(from_shell(None, Some(15))), Some(143));
+        assert_eq!(code(from_shell(Some(1), Some(2))), Some(130));
         assert_eq!(from_shell(None, None), None);
         // Out-of-range values from an untrusted guest.
         assert_eq!(from_shell(Some(256), None), None);
         assert_eq!(from_shell(Some(-1), None), None);
-        assert_eq!(from_shell(None, Some(0)), Some(SESSION_LOST));
-        assert_eq!(from_shell(None, Some(200)), Some(SESSION_LOST));
+        assert_eq!(code(from_shell(None, Some(0))), Some(SESSION_LOST));
+        assert_eq!(code(from_shell(None, Some(200))), Some(SESSION_LOST));
     }
 
     #[test]
     fn signals_map_to_128_plus_n() {
-        assert_eq!(from_signal(libc::SIGHUP), 129);
-        assert_eq!(from_signal(libc::SIGINT), 130);
-        assert_eq!(from_signal(libc::SIGTERM), 143);
+        assert_eq!(from_signal(libc::SIGHUP).code(), 129);
+        assert_eq!(from_signal(libc::SIGINT).code(), 130);
+        assert_eq!(from_signal(libc::SIGTERM).code(), 143);
+    }
+
+    #[test]
+    fn every_variant_has_its_documented_code() {
+        assert_eq!(Exit::OK.code(), 0);
+        // 126 and 127 are the agent's statuses, passed through.
+        assert_eq!(Exit::Status(126).code(), 126);
+        assert_eq!(Exit::TimedOut.code(), 124);
+        assert_eq!(Exit::Failed.code(), 125);
+        assert_eq!(Exit::Lost.code(), 255);
+        assert_eq!(Exit::DoctorMissing.code(), 1);
+        for code in ["124", "125", "126", "127", "128+N", "255"] {
+            assert!(HELP.contains(code), "{code}");
+        }
     }
 }

@@ -23,6 +23,12 @@ pub enum HomeError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot read capsem's home {path}")]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot draw a random VM id")]
     Random(#[source] getrandom::Error),
 }
@@ -47,6 +53,20 @@ pub fn resolve_home(
         path: chosen,
         source,
     })
+}
+
+/// Fails unless this process can list the home and its `vms/` (each may
+/// not exist yet: capsem creates them). Without it, a home that belongs to
+/// someone else would read as one with no VMs.
+pub fn check_readable(home: &Path) -> Result<(), HomeError> {
+    for dir in [home.to_path_buf(), vms_dir(home)] {
+        match fs::read_dir(&dir) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => return Err(HomeError::Unreadable { path: dir, source }),
+        }
+    }
+    Ok(())
 }
 
 /// The user's home: `$HOME`, else the password database.
@@ -178,6 +198,20 @@ mod tests {
             resolve_home(None, None, None),
             Err(HomeError::NoHome)
         ));
+    }
+
+    #[test]
+    fn a_missing_home_is_readable_a_file_is_not() {
+        let d = tempfile::tempdir().unwrap();
+        check_readable(&d.path().join("new")).unwrap();
+        check_readable(d.path()).unwrap();
+        fs::create_dir(vms_dir(d.path())).unwrap();
+        check_readable(d.path()).unwrap();
+        let file = d.path().join("file");
+        fs::write(&file, b"").unwrap();
+        let e = check_readable(&file).unwrap_err();
+        assert!(matches!(e, HomeError::Unreadable { .. }), "{e:?}");
+        assert!(e.to_string().contains("cannot read capsem's home"), "{e}");
     }
 
     #[test]

@@ -1,109 +1,135 @@
-//! `capsem`: run an interactive shell inside a hardware-isolated Linux VM,
-//! like `docker run --rm -it`.
+//! `capsem`: run an interactive shell, or a command, inside a
+//! hardware-isolated Linux VM, like `docker run --rm -it`.
 //!
-//! `capsem [--home DIR] [--vmm qemu|none] shell` creates a temporary VM under
+//! Usage (global flags go before or after the command):
+//!
+//! ```text
+//! capsem [--home DIR] [--vmm qemu|none] [--accel auto|kvm|tcg] shell
+//! capsem [...] run [-t] [--timeout SECS] [-e KEY=VAL]... [-w DIR] [--audit-log FILE] -- CMD [ARG...]
+//! capsem [...] create NAME [--cpus N] [--memory MIB]
+//! capsem [...] shell NAME                  # Ctrl-] detaches, the shell keeps running
+//! capsem [...] exec NAME [-t] [--timeout SECS] [-e KEY=VAL]... [-w DIR] -- CMD [ARG...]
+//! capsem [...] list [--json] | inspect NAME | logs NAME [--follow] [--source process|serial]
+//! capsem [...] stop NAME [--grace SECS] | start NAME | rm [--force] NAME
+//! capsem [...] audit NAME [--follow] [--json]
+//! capsem [--home DIR] doctor
+//! capsem completions bash|zsh|fish|elvish|powershell
+//! capsem man
+//! ```
+//!
+//! `shell` without NAME creates a temporary VM under
 //! `<home>/vms/tmp-<16 hex>/`, starts `capsem-process` for it, attaches this
 //! terminal to the guest shell over `<vm-dir>/ctl.sock`, and destroys the VM
-//! when the shell exits. Home: `--home`, else `$CAPSEM_HOME`, else
-//! `~/.capsem`. Backend: `--vmm`, else `$CAPSEM_VMM`, else `qemu`.
-//! capsem-process: `$CAPSEM_PROCESS_BIN` if set, else `capsem-process` beside
-//! this executable.
+//! when the shell exits; `run` does the same for one command (like `docker
+//! run --rm`): its stdout and stderr byte for byte on capsem's, stdin
+//! forwarded with its EOF. `create` makes a persistent VM that `shell NAME`,
+//! `exec NAME`, `stop`, `start` and `rm` act on. Home: `--home`, else
+//! `$CAPSEM_HOME`, else `~/.capsem`. Backend: `--vmm`, else `$CAPSEM_VMM`,
+//! else `qemu`. `--accel` (else `$CAPSEM_ACCEL`, else `auto`) is passed to
+//! capsem-process, which decides what `auto` means. capsem-process:
+//! `$CAPSEM_PROCESS_BIN` if set, else `capsem-process` beside this
+//! executable; capsem-process runs the `--vmm none` agent from
+//! `$CAPSEM_AGENT_BIN`, else beside itself; the guest image is
+//! `$CAPSEM_IMAGE_DIR`, else `<home>/images/default`. So an installed
+//! `capsem` (`scripts/install.sh` puts the three side by side) works from
+//! any directory.
 //!
-//! Exit status (also in `capsem --help`):
+//! Options before `run`'s or `exec`'s command are capsem's: an unknown one
+//! is a usage error (exit 125), never taken as the command; after the
+//! command's name, or after `--`, every word is the command's.
 //!
-//! * the shell's exit status;
-//! * 128 + N when signal N killed the shell, or capsem itself got SIGHUP,
-//!   SIGTERM (or SIGINT before the shell ran);
-//! * 125 when capsem failed before the shell ran (usage, capsem-process
-//!   missing, the VM did not start);
-//! * 255 when the session was lost without an exit status.
+//! Exit status ([`exit::Exit`], also in `capsem --help`):
 //!
-//! Every failure is one line on stderr starting with `capsem: `.
+//! * the shell's (or command's) own exit status;
+//! * 124 when `run`/`exec --timeout` expired (SIGTERM to the command's
+//!   process group, SIGKILL 2 s later);
+//! * 126 not executable, 127 not found (`run`/`exec`);
+//! * 128 + N when signal N killed it, or capsem itself got SIGHUP, SIGTERM
+//!   (or SIGINT before the shell ran; for `run`, the command's process
+//!   group is stopped first);
+//! * 125 when capsem failed before the shell ran or refused the request
+//!   (usage, capsem-process missing, the VM did not start, a home it
+//!   cannot read, `-e LD_PRELOAD=...`);
+//! * 255 when the session was lost without an exit status;
+//! * `doctor`: 0 when nothing is missing, 1 otherwise (see [`health`] for
+//!   the output format).
 //!
-//! `--accel auto|kvm|tcg` (else `$CAPSEM_ACCEL`, else `auto`) is passed to
-//! capsem-process as `--accel` for `--vmm qemu`; capsem-process decides what
-//! `auto` means.
-//!
-//! `capsem run [--timeout SECS] [-e KEY=VAL]... [--workdir DIR] -- CMD [ARG...]`
-//! runs one command in a temporary VM (like `docker run --rm`): its stdout
-//! and stderr byte for byte on capsem's, stdin forwarded with its EOF, and
-//! capsem's exit status is the command's: 124 when `--timeout` expired, 126
-//! not executable, 127 not found, 128 + N killed by signal N (or capsem got
-//! signal N: the command's process group is stopped first), 125 when capsem
-//! failed or refused the request (e.g. `-e LD_PRELOAD=...`), 255 when the
-//! session was lost.
-//!
-//! `capsem doctor` checks the host (see [`doctor`] for the output format)
-//! and exits 0 when nothing is missing, 1 otherwise.
+//! Every failure is one line on stderr starting with `capsem: ` (a usage
+//! error is clap's message).
 //!
 //! When stdin is not a terminal, its EOF is forwarded as one Ctrl-D (0x04)
 //! byte, so a shell at its prompt sees end-of-input and exits. SIGINT is
 //! forwarded as Ctrl-C (0x03).
 //!
-//! Modules:
+//! Modules (`main` only parses and dispatches to one of [`cmd`]):
 //!
 //! * [`cli`]: clap definitions (subcommands as an enum, global flags).
-//! * [`shell`]: the `shell` command: the temporary VM's whole lifetime.
-//! * [`run`]: the `run` command: one command in a temporary VM.
-//! * [`exec`]: `run`'s poll loop: stdin, separate stdout/stderr, the status.
-//! * [`doctor`]: the `doctor` command: one line per host check, with fixes.
-//! * [`accel`]: what `--accel auto` would pick (for `doctor` only).
-//! * [`probe`]: finding host programs, `--version` with a time bound.
-//! * [`image`]: the guest image directory and its manifest.
+//! * [`cmd`]: one module per command, and the dispatcher.
+//! * [`exit`]: [`exit::Exit`], the one exit-code type every command returns.
+//! * [`error`]: [`error::CliError`], the one error type, and its one-line
+//!   rendering.
+//! * [`context`]: [`context::Ctx`] (home, backend, accelerator), loading and
+//!   locking a VM by name.
 //! * [`home`]: home resolution, `vms/` and VM directories, VM ids.
+//! * [`vms`]: the VM directories read and their states.
+//! * [`vmctl`]: booting, adopting and stopping a persistent VM's processes.
+//! * [`sweep`]: cleaning up what crashes left, before every VM command.
+//! * [`tempvm`]: starting a temporary VM (`shell` and `run`).
 //! * [`spawn`]: starting capsem-process, the ready pipe, reaping by pidfd
 //!   and killing by process group.
-//! * [`attach`]: the ctl.sock handshake and the poll loop.
+//! * [`attach`]: the ctl.sock handshake and the shell's poll loop.
+//! * [`request`]: `run`/`exec` requests: `-e`, `-t`, `--audit-log`.
+//! * [`lost`]: why a session ended without a status ([`lost::Lost`]).
+//! * [`exec_loop`]: `run`'s and `exec`'s poll loop: stdin, separate
+//!   stdout/stderr, the status.
+//! * [`follow`]: following a file until a process exits (`logs` and
+//!   `audit --follow`).
+//! * [`auditfmt`]: audit records printed safely.
+//! * [`checks`]: `doctor`'s host checks; [`health`]: its report lines.
+//! * [`probe`]: finding host programs, `--version` with a time bound.
+//! * [`image`]: the guest image directory and its manifest.
+//! * [`output`]: writing a result to stdout.
 //! * [`terminal`]: window size, raw mode guard, panic hook.
 //! * [`signals`]: signals as signalfd events.
 //! * [`progress`]: the "starting" indicator on a terminal stderr.
-//! * [`exit`]: the exit codes.
 
 mod attach;
-mod audit;
+mod auditfmt;
+mod checks;
 mod cli;
-mod doctor;
-mod exec;
-mod exec_named;
+mod cmd;
+mod context;
+mod error;
+mod exec_loop;
 mod exit;
+mod follow;
+mod health;
 mod home;
 mod image;
-mod inspect;
-mod list;
-mod logs;
-mod persist;
+mod lost;
+mod output;
 mod probe;
 mod progress;
-mod rm;
-mod run;
-mod shell;
+mod request;
 mod signals;
 mod spawn;
 mod sweep;
 mod tempvm;
 mod terminal;
+#[cfg(test)]
+mod testutil;
+mod vmctl;
 mod vms;
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command};
-
-/// `error: cause: cause`, on one line.
-pub(crate) fn one_line_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.ends_with(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
+use crate::cli::{AccelChoice, Cli, Command, Vmm};
+use crate::context::Ctx;
+use crate::error::CliError;
+use crate::exit::Exit;
 
 fn main() -> ExitCode {
     terminal::install_panic_hook();
@@ -118,49 +144,122 @@ fn main() -> ExitCode {
             });
         }
     };
-    let result = match cli.command {
-        Command::Shell { name: None } => shell::run(cli.home.as_deref(), cli.vmm, cli.accel),
-        Command::Doctor => Ok(doctor::run(cli.home.as_deref(), cli.vmm, cli.accel)),
-        Command::Run(args) => {
-            return match run::run(cli.home.as_deref(), cli.vmm, cli.accel, args) {
-                Ok(code) => ExitCode::from(code),
-                Err(e) => {
-                    eprintln!("capsem: {}", one_line_chain(&e));
-                    ExitCode::from(e.exit_code())
-                }
-            };
-        }
-        other => {
-            return match persist::run(cli.home.as_deref(), cli.vmm, cli.accel, other) {
-                Ok(code) => ExitCode::from(code),
-                Err(e) => {
-                    eprintln!("capsem: {}", one_line_chain(&e));
-                    ExitCode::from(e.exit_code())
-                }
-            };
-        }
-    };
-    match result {
-        Ok(code) => ExitCode::from(code),
+    match dispatch(cli) {
+        Ok(exit) => exit.into(),
         Err(e) => {
-            eprintln!("capsem: {}", one_line_chain(&e));
-            ExitCode::from(e.exit_code())
+            eprintln!("capsem: {}", error::one_line_chain(&e));
+            e.exit().into()
         }
+    }
+}
+
+/// The VM commands: the home resolved, then the sweep, then the command.
+fn vm_command(
+    home: Option<&Path>,
+    vmm: Vmm,
+    accel: AccelChoice,
+    run: impl FnOnce(&Ctx) -> Result<Exit, CliError>,
+) -> Result<Exit, CliError> {
+    let ctx = Ctx::new(home, vmm, accel)?;
+    crate::sweep::sweep(&ctx);
+    run(&ctx)
+}
+
+/// Runs the parsed command line's command.
+fn dispatch(cli: Cli) -> Result<Exit, CliError> {
+    let Cli {
+        home,
+        vmm,
+        accel,
+        command,
+    } = cli;
+    let home = home.as_deref();
+    match command {
+        Command::Shell { name: None } => cmd::shell::run_temporary(home, vmm, accel),
+        Command::Run(args) => cmd::run::run(home, vmm, accel, args),
+        Command::Doctor => Ok(cmd::doctor::run(home, vmm, accel)),
+        Command::Completions { shell } => cmd::completions::run(shell),
+        Command::Man => cmd::man::run(),
+        Command::Create(args) => vm_command(home, vmm, accel, |ctx| cmd::create::run(ctx, &args)),
+        Command::Shell { name: Some(name) } => {
+            vm_command(home, vmm, accel, |ctx| cmd::shell::run_named(ctx, &name))
+        }
+        Command::Start { name } => vm_command(home, vmm, accel, |ctx| cmd::start::run(ctx, &name)),
+        Command::Stop { name, grace } => {
+            vm_command(home, vmm, accel, |ctx| cmd::stop::run(ctx, &name, grace))
+        }
+        Command::List { json } => vm_command(home, vmm, accel, |ctx| cmd::list::run(ctx, json)),
+        Command::Inspect { name } => {
+            vm_command(home, vmm, accel, |ctx| cmd::inspect::run(ctx, &name))
+        }
+        Command::Rm { force, name } => {
+            vm_command(home, vmm, accel, |ctx| cmd::rm::run(ctx, &name, force))
+        }
+        Command::Logs {
+            name,
+            follow,
+            source,
+        } => vm_command(home, vmm, accel, |ctx| {
+            cmd::logs::run(ctx, &name, follow, source)
+        }),
+        Command::Exec(args) => vm_command(home, vmm, accel, |ctx| cmd::exec::run(ctx, args)),
+        Command::Audit { name, follow, json } => vm_command(home, vmm, accel, |ctx| {
+            cmd::audit::run(ctx, &name, follow, json)
+        }),
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use clap::CommandFactory;
+
+    const MAIN: &str = include_str!("main.rs");
+    const CMD: &str = include_str!("cmd/mod.rs");
+
+    /// The names declared by `mod NAME;` / `pub mod NAME;` lines.
+    fn declared(src: &str) -> Vec<&str> {
+        src.lines()
+            .filter_map(|l| {
+                l.trim_start_matches("pub ")
+                    .strip_prefix("mod ")?
+                    .strip_suffix(';')
+            })
+            .collect()
+    }
 
     #[test]
-    fn error_chain_is_one_line() {
-        let e = home::HomeError::Create {
-            path: "/x".into(),
-            source: std::io::Error::from_raw_os_error(libc::EACCES),
-        };
-        let line = one_line_chain(&e);
-        assert!(line.starts_with("cannot create /x: "), "{line}");
-        assert!(!line.contains('\n'));
+    fn the_module_map_names_every_module() {
+        let modules = declared(MAIN);
+        assert!(modules.len() > 20, "{modules:?}");
+        for m in modules {
+            if m == "testutil" {
+                continue;
+            }
+            assert!(
+                MAIN.contains(&format!("[`{m}`]")),
+                "main.rs's module map misses {m}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_usage_block_and_cmd_cover_every_subcommand() {
+        let usage: Vec<&str> = MAIN
+            .lines()
+            .skip_while(|l| *l != "//! ```text")
+            .skip(1)
+            .take_while(|l| *l != "//! ```")
+            .collect();
+        let commands = declared(CMD);
+        for sub in crate::cli::Cli::command().get_subcommands() {
+            let name = sub.get_name();
+            assert!(
+                usage
+                    .iter()
+                    .any(|l| l.split_whitespace().any(|w| w == name)),
+                "main.rs's usage misses {name}"
+            );
+            assert!(commands.contains(&name), "cmd/ has no module {name}");
+        }
     }
 }

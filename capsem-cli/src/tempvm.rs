@@ -14,7 +14,7 @@ use capsem_proto::ipc::ClientToProcess;
 
 use crate::attach::{AttachError, Session};
 use crate::cli::{AccelChoice, Vmm};
-use crate::exit;
+use crate::exit::{self, Exit};
 use crate::home::{self, HomeError, VmDir};
 use crate::progress::Progress;
 use crate::signals::{Signals, SignalsError};
@@ -33,8 +33,14 @@ pub enum TempVmError {
     Signals(#[from] SignalsError),
     #[error(transparent)]
     Spawn(#[from] SpawnError),
-    #[error("cannot record the VM: {0}")]
-    Record(String),
+    #[error("cannot lock the new VM")]
+    Lock(#[source] capsem_host::lock::LockError),
+    #[error("cannot record this process as the VM's owner")]
+    Owner(#[source] capsem_host::identity::IdentityError),
+    #[error("this process has no argv to record as the VM's owner")]
+    NoArgv,
+    #[error("cannot record the VM")]
+    Record(#[source] capsem_host::vmstate::VmStateError),
     /// capsem-process reported that it could not start the VM.
     #[error("{reason}{}", .log.as_ref().map(|l| format!(" (see {})", l.display())).unwrap_or_default())]
     Startup {
@@ -57,7 +63,7 @@ pub struct TempVm {
 pub enum Started {
     Ready(TempVm),
     /// A signal arrived during the boot; the VM was stopped. The exit code.
-    Interrupted(u8),
+    Interrupted(Exit),
 }
 
 /// How attaching ended.
@@ -66,7 +72,7 @@ pub enum Attached {
     Session(Session),
     /// A signal arrived before the attach was confirmed; the VM was told to
     /// shut down. The exit code.
-    Interrupted(u8),
+    Interrupted(Exit),
 }
 
 impl TempVm {
@@ -108,6 +114,7 @@ pub fn start(
         std::env::var_os("CAPSEM_HOME").as_deref(),
         home::user_home().as_deref(),
     )?;
+    home::check_readable(&home)?;
     if vmm == Vmm::None {
         eprintln!("{NO_ISOLATION_WARNING}");
     }
@@ -119,8 +126,7 @@ pub fn start(
     let id = home::new_temp_id()?;
     // Under the VM's lock until vm.json names us as the owner, so a sweep
     // by another capsem never takes the new directory for a dead VM's.
-    let lock = capsem_host::lock::VmLock::acquire(&home, &id)
-        .map_err(|e| TempVmError::Record(e.to_string()))?;
+    let lock = capsem_host::lock::VmLock::acquire(&home, &id).map_err(TempVmError::Lock)?;
     let vm_dir = VmDir::create(&home, &id)?;
     write_vm_json(vm_dir.path(), &id, vmm, accel)?;
     drop(lock);
@@ -165,14 +171,14 @@ pub fn start(
 
 /// This process's identity, as the owner of a temporary VM: the sweep
 /// removes the VM once it is gone.
-pub fn owner_record() -> Result<capsem_host::identity::ProcRecord, String> {
+pub fn owner_record() -> Result<capsem_host::identity::ProcRecord, TempVmError> {
     let me = std::process::id();
-    let argv = capsem_host::identity::argv(me).map_err(|e| e.to_string())?;
+    let argv = capsem_host::identity::argv(me).map_err(TempVmError::Owner)?;
     let argv0 = argv
         .first()
         .map(|a| String::from_utf8_lossy(a).into_owned())
-        .ok_or("no argv")?;
-    capsem_host::identity::capture("owner", me, &argv0).map_err(|e| e.to_string())
+        .ok_or(TempVmError::NoArgv)?;
+    capsem_host::identity::capture("owner", me, &argv0).map_err(TempVmError::Owner)
 }
 
 /// `vm.json` for a temporary VM owned by this process.
@@ -185,8 +191,8 @@ fn write_vm_json(dir: &Path, id: &str, vmm: Vmm, accel: AccelChoice) -> Result<(
         accel: accel.as_arg().to_owned(),
         cpus: 1,
         memory_mib: 512,
-        owner: Some(owner_record().map_err(TempVmError::Record)?),
+        owner: Some(owner_record()?),
     };
     capsem_host::vmstate::write_json(&dir.join(capsem_host::vmstate::VM_FILE), &config)
-        .map_err(|e| TempVmError::Record(e.to_string()))
+        .map_err(TempVmError::Record)
 }

@@ -548,10 +548,15 @@ fn a_hung_process_group_is_killed_and_reaped() {
 fn sigterm_sends_shutdown_and_exits_143() {
     let mut env = TestEnv::new();
     let mut cli = CliGuard::spawn(env.command("shutdown", &["shell"]));
-    let _stdin = cli.child.stdin.take();
+    let mut stdin = cli.child.stdin.take().expect("stdin");
+    // Input is forwarded only from the attached session's loop: once the
+    // fake logged it, the CLI is past the attach (the fake's `attached`
+    // file is written before the CLI has read the confirmation).
+    stdin.write_all(b"x").expect("write stdin");
     assert!(
-        wait_until(DEADLINE, || env.report("attached").exists()),
-        "fake never saw the attach"
+        wait_until(DEADLINE, || fs::read_to_string(env.report("messages"))
+            .is_ok_and(|m| m.contains("Some(Input { data: [120] })"))),
+        "the session never forwarded input"
     );
     // SAFETY: kill has no memory-safety preconditions; the pid is our
     // unreaped child.
@@ -600,6 +605,26 @@ fn usage_errors_exit_125_and_help_documents_exit_codes() {
         text.contains("125") && text.contains("255") && text.contains("128+N"),
         "{text}"
     );
+}
+
+#[test]
+fn an_unknown_option_before_the_command_exits_125_and_runs_nothing() {
+    let env = TestEnv::new();
+    for args in [
+        &["run", "--image", "X", "--", "sh"][..],
+        &["exec", "dev", "--image", "X", "--", "sh"],
+    ] {
+        let out = CliGuard::spawn(env.command("exit7", args)).finish(DEADLINE);
+        assert_eq!(out.status.code(), Some(125), "{args:?}: {}", out.stderr);
+        assert!(
+            out.stderr
+                .starts_with("error: unexpected argument '--image' found"),
+            "{args:?}: {}",
+            out.stderr
+        );
+        assert!(!env.report("pid").exists(), "capsem-process was started");
+        assert_eq!(env.vm_dirs(), Vec::<PathBuf>::new());
+    }
 }
 
 #[test]

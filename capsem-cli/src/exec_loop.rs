@@ -17,27 +17,26 @@ use nix::errno::Errno;
 use nix::sys::signal::Signal;
 
 use crate::attach::{one_line, Events, Session};
-use crate::exit;
+use crate::exit::{self, Exit};
+use crate::lost::Lost;
 use crate::signals::Signals;
 
-/// Exit code when the timeout expired.
-pub const TIMED_OUT: u8 = 124;
 /// Queued stdin above which stdin is not read.
 const OUT_HIGH_WATER: usize = 4 * MAX_EXEC_CHUNK;
 
 /// How the command ended for capsem.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum ExecEnd {
     /// capsem's exit code.
-    Exited(u8),
+    Exited(Exit),
     /// The session ended without a status.
-    Lost(String),
+    Lost(Lost),
 }
 
-/// The exit code for an `ExecExit`; `None` when it carries no usable status.
-pub fn exit_code(exit_code: Option<i32>, signal: Option<i32>, timed_out: bool) -> Option<u8> {
+/// The exit for an `ExecExit`; `None` when it carries no usable status.
+pub fn exit_code(exit_code: Option<i32>, signal: Option<i32>, timed_out: bool) -> Option<Exit> {
     if timed_out {
-        return Some(TIMED_OUT);
+        return Some(Exit::TimedOut);
     }
     exit::from_shell(exit_code, signal)
 }
@@ -64,7 +63,7 @@ pub fn run(session: &mut Session, signals: &mut Signals) -> ExecEnd {
     }
 }
 
-fn run_inner(session: &mut Session, signals: &mut Signals) -> Result<ExecEnd, String> {
+fn run_inner(session: &mut Session, signals: &mut Signals) -> Result<ExecEnd, Lost> {
     let stdin = io::stdin();
     let mut stdout = io::stdout().lock();
     let mut stderr = io::stderr().lock();
@@ -73,11 +72,7 @@ fn run_inner(session: &mut Session, signals: &mut Signals) -> Result<ExecEnd, St
     let mut stopping: Option<Signal> = None;
     let mut buf = vec![0u8; MAX_EXEC_CHUNK];
     loop {
-        while let Some(msg) = session
-            .codec
-            .next_message()
-            .map_err(|e| format!("invalid message from capsem-process: {e}"))?
-        {
+        while let Some(msg) = session.codec.next_message().map_err(Lost::Invalid)? {
             match msg {
                 ProcessToClient::ExecOutput {
                     stream: ExecStream::Stdout,
@@ -97,14 +92,14 @@ fn run_inner(session: &mut Session, signals: &mut Signals) -> Result<ExecEnd, St
                     }
                     return Ok(match exit_code(code, signal, timed_out) {
                         Some(code) => ExecEnd::Exited(code),
-                        None => ExecEnd::Lost("the command ended without an exit status".into()),
+                        None => ExecEnd::Lost(Lost::NoCommandStatus),
                     });
                 }
                 ProcessToClient::SessionLost { reason } => {
-                    return Ok(ExecEnd::Lost(one_line(&reason)));
+                    return Ok(ExecEnd::Lost(Lost::Reported(one_line(&reason))));
                 }
                 ProcessToClient::Error { message } => {
-                    return Ok(ExecEnd::Lost(one_line(&message)));
+                    return Ok(ExecEnd::Lost(Lost::Reported(one_line(&message))));
                 }
                 // Heartbeat notes would corrupt the command's stderr.
                 ProcessToClient::GuestUnresponsive { .. }
@@ -129,7 +124,7 @@ fn run_inner(session: &mut Session, signals: &mut Signals) -> Result<ExecEnd, St
         };
 
         if signal {
-            for sig in signals.drain().map_err(|e| e.to_string())? {
+            for sig in signals.drain()? {
                 if sig == Signal::SIGWINCH {
                     continue;
                 }
@@ -183,11 +178,12 @@ mod tests {
 
     #[test]
     fn statuses_map_to_exit_codes() {
-        assert_eq!(exit_code(Some(0), None, false), Some(0));
-        assert_eq!(exit_code(Some(5), None, false), Some(5));
-        assert_eq!(exit_code(None, Some(9), false), Some(137));
-        assert_eq!(exit_code(None, Some(15), true), Some(124));
-        assert_eq!(exit_code(Some(127), None, false), Some(127));
-        assert_eq!(exit_code(None, None, false), None);
+        let code = |c, s, t| exit_code(c, s, t).map(Exit::code);
+        assert_eq!(code(Some(0), None, false), Some(0));
+        assert_eq!(code(Some(5), None, false), Some(5));
+        assert_eq!(code(None, Some(9), false), Some(137));
+        assert_eq!(code(None, Some(15), true), Some(124));
+        assert_eq!(code(Some(127), None, false), Some(127));
+        assert_eq!(code(None, None, false), None);
     }
 }

@@ -7,12 +7,12 @@
 //! cannot be read is reported with one warning line on stderr and left
 //! out.
 
-use std::io::{self, Write};
-
 use serde::Serialize;
 
-use crate::persist::{Ctx, PersistError};
-use crate::sweep::error_chain;
+use crate::context::Ctx;
+use crate::error::{one_line_chain, CliError};
+use crate::exit::Exit;
+use crate::output::write_stdout;
 use crate::vms::{Vm, VmState};
 
 /// One element of `capsem list --json`. Fields are only ever added.
@@ -53,10 +53,10 @@ impl ListEntry {
 }
 
 /// Prints the VMs; exit code 0.
-pub fn run(ctx: &Ctx, json: bool) -> Result<u8, PersistError> {
+pub fn run(ctx: &Ctx, json: bool) -> Result<Exit, CliError> {
     let (vms, errors) = crate::vms::list(&ctx.home);
     for e in errors {
-        eprintln!("capsem: warning: skipping a VM: {}", error_chain(&e));
+        eprintln!("capsem: warning: skipping a VM: {}", one_line_chain(&e));
     }
     let mut entries: Vec<ListEntry> = vms.iter().map(ListEntry::new).collect();
     entries.sort_by(|a, b| a.name.cmp(&b.name));
@@ -66,7 +66,7 @@ pub fn run(ctx: &Ctx, json: bool) -> Result<u8, PersistError> {
         table(&entries)
     };
     write_stdout(text.as_bytes())?;
-    Ok(0)
+    Ok(Exit::OK)
 }
 
 /// The `--json` text: a pretty array and a newline.
@@ -112,22 +112,10 @@ pub fn table(entries: &[ListEntry]) -> String {
     out
 }
 
-/// Writes all of `data` to stdout; a closed stdout is an error, not a
-/// panic.
-pub(crate) fn write_stdout(data: &[u8]) -> Result<(), PersistError> {
-    let mut out = io::stdout().lock();
-    out.write_all(data)
-        .and_then(|()| out.flush())
-        .map_err(|source| PersistError::Io {
-            what: "cannot write to stdout".into(),
-            source,
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sweep::tests::{config, make_vm, Marked};
+    use crate::testutil::{config, make_vm, Marked};
     use capsem_host::vmstate::Pids;
 
     #[test]

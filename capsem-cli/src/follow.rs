@@ -1,19 +1,11 @@
-//! `capsem logs [--follow] [--source process|serial] NAME`: a VM's log on
-//! stdout, byte for byte.
+//! Following a file by name until a process exits: what `capsem logs
+//! --follow` and `capsem audit --follow` share.
 //!
-//! `--source process` (the default) is `process.log`, capsem-process's own
-//! events; `--source serial` is the guest console, `serial.log` for qemu
-//! VMs or `agent.log` for `--vmm none` (from `vm.json`).
-//!
-//! `--follow` prints what is appended until the VM's capsem-process exits
-//! (checked by identity, watched through a pidfd); when it is not running
-//! the log is printed once, as without `--follow`. One poll set holds an
-//! inotify fd (the log file and the VM directory), the pidfd, the signalfd
-//! and stdout (to notice a reader that went away). The log is followed by
-//! name: one that is replaced (renamed over, or deleted and created again)
-//! is reopened, one that shrinks is read again from its start. It also
-//! ends when the VM directory is removed. SIGINT ends it with exit 0,
-//! SIGTERM and SIGHUP with 128 + N.
+//! One poll set holds an inotify fd (the file and its directory), the
+//! process's pidfd, a [`StopSource`] (the signalfd) and the output (to
+//! notice a reader that went away). A file that is replaced (renamed over,
+//! or deleted and created again) is reopened, one that shrinks is read
+//! again from its start. It also ends when the directory is removed.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -27,25 +19,15 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use nix::sys::signal::Signal;
 
-use crate::cli::LogSource;
-use crate::persist::{Ctx, PersistError};
+use crate::exit::{self, Exit};
 use crate::signals::{Signals, SignalsError};
-use crate::vms::Vm;
 
-/// Bytes read from the log per `pread`.
+/// Bytes read from the file per `pread`.
 const CHUNK: usize = 64 * 1024;
 
-/// Why printing a log failed.
+/// Why following a file failed.
 #[derive(Debug, thiserror::Error)]
-pub enum LogsError {
-    #[error("VM {name:?} has no {file} (yet): {path} does not exist")]
-    Missing {
-        name: String,
-        file: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+pub enum FollowError {
     #[error("cannot open {path}")]
     Open {
         path: PathBuf,
@@ -72,21 +54,6 @@ pub enum LogsError {
     Signals(#[from] SignalsError),
 }
 
-impl From<LogsError> for PersistError {
-    fn from(e: LogsError) -> Self {
-        let what = e.to_string();
-        match e {
-            LogsError::Signals(s) => PersistError::Signals(s),
-            LogsError::Missing { source, .. }
-            | LogsError::Open { source, .. }
-            | LogsError::Read { source, .. }
-            | LogsError::Write(source)
-            | LogsError::Watch { source, .. }
-            | LogsError::Poll(source) => PersistError::Io { what, source },
-        }
-    }
-}
-
 /// How `--follow` ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum End {
@@ -95,101 +62,29 @@ pub enum End {
     /// The VM directory was removed or moved.
     DirGone,
     /// Stopped by a signal, with this exit code.
-    Stopped(u8),
+    Stopped(Exit),
     /// Nobody reads stdout any more.
     OutputClosed,
 }
 
 /// What else ends `--follow`: readable fd, then asked whether to stop.
 pub trait StopSource: AsFd {
-    /// Called when the fd is readable: the exit code to stop with, or
+    /// Called when the fd is readable: how to exit when stopping, or
     /// `None` to go on.
-    fn stopped(&mut self) -> Result<Option<u8>, LogsError>;
+    fn stopped(&mut self) -> Result<Option<Exit>, FollowError>;
 }
 
 impl StopSource for Signals {
-    fn stopped(&mut self) -> Result<Option<u8>, LogsError> {
+    fn stopped(&mut self) -> Result<Option<Exit>, FollowError> {
         for sig in self.drain()? {
             match sig {
                 // Ctrl-C is how one ends `logs --follow`: not a failure.
-                Signal::SIGINT => return Ok(Some(0)),
-                Signal::SIGTERM | Signal::SIGHUP => {
-                    return Ok(Some(crate::exit::from_signal(sig as i32)))
-                }
+                Signal::SIGINT => return Ok(Some(Exit::OK)),
+                Signal::SIGTERM | Signal::SIGHUP => return Ok(Some(exit::from_signal(sig as i32))),
                 _ => {}
             }
         }
         Ok(None)
-    }
-}
-
-/// The log file `source` names for `vm`.
-pub fn log_file(vm: &Vm, source: LogSource) -> &'static str {
-    match source {
-        LogSource::Process => "process.log",
-        LogSource::Serial => {
-            let none = match &vm.config {
-                Some(c) => c.vmm == "none",
-                // No vm.json: whichever console log exists.
-                None => vm.dir.join("agent.log").exists(),
-            };
-            if none {
-                "agent.log"
-            } else {
-                "serial.log"
-            }
-        }
-    }
-}
-
-/// Prints VM `name`'s log; exit code 0 (or 128 + N after signal N).
-pub fn run(ctx: &Ctx, name: &str, follow: bool, source: LogSource) -> Result<u8, PersistError> {
-    let vm = ctx.load(name)?;
-    let file = log_file(&vm, source);
-    let path = vm.dir.join(file);
-    let missing = |source: io::Error| {
-        if source.kind() == io::ErrorKind::NotFound {
-            LogsError::Missing {
-                name: name.into(),
-                file,
-                path: path.clone(),
-                source,
-            }
-        } else {
-            LogsError::Open {
-                path: path.clone(),
-                source,
-            }
-        }
-    };
-    let stdout = io::stdout();
-    let mut out = stdout.lock();
-    let process = if follow {
-        vm.process
-            .as_ref()
-            .filter(|p| p.alive())
-            .and_then(|p| p.record.open_verified().ok())
-    } else {
-        None
-    };
-    let Some(pidfd) = process else {
-        let mut log = File::open(&path).map_err(missing)?;
-        return match io::copy(&mut log, &mut out).and_then(|_| out.flush()) {
-            Ok(()) => Ok(0),
-            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(0),
-            Err(e) => Err(PersistError::Io {
-                what: format!("cannot copy {} to stdout", path.display()),
-                source: e,
-            }),
-        };
-    };
-    if !path.exists() {
-        return Err(missing(io::Error::from(io::ErrorKind::NotFound)).into());
-    }
-    let mut signals = Signals::install()?;
-    match follow_log(&path, &mut out, pidfd.as_fd(), &mut signals)? {
-        End::Stopped(code) => Ok(code),
-        End::ProcessExited | End::DirGone | End::OutputClosed => Ok(0),
     }
 }
 
@@ -217,8 +112,8 @@ struct Follower<'a> {
 impl<'a> Follower<'a> {
     /// Watches the directory first, then opens the file: a replacement
     /// between the two is still seen.
-    fn new(path: &'a Path) -> Result<Self, LogsError> {
-        let watch_err = |source: Errno| LogsError::Watch {
+    fn new(path: &'a Path) -> Result<Self, FollowError> {
+        let watch_err = |source: Errno| FollowError::Watch {
             path: path.into(),
             source: source.into(),
         };
@@ -236,7 +131,7 @@ impl<'a> Follower<'a> {
                     | AddWatchFlags::IN_MOVE_SELF
                     | AddWatchFlags::IN_ONLYDIR,
             )
-            .map_err(|e| LogsError::Watch {
+            .map_err(|e| FollowError::Watch {
                 path: dir.into(),
                 source: e.into(),
             })?;
@@ -253,18 +148,18 @@ impl<'a> Follower<'a> {
     }
 
     /// Opens the file at `path` and watches it; `None` when there is none.
-    fn open(&self) -> Result<Option<Current>, LogsError> {
+    fn open(&self) -> Result<Option<Current>, FollowError> {
         let file = match File::open(self.path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(source) => {
-                return Err(LogsError::Open {
+                return Err(FollowError::Open {
                     path: self.path.into(),
                     source,
                 })
             }
         };
-        let meta = file.metadata().map_err(|source| LogsError::Read {
+        let meta = file.metadata().map_err(|source| FollowError::Read {
             path: self.path.into(),
             source,
         })?;
@@ -291,7 +186,7 @@ impl<'a> Follower<'a> {
 
     /// Prints what the current file has beyond what was printed, then
     /// switches to a file that replaced it at `path` (printing that too).
-    fn sync(&mut self, out: &mut impl Write) -> Result<(), LogsError> {
+    fn sync(&mut self, out: &mut impl Write) -> Result<(), FollowError> {
         self.drain(out)?;
         let meta = match std::fs::metadata(self.path) {
             Ok(m) => m,
@@ -303,7 +198,7 @@ impl<'a> Follower<'a> {
                 return Ok(());
             }
             Err(source) => {
-                return Err(LogsError::Read {
+                return Err(FollowError::Read {
                     path: self.path.into(),
                     source,
                 })
@@ -331,11 +226,11 @@ impl<'a> Follower<'a> {
     }
 
     /// Prints the current file from the offset to its end.
-    fn drain(&mut self, out: &mut impl Write) -> Result<(), LogsError> {
+    fn drain(&mut self, out: &mut impl Write) -> Result<(), FollowError> {
         let Some(cur) = self.current.as_mut() else {
             return Ok(());
         };
-        let read_err = |source| LogsError::Read {
+        let read_err = |source| FollowError::Read {
             path: self.path.into(),
             source,
         };
@@ -354,15 +249,15 @@ impl<'a> Follower<'a> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(read_err(e)),
             };
-            out.write_all(&self.buf[..n]).map_err(LogsError::Write)?;
+            out.write_all(&self.buf[..n]).map_err(FollowError::Write)?;
             cur.offset += n as u64;
         }
-        out.flush().map_err(LogsError::Write)
+        out.flush().map_err(FollowError::Write)
     }
 
     /// Reads the pending inotify events: whether any concerns the log, and
     /// whether the directory itself went away.
-    fn events(&self) -> Result<(bool, bool), LogsError> {
+    fn events(&self) -> Result<(bool, bool), FollowError> {
         let mut relevant = false;
         let mut dir_gone = false;
         loop {
@@ -371,7 +266,7 @@ impl<'a> Follower<'a> {
                 Err(Errno::EAGAIN) => return Ok((relevant, dir_gone)),
                 Err(Errno::EINTR) => continue,
                 Err(e) => {
-                    return Err(LogsError::Watch {
+                    return Err(FollowError::Watch {
                         path: self.path.into(),
                         source: e.into(),
                     })
@@ -405,9 +300,11 @@ pub fn follow_log<W: Write + AsFd, S: StopSource>(
     out: &mut W,
     process: BorrowedFd<'_>,
     stop: &mut S,
-) -> Result<End, LogsError> {
+) -> Result<End, FollowError> {
     match follow_inner(path, out, process, stop) {
-        Err(LogsError::Write(e)) if e.kind() == io::ErrorKind::BrokenPipe => Ok(End::OutputClosed),
+        Err(FollowError::Write(e)) if e.kind() == io::ErrorKind::BrokenPipe => {
+            Ok(End::OutputClosed)
+        }
         other => other,
     }
 }
@@ -417,10 +314,10 @@ fn follow_inner<W: Write + AsFd, S: StopSource>(
     out: &mut W,
     process: BorrowedFd<'_>,
     stop: &mut S,
-) -> Result<End, LogsError> {
+) -> Result<End, FollowError> {
     let mut f = Follower::new(path)?;
     if f.current.is_none() {
-        return Err(LogsError::Open {
+        return Err(FollowError::Open {
             path: path.into(),
             source: io::Error::from(io::ErrorKind::NotFound),
         });
@@ -438,7 +335,7 @@ fn follow_inner<W: Write + AsFd, S: StopSource>(
             match nix::poll::poll(&mut fds, PollTimeout::NONE) {
                 Ok(_) => {}
                 Err(Errno::EINTR) => continue,
-                Err(e) => return Err(LogsError::Poll(e.into())),
+                Err(e) => return Err(FollowError::Poll(e.into())),
             }
             let ready = |i: usize| fds[i].any().unwrap_or(false);
             (ready(0), ready(1), ready(2), ready(3))
@@ -467,7 +364,7 @@ fn follow_inner<W: Write + AsFd, S: StopSource>(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::sweep::tests::{config, ctx, make_vm, Marked};
+    use crate::testutil::Marked;
     use std::io::Read;
     use std::os::fd::OwnedFd;
     use std::time::{Duration, Instant};
@@ -482,8 +379,8 @@ pub(crate) mod tests {
     }
 
     impl StopSource for PipeStop {
-        fn stopped(&mut self) -> Result<Option<u8>, LogsError> {
-            Ok(Some(0))
+        fn stopped(&mut self) -> Result<Option<Exit>, FollowError> {
+            Ok(Some(Exit::OK))
         }
     }
 
@@ -513,12 +410,12 @@ pub(crate) mod tests {
     /// A follower running in a thread.
     struct Running {
         handle: std::thread::JoinHandle<()>,
-        result: std::sync::mpsc::Receiver<Result<End, LogsError>>,
+        result: std::sync::mpsc::Receiver<Result<End, FollowError>>,
     }
 
     impl Running {
         /// How it ended; fails the test if it runs on for 10 s.
-        fn end(self) -> Result<End, LogsError> {
+        fn end(self) -> Result<End, FollowError> {
             let r = self
                 .result
                 .recv_timeout(Duration::from_secs(10))
@@ -594,7 +491,7 @@ pub(crate) mod tests {
         let (mut out, mut stop, handle) = start(&path, &process);
         expect(&mut out, "boot\n");
         stop.write_all(b"x").unwrap();
-        assert_eq!(handle.end().unwrap(), End::Stopped(0));
+        assert_eq!(handle.end().unwrap(), End::Stopped(Exit::OK));
 
         let (out, _stop, handle) = start(&path, &process);
         drop(out);
@@ -610,56 +507,10 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_missing_log_is_a_clear_error() {
+    fn a_missing_file_is_an_open_error() {
         let d = tempfile::tempdir().unwrap();
         let process = Marked::spawn("capsem-process");
         let (_out, _stop, handle) = start(&d.path().join("nope.log"), &process);
-        assert!(matches!(handle.end(), Err(LogsError::Open { .. })));
-
-        let home = tempfile::tempdir().unwrap();
-        make_vm(home.path(), "dev", Some(&config("dev", false, None)), None);
-        let err = run(&ctx(home.path()), "dev", false, LogSource::Serial).unwrap_err();
-        let text = crate::sweep::error_chain(&err);
-        assert!(
-            text.starts_with("VM \"dev\" has no agent.log (yet): ")
-                && text.contains("agent.log does not exist"),
-            "{text}"
-        );
-    }
-
-    #[test]
-    fn which_file() {
-        let home = tempfile::tempdir().unwrap();
-        let mut qemu = config("q", false, None);
-        qemu.vmm = "qemu".into();
-        make_vm(home.path(), "q", Some(&qemu), None);
-        make_vm(home.path(), "n", Some(&config("n", false, None)), None);
-        let bare = make_vm(home.path(), "tmp-00000000000000aa", None, None);
-        let ctx = ctx(home.path());
-        let load = |n: &str| ctx.load(n).unwrap();
-        assert_eq!(log_file(&load("q"), LogSource::Serial), "serial.log");
-        assert_eq!(log_file(&load("q"), LogSource::Process), "process.log");
-        assert_eq!(log_file(&load("n"), LogSource::Serial), "agent.log");
-        let id = "tmp-00000000000000aa";
-        assert_eq!(log_file(&load(id), LogSource::Serial), "serial.log");
-        std::fs::write(bare.join("agent.log"), b"").unwrap();
-        assert_eq!(log_file(&load(id), LogSource::Serial), "agent.log");
-    }
-
-    #[test]
-    fn prints_a_whole_log_without_follow() {
-        let home = tempfile::tempdir().unwrap();
-        let dir = make_vm(home.path(), "dev", Some(&config("dev", false, None)), None);
-        std::fs::write(dir.join("process.log"), b"a\x00b\xff\n").unwrap();
-        // Goes to the test's stdout; what matters is that it succeeds
-        // without a running process, with or without --follow.
-        assert_eq!(
-            run(&ctx(home.path()), "dev", false, LogSource::Process).unwrap(),
-            0
-        );
-        assert_eq!(
-            run(&ctx(home.path()), "dev", true, LogSource::Process).unwrap(),
-            0
-        );
+        assert!(matches!(handle.end(), Err(FollowError::Open { .. })));
     }
 }

@@ -1,4 +1,4 @@
-//! `capsem audit NAME [--follow] [--json]`: the guest's execve records.
+//! The guest's execve records as `capsem audit` prints them.
 //!
 //! capsem-process stores them in `<vm-dir>/audit.jsonl` (one JSON object
 //! per line, rotated to `audit.jsonl.1`; see `docs/cli-json.md`). This
@@ -20,7 +20,7 @@
 //! with a warning on stderr; a last line still being written is left out.
 //!
 //! `--follow` keeps printing new records until the VM's capsem-process
-//! exits, through [`crate::logs::follow_log`] (inotify, pidfd, signalfd
+//! exits, through [`crate::follow::follow_log`] (inotify, pidfd, signalfd
 //! and stdout in one poll set), the records going through [`Printer`]. It
 //! follows `audit.jsonl` by name, so a rotation is seen: the old file is
 //! drained, the new one read from its start. Works for persistent VMs and
@@ -35,9 +35,7 @@ use std::path::{Path, PathBuf};
 
 use capsem_proto::audit::AuditRecord;
 
-use crate::logs::{follow_log, End, LogsError, StopSource};
-use crate::persist::{Ctx, PersistError};
-use crate::signals::Signals;
+use crate::follow::{follow_log, End, FollowError, StopSource};
 
 /// The stored records.
 pub const AUDIT_FILE: &str = "audit.jsonl";
@@ -65,19 +63,7 @@ pub enum AuditError {
     #[error("cannot write to stdout")]
     Write(#[source] io::Error),
     #[error(transparent)]
-    Follow(#[from] LogsError),
-}
-
-impl From<AuditError> for PersistError {
-    fn from(e: AuditError) -> Self {
-        let what = e.to_string();
-        match e {
-            AuditError::Follow(l) => l.into(),
-            AuditError::Open { source, .. }
-            | AuditError::Read { source, .. }
-            | AuditError::Write(source) => PersistError::Io { what, source },
-        }
-    }
+    Follow(#[from] FollowError),
 }
 
 /// Whether `c` must not reach a terminal raw: control characters (C0,
@@ -325,7 +311,7 @@ fn print_rotated<W: Write>(
 }
 
 /// Prints the records stored in VM directory `dir`.
-fn print_records<W: Write>(dir: &Path, printer: &mut Printer<W>) -> Result<(), AuditError> {
+pub fn print_records<W: Write>(dir: &Path, printer: &mut Printer<W>) -> Result<(), AuditError> {
     let now = print_rotated(dir, printer)?;
     printer.print_file(now.as_ref(), &dir.join(AUDIT_FILE))?;
     printer.flush().map_err(AuditError::Write)
@@ -333,7 +319,7 @@ fn print_records<W: Write>(dir: &Path, printer: &mut Printer<W>) -> Result<(), A
 
 /// Prints the records stored in VM directory `dir`, then those appended
 /// until the process behind `process` (a pidfd) exits or `stop` says so.
-fn follow_records<W: Write + AsFd, S: StopSource>(
+pub fn follow_records<W: Write + AsFd, S: StopSource>(
     dir: &Path,
     printer: &mut Printer<W>,
     process: BorrowedFd<'_>,
@@ -354,41 +340,11 @@ fn follow_records<W: Write + AsFd, S: StopSource>(
     Ok(follow_log(&current, printer, process, stop)?)
 }
 
-/// Prints VM `name`'s audit records; exit code 0 (or 128 + N after
-/// signal N while following).
-pub fn run(ctx: &Ctx, name: &str, follow: bool, json: bool) -> Result<u8, PersistError> {
-    let vm = ctx.load(name)?;
-    let stdout = io::stdout();
-    let mut printer = Printer::new(stdout.lock(), json);
-    let pidfd = if follow {
-        vm.process
-            .as_ref()
-            .filter(|p| p.alive())
-            .and_then(|p| p.record.open_verified().ok())
-    } else {
-        None
-    };
-    let result = match pidfd {
-        Some(pidfd) => {
-            let mut signals = Signals::install()?;
-            follow_records(&vm.dir, &mut printer, pidfd.as_fd(), &mut signals)
-        }
-        None => print_records(&vm.dir, &mut printer).map(|()| End::ProcessExited),
-    };
-    match result {
-        Ok(End::Stopped(code)) => Ok(code),
-        Ok(_) => Ok(0),
-        // Nobody reads any more (`capsem audit dev | head`): not a failure.
-        Err(AuditError::Write(e)) if e.kind() == io::ErrorKind::BrokenPipe => Ok(0),
-        Err(e) => Err(e.into()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::logs::tests::{expect, PipeStop};
-    use crate::sweep::tests::{config, ctx, make_vm, Marked};
+    use crate::follow::tests::{expect, PipeStop};
+    use crate::testutil::{config, make_vm, Marked};
 
     fn record(serial: u64) -> AuditRecord {
         AuditRecord {
@@ -537,13 +493,6 @@ mod tests {
         let mut p = Printer::new(Vec::new(), true);
         print_records(&dir, &mut p).unwrap();
         assert_eq!(String::from_utf8(p.out).unwrap(), line(3));
-
-        assert_eq!(run(&ctx(home.path()), "dev", false, false).unwrap(), 0);
-        assert_eq!(run(&ctx(home.path()), "dev", true, true).unwrap(), 0);
-        assert!(matches!(
-            run(&ctx(home.path()), "nope", false, false),
-            Err(PersistError::NoSuchVm(_))
-        ));
     }
 
     fn append(path: &Path, data: &str) {

@@ -2,7 +2,7 @@
 //! it, then its lock file, and prints the name (one line on stdout).
 //!
 //! A `running` or `orphaned` VM is refused unless `--force`, which stops it
-//! first ([`crate::persist::stop_vm`], 10 s of grace) and then checks that
+//! first ([`crate::vmctl::stop_vm`], 10 s of grace) and then checks that
 //! none of its processes is left. This holds for temporary VMs too (their
 //! ids, `tmp-...`, are accepted): `rm --force` of a temporary VM whose
 //! owner still runs kills it, and the owning `capsem shell` or `capsem run`
@@ -14,15 +14,18 @@ use std::time::Duration;
 
 use capsem_host::lock;
 
-use crate::list::write_stdout;
-use crate::persist::{check_name, stop_vm, Ctx, PersistError};
+use crate::context::{check_name, Ctx};
+use crate::error::CliError;
+use crate::exit::Exit;
+use crate::output::write_stdout;
+use crate::vmctl::stop_vm;
 use crate::vms::{Vm, VmState};
 
 /// How long `rm --force` lets the VM stop gracefully before killing it.
 pub const FORCE_GRACE: Duration = Duration::from_secs(10);
 
 /// Removes VM `name`; exit code 0.
-pub fn run(ctx: &Ctx, name: &str, force: bool) -> Result<u8, PersistError> {
+pub fn run(ctx: &Ctx, name: &str, force: bool) -> Result<Exit, CliError> {
     // Before the lock: the name becomes part of the lock file's path.
     check_name(name)?;
     let _lock = ctx.lock(name)?;
@@ -32,7 +35,7 @@ pub fn run(ctx: &Ctx, name: &str, force: bool) -> Result<u8, PersistError> {
         stop_vm(ctx, &vm, FORCE_GRACE)?;
         let vm = ctx.load(name)?;
         if vm.state() != VmState::Stopped {
-            return Err(PersistError::WrongState {
+            return Err(CliError::WrongState {
                 name: name.into(),
                 state: vm.state(),
                 hint: "; it did not stop, so it was not removed",
@@ -41,15 +44,15 @@ pub fn run(ctx: &Ctx, name: &str, force: bool) -> Result<u8, PersistError> {
     }
     remove(ctx, &vm.dir, name)?;
     write_stdout(format!("{name}\n").as_bytes())?;
-    Ok(0)
+    Ok(Exit::OK)
 }
 
 /// Refuses a VM with live processes unless `force`.
-fn check_removable(vm: &Vm, force: bool) -> Result<(), PersistError> {
+fn check_removable(vm: &Vm, force: bool) -> Result<(), CliError> {
     match vm.state() {
         VmState::Stopped => Ok(()),
         _ if force => Ok(()),
-        state => Err(PersistError::WrongState {
+        state => Err(CliError::WrongState {
             name: vm.name.clone(),
             state,
             hint: "; stop it first (capsem stop NAME) or use --force",
@@ -59,8 +62,8 @@ fn check_removable(vm: &Vm, force: bool) -> Result<(), PersistError> {
 
 /// Removes the VM directory, then the lock file (the caller holds the
 /// lock): whoever takes the lock afterwards finds no VM.
-fn remove(ctx: &Ctx, dir: &Path, name: &str) -> Result<(), PersistError> {
-    std::fs::remove_dir_all(dir).map_err(|source| PersistError::Io {
+fn remove(ctx: &Ctx, dir: &Path, name: &str) -> Result<(), CliError> {
+    std::fs::remove_dir_all(dir).map_err(|source| CliError::Io {
         what: format!("cannot remove {}", dir.display()),
         source,
     })?;
@@ -80,7 +83,7 @@ fn remove(ctx: &Ctx, dir: &Path, name: &str) -> Result<(), PersistError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sweep::tests::{config, ctx, gone_record, make_vm, Marked};
+    use crate::testutil::{config, ctx, gone_record, make_vm, Marked};
     use capsem_host::vmstate::Pids;
 
     #[test]
@@ -107,17 +110,17 @@ mod tests {
             None,
         );
 
-        assert_eq!(run(&ctx, "dev", false).unwrap(), 0);
+        assert_eq!(run(&ctx, "dev", false).unwrap(), Exit::OK);
         assert!(!dir.exists());
         assert!(!lock::lock_path(home.path(), "dev").exists());
         assert!(other.exists(), "only the named VM");
         assert!(matches!(
             run(&ctx, "dev", false),
-            Err(PersistError::NoSuchVm(_))
+            Err(CliError::NoSuchVm(_))
         ));
         assert!(matches!(
             run(&ctx, "../other", true),
-            Err(PersistError::Name { .. })
+            Err(CliError::Name { .. })
         ));
         assert!(other.exists());
     }
@@ -152,7 +155,7 @@ mod tests {
         );
         for (name, state) in [("a", VmState::Running), ("b", VmState::Orphaned)] {
             match run(&ctx, name, false) {
-                Err(e @ PersistError::WrongState { .. }) => {
+                Err(e @ CliError::WrongState { .. }) => {
                     assert!(
                         e.to_string()
                             .contains(&format!("is {state}; stop it first")),

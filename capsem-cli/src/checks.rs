@@ -1,32 +1,18 @@
-//! `capsem doctor`: can this host run capsem, and if not, the command that
-//! fixes each missing piece.
-//!
-//! Output, on stdout, one line per check:
-//!
-//! ```text
-//! <status>  <what>: <detail>
-//!   fix: <command>
-//! ```
-//!
-//! `<status>` is `ok`, `warn` or `missing`, left-aligned in 7 columns, then
-//! two spaces. A `  fix: <command>` line follows every `missing` line, and a
-//! `warn` line when there is a command that would change it. Checks, in
-//! order: `home`, `capsem-process`, `capsem-agent`, `qemu`,
-//! `vhost-device-vsock`, `accelerator`, `guest image`. With `--vmm none`,
-//! qemu, vhost-device-vsock, the accelerator and the guest image are
-//! informational (`warn`, never `missing`); with `--vmm qemu`, capsem-agent
-//! is (the guest runs the agent from the image).
-//!
-//! Exit status: 0 when nothing is `missing`, 1 otherwise.
+//! What `capsem doctor` checks, in order: `home`, `capsem-process`,
+//! `capsem-agent`, `qemu`, `vhost-device-vsock`, `accelerator`, `guest
+//! image`. With `--vmm none`, qemu, vhost-device-vsock, the accelerator and
+//! the guest image are informational (`warn`, never `missing`); with
+//! `--vmm qemu`, capsem-agent is (the guest runs the agent from the image).
+//! The report's format is in [`crate::health`].
 
 use std::ffi::OsString;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use nix::unistd::AccessFlags;
 
 use crate::cli::{AccelChoice, Vmm};
-use crate::exit;
+use crate::error::one_line_chain;
+use crate::health::{build_fix, shell_quote, Check, Status};
 use crate::home::{self, HomeError};
 use crate::image;
 use crate::probe::{self, Lookup, VERSION_TIMEOUT};
@@ -42,116 +28,6 @@ pub const AGENT_BIN_NAME: &str = "capsem-agent";
 
 pub const QEMU_FIX: &str = "sudo apt-get install qemu-system-x86";
 pub const VHOST_FIX: &str = "cargo install --locked --version 0.3.0 vhost-device-vsock";
-
-/// A check's verdict.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
-    Ok,
-    /// Works, or is not needed for the chosen backend, but worth knowing.
-    Warn,
-    Missing,
-}
-
-impl Status {
-    pub fn label(self) -> &'static str {
-        match self {
-            Status::Ok => "ok",
-            Status::Warn => "warn",
-            Status::Missing => "missing",
-        }
-    }
-}
-
-/// One line of the report (plus its fix).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Check {
-    pub status: Status,
-    pub what: &'static str,
-    pub detail: String,
-    pub fix: Option<String>,
-}
-
-impl Check {
-    fn new(status: Status, what: &'static str, detail: impl Into<String>) -> Self {
-        Self {
-            status,
-            what,
-            detail: detail.into(),
-            fix: None,
-        }
-    }
-
-    fn fix(mut self, fix: impl Into<String>) -> Self {
-        self.fix = Some(fix.into());
-        self
-    }
-
-    /// Not needed by the chosen backend: `missing` reads as `warn`.
-    fn informational(mut self, yes: bool) -> Self {
-        if yes && self.status == Status::Missing {
-            self.status = Status::Warn;
-        }
-        self
-    }
-
-    /// `<status>  <what>: <detail>\n[  fix: <command>\n]`, each line free
-    /// of control characters.
-    pub fn render(&self) -> String {
-        let mut out = format!(
-            "{:<7}  {}: {}\n",
-            self.status.label(),
-            self.what,
-            one_line(&self.detail)
-        );
-        if let Some(fix) = &self.fix {
-            out.push_str(&format!("  fix: {}\n", one_line(fix)));
-        }
-        out
-    }
-}
-
-fn one_line(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
-}
-
-/// 0 when nothing is missing, else [`exit::DOCTOR_MISSING`].
-pub fn exit_code(checks: &[Check]) -> u8 {
-    if checks.iter().any(|c| c.status == Status::Missing) {
-        exit::DOCTOR_MISSING
-    } else {
-        0
-    }
-}
-
-/// `s` as one POSIX shell word.
-pub fn shell_quote(s: &str) -> String {
-    let plain = !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"/._-+:,=@%".contains(&b));
-    if plain {
-        s.to_owned()
-    } else {
-        format!("'{}'", s.replace('\'', r"'\''"))
-    }
-}
-
-/// The command that puts binary `pkg` at `path`: a plain `cargo build`
-/// when `path` is in cargo's own `debug`/`release` directory, else a
-/// release build installed there (run from the capsem repository).
-pub fn build_fix(pkg: &str, path: &Path) -> String {
-    let dir = path.parent().and_then(Path::file_name);
-    let named_pkg = path.file_name().is_some_and(|n| n == pkg);
-    match dir.and_then(|d| d.to_str()) {
-        Some("debug") if named_pkg => format!("cargo build -p {pkg}"),
-        Some("release") if named_pkg => format!("cargo build --release -p {pkg}"),
-        _ => format!(
-            "cargo build --release -p {pkg} && install -m 0755 target/release/{pkg} {}",
-            shell_quote(&path.display().to_string())
-        ),
-    }
-}
 
 /// Everything the checks read from the host, gathered once (tests fake it).
 #[derive(Debug)]
@@ -224,16 +100,6 @@ pub fn checks(inputs: &Inputs) -> Vec<Check> {
     ]
 }
 
-/// `capsem doctor`: prints the report and returns the exit code.
-pub fn run(home_flag: Option<&Path>, vmm: Vmm, accel: AccelChoice) -> u8 {
-    let all = checks(&Inputs::from_host(home_flag, vmm, accel));
-    let text: String = all.iter().map(Check::render).collect();
-    let mut out = std::io::stdout().lock();
-    // A closed stdout (`capsem doctor | head -1`) must not hide the verdict.
-    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
-    exit_code(&all)
-}
-
 fn home_fix(path: &Path) -> String {
     format!(
         "sudo install -d -o \"$(id -un)\" -m 0700 {}",
@@ -252,7 +118,7 @@ pub fn check_home(home: &Result<PathBuf, HomeError>) -> Check {
     let path = match home {
         Ok(p) => p,
         Err(e) => {
-            return Check::new(Status::Missing, WHAT, crate::one_line_chain(e))
+            return Check::new(Status::Missing, WHAT, one_line_chain(e))
                 .fix("export CAPSEM_HOME=\"$HOME/.capsem\"")
         }
     };
@@ -320,13 +186,10 @@ pub fn check_process(found: &Result<PathBuf, SpawnError>) -> (Check, Option<Path
             Some(p.clone()),
         ),
         Err(e @ SpawnError::NotFound { path }) => (
-            Check::new(Status::Missing, WHAT, crate::one_line_chain(e)).fix(build_fix(WHAT, path)),
+            Check::new(Status::Missing, WHAT, one_line_chain(e)).fix(build_fix(WHAT, path)),
             Some(path.clone()),
         ),
-        Err(e) => (
-            Check::new(Status::Missing, WHAT, crate::one_line_chain(e)),
-            None,
-        ),
+        Err(e) => (Check::new(Status::Missing, WHAT, one_line_chain(e)), None),
     }
 }
 
@@ -402,7 +265,7 @@ pub fn check_program(what: &'static str, name: &str, lookup: &Lookup, fix: &str)
         Err(e) => Check::new(
             Status::Missing,
             what,
-            format!("{}{via}: {}", path.display(), crate::one_line_chain(&e)),
+            format!("{}{via}: {}", path.display(), one_line_chain(&e)),
         )
         .fix(fix),
     }
@@ -493,7 +356,7 @@ pub fn check_image(home: &Result<PathBuf, HomeError>, env: Option<&std::ffi::OsS
         Err(e) => Check::new(
             Status::Warn,
             WHAT,
-            format!("{}: {}", dir.display(), crate::one_line_chain(&e)),
+            format!("{}: {}", dir.display(), one_line_chain(&e)),
         )
         .fix(fix),
     }
@@ -502,56 +365,6 @@ pub fn check_image(home: &Result<PathBuf, HomeError>, env: Option<&std::ffi::OsS
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn line_format() {
-        let c = Check::new(Status::Missing, "qemu", "x\ny").fix(QEMU_FIX);
-        assert_eq!(
-            c.render(),
-            "missing  qemu: x y\n  fix: sudo apt-get install qemu-system-x86\n"
-        );
-        assert_eq!(
-            Check::new(Status::Ok, "home", "/h is writable").render(),
-            "ok       home: /h is writable\n"
-        );
-        assert_eq!(
-            Check::new(Status::Warn, "accelerator", "tcg").render(),
-            "warn     accelerator: tcg\n"
-        );
-    }
-
-    #[test]
-    fn exit_code_is_1_only_when_something_is_missing() {
-        let ok = Check::new(Status::Ok, "a", "");
-        let warn = Check::new(Status::Warn, "b", "");
-        let missing = Check::new(Status::Missing, "c", "");
-        assert_eq!(exit_code(&[ok.clone(), warn.clone()]), 0);
-        assert_eq!(exit_code(&[ok, warn, missing.clone()]), 1);
-        assert_eq!(exit_code(&[missing.informational(true)]), 0);
-    }
-
-    #[test]
-    fn quoting_and_build_fixes() {
-        assert_eq!(shell_quote("/a/b-c_d.e"), "/a/b-c_d.e");
-        assert_eq!(shell_quote("/a b/it's"), r"'/a b/it'\''s'");
-        assert_eq!(shell_quote(""), "''");
-        assert_eq!(
-            build_fix(
-                "capsem-process",
-                Path::new("/r/target/debug/capsem-process")
-            ),
-            "cargo build -p capsem-process"
-        );
-        assert_eq!(
-            build_fix("capsem-agent", Path::new("/r/target/release/capsem-agent")),
-            "cargo build --release -p capsem-agent"
-        );
-        assert_eq!(
-            build_fix("capsem-agent", Path::new("/usr/local/bin/capsem-agent")),
-            "cargo build --release -p capsem-agent && \
-             install -m 0755 target/release/capsem-agent /usr/local/bin/capsem-agent"
-        );
-    }
 
     fn facts(modules: Vec<&'static str>, dev: bool) -> KvmFacts {
         KvmFacts {

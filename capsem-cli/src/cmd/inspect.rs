@@ -7,8 +7,10 @@
 
 use serde::Serialize;
 
-use crate::list::write_stdout;
-use crate::persist::{Ctx, PersistError};
+use crate::context::Ctx;
+use crate::error::CliError;
+use crate::exit::Exit;
+use crate::output::write_stdout;
 use crate::vms::{Vm, VmState};
 
 /// `capsem inspect`'s object. Fields are only ever added.
@@ -113,16 +115,16 @@ impl Inspect {
 }
 
 /// Prints VM `name` as JSON; exit code 0.
-pub fn run(ctx: &Ctx, name: &str) -> Result<u8, PersistError> {
+pub fn run(ctx: &Ctx, name: &str) -> Result<Exit, CliError> {
     let vm = ctx.load(name)?;
     write_stdout(Inspect::new(&vm).to_json().as_bytes())?;
-    Ok(0)
+    Ok(Exit::OK)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sweep::tests::{config, ctx, gone_record, make_vm, Marked};
+    use crate::testutil::{config, ctx, gone_record, make_vm, Marked};
     use capsem_host::vmstate::{self, Pids, ShellExit, VmStatusFile, STATUS_FILE};
 
     #[test]
@@ -201,12 +203,9 @@ mod tests {
         assert_eq!(got.agent_connects, 0);
         assert!(matches!(
             run(&ctx, "nope"),
-            Err(PersistError::NoSuchVm(n)) if n == "nope"
+            Err(CliError::NoSuchVm(n)) if n == "nope"
         ));
-        assert!(matches!(
-            run(&ctx, "../dev"),
-            Err(PersistError::Name { .. })
-        ));
+        assert!(matches!(run(&ctx, "../dev"), Err(CliError::Name { .. })));
     }
 
     /// Whether `a` and `b` have the same keys, recursively (arrays by
@@ -233,7 +232,7 @@ mod tests {
 
     #[test]
     fn docs_examples_have_exactly_the_fields() {
-        let doc = include_str!("../../docs/cli-json.md");
+        let doc = include_str!("../../../docs/cli-json.md");
         let blocks: Vec<serde_json::Value> = doc
             .split("```json\n")
             .skip(1)
@@ -267,7 +266,7 @@ mod tests {
         vmstate::write_json(&dir.join(STATUS_FILE), &status).unwrap();
         let vm = ctx(home.path()).load("dev").unwrap();
 
-        let list = serde_json::to_value([crate::list::ListEntry::new(&vm)]).unwrap();
+        let list = serde_json::to_value([crate::cmd::list::ListEntry::new(&vm)]).unwrap();
         same_shape(&blocks[0], &list, "list");
         let inspect = serde_json::to_value(Inspect::new(&vm)).unwrap();
         same_shape(&blocks[1], &inspect, "inspect");

@@ -1,0 +1,52 @@
+//! `capsem run`: one command in a temporary VM, from start to teardown.
+//!
+//! Order of events: the request is checked (a refused environment variable
+//! or an oversized command is exit 125 before anything starts), home and VM
+//! directory, capsem-process started with `--exec` and its ready line
+//! awaited, `Exec` on `ctl.sock`, the exec loop ([`crate::exec_loop`]), then
+//! on every path: connection closed, capsem-process reaped (killed by
+//! process group after a grace period), VM directory removed. Locals are
+//! declared so that Rust's reverse drop order does exactly that.
+
+use std::path::Path;
+
+use crate::cli::{AccelChoice, RunArgs, Vmm};
+use crate::error::CliError;
+use crate::exec_loop::{self, ExecEnd};
+use crate::exit::Exit;
+use crate::request::{exec_request, prepare_audit_log, raw_if_tty};
+use crate::tempvm::{self, Attached, Started};
+
+/// Runs one command in a temporary VM and returns how capsem exits.
+pub fn run(
+    home_flag: Option<&Path>,
+    vmm: Vmm,
+    accel: AccelChoice,
+    args: RunArgs,
+) -> Result<Exit, CliError> {
+    let (request, tty) = exec_request(args.cmd)?;
+    // capsem-process appends the guest's audit records there at teardown.
+    let audit_log = args
+        .audit_log
+        .as_deref()
+        .map(prepare_audit_log)
+        .transpose()?;
+    let mut vm = match tempvm::start(home_flag, vmm, accel, true, audit_log.as_deref())? {
+        Started::Ready(vm) => vm,
+        Started::Interrupted(code) => return Ok(code),
+    };
+
+    let mut session = match vm.attach(&request)? {
+        Attached::Session(s) => s,
+        Attached::Interrupted(code) => return Ok(code),
+    };
+    let raw = raw_if_tty(tty)?;
+    let end = exec_loop::run(&mut session, &mut vm.signals);
+    drop(raw);
+    drop(session);
+    drop(vm);
+    match end {
+        ExecEnd::Exited(code) => Ok(code),
+        ExecEnd::Lost(reason) => Err(CliError::SessionLost(reason)),
+    }
+}
