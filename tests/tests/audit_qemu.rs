@@ -1,8 +1,8 @@
 //! The guest's execve audit stream in a real VM (the kernel audit subsystem
 //! runs only in the guest): records reach `capsem audit`, in order, and
 //! survive 100 forced reconnects with none lost or duplicated.
-//! `CAPSEM_SKIP_VM_TESTS=1 scripts/test.sh` leaves them out (nextest profile
-//! `novm`), and nextest counts them as skipped.
+//! `CAPSEM_SKIP_VM_TESTS=1 scripts/test.sh` leaves them out (a nextest filter
+//! on the `*_qemu` binaries), and nextest counts them as skipped.
 #![allow(clippy::unwrap_used)]
 
 use capsem_proto::ipc::ClientToProcess;

@@ -1,6 +1,6 @@
 //! Persistent VMs in real VMs under QEMU (see `capsem_tests::persist`).
-//! `CAPSEM_SKIP_VM_TESTS=1 scripts/test.sh` leaves them out (nextest profile
-//! `novm`), and nextest counts them as skipped.
+//! `CAPSEM_SKIP_VM_TESTS=1 scripts/test.sh` leaves them out (a nextest filter
+//! on the `*_qemu` binaries), and nextest counts them as skipped.
 #![allow(clippy::unwrap_used)]
 
 use capsem_tests::persist;

@@ -1,7 +1,7 @@
 //! `capsem shell` in real VMs under QEMU (TCG here, KVM where it is loaded),
 //! end to end through a real PTY. `CAPSEM_SKIP_VM_TESTS=1 scripts/test.sh`
-//! leaves them out for a quick local run (nextest profile `novm`, counted as
-//! skipped); CI runs them.
+//! leaves them out for a quick local run (a nextest filter on the `*_qemu`
+//! binaries, counted as skipped); CI runs them.
 
 use capsem_tests::scenarios;
 use capsem_tests::Backend;
