@@ -182,9 +182,10 @@ impl Flattener {
         let header = entry.header();
         let meta = Meta {
             mode: header.mode().map_err(LayerError::Read)? & 0o7777,
-            uid: header.uid().map_err(LayerError::Read)?,
-            gid: header.gid().map_err(LayerError::Read)?,
-            mtime: header.mtime().map_err(LayerError::Read)?,
+            // Some writers leave these blank: root, and the epoch.
+            uid: header.uid().unwrap_or(0),
+            gid: header.gid().unwrap_or(0),
+            mtime: header.mtime().unwrap_or(0),
         };
         let kind = header.entry_type();
         let comps = safepath::clean(path);

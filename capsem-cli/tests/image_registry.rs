@@ -1,0 +1,86 @@
+//! `capsem image pull` against a real registry (Debian's docker-registry,
+//! on a loopback port): the flattened root, the stored config, the cache
+//! (a second pull fetches no blob), a corrupted blob refused with nothing
+//! cached, and an unreachable registry. The registry is killed and reaped
+//! even on failure (a Drop guard), and the test checks it is gone.
+
+mod image_util;
+
+use image_util::*;
+
+#[test]
+fn pull_converts_caches_and_refuses_a_corrupted_blob() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let mut reg = Registry::start();
+    let img = TestImage::new("one");
+    reg.push("test/img", "1.0", &img);
+    let reference = format!("{}/test/img:1.0", reg.addr);
+
+    let o = capsem(h, &["image", "pull", &reference]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o), format!("{}\n", img.digest()));
+    // Not a terminal: no progress drawn.
+    assert_eq!(stderr(&o), "");
+    let dir = image_dir(h, &img.digest());
+    let tree = extract(&dir.join("rootfs.erofs"));
+    assert_standard_tree(&tree.path().join("x"));
+    let config = stored_config(h, &img.digest());
+    assert_eq!(config["Env"][1], "GREETING=hello");
+    assert_eq!(config["WorkingDir"], "/app");
+    assert_eq!(config["User"], "1000:1000");
+    assert_eq!(config["Entrypoint"], serde_json::json!(["/bin/sh"]));
+    assert_eq!(config["Cmd"], serde_json::json!(["/app/run.sh"]));
+    assert_no_staging_left(h);
+
+    // A second pull asks for the manifest only: no blob GET.
+    let gets = reg.blob_gets();
+    assert!(gets >= 4, "config and three layers: {}", reg.log());
+    let o = capsem(h, &["image", "pull", &reference]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o), format!("{}\n", img.digest()));
+    assert_eq!(reg.blob_gets(), gets, "{}", reg.log());
+
+    // A blob corrupted in the registry's storage (same length): refused,
+    // nothing cached, no name recorded.
+    let bad = TestImage::new("two");
+    reg.push("test/bad", "1.0", &bad);
+    let victim = reg.blob_file(&image_util::sha(&bad.blobs[0]));
+    let mut data = std::fs::read(&victim).unwrap();
+    let last = data.len() - 1;
+    data[last] ^= 0xff;
+    std::fs::write(&victim, data).unwrap();
+    let o = capsem(h, &["image", "pull", &format!("{}/test/bad:1.0", reg.addr)]);
+    assert_fails_with(&o, "digest mismatch");
+    assert!(!image_dir(h, &bad.digest()).exists());
+    assert_no_staging_left(h);
+    let refs = std::fs::read_to_string(h.join("images/oci/refs.json")).unwrap();
+    assert!(!refs.contains("test/bad"), "{refs}");
+
+    // A missing tag and a missing repository: one line, 125.
+    let o = capsem(
+        h,
+        &["image", "pull", &format!("{}/test/img:nope", reg.addr)],
+    );
+    assert_fails_with(&o, "not found");
+
+    let pid = reg.stop().unwrap();
+    assert!(!alive(pid), "the registry (pid {pid}) is gone");
+}
+
+#[test]
+fn an_unreachable_registry_is_one_line_and_125() {
+    let home = tempfile::tempdir().unwrap();
+    // A loopback port nobody listens on: bound, then closed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let o = capsem(
+        home.path(),
+        &["image", "pull", &format!("127.0.0.1:{port}/x/y:1")],
+    );
+    assert_fails_with(&o, &format!("cannot reach registry 127.0.0.1:{port}"));
+    assert_no_staging_left(home.path());
+}
