@@ -345,3 +345,65 @@ impl Store {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_full_names_become_references() {
+        assert_eq!(
+            full_name("test/saved:2.0").as_deref(),
+            Some("docker.io/test/saved:2.0")
+        );
+        assert_eq!(
+            full_name("127.0.0.1:5000/a/b:1").as_deref(),
+            Some("127.0.0.1:5000/a/b:1")
+        );
+        assert_eq!(full_name("1.0"), None);
+        assert_eq!(full_name("latest"), None);
+        assert_eq!(full_name("bad name:1"), None);
+    }
+
+    #[test]
+    fn files_are_checked_against_their_digest_and_size() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("blob");
+        fs::write(&p, b"abc").unwrap();
+        let good = Digest::of(b"abc");
+        check_file(&p, good.as_str(), Some(3), "blob").unwrap();
+        assert!(matches!(
+            check_file(&p, good.as_str(), Some(4), "blob"),
+            Err(ImageError::DigestMismatch { .. })
+        ));
+        assert!(matches!(
+            check_file(&p, Digest::of(b"abd").as_str(), None, "blob"),
+            Err(ImageError::DigestMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn a_layout_path_cannot_leave_the_layout() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("secret"), b"s").unwrap();
+        std::os::unix::fs::symlink(
+            outside.path().join("secret"),
+            root.path().join("index.json"),
+        )
+        .unwrap();
+        let src = Source {
+            root: root.path(),
+            archive: Path::new("x.tar"),
+        };
+        // The absolute link is taken inside the layout, where nothing is.
+        assert!(matches!(
+            src.small("index.json"),
+            Err(ImageError::BadArchive { .. })
+        ));
+        assert!(matches!(
+            src.small("../../secret"),
+            Err(ImageError::BadArchive { .. })
+        ));
+    }
+}

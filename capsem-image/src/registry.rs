@@ -324,3 +324,51 @@ fn finish<W>(desc: &Descriptor, out: Hasher<W>) -> Result<(W, u64), RegistryErro
     }
     Ok((w, len))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desc(data: &[u8]) -> Descriptor {
+        Descriptor {
+            media_type: manifest::OCI_LAYER_TAR.into(),
+            digest: Digest::of(data).to_string(),
+            size: data.len() as u64,
+            platform: None,
+            annotations: Default::default(),
+        }
+    }
+
+    #[test]
+    fn blobs_are_checked_for_digest_and_size() {
+        let d = desc(b"layer");
+        let mut h = Hasher::new(Vec::new());
+        h.write_all(b"layer").unwrap();
+        assert_eq!(finish(&d, h).unwrap().0, b"layer");
+        let mut h = Hasher::new(Vec::new());
+        h.write_all(b"LAYER").unwrap();
+        let err = finish(&d, h).unwrap_err();
+        assert!(matches!(err, RegistryError::DigestMismatch { .. }), "{err}");
+        assert!(err.to_string().contains("digest mismatch"), "{err}");
+        let short = Descriptor {
+            size: 9,
+            ..desc(b"layer")
+        };
+        let mut h = Hasher::new(Vec::new());
+        h.write_all(b"layer").unwrap();
+        assert!(matches!(
+            finish(&short, h),
+            Err(RegistryError::SizeMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn oci_clients_digest_errors_are_recognized() {
+        let e = std::io::Error::other(oci_client::errors::DigestError::VerificationError {
+            expected: "a".into(),
+            actual: "b".into(),
+        });
+        assert!(is_digest_error(&e));
+        assert!(!is_digest_error(&std::io::Error::other("reset")));
+    }
+}

@@ -448,3 +448,92 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), ImageError> {
     tmp.persist(path).map_err(|e| io_err(what)(e.error))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A finished image directory as `install` leaves it.
+    fn fake_image(store: &Store, seed: &[u8]) -> Digest {
+        let d = Digest::of(seed);
+        let dir = store.image_dir(&d);
+        fs::create_dir_all(&dir).unwrap();
+        let info = ImageInfo {
+            digest: d.to_string(),
+            created: None,
+            rootfs_bytes: 1,
+            layers: 0,
+        };
+        fs::write(dir.join("info.json"), to_json(&info)).unwrap();
+        fs::write(dir.join("config.json"), to_json(&RunConfig::default())).unwrap();
+        d
+    }
+
+    #[test]
+    fn names_list_lookup_and_remove() {
+        let home = tempfile::tempdir().unwrap();
+        let store = Store::open(home.path()).unwrap();
+        let a = fake_image(&store, b"a");
+        let b = fake_image(&store, b"b");
+        store.name("docker.io/library/a:1", &a).unwrap();
+        store.name("docker.io/library/a:2", &a).unwrap();
+        store.name("docker.io/library/b:1", &b).unwrap();
+
+        let r = ImageRef::parse("a:1").unwrap();
+        assert_eq!(store.lookup(&r).unwrap().unwrap().digest, a);
+        let by_digest = ImageRef::parse(&format!("@{b}")).unwrap();
+        assert_eq!(store.lookup(&by_digest).unwrap().unwrap().digest, b);
+        assert!(store
+            .lookup(&ImageRef::parse("c:1").unwrap())
+            .unwrap()
+            .is_none());
+        let list = store.list().unwrap();
+        assert_eq!(list.len(), 2);
+        let of_a = list.iter().find(|l| l.info.digest == a.as_str()).unwrap();
+        assert_eq!(
+            of_a.references,
+            ["docker.io/library/a:1", "docker.io/library/a:2"]
+        );
+
+        // One of two names: the image stays.
+        let removed = store.remove("a:1").unwrap();
+        assert_eq!((removed.references.len(), removed.image), (1, false));
+        assert!(store.image_dir(&a).is_dir());
+        // The last name: the image goes.
+        let removed = store.remove("a:2").unwrap();
+        assert!(removed.image);
+        assert!(!store.image_dir(&a).exists());
+        // By digest: the image and its names.
+        let removed = store.remove(&format!("@{b}")).unwrap();
+        assert_eq!(removed.references, ["docker.io/library/b:1"]);
+        assert!(store.list().unwrap().is_empty());
+        assert!(matches!(store.remove("a:1"), Err(ImageError::NotCached(_))));
+        assert!(matches!(
+            store.remove(&format!("@{b}")),
+            Err(ImageError::NotCached(_))
+        ));
+        assert_eq!(fs::read_dir(store.dir().join("tmp")).unwrap().count(), 0);
+        assert_eq!(store.read_refs().unwrap(), Refs::new());
+    }
+
+    #[test]
+    fn a_local_digest_not_cached_is_not_pulled() {
+        let home = tempfile::tempdir().unwrap();
+        let store = Store::open(home.path()).unwrap();
+        let d = Digest::of(b"x");
+        let err = store
+            .resolve_or_pull(&format!("@{d}"), &AuthSource::Anonymous, &mut crate::Quiet)
+            .unwrap_err();
+        assert!(matches!(err, ImageError::NotCached(_)), "{err}");
+    }
+
+    #[test]
+    fn atomic_writes_leave_no_temporary_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f.json");
+        write_atomic(&p, b"1").unwrap();
+        write_atomic(&p, b"2").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"2");
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+}
