@@ -23,11 +23,15 @@ fn tar_of_dir(dir: &Path, budget: u64) -> Vec<u8> {
     let mut used = 0u64;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         let mut entries: Vec<_> = rd.filter_map(Result::ok).map(|e| e.path()).collect();
         entries.sort();
         for p in entries {
-            let Ok(m) = std::fs::symlink_metadata(&p) else { continue };
+            let Ok(m) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
             let name = p.strip_prefix("/").expect("absolute");
             if m.is_dir() {
                 b.append_dir(name, &p).expect("append a directory");

@@ -3,7 +3,7 @@
 //! ```text
 //! sha256/<manifest hex>/rootfs.erofs   the read-only root (crate::rootfs)
 //!                      /config.json    Env, WorkingDir, User, Entrypoint, Cmd (RunConfig)
-//!                      /info.json      digest, created, size, layers (ImageInfo)
+//!                      /info.json      digest, created, size, layers, devices skipped (ImageInfo)
 //!                      /manifest.json  the manifest, as its digest was checked
 //!                      /image-config.json  the image config blob, likewise
 //! refs.json            reference name -> manifest digest
@@ -43,6 +43,9 @@ pub struct ImageInfo {
     /// Bytes of the root filesystem image.
     pub rootfs_bytes: u64,
     pub layers: usize,
+    /// Device nodes in the layers, which are not made (see crate::layers).
+    #[serde(default)]
+    pub devices_skipped: u64,
 }
 
 /// A cached, converted image: what the CLI boots.
@@ -317,7 +320,7 @@ impl Store {
                 let _ = fs::remove_file(path);
             }
         }
-        flat.finish().map_err(|source| ImageError::Layer {
+        let notes = flat.finish().map_err(|source| ImageError::Layer {
             index: staged.layers.len(),
             digest: "directory modes".into(),
             source,
@@ -333,6 +336,7 @@ impl Store {
             created: config.created.clone(),
             rootfs_bytes,
             layers: staged.layers.len(),
+            devices_skipped: notes.devices_skipped,
         };
         for (name, data) in [
             ("config.json", to_json(&run)),
@@ -463,6 +467,7 @@ mod tests {
             created: None,
             rootfs_bytes: 1,
             layers: 0,
+            devices_skipped: 0,
         };
         fs::write(dir.join("info.json"), to_json(&info)).unwrap();
         fs::write(dir.join("config.json"), to_json(&RunConfig::default())).unwrap();

@@ -18,7 +18,7 @@
 
 use std::path::PathBuf;
 
-use capsem_image::{AuthSource, Listed, Store};
+use capsem_image::{AuthSource, ImageInfo, Listed, Store};
 use clap::Subcommand;
 
 use crate::context::Ctx;
@@ -74,6 +74,7 @@ pub fn run(ctx: &Ctx, command: ImageCommand) -> Result<Exit, CliError> {
         } => {
             let auth = registry_auth.map_or(AuthSource::DockerConfig, AuthSource::File);
             let img = store.pull(&reference, &auth, &mut PullBar::new())?;
+            note_devices(&img.info);
             write_stdout(format!("{}\n", img.digest).as_bytes())?;
         }
         ImageCommand::Rm { reference } => {
@@ -89,6 +90,7 @@ pub fn run(ctx: &Ctx, command: ImageCommand) -> Result<Exit, CliError> {
         }
         ImageCommand::Import { file } => {
             let imported = store.import(&file, &mut PullBar::new())?;
+            note_devices(&imported.image.info);
             let mut line = imported.image.digest.to_string();
             for r in &imported.references {
                 line.push(' ');
@@ -99,6 +101,17 @@ pub fn run(ctx: &Ctx, command: ImageCommand) -> Result<Exit, CliError> {
         }
     }
     Ok(Exit::OK)
+}
+
+/// Device nodes are not made in the root (its /dev is the guest's own):
+/// said once, on stderr.
+fn note_devices(info: &ImageInfo) {
+    if info.devices_skipped > 0 {
+        eprintln!(
+            "capsem: note: {} device nodes in the layers were skipped",
+            info.devices_skipped
+        );
+    }
 }
 
 /// The `--json` text: a pretty array and a newline.
@@ -178,7 +191,6 @@ pub fn table(images: &[Listed]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use capsem_image::ImageInfo;
 
     #[test]
     fn table_and_json() {
@@ -194,6 +206,7 @@ mod tests {
                     created: Some("2026-01-02T03:04:05Z".into()),
                     rootfs_bytes: 12_345_678,
                     layers: 3,
+                    devices_skipped: 0,
                 },
             },
             Listed {
@@ -203,6 +216,7 @@ mod tests {
                     created: None,
                     rootfs_bytes: 999,
                     layers: 1,
+                    devices_skipped: 0,
                 },
             },
         ];
@@ -218,7 +232,7 @@ docker.io/library/a:latest  abababababab  12.3 MB  2026-01-02T03:04:05Z
         let json: serde_json::Value = serde_json::from_str(&to_json(&images)).unwrap();
         assert_eq!(
             json[1],
-            serde_json::json!({"references": [], "digest": d, "created": null, "rootfs_bytes": 999, "layers": 1})
+            serde_json::json!({"references": [], "digest": d, "created": null, "rootfs_bytes": 999, "layers": 1, "devices_skipped": 0})
         );
         assert_eq!(to_json(&[]), "[]\n");
     }
