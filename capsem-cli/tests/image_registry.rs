@@ -57,12 +57,42 @@ fn pull_converts_caches_and_refuses_a_corrupted_blob() {
     let refs = std::fs::read_to_string(h.join("images/oci/refs.json")).unwrap();
     assert!(!refs.contains("test/bad"), "{refs}");
 
-    // A missing tag and a missing repository: one line, 125.
+    // An artifact that is not an image (a Helm chart's config type).
+    let helm = String::from_utf8(img.manifest.clone()).unwrap().replace(
+        "application/vnd.oci.image.config.v1+json",
+        "application/vnd.cncf.helm.config.v1+json",
+    );
+    let (status, _, _) = reg
+        .request(
+            "PUT",
+            "/v2/test/img/manifests/helm",
+            &[("Content-Type", "application/vnd.oci.image.manifest.v1+json")],
+            helm.as_bytes(),
+        )
+        .unwrap();
+    assert_eq!(status, 201);
+    let o = capsem(
+        h,
+        &["image", "pull", &format!("{}/test/img:helm", reg.addr)],
+    );
+    assert_fails_with(
+        &o,
+        "unsupported media type \"application/vnd.cncf.helm.config.v1+json\"",
+    );
+    assert_no_staging_left(h);
+
+    // A missing tag: one line, 125.
     let o = capsem(
         h,
         &["image", "pull", &format!("{}/test/img:nope", reg.addr)],
     );
     assert_fails_with(&o, "not found");
+
+    // Only the one good image was ever cached.
+    let cached = std::fs::read_dir(h.join("images/oci/sha256"))
+        .unwrap()
+        .count();
+    assert_eq!(cached, 1);
 
     let pid = reg.stop().unwrap();
     assert!(!alive(pid), "the registry (pid {pid}) is gone");
