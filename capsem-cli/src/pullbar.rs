@@ -1,11 +1,9 @@
 //! Progress of `capsem image pull` and `import` on stderr
 //! ([`PullBar`], an [`indicatif`] bar implementing
 //! [`capsem_image::Progress`]): bytes and layers while fetching, then a
-//! spinner while converting. Drawn only when stderr is a terminal.
+//! line while converting. Drawn only when stderr is a terminal.
 
 use std::os::fd::AsFd;
-use std::time::Duration;
-
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// The bar, or nothing when stderr is not a terminal.
@@ -56,11 +54,13 @@ impl capsem_image::Progress for PullBar {
 
     fn converting(&mut self) {
         if let Some(b) = &self.bar {
-            if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} {elapsed}") {
+            // A static line: indicatif's steady tick would be an unnamed
+            // thread of its own.
+            if let Ok(style) = ProgressStyle::with_template("{msg}") {
                 b.set_style(style);
             }
-            b.set_message(format!("converting {} layers", self.layers));
-            b.enable_steady_tick(Duration::from_millis(100));
+            b.set_message(format!("converting {} layers...", self.layers));
+            b.tick();
         }
     }
 
