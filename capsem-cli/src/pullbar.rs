@@ -4,6 +4,7 @@
 //! line while converting. Drawn only when stderr is a terminal.
 
 use std::os::fd::AsFd;
+
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// The bar, or nothing when stderr is not a terminal.

@@ -12,11 +12,11 @@
 //! let store = Store::open(std::path::Path::new("/home/me/.capsem"))?;
 //! // Cached: no network. Else pulled (like `docker run`).
 //! let img = store.resolve_or_pull("python:3.12-slim", &AuthSource::DockerConfig, &mut Quiet)?;
-//! img.rootfs;                     // sha256/<hex>/rootfs.erofs, read-only
-//! img.config.env;                 // ["PATH=...", ...]
-//! img.config.working_dir;         // Some("/app")
-//! img.config.user;                // Some("1000:1000")
-//! img.config.default_command();   // Entrypoint + Cmd, for `run` with no command
+//! let _: &std::path::Path = &img.rootfs;     // sha256/<hex>/rootfs.erofs, read-only
+//! let _: &[String] = &img.config.env;         // ["PATH=...", ...]
+//! let _: Option<&str> = img.config.working_dir.as_deref(); // Some("/app")
+//! let _: Option<&str> = img.config.user.as_deref();        // Some("1000:1000")
+//! let _: Vec<String> = img.config.default_command();       // Entrypoint + Cmd
 //! # Ok(()) }
 //! ```
 //!
