@@ -99,6 +99,64 @@ fn pull_converts_caches_and_refuses_a_corrupted_blob() {
 }
 
 #[test]
+fn credentials_come_from_registry_auth_or_the_docker_config() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let mut reg = Registry::start_with_basic_auth();
+    let img = TestImage::new("auth");
+    reg.push("team/tool", "1.0", &img);
+    let reference = format!("{}/team/tool:1.0", reg.addr);
+
+    // Anonymous: refused, one line, 125, nothing cached.
+    let o = capsem(h, &["image", "pull", &reference]);
+    assert_fails_with(&o, "not authorized (credentials: --registry-auth FILE");
+    assert!(!image_dir(h, &img.digest()).exists());
+
+    // --registry-auth FILE (Docker's config.json format).
+    let creds = tempfile::tempdir().unwrap();
+    let config = serde_json::json!({"auths": {reg.addr.to_string(): {"auth": TEST_BASIC}}});
+    let file = creds.path().join("config.json");
+    std::fs::write(&file, serde_json::to_vec(&config).unwrap()).unwrap();
+    let o = capsem(
+        h,
+        &[
+            "image",
+            "pull",
+            "--registry-auth",
+            file.to_str().unwrap(),
+            &reference,
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(image_dir(h, &img.digest()).join("rootfs.erofs").is_file());
+
+    // $DOCKER_CONFIG/config.json, username and password fields.
+    let config = serde_json::json!({"auths": {reg.addr.to_string():
+        {"username": TEST_USER, "password": TEST_PASSWORD}}});
+    std::fs::write(&file, serde_json::to_vec(&config).unwrap()).unwrap();
+    let home2 = tempfile::tempdir().unwrap();
+    let o = capsem_with_docker_config(home2.path(), creds.path(), &["image", "pull", &reference]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o), format!("{}\n", img.digest()));
+
+    // A named credentials file that does not exist is an error, not anonymous.
+    let o = capsem(
+        h,
+        &[
+            "image",
+            "pull",
+            "--registry-auth",
+            "/nonexistent/c.json",
+            &reference,
+        ],
+    );
+    assert_fails_with(&o, "cannot read registry credentials /nonexistent/c.json");
+
+    let pid = reg.stop().unwrap();
+    assert!(!alive(pid), "the registry (pid {pid}) is gone");
+}
+
+#[test]
 fn an_unreachable_registry_is_one_line_and_125() {
     let home = tempfile::tempdir().unwrap();
     // A loopback port nobody listens on: bound, then closed.

@@ -42,7 +42,7 @@ pub enum RegistryError {
         #[source]
         source: OciDistributionError,
     },
-    #[error("{reference}: the registry refused the credentials")]
+    #[error("{reference}: not authorized (credentials: --registry-auth FILE, else $DOCKER_CONFIG/config.json or ~/.docker/config.json)")]
     Unauthorized {
         reference: String,
         #[source]

@@ -183,14 +183,19 @@ impl TestImage {
     }
 }
 
-/// `capsem --home HOME ARGS`.
+/// `capsem --home HOME ARGS`, with no Docker config.
 pub fn capsem(home: &Path, args: &[&str]) -> Output {
+    capsem_with_docker_config(home, &home.join("no-docker-config"), args)
+}
+
+/// `capsem --home HOME ARGS` with `$DOCKER_CONFIG` set to `docker_config`.
+pub fn capsem_with_docker_config(home: &Path, docker_config: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_capsem"))
         .arg("--home")
         .arg(home)
         .args(args)
         .env_remove("CAPSEM_HOME")
-        .env("DOCKER_CONFIG", home.join("no-docker-config"))
+        .env("DOCKER_CONFIG", docker_config)
         .stdin(Stdio::null())
         .output()
         .expect("run capsem")
@@ -266,10 +271,29 @@ pub struct Registry {
     child: Option<Child>,
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
+    /// The `Authorization` header value the test's own requests send.
+    authorization: Option<String>,
 }
+
+/// The test user of [`Registry::start_with_basic_auth`]: its name, its
+/// password, and the password's bcrypt hash (cost 4: quick to check).
+pub const TEST_USER: &str = "tester";
+pub const TEST_PASSWORD: &str = "capsem-test-pw";
+const TEST_BCRYPT: &str = "$2b$04$HzQE1D/.LCciEK9e40PEqO6nHhekzLQl.n99h9W9biHQIE/FRYjAy";
+/// base64 of `tester:capsem-test-pw`.
+pub const TEST_BASIC: &str = "dGVzdGVyOmNhcHNlbS10ZXN0LXB3";
 
 impl Registry {
     pub fn start() -> Self {
+        Self::start_inner(false)
+    }
+
+    /// A registry that wants HTTP Basic credentials ([`TEST_USER`]).
+    pub fn start_with_basic_auth() -> Self {
+        Self::start_inner(true)
+    }
+
+    fn start_inner(basic_auth: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -281,6 +305,15 @@ impl Registry {
             "version: 0.1\nlog:\n  level: info\n  formatter: text\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
             dir.path().join("storage").display()
         );
+        let mut config = config;
+        if basic_auth {
+            let htpasswd = dir.path().join("htpasswd");
+            std::fs::write(&htpasswd, format!("{TEST_USER}:{TEST_BCRYPT}\n")).unwrap();
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: capsem-test\n    path: {}\n",
+                htpasswd.display()
+            ));
+        }
         let cfg = dir.path().join("config.yml");
         std::fs::write(&cfg, config).unwrap();
         let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
@@ -296,6 +329,7 @@ impl Registry {
             child: Some(child),
             addr,
             dir,
+            authorization: basic_auth.then(|| format!("Basic {TEST_BASIC}")),
         };
         // Wait until it answers /v2/ (or died).
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -345,6 +379,9 @@ impl Registry {
         );
         for (k, v) in headers {
             req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if let Some(a) = &self.authorization {
+            req.push_str(&format!("Authorization: {a}\r\n"));
         }
         req.push_str("\r\n");
         s.write_all(req.as_bytes())?;
