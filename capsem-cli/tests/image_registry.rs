@@ -33,6 +33,27 @@ fn pull_converts_caches_and_refuses_a_corrupted_blob() {
     assert_eq!(config["Cmd"], serde_json::json!(["/app/run.sh"]));
     assert_no_staging_left(h);
 
+    // On a terminal (script(1) gives it one), the progress is drawn on
+    // stderr, and erased at the end; stdout keeps only the digest.
+    let home_tty = tempfile::tempdir().unwrap();
+    let cmd = format!(
+        "{} --home {} image pull {reference}",
+        env!("CARGO_BIN_EXE_capsem"),
+        home_tty.path().display()
+    );
+    let o = std::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env("DOCKER_CONFIG", home_tty.path().join("none"))
+        .output()
+        .expect("script(1)");
+    let tty = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{tty}");
+    assert!(
+        tty.contains("layer 3/3") && tty.contains("converting 3 layers"),
+        "{tty:?}"
+    );
+    assert!(tty.contains(&img.digest()), "{tty:?}");
+
     // A second pull asks for the manifest only: no blob GET.
     let gets = reg.blob_gets();
     assert!(gets >= 4, "config and three layers: {}", reg.log());
