@@ -188,6 +188,10 @@ impl Flattener {
             mtime: header.mtime().unwrap_or(0),
         };
         let kind = header.entry_type();
+        if matches!(kind, tar::EntryType::XGlobalHeader) {
+            // `pax_global_header` (git archive): metadata, not a file.
+            return Ok(());
+        }
         let comps = safepath::clean(path);
         let Some((dir, name)) = safepath::parent_and_name(&self.root, &comps)? else {
             // `./`: the root directory's own mode.
@@ -416,6 +420,11 @@ pub(crate) mod tests {
             ("sl", T::Symlink, b"a"),
             ("dir", T::Regular, b"now a file"),
             ("dev", T::Char, b""),
+            (
+                "pax_global_header",
+                T::XGlobalHeader,
+                b"52 comment=0123456789abcdef0123456789abcdef01\n",
+            ),
         ]);
         let (root, notes) = flatten(&[base, top]);
         let r = root.path();
@@ -427,7 +436,14 @@ pub(crate) mod tests {
         assert_eq!(fs::read_link(r.join("sl")).unwrap(), Path::new("a"));
         assert_eq!(fs::read(r.join("dir")).unwrap(), b"now a file");
         assert!(!r.join("dev").exists());
-        assert_eq!(notes.devices_skipped, 1);
+        assert!(!r.join("pax_global_header").exists());
+        assert_eq!(
+            notes,
+            Notes {
+                devices_skipped: 1,
+                other_skipped: 0
+            }
+        );
     }
 
     #[test]
