@@ -11,6 +11,8 @@ declare -A APT=(
     [gzip]=gzip                          # initramfs compression
     [xz]=xz-utils                        # .ko.xz modules, should a kernel ship them
     [sha256sum]=coreutils
+    [mkfs.erofs]=erofs-utils         # OCI images -> read-only root (capsem image); fsck.erofs for its tests
+    [docker-registry]=docker-registry # the image tests' loopback registry
 )
 VHOST_VSOCK_VERSION=0.3.0 # the version docs/qemu-notes.md was verified with
 
@@ -31,6 +33,11 @@ if [ ${#missing[@]} -gt 0 ]; then
         exit 1
     fi
     for pkg in "${missing[@]}"; do echo "installed $pkg (apt)"; done
+    # Debian enables a registry service on :5000 (all interfaces); the tests
+    # start their own on loopback, so keep the service off.
+    if [[ " ${missing[*]} " == *" docker-registry "* ]] && command -v systemctl >/dev/null 2>&1; then
+        "${SUDO[@]}" systemctl disable --now docker-registry >/dev/null 2>&1 || true
+    fi
 fi
 
 if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then

@@ -125,6 +125,12 @@ pub enum Command {
     },
     /// Print capsem's manual page (roff) on stdout (`capsem man | man -l -`).
     Man,
+    /// OCI images: pull, import, list and remove the cached root
+    /// filesystems (see docs/images.md).
+    Image {
+        #[command(subcommand)]
+        command: crate::cmd::image::ImageCommand,
+    },
 }
 
 /// `capsem create NAME [--cpus N] [--memory MIB]`.

@@ -103,6 +103,10 @@ pub enum CliError {
     Audit(#[from] AuditError),
     #[error("session lost")]
     SessionLost(#[source] Lost),
+    /// `capsem image ...`: a missing image, a digest mismatch, an
+    /// unsupported media type, an unreachable registry...
+    #[error(transparent)]
+    Image(#[from] capsem_image::ImageError),
 }
 
 impl CliError {

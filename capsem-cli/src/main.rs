@@ -13,6 +13,7 @@
 //! capsem [...] stop NAME [--grace SECS] | start NAME | rm [--force] NAME
 //! capsem [...] audit NAME [--follow] [--json]
 //! capsem [--home DIR] doctor
+//! capsem [--home DIR] image ls [--json] | pull REF [--registry-auth FILE] | rm REF | import FILE
 //! capsem completions bash|zsh|fish|elvish|powershell
 //! capsem man
 //! ```
@@ -92,6 +93,8 @@
 //! * [`terminal`]: window size, raw mode guard, panic hook.
 //! * [`signals`]: signals as signalfd events.
 //! * [`progress`]: the "starting" indicator on a terminal stderr.
+//! * [`pullbar`]: `image pull`'s and `import`'s progress bar on a terminal
+//!   stderr.
 
 mod attach;
 mod auditfmt;
@@ -110,6 +113,7 @@ mod lost;
 mod output;
 mod probe;
 mod progress;
+mod pullbar;
 mod request;
 mod signals;
 mod spawn;
@@ -180,6 +184,10 @@ fn dispatch(cli: Cli) -> Result<Exit, CliError> {
         Command::Doctor => Ok(cmd::doctor::run(home, vmm, accel)),
         Command::Completions { shell } => cmd::completions::run(shell),
         Command::Man => cmd::man::run(),
+        Command::Image { command } => {
+            let ctx = Ctx::new(home, vmm, accel)?;
+            cmd::image::run(&ctx, command)
+        }
         Command::Create(args) => vm_command(home, vmm, accel, |ctx| cmd::create::run(ctx, &args)),
         Command::Shell { name: Some(name) } => {
             vm_command(home, vmm, accel, |ctx| cmd::shell::run_named(ctx, &name))

@@ -19,6 +19,7 @@ const SUBCOMMANDS: &[&str] = &[
     "doctor",
     "completions",
     "man",
+    "image",
 ];
 
 fn capsem(args: &[&str]) -> String {

@@ -5,7 +5,7 @@
 //! [`crate::follow`], ...).
 //!
 //! Every VM command (all but `shell` without NAME, `run`, `doctor`,
-//! `completions` and `man`) first resolves the home
+//! `completions`, `man` and `image`) first resolves the home
 //! ([`crate::context::Ctx::new`]) and sweeps what crashes left
 //! ([`crate::sweep`]).
 
@@ -14,6 +14,7 @@ pub mod completions;
 pub mod create;
 pub mod doctor;
 pub mod exec;
+pub mod image;
 pub mod inspect;
 pub mod list;
 pub mod logs;
