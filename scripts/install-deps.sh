@@ -11,6 +11,9 @@ declare -A APT=(
     [gzip]=gzip                          # initramfs compression
     [xz]=xz-utils                        # .ko.xz modules, should a kernel ship them
     [sha256sum]=coreutils
+    [mmdebstrap]=mmdebstrap  # the guest's Debian root filesystem
+    [mkfs.erofs]=erofs-utils # its read-only image
+    [mkfs.ext4]=e2fsprogs    # each VM's writable disk (capsem-process)
 )
 VHOST_VSOCK_VERSION=0.3.0 # the version docs/qemu-notes.md was verified with
 

@@ -1,4 +1,5 @@
-//! The guest image: a kernel and an initramfs built by `images/build.sh`.
+//! The guest image: a kernel, an initramfs and the read-only root
+//! filesystem, built by `images/build.sh`.
 
 use std::path::{Path, PathBuf};
 
@@ -8,6 +9,8 @@ pub struct Image {
     pub dir: PathBuf,
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
+    /// The read-only root (erofs), on a virtio-blk device.
+    pub rootfs: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -23,10 +26,12 @@ impl Image {
             dir: dir.to_path_buf(),
             kernel: dir.join("vmlinuz"),
             initramfs: dir.join("initramfs.cpio.gz"),
+            rootfs: dir.join("rootfs.erofs"),
         };
         for (path, name) in [
             (&image.kernel, "vmlinuz"),
             (&image.initramfs, "initramfs.cpio.gz"),
+            (&image.rootfs, "rootfs.erofs"),
             (&dir.join("manifest.json"), "manifest.json"),
         ] {
             if !path.is_file() {
@@ -53,6 +58,10 @@ mod tests {
         assert!(err.contains("images/build.sh"), "{err}");
         std::fs::write(d.path().join("initramfs.cpio.gz"), b"i").unwrap();
         std::fs::write(d.path().join("manifest.json"), b"{}").unwrap();
+        // An image from before the disk root: rebuild it.
+        let err = Image::open(d.path()).unwrap_err().to_string();
+        assert!(err.contains("rootfs.erofs is missing"), "{err}");
+        std::fs::write(d.path().join("rootfs.erofs"), b"r").unwrap();
         Image::open(d.path()).unwrap();
     }
 }
