@@ -24,10 +24,11 @@ CACHE=${CAPSEM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/capsem}/debs
 TARGET=x86_64-unknown-linux-gnu
 # Modules the guest needs; their dependencies are added in load order.
 # virtio_pci for -M q35/pc, virtio_mmio for -M microvm, then vsock over virtio.
-# virtio_blk, erofs, overlay and ext4 for the disks (ext4's checksums ask the
-# crypto API for crc32c, which finds no modprobe in the initramfs: named here).
-ROOT_MODULES=(virtio_pci virtio_mmio vmw_vsock_virtio_transport virtio_blk erofs overlay
-    crc32c_generic ext4)
+# virtio_blk, erofs, overlay and ext4 for the disks. libcrc32c (for erofs and
+# ext4) asks the crypto API for crc32c, which finds no modprobe in the
+# initramfs: crc32c_generic is named, and loaded, before them.
+ROOT_MODULES=(virtio_pci virtio_mmio vmw_vsock_virtio_transport crc32c_generic virtio_blk erofs
+    overlay ext4)
 PACKAGES_FILE=$REPO/images/packages.txt
 MIRROR=${CAPSEM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm
