@@ -9,8 +9,9 @@ pub struct Image {
     pub dir: PathBuf,
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
-    /// The read-only root (erofs), on a virtio-blk device.
-    pub rootfs: PathBuf,
+    /// The read-only root (erofs), on a virtio-blk device. `None`: an image
+    /// from before the disk root, whose initramfs is the whole guest.
+    pub rootfs: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -26,12 +27,11 @@ impl Image {
             dir: dir.to_path_buf(),
             kernel: dir.join("vmlinuz"),
             initramfs: dir.join("initramfs.cpio.gz"),
-            rootfs: dir.join("rootfs.erofs"),
+            rootfs: Some(dir.join("rootfs.erofs")).filter(|p| p.is_file()),
         };
         for (path, name) in [
             (&image.kernel, "vmlinuz"),
             (&image.initramfs, "initramfs.cpio.gz"),
-            (&image.rootfs, "rootfs.erofs"),
             (&dir.join("manifest.json"), "manifest.json"),
         ] {
             if !path.is_file() {
@@ -58,10 +58,12 @@ mod tests {
         assert!(err.contains("images/build.sh"), "{err}");
         std::fs::write(d.path().join("initramfs.cpio.gz"), b"i").unwrap();
         std::fs::write(d.path().join("manifest.json"), b"{}").unwrap();
-        // An image from before the disk root: rebuild it.
-        let err = Image::open(d.path()).unwrap_err().to_string();
-        assert!(err.contains("rootfs.erofs is missing"), "{err}");
+        // An image from before the disk root still opens, without one.
+        assert_eq!(Image::open(d.path()).unwrap().rootfs, None);
         std::fs::write(d.path().join("rootfs.erofs"), b"r").unwrap();
-        Image::open(d.path()).unwrap();
+        assert_eq!(
+            Image::open(d.path()).unwrap().rootfs,
+            Some(d.path().join("rootfs.erofs"))
+        );
     }
 }

@@ -110,20 +110,25 @@ fn detach(cmd: &mut Command) {
 /// HPET or ACPI PM timer to calibrate it against; with the host busy, the
 /// PIT calibration fails and the boot hangs (3 of 4 loaded boots here). So
 /// the TSC rate is given instead of measured (docs/qemu-notes.md).
-pub fn kernel_cmdline(token: &str, hostname: &str, tsc_khz: Option<u64>) -> String {
+pub fn kernel_cmdline(token: &str, hostname: &str, tsc_khz: Option<u64>, disks: bool) -> String {
     let mut line = format!(
-        "console=ttyS0 quiet panic=-1 reboot=t capsem.root={} capsem.disk={} \
-         capsem.token={token} capsem.hostname={hostname}",
-        disk::ROOT_SERIAL,
-        disk::DISK_SERIAL
+        "console=ttyS0 quiet panic=-1 reboot=t capsem.token={token} capsem.hostname={hostname}"
     );
+    if disks {
+        line.push_str(&format!(
+            " capsem.root={} capsem.disk={}",
+            disk::ROOT_SERIAL,
+            disk::DISK_SERIAL
+        ));
+    }
     if let Some(khz) = tsc_khz {
         line.push_str(&format!(" tsc_early_khz={khz}"));
     }
     line
 }
 
-/// QEMU's arguments.
+/// QEMU's arguments; `writable` is the VM's disk, attached with the image's
+/// root filesystem (an image without one gets neither).
 pub fn qemu_args(
     accel: Accel,
     memory_mib: u32,
@@ -166,10 +171,13 @@ pub fn qemu_args(
     args.push(chardev);
     args.push("-device".into());
     args.push("vhost-user-vsock-device,chardev=vsock".into());
-    for (id, file, readonly, serial) in [
-        ("root", image.rootfs.as_path(), true, disk::ROOT_SERIAL),
-        ("disk", writable, false, disk::DISK_SERIAL),
-    ] {
+    let disks = image.rootfs.as_deref().map(|rootfs| {
+        [
+            ("root", rootfs, true, disk::ROOT_SERIAL),
+            ("disk", writable, false, disk::DISK_SERIAL),
+        ]
+    });
+    for (id, file, readonly, serial) in disks.into_iter().flatten() {
         args.push("-drive".into());
         args.push(disk::drive(id, file, readonly).into());
         args.push("-device".into());
@@ -240,22 +248,31 @@ impl Qemu {
             VmmError::Backend("vhost-device-vsock not found: run scripts/install-deps.sh".into())
         })?;
         let writable = dir.disk();
-        let made = disk::ensure(
-            &writable,
-            cfg.disk_size,
-            launch.reaper,
-            &dir.root().join("mkfs.log"),
-        )
-        .map_err(|e| VmmError::Backend(e.to_string()))?;
-        tracing::info!(
-            "vm {}: writable disk {} ({})",
-            launch.vm_id,
-            writable.display(),
-            match made {
-                disk::Prepared::Created => "created",
-                disk::Prepared::Existing => "reused",
-            }
-        );
+        if image.rootfs.is_some() {
+            let made = disk::ensure(
+                &writable,
+                cfg.disk_size,
+                launch.reaper,
+                &dir.root().join("mkfs.log"),
+            )
+            .map_err(|e| VmmError::Backend(e.to_string()))?;
+            tracing::info!(
+                "vm {}: writable disk {} ({})",
+                launch.vm_id,
+                writable.display(),
+                match made {
+                    disk::Prepared::Created => "created",
+                    disk::Prepared::Existing => "reused",
+                }
+            );
+        } else {
+            tracing::warn!(
+                "vm {}: the image {} has no rootfs.erofs: its initramfs is the whole guest \
+                 and nothing the guest writes is kept (rebuild it with images/build.sh)",
+                launch.vm_id,
+                image.dir.display()
+            );
+        }
         let cid = cid::allocate(&cfg.run_dir()).map_err(|e| VmmError::Backend(e.to_string()))?;
 
         let vhost_sock = dir.root().join("vhost.sock");
@@ -301,7 +318,7 @@ impl Qemu {
             Accel::Tcg => capsem_host::tsc::host_tsc_khz(),
             Accel::Kvm => None,
         };
-        let mut cmdline = kernel_cmdline(launch.token, hostname, tsc_khz);
+        let mut cmdline = kernel_cmdline(launch.token, hostname, tsc_khz, image.rootfs.is_some());
         if cfg.agent_mode() != "shell" {
             // capsem-init passes it to the agent as CAPSEM_MODE.
             cmdline.push_str(&format!(" capsem.mode={}", cfg.agent_mode()));
@@ -414,9 +431,10 @@ mod tests {
 
     #[test]
     fn command_line_carries_token_console_and_panic_policy() {
-        let c = kernel_cmdline("abc123", "capsem", None);
+        let c = kernel_cmdline("abc123", "capsem", None, false);
         assert!(!c.contains("tsc_early_khz"));
-        let c = kernel_cmdline("abc123", "capsem", Some(2_600_000));
+        assert!(!c.contains("capsem.root"));
+        let c = kernel_cmdline("abc123", "capsem", Some(2_600_000), true);
         assert!(c.contains("tsc_early_khz=2600000"));
         assert!(c.contains("console=ttyS0"));
         assert!(c.contains("panic=-1"));
@@ -432,7 +450,7 @@ mod tests {
             dir: "/img".into(),
             kernel: "/img/vmlinuz".into(),
             initramfs: "/img/initramfs.cpio.gz".into(),
-            rootfs: "/img/rootfs.erofs".into(),
+            rootfs: Some("/img/rootfs.erofs".into()),
         };
         let disk = Path::new("/vm/disk.img");
         let args = qemu_args(
@@ -463,7 +481,11 @@ mod tests {
              -device virtio-blk-device,drive=disk,serial=capsem-disk"
         ));
         assert_eq!(s.last().map(String::as_str), Some("x"));
-        let kvm = qemu_args(Accel::Kvm, 256, 2, Path::new("/s"), &image, disk, "x");
+        let old = Image {
+            rootfs: None,
+            ..image.clone()
+        };
+        let kvm = qemu_args(Accel::Kvm, 256, 2, Path::new("/s"), &old, disk, "x");
         let joined: Vec<String> = kvm
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
@@ -471,6 +493,7 @@ mod tests {
         assert!(joined
             .join(" ")
             .contains("-accel kvm -M microvm,memory-backend=mem -cpu host -m 256M -smp 2"));
+        assert!(!joined.iter().any(|a| a == "-drive"), "{joined:?}");
     }
 
     #[test]
