@@ -13,7 +13,9 @@ declare -A APT=(
     [sha256sum]=coreutils
     [mmdebstrap]=mmdebstrap  # the guest's Debian root filesystem
     [mkfs.erofs]=erofs-utils # its read-only image
-    [mkfs.ext4]=e2fsprogs    # each VM's writable disk (capsem-process)
+    # each VM's writable disk (capsem-process); by path: /usr/sbin is not on
+    # every user's PATH
+    [/usr/sbin/mkfs.ext4]=e2fsprogs
 )
 VHOST_VSOCK_VERSION=0.3.0 # the version docs/qemu-notes.md was verified with
 
