@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # Builds the default capsem guest image without Docker:
 #   vmlinuz            Debian's linux-image-*-amd64 kernel (apt-get download, not installed)
-#   initramfs.cpio.gz  /init = capsem-init, capsem-agent, busybox, bash, vsock modules
-#   manifest.json      package names and versions, sha256 of every artifact
+#   initramfs.cpio.gz  /init = capsem-init, capsem-agent, and the modules that
+#                      reach the disks (virtio, vsock, virtio_blk, erofs, overlay, ext4)
+#   rootfs.erofs       the read-only root: Debian 12 from images/packages.txt,
+#                      installed by mmdebstrap (docs/image.md)
+#   manifest.json      every package with its version, sha256 of every artifact
 #
 # usage: images/build.sh [OUT_DIR]
 #   OUT_DIR  default $CAPSEM_IMAGE_DIR, else ${CAPSEM_HOME:-~/.capsem}/images/default
 #   CAPSEM_CACHE  where downloaded .debs are kept (default ~/.cache/capsem)
+#   CAPSEM_DEBIAN_MIRROR  default http://deb.debian.org/debian (and -security)
 #
-# Rerunning with the same inputs (package versions, host bash, agent/init
-# binaries, this script) prints "image up to date" and changes nothing.
+# Rerunning with the same inputs (kernel, the apt index the host last
+# fetched, packages.txt, agent/init binaries, this script) prints "image up
+# to date" and changes nothing. The root filesystem has its own stamp: a new
+# agent rebuilds only the initramfs.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -18,7 +24,14 @@ CACHE=${CAPSEM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/capsem}/debs
 TARGET=x86_64-unknown-linux-gnu
 # Modules the guest needs; their dependencies are added in load order.
 # virtio_pci for -M q35/pc, virtio_mmio for -M microvm, then vsock over virtio.
-ROOT_MODULES=(virtio_pci virtio_mmio vmw_vsock_virtio_transport)
+# virtio_blk, erofs, overlay and ext4 for the disks. libcrc32c (for erofs and
+# ext4) asks the crypto API for crc32c, which finds no modprobe in the
+# initramfs: crc32c_generic is named, and loaded, before them.
+ROOT_MODULES=(virtio_pci virtio_mmio vmw_vsock_virtio_transport crc32c_generic virtio_blk erofs
+    overlay ext4)
+PACKAGES_FILE=$REPO/images/packages.txt
+MIRROR=${CAPSEM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+SUITE=bookworm
 
 say() { echo "build.sh: $*" >&2; }
 die() {
@@ -31,7 +44,7 @@ candidate() {
     apt-cache policy "$1" | sed -n 's/^  Candidate: //p'
 }
 
-for bin in apt-get apt-cache dpkg-deb dpkg-query cpio gzip cargo sha256sum; do
+for bin in apt-get apt-cache dpkg-deb dpkg-query cpio gzip cargo sha256sum mmdebstrap mkfs.erofs; do
     command -v "$bin" >/dev/null || die "$bin is missing (run scripts/install-deps.sh)"
 done
 
@@ -39,9 +52,9 @@ done
 KPKG=$(apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -n1)
 [ -n "$KPKG" ] || die "cannot resolve linux-image-amd64 to a kernel package (apt-get update?)"
 KVER=$(candidate "$KPKG")
-BBVER=$(candidate busybox-static)
 [ -n "$KVER" ] && [ "$KVER" != "(none)" ] || die "no candidate for $KPKG"
-[ -n "$BBVER" ] && [ "$BBVER" != "(none)" ] || die "no candidate for busybox-static"
+mapfile -t PACKAGES < <(sed 's/#.*//; s/[[:space:]]//g; /^$/d' "$PACKAGES_FILE")
+[ ${#PACKAGES[@]} -gt 0 ] || die "no packages in $PACKAGES_FILE"
 
 mkdir -p "$CACHE"
 # Every scratch directory this run made; removed on any exit.
@@ -73,24 +86,6 @@ fetch() { # package version -> path of the .deb in the cache
     echo "$deb"
 }
 KDEB=$(fetch "$KPKG" "$KVER")
-BBDEB=$(fetch busybox-static "$BBVER")
-
-# bash and its shared libraries come from the host (Debian 12 as well): the
-# same files dpkg installed, recorded with their package versions.
-BASH_BIN=$(readlink -f /bin/bash)
-mapfile -t BASH_LIBS < <(ldd "$BASH_BIN" | awk '/=>/ { print $3 } /^\t\/lib/ { print $1 }' | sort -u)
-[ ${#BASH_LIBS[@]} -gt 0 ] || die "cannot list bash's libraries"
-# dpkg may have registered a file under /bin or /lib rather than /usr (usrmerge).
-owner() {
-    local p
-    for p in "$1" "${1#/usr}" "/usr$1"; do
-        dpkg-query -S "$p" 2>/dev/null | head -n1 | cut -d: -f1 && return 0
-    done
-    die "no package owns $1"
-}
-HOST_PKGS=$(for f in "$BASH_BIN" "${BASH_LIBS[@]}"; do owner "$f"; done | sort -u |
-    while read -r p; do dpkg-query -W -f='${Package} ${Version}\n' "$p"; done)
-
 say "building capsem-agent and capsem-init (static, release)"
 (cd "$REPO" && RUSTFLAGS="-C target-feature=+crt-static" \
     cargo build --quiet --release --target "$TARGET" -p capsem-agent --bins) ||
@@ -102,11 +97,23 @@ for b in capsem-agent capsem-init; do
         die "$b is not statically linked"
 done
 
+# The root filesystem is a function of the package list and the archive's
+# state; the host's apt index (its InRelease files) stands for the latter:
+# `apt-get update` that brings new versions makes a new root filesystem.
+ROOTFS_STAMP=$(
+    echo "packages $(sha "$PACKAGES_FILE")"
+    echo "suite $SUITE mirror $MIRROR"
+    for f in /var/lib/apt/lists/*_dists_"$SUITE"*_InRelease; do
+        [ -f "$f" ] && echo "$(basename "$f") $(sha "$f")"
+    done
+    echo "mmdebstrap $(mmdebstrap --version)"
+    echo "erofs-utils $(dpkg-query -W -f='${Version}' erofs-utils 2>/dev/null)"
+    echo "rootfs.sh $(sha "$REPO/images/rootfs.sh")"
+)
+ROOTFS_STAMP=$(printf '%s\n' "$ROOTFS_STAMP" | sha256sum | cut -d' ' -f1)
 STAMP_INPUT=$(
     echo "kernel $KPKG $KVER $(sha "$KDEB")"
-    echo "busybox-static $BBVER $(sha "$BBDEB")"
-    echo "$HOST_PKGS"
-    for f in "$BASH_BIN" "${BASH_LIBS[@]}"; do echo "$f $(sha "$f")"; done
+    echo "rootfs $ROOTFS_STAMP"
     echo "capsem-agent $(sha "$BIN_DIR/capsem-agent")"
     echo "capsem-init $(sha "$BIN_DIR/capsem-init")"
     echo "build.sh $(sha "${BASH_SOURCE[0]}")"
@@ -114,7 +121,8 @@ STAMP_INPUT=$(
 )
 STAMP=$(printf '%s\n' "$STAMP_INPUT" | sha256sum | cut -d' ' -f1)
 if [ -f "$OUT/.stamp" ] && [ "$(cat "$OUT/.stamp")" = "$STAMP" ] &&
-    [ -f "$OUT/vmlinuz" ] && [ -f "$OUT/initramfs.cpio.gz" ] && [ -f "$OUT/manifest.json" ]; then
+    [ -f "$OUT/vmlinuz" ] && [ -f "$OUT/initramfs.cpio.gz" ] && [ -f "$OUT/rootfs.erofs" ] &&
+    [ -f "$OUT/manifest.json" ]; then
     say "image up to date: $OUT"
     exit 0
 fi
@@ -132,29 +140,15 @@ dpkg-deb --fsys-tarfile "$KDEB" | tar -x -C "$KX" --wildcards './boot/vmlinuz-*'
 KREL=$(basename "$(ls -d "$KX"/lib/modules/*)")
 MODDIR=$KX/lib/modules/$KREL
 
-# Usr-merged layout, as Debian 12.
-mkdir -p "$TREE"/usr/{bin,sbin,lib,lib64} "$TREE"/{etc/capsem,root,tmp,proc,sys,dev,run}
-for d in bin sbin lib lib64; do ln -s "usr/$d" "$TREE/$d"; done
+# Only what reaches the disks: capsem-init mounts rootfs.erofs and the VM's
+# writable disk as an overlay and switches into it (docs/image.md).
+mkdir -p "$TREE"/usr/{bin,lib} "$TREE"/{etc/capsem,root,tmp,proc,sys,dev,run}
+ln -s usr/lib "$TREE/lib"
 chmod 0700 "$TREE/root"
 chmod 1777 "$TREE/tmp"
 
 install -m 0755 "$BIN_DIR/capsem-init" "$TREE/init"
 install -m 0755 "$BIN_DIR/capsem-agent" "$TREE/usr/bin/capsem-agent"
-
-# busybox and one symlink per applet (never over a real file such as bash).
-dpkg-deb --fsys-tarfile "$BBDEB" | tar -x -O ./bin/busybox >"$TREE/usr/bin/busybox"
-chmod 0755 "$TREE/usr/bin/busybox"
-"$TREE/usr/bin/busybox" --list-full | while read -r applet; do
-    [ -e "$TREE/$applet" ] || [ -L "$TREE/$applet" ] || ln -s /usr/bin/busybox "$TREE/$applet"
-done
-
-# bash, its libraries (dereferenced), and sh -> bash as on most systems' users expect.
-install -m 0755 "$BASH_BIN" "$TREE/usr/bin/bash"
-for lib in "${BASH_LIBS[@]}"; do
-    mkdir -p "$TREE/$(dirname "$lib")"
-    cp -L "$lib" "$TREE/$lib"
-done
-ln -sf bash "$TREE/usr/bin/sh"
 
 # Kernel modules: resolve dependencies from each .ko's modinfo "depends=",
 # emit in load order, decompress (the init loads them with finit_module, flags 0).
@@ -196,60 +190,82 @@ for m in "${ORDER[@]}"; do
     echo "$rel" >>"$TREE/etc/capsem/modules"
 done
 
-cat >"$TREE/etc/passwd" <<'PASSWD'
-root:x:0:0:root:/root:/bin/bash
-PASSWD
-cat >"$TREE/etc/group" <<'GROUP'
-root:x:0:
-tty:x:5:
-GROUP
-# bash -i reads ~/.bashrc: a prompt that says who and where, like a distro's.
-cat >"$TREE/root/.bashrc" <<'BASHRC'
-PS1='\u@\h:\w\$ '
-BASHRC
-echo "passwd: files" >"$TREE/etc/nsswitch.conf"
-echo "group: files" >>"$TREE/etc/nsswitch.conf"
-
 say "packing initramfs (${#ORDER[@]} modules: ${ORDER[*]})"
 (cd "$TREE" && find . -mindepth 1 | LC_ALL=C sort |
     cpio --quiet -o -H newc --owner=0:0 --reproducible) | gzip -n -6 >"$WORK/initramfs.cpio.gz"
 cp "$KX/boot/vmlinuz-$KREL" "$WORK/vmlinuz"
 
+# --- root filesystem -------------------------------------------------------------
+# Rebuilt only when its own inputs changed; otherwise the one in $OUT stays.
+ROOTFS_PART=$OUT/.rootfs.erofs.part
+if [ -f "$OUT/.rootfs.stamp" ] && [ "$(cat "$OUT/.rootfs.stamp")" = "$ROOTFS_STAMP" ] &&
+    [ -f "$OUT/rootfs.erofs" ] && [ -f "$OUT/rootfs.packages" ]; then
+    say "root filesystem up to date"
+    REBUILD_ROOTFS=0
+    cp "$OUT/rootfs.packages" "$WORK/rootfs.packages"
+    ROOTFS_IMG=$OUT/rootfs.erofs
+else
+    REBUILD_ROOTFS=1
+    rm -f "$ROOTFS_PART"
+    SCRATCH+=("$ROOTFS_PART")
+    ROOTFS_DEBS=$CACHE/rootfs ROOTFS_PACKAGES=$(
+        IFS=,
+        echo "${PACKAGES[*]}"
+    ) MIRROR=$MIRROR SUITE=$SUITE "$REPO/images/rootfs.sh" "$ROOTFS_PART" "$WORK/rootfs.packages"
+    ROOTFS_IMG=$ROOTFS_PART
+fi
+for p in "${PACKAGES[@]}"; do
+    grep -q "^$p " "$WORK/rootfs.packages" || die "package $p is not in the root filesystem"
+done
+
 # --- manifest -------------------------------------------------------------------
-artifact() { # name -> JSON object
-    printf '{"sha256": "%s", "size": %s}' "$(sha "$WORK/$1")" "$(stat -c %s "$WORK/$1")"
+artifact() { # path -> JSON object
+    printf '{"sha256": "%s", "size": %s}' "$(sha "$1")" "$(stat -c %s "$1")"
 }
 {
     echo '{'
-    echo '  "format": 1,'
+    echo '  "format": 2,'
     printf '  "kernel": {"package": "%s", "version": "%s", "release": "%s"},\n' "$KPKG" "$KVER" "$KREL"
+    printf '  "rootfs": {"suite": "%s", "mirror": "%s", "requested": [%s]},\n' "$SUITE" "$MIRROR" \
+        "$(printf '"%s", ' "${PACKAGES[@]}" | sed 's/, $//')"
     echo '  "packages": ['
-    printf '    {"name": "%s", "version": "%s", "from": "apt-get download"},\n' "$KPKG" "$KVER"
-    printf '    {"name": "busybox-static", "version": "%s", "from": "apt-get download"}' "$BBVER"
-    while read -r p v; do printf ',\n    {"name": "%s", "version": "%s", "from": "host"}' "$p" "$v"; done <<<"$HOST_PKGS"
+    printf '    {"name": "%s", "version": "%s", "in": "vmlinuz, initramfs", "deb_sha256": "%s"}' \
+        "$KPKG" "$KVER" "$(sha "$KDEB")"
+    while read -r name version arch debsha; do
+        printf ',\n    {"name": "%s", "version": "%s", "arch": "%s", "in": "rootfs.erofs", "deb_sha256": "%s"}' \
+            "$name" "$version" "$arch" "$debsha"
+    done <"$WORK/rootfs.packages"
     printf '\n  ],\n'
     printf '  "modules": [%s],\n' "$(printf '"%s", ' "${ORDER[@]}" | sed 's/, $//')"
     echo '  "artifacts": {'
-    printf '    "vmlinuz": %s,\n' "$(artifact vmlinuz)"
-    printf '    "initramfs.cpio.gz": %s\n' "$(artifact initramfs.cpio.gz)"
+    printf '    "vmlinuz": %s,\n' "$(artifact "$WORK/vmlinuz")"
+    printf '    "initramfs.cpio.gz": %s,\n' "$(artifact "$WORK/initramfs.cpio.gz")"
+    printf '    "rootfs.erofs": %s\n' "$(artifact "$ROOTFS_IMG")"
     echo '  },'
     echo '  "contents": {'
     printf '    "/init": {"sha256": "%s"},\n' "$(sha "$TREE/init")"
-    printf '    "/usr/bin/capsem-agent": {"sha256": "%s"},\n' "$(sha "$TREE/usr/bin/capsem-agent")"
-    printf '    "/usr/bin/busybox": {"sha256": "%s"},\n' "$(sha "$TREE/usr/bin/busybox")"
-    printf '    "/usr/bin/bash": {"sha256": "%s"}\n' "$(sha "$TREE/usr/bin/bash")"
+    printf '    "/usr/bin/capsem-agent": {"sha256": "%s"}\n' "$(sha "$TREE/usr/bin/capsem-agent")"
     echo '  },'
     printf '  "stamp": "%s"\n' "$STAMP"
     echo '}'
 } >"$WORK/manifest.json"
 
-# Replace the artifacts, stamp last, so an interrupted build is rebuilt.
+# Replace the artifacts, stamps last, so an interrupted build is rebuilt.
 # Each is copied to a temporary name in $OUT (WORK may be another file
 # system) and renamed into place, so no file under $OUT is ever half-written.
 rm -f "$OUT/.stamp"
+if [ $REBUILD_ROOTFS = 1 ]; then
+    rm -f "$OUT/.rootfs.stamp"
+    mv -f "$ROOTFS_PART" "$OUT/rootfs.erofs"
+    cp "$WORK/rootfs.packages" "$OUT/.rootfs.packages.part"
+    mv -f "$OUT/.rootfs.packages.part" "$OUT/rootfs.packages"
+    echo "$ROOTFS_STAMP" >"$OUT/.rootfs.stamp.part"
+    mv -f "$OUT/.rootfs.stamp.part" "$OUT/.rootfs.stamp"
+fi
 echo "$STAMP" >"$WORK/.stamp"
 for f in vmlinuz initramfs.cpio.gz manifest.json .stamp; do
     cp "$WORK/$f" "$OUT/.$f.part"
     mv -f "$OUT/.$f.part" "$OUT/$f"
 done
-say "image ready: $OUT ($(du -h "$OUT/initramfs.cpio.gz" | cut -f1) initramfs, kernel $KREL)"
+say "image ready: $OUT ($(du -h "$OUT/initramfs.cpio.gz" | cut -f1) initramfs," \
+    "$(du -h --apparent-size "$OUT/rootfs.erofs" | cut -f1) rootfs.erofs, kernel $KREL)"

@@ -11,7 +11,11 @@ declare -A APT=(
     [gzip]=gzip                          # initramfs compression
     [xz]=xz-utils                        # .ko.xz modules, should a kernel ship them
     [sha256sum]=coreutils
-    [mkfs.erofs]=erofs-utils         # OCI images -> read-only root (capsem image); fsck.erofs for its tests
+    [mmdebstrap]=mmdebstrap  # the guest's Debian root filesystem
+    [mkfs.erofs]=erofs-utils # its read-only image, and OCI images' (fsck.erofs for tests)
+    # each VM's writable disk (capsem-process); by path: /usr/sbin is not on
+    # every user's PATH
+    [/usr/sbin/mkfs.ext4]=e2fsprogs
     [docker-registry]=docker-registry # the image tests' loopback registry
 )
 VHOST_VSOCK_VERSION=0.3.0 # the version docs/qemu-notes.md was verified with

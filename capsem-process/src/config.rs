@@ -62,12 +62,17 @@ pub struct Config {
     /// directory is <home>/vms/<id>).
     #[arg(long, value_name = "DIR", env = "CAPSEM_IMAGE_DIR")]
     pub image_dir: Option<PathBuf>,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(64..=65536))]
+    /// Guest memory in MiB (default: 1024, or half the host's memory if less).
+    #[arg(long, default_value_t = default_memory_mib(), value_parser = clap::value_parser!(u32).range(64..=65536))]
     pub memory_mib: u32,
-    /// Guest vCPUs.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    /// Guest vCPUs (default: 2, or the host's CPUs if fewer).
+    #[arg(long, default_value_t = default_cpus(), value_parser = clap::value_parser!(u32).range(1..=64))]
     pub cpus: u32,
+    /// Size of the VM's writable disk (`<vm-dir>/disk.img`, sparse), made
+    /// at its first qemu boot and kept as it is afterwards: bytes, or with a
+    /// K, M, G or T suffix (powers of 1024).
+    #[arg(long, value_name = "SIZE", default_value = "8G", value_parser = parse_size)]
+    pub disk_size: u64,
     /// How long the guest may take to connect (default: 10000 for none, 120000 for qemu).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub boot_timeout_ms: Option<u64>,
@@ -128,6 +133,60 @@ impl Config {
     }
 }
 
+/// 2 vCPUs where the host has them.
+fn default_cpus() -> u32 {
+    let host = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    u32::try_from(host).unwrap_or(u32::MAX).clamp(1, 2)
+}
+
+/// 1 GiB where the host has at least twice that.
+fn default_memory_mib() -> u32 {
+    let total_mib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| parse_mem_total_kib(&t))
+        .map_or(u64::MAX, |kib| kib / 1024);
+    u32::try_from((total_mib / 2).clamp(128, 1024)).unwrap_or(1024)
+}
+
+/// `MemTotal:  N kB` of /proc/meminfo.
+fn parse_mem_total_kib(meminfo: &str) -> Option<u64> {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Smallest and largest `--disk-size`: room for ext4's journal, and ext4's
+/// limit with 4 KiB blocks.
+const DISK_MIN: u64 = 64 << 20;
+const DISK_MAX: u64 = 16 << 40;
+
+/// `--disk-size`: `N`, `NK`, `NM`, `NG` or `NT` (also `NGiB`, `Ng`).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (digits, shift) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 10),
+        Some('M') => (&t[..t.len() - 1], 20),
+        Some('G') => (&t[..t.len() - 1], 30),
+        Some('T') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size such as 8G, 512M or 1073741824"))?;
+    let bytes = n
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))?;
+    if !(DISK_MIN..=DISK_MAX).contains(&bytes) {
+        return Err(format!("{s:?} is outside 64M..16T"));
+    }
+    Ok(bytes)
+}
+
 /// `--audit-log`: our working directory is not the caller's.
 fn parse_absolute(s: &str) -> Result<PathBuf, String> {
     let path = PathBuf::from(s);
@@ -169,6 +228,42 @@ mod tests {
         assert_eq!(c.boot_timeout(), Duration::from_secs(10));
         let c = parse(&["--vm-dir", "/x", "--vm-id", "a", "--vmm", "qemu"]).unwrap();
         assert_eq!(c.boot_timeout(), Duration::from_secs(120));
+        assert_eq!(c.disk_size, 8 << 30);
+        assert!((1..=2).contains(&c.cpus));
+        assert!((128..=1024).contains(&c.memory_mib));
+    }
+
+    #[test]
+    fn disk_sizes() {
+        assert_eq!(parse_size("8G"), Ok(8 << 30));
+        assert_eq!(parse_size("8GiB"), Ok(8 << 30));
+        assert_eq!(parse_size("512m"), Ok(512 << 20));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert_eq!(parse_size("67108864"), Ok(64 << 20));
+        for bad in ["", "G", "8X", "-1G", "1M", "17T", "99999999999999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+        let c = parse(&[
+            "--vm-dir",
+            "/x",
+            "--vm-id",
+            "a",
+            "--vmm",
+            "qemu",
+            "--disk-size",
+            "1G",
+        ])
+        .unwrap();
+        assert_eq!(c.disk_size, 1 << 30);
+    }
+
+    #[test]
+    fn host_memory_is_read_from_meminfo() {
+        assert_eq!(
+            parse_mem_total_kib("MemTotal:       24576000 kB\nMemFree: 1 kB\n"),
+            Some(24_576_000)
+        );
+        assert_eq!(parse_mem_total_kib("MemFree: 1 kB\n"), None);
     }
 
     #[test]

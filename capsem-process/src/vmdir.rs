@@ -84,6 +84,10 @@ impl VmDir {
     pub fn file(&self, name: &str) -> PathBuf {
         self.root.join(name)
     }
+    /// The writable disk of a qemu guest (the overlay's upper layer).
+    pub fn disk(&self) -> PathBuf {
+        self.root.join("disk.img")
+    }
     pub fn scratch(&self) -> PathBuf {
         self.root.join("scratch")
     }

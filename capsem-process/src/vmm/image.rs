@@ -1,4 +1,5 @@
-//! The guest image: a kernel and an initramfs built by `images/build.sh`.
+//! The guest image: a kernel, an initramfs and the read-only root
+//! filesystem, built by `images/build.sh`.
 
 use std::path::{Path, PathBuf};
 
@@ -8,6 +9,9 @@ pub struct Image {
     pub dir: PathBuf,
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
+    /// The read-only root (erofs), on a virtio-blk device. `None`: an image
+    /// from before the disk root, whose initramfs is the whole guest.
+    pub rootfs: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +27,7 @@ impl Image {
             dir: dir.to_path_buf(),
             kernel: dir.join("vmlinuz"),
             initramfs: dir.join("initramfs.cpio.gz"),
+            rootfs: Some(dir.join("rootfs.erofs")).filter(|p| p.is_file()),
         };
         for (path, name) in [
             (&image.kernel, "vmlinuz"),
@@ -53,6 +58,12 @@ mod tests {
         assert!(err.contains("images/build.sh"), "{err}");
         std::fs::write(d.path().join("initramfs.cpio.gz"), b"i").unwrap();
         std::fs::write(d.path().join("manifest.json"), b"{}").unwrap();
-        Image::open(d.path()).unwrap();
+        // An image from before the disk root still opens, without one.
+        assert_eq!(Image::open(d.path()).unwrap().rootfs, None);
+        std::fs::write(d.path().join("rootfs.erofs"), b"r").unwrap();
+        assert_eq!(
+            Image::open(d.path()).unwrap().rootfs,
+            Some(d.path().join("rootfs.erofs"))
+        );
     }
 }

@@ -4,13 +4,14 @@
 //!
 //! * [`none`]: the no-VM backend.
 //! * [`adopted`]: the processes of a guest whose capsem-process crashed.
-//! * [`qemu`]: the real VM; with [`accel`] (KVM or TCG), [`image`] (kernel
-//!   and initramfs), [`cid`] (unique guest CIDs) and [`serial`] (the console
-//!   log).
+//! * [`qemu`]: the real VM; with [`accel`] (KVM or TCG), [`image`] (kernel,
+//!   initramfs, root filesystem), [`disk`] (the VM's writable disk), [`cid`]
+//!   (unique guest CIDs) and [`serial`] (the console log).
 
 pub mod accel;
 pub mod adopted;
 pub mod cid;
+pub mod disk;
 pub mod image;
 pub mod none;
 pub mod qemu;

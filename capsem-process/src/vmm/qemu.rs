@@ -9,7 +9,9 @@
 //!    arrives on our listener `<vm-dir>/vsock.sock_P`.
 //! 2. `qemu-system-x86_64 -M microvm` with guest RAM in a shared memfd (which
 //!    vhost-user needs) and `vhost-user-vsock-device`, booting the image's
-//!    kernel and initramfs. The console is a pipe copied into serial.log.
+//!    kernel and initramfs, with two virtio-blk disks: the image's read-only
+//!    root filesystem and the VM's writable disk (`disk`). The console is a
+//!    pipe copied into serial.log.
 //!
 //! microvm over q35/pc: it reached the agent's hello faster in every run
 //! (median 4.93 s vs 5.17 s and 5.50 s under TCG; docs/qemu-notes.md), and
@@ -30,6 +32,7 @@ use tokio::task::JoinHandle;
 
 use super::accel::{self, Accel};
 use super::cid::{self, CidLease};
+use super::disk;
 use super::image::Image;
 use super::serial::{self, ConsoleFacts};
 use super::{GuestBackend, Launch, VmmError};
@@ -95,8 +98,9 @@ fn detach(cmd: &mut Command) {
     }
 }
 
-/// The kernel command line: console, panic ends the VM, and what the guest's
-/// init hands to the agent.
+/// The kernel command line: console, panic ends the VM, the disks the
+/// guest's init mounts as its root (by virtio serial), and what it hands to
+/// the agent.
 ///
 /// A panic reboots at once (`panic=-1`) by triple fault (`reboot=t`: microvm
 /// has no keyboard controller or ACPI reset register for the other methods),
@@ -106,23 +110,32 @@ fn detach(cmd: &mut Command) {
 /// HPET or ACPI PM timer to calibrate it against; with the host busy, the
 /// PIT calibration fails and the boot hangs (3 of 4 loaded boots here). So
 /// the TSC rate is given instead of measured (docs/qemu-notes.md).
-pub fn kernel_cmdline(token: &str, hostname: &str, tsc_khz: Option<u64>) -> String {
+pub fn kernel_cmdline(token: &str, hostname: &str, tsc_khz: Option<u64>, disks: bool) -> String {
     let mut line = format!(
         "console=ttyS0 quiet panic=-1 reboot=t capsem.token={token} capsem.hostname={hostname}"
     );
+    if disks {
+        line.push_str(&format!(
+            " capsem.root={} capsem.disk={}",
+            disk::ROOT_SERIAL,
+            disk::DISK_SERIAL
+        ));
+    }
     if let Some(khz) = tsc_khz {
         line.push_str(&format!(" tsc_early_khz={khz}"));
     }
     line
 }
 
-/// QEMU's arguments.
+/// QEMU's arguments; `writable` is the VM's disk, attached with the image's
+/// root filesystem (an image without one gets neither).
 pub fn qemu_args(
     accel: Accel,
     memory_mib: u32,
     cpus: u32,
     vhost_sock: &Path,
     image: &Image,
+    writable: &Path,
     cmdline: &str,
 ) -> Vec<OsString> {
     let mut chardev = OsString::from("socket,id=vsock,path=");
@@ -158,6 +171,18 @@ pub fn qemu_args(
     args.push(chardev);
     args.push("-device".into());
     args.push("vhost-user-vsock-device,chardev=vsock".into());
+    let disks = image.rootfs.as_deref().map(|rootfs| {
+        [
+            ("root", rootfs, true, disk::ROOT_SERIAL),
+            ("disk", writable, false, disk::DISK_SERIAL),
+        ]
+    });
+    for (id, file, readonly, serial) in disks.into_iter().flatten() {
+        args.push("-drive".into());
+        args.push(disk::drive(id, file, readonly).into());
+        args.push("-device".into());
+        args.push(disk::device(id, serial).into());
+    }
     args.push("-kernel".into());
     args.push(image.kernel.clone().into());
     args.push("-initrd".into());
@@ -222,6 +247,32 @@ impl Qemu {
         let vhost_bin = find_program(VHOST_BIN_ENV, "vhost-device-vsock").ok_or_else(|| {
             VmmError::Backend("vhost-device-vsock not found: run scripts/install-deps.sh".into())
         })?;
+        let writable = dir.disk();
+        if image.rootfs.is_some() {
+            let made = disk::ensure(
+                &writable,
+                cfg.disk_size,
+                launch.reaper,
+                &dir.root().join("mkfs.log"),
+            )
+            .map_err(|e| VmmError::Backend(e.to_string()))?;
+            tracing::info!(
+                "vm {}: writable disk {} ({})",
+                launch.vm_id,
+                writable.display(),
+                match made {
+                    disk::Prepared::Created => "created",
+                    disk::Prepared::Existing => "reused",
+                }
+            );
+        } else {
+            tracing::warn!(
+                "vm {}: the image {} has no rootfs.erofs: its initramfs is the whole guest \
+                 and nothing the guest writes is kept (rebuild it with images/build.sh)",
+                launch.vm_id,
+                image.dir.display()
+            );
+        }
         let cid = cid::allocate(&cfg.run_dir()).map_err(|e| VmmError::Backend(e.to_string()))?;
 
         let vhost_sock = dir.root().join("vhost.sock");
@@ -267,7 +318,7 @@ impl Qemu {
             Accel::Tcg => capsem_host::tsc::host_tsc_khz(),
             Accel::Kvm => None,
         };
-        let mut cmdline = kernel_cmdline(launch.token, hostname, tsc_khz);
+        let mut cmdline = kernel_cmdline(launch.token, hostname, tsc_khz, image.rootfs.is_some());
         if cfg.agent_mode() != "shell" {
             // capsem-init passes it to the agent as CAPSEM_MODE.
             cmdline.push_str(&format!(" capsem.mode={}", cfg.agent_mode()));
@@ -279,6 +330,7 @@ impl Qemu {
             cfg.cpus,
             &vhost_sock,
             &image,
+            &writable,
             &cmdline,
         ))
         // `-name ID`: an exact argv element that identifies this VM's qemu.
@@ -379,15 +431,17 @@ mod tests {
 
     #[test]
     fn command_line_carries_token_console_and_panic_policy() {
-        let c = kernel_cmdline("abc123", "capsem", None);
+        let c = kernel_cmdline("abc123", "capsem", None, false);
         assert!(!c.contains("tsc_early_khz"));
-        let c = kernel_cmdline("abc123", "capsem", Some(2_600_000));
+        assert!(!c.contains("capsem.root"));
+        let c = kernel_cmdline("abc123", "capsem", Some(2_600_000), true);
         assert!(c.contains("tsc_early_khz=2600000"));
         assert!(c.contains("console=ttyS0"));
         assert!(c.contains("panic=-1"));
         assert!(c.contains("reboot=t"));
         assert!(c.contains("capsem.token=abc123"));
         assert!(c.contains("capsem.hostname=capsem"));
+        assert!(c.contains("capsem.root=capsem-root capsem.disk=capsem-disk"));
     }
 
     #[test]
@@ -396,8 +450,18 @@ mod tests {
             dir: "/img".into(),
             kernel: "/img/vmlinuz".into(),
             initramfs: "/img/initramfs.cpio.gz".into(),
+            rootfs: Some("/img/rootfs.erofs".into()),
         };
-        let args = qemu_args(Accel::Tcg, 512, 1, Path::new("/vm/vhost.sock"), &image, "x");
+        let disk = Path::new("/vm/disk.img");
+        let args = qemu_args(
+            Accel::Tcg,
+            512,
+            1,
+            Path::new("/vm/vhost.sock"),
+            &image,
+            disk,
+            "x",
+        );
         let s: Vec<String> = args
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
@@ -408,8 +472,20 @@ mod tests {
         assert!(joined.contains("-chardev socket,id=vsock,path=/vm/vhost.sock"));
         assert!(joined.contains("-device vhost-user-vsock-device,chardev=vsock"));
         assert!(joined.contains("-no-reboot"));
+        assert!(joined.contains(
+            "-drive if=none,id=root,format=raw,file=/img/rootfs.erofs,readonly=on \
+             -device virtio-blk-device,drive=root,serial=capsem-root"
+        ));
+        assert!(joined.contains(
+            "-drive if=none,id=disk,format=raw,file=/vm/disk.img,discard=unmap \
+             -device virtio-blk-device,drive=disk,serial=capsem-disk"
+        ));
         assert_eq!(s.last().map(String::as_str), Some("x"));
-        let kvm = qemu_args(Accel::Kvm, 256, 2, Path::new("/s"), &image, "x");
+        let old = Image {
+            rootfs: None,
+            ..image.clone()
+        };
+        let kvm = qemu_args(Accel::Kvm, 256, 2, Path::new("/s"), &old, disk, "x");
         let joined: Vec<String> = kvm
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
@@ -417,6 +493,7 @@ mod tests {
         assert!(joined
             .join(" ")
             .contains("-accel kvm -M microvm,memory-backend=mem -cpu host -m 256M -smp 2"));
+        assert!(!joined.iter().any(|a| a == "-drive"), "{joined:?}");
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The boot sequence: mounts, modules, hostname, then the agent.
+//! The boot sequence: pseudo filesystems, modules, the switch to the real
+//! root (when the command line names one), hostname, then the agent.
 
 use std::path::{Path, PathBuf};
 
@@ -10,6 +11,7 @@ use crate::console;
 use crate::log;
 use crate::modules::{self, ModuleError};
 use crate::mounts::{self, MountError};
+use crate::root::{self, RootDisks, RootError};
 use crate::stages::{self, BootStages};
 use crate::supervise::{AgentCommand, AgentEnd, SuperviseError, Supervisor};
 
@@ -27,6 +29,8 @@ pub enum BootError {
     Cmdline(#[from] CmdlineError),
     #[error("loading kernel modules failed")]
     Modules(#[from] ModuleError),
+    #[error("switching to the root filesystem failed")]
+    Root(#[from] RootError),
     #[error("setting the hostname failed")]
     Hostname(#[source] Errno),
     #[error("supervising the agent failed")]
@@ -40,7 +44,7 @@ pub fn run() -> Result<AgentEnd, BootError> {
     // Blocked before any child exists, so no SIGCHLD is lost.
     let mut sup = Supervisor::new()?;
 
-    mounts::mount_all()?;
+    mounts::mount_list("", mounts::EARLY)?;
     console::ensure_stdio();
     stages.mark("mounts");
     log!("filesystems mounted");
@@ -52,11 +56,28 @@ pub fn run() -> Result<AgentEnd, BootError> {
     stages.mark("modules");
     log!("{loaded} kernel modules loaded");
 
+    let switched = match &cmd.root {
+        Some(serial) => {
+            root::switch(&RootDisks {
+                root: serial,
+                disk: cmd.disk.as_deref(),
+            })?;
+            stages.mark("root");
+            log!("switched to the root filesystem");
+            true
+        }
+        None => {
+            mounts::mount_list("", std::slice::from_ref(&mounts::RUN))?;
+            false
+        }
+    };
+    mounts::mount_late()?;
+
     if cmd.token.is_none() {
         log!("no capsem.token on the kernel command line; the host will refuse the hello");
     }
     stages.mark("agent_spawn");
-    let agent = agent_command(&cmd, &stages);
+    let agent = agent_command(&cmd, &stages, switched);
     let pid = sup.spawn(&agent)?;
     log!("started {} as pid {pid}", agent.program.display());
 
@@ -71,8 +92,9 @@ pub fn run() -> Result<AgentEnd, BootError> {
 }
 
 /// The agent's command line and complete environment (nothing is inherited
-/// from the kernel's environment for PID 1).
-fn agent_command(cmd: &cmdline::Cmdline, stages: &BootStages) -> AgentCommand {
+/// from the kernel's environment for PID 1). After a switch the default
+/// agent is the initramfs's, bound into the new root.
+fn agent_command(cmd: &cmdline::Cmdline, stages: &BootStages, switched: bool) -> AgentCommand {
     let mut env = vec![
         ("PATH".to_owned(), PATH.to_owned()),
         ("HOME".to_owned(), HOME.to_owned()),
@@ -84,13 +106,19 @@ fn agent_command(cmd: &cmdline::Cmdline, stages: &BootStages) -> AgentCommand {
         env.push(("CAPSEM_TOKEN".to_owned(), token.clone()));
     }
     env.push(("CAPSEM_MODE".to_owned(), cmd.mode.clone()));
-    let args = if cmd.agent == Path::new(cmdline::DEFAULT_AGENT) {
+    let default = cmd.agent == Path::new(cmdline::DEFAULT_AGENT);
+    let args = if default {
         vec!["--transport".into(), "vsock".into()]
     } else {
         vec![]
     };
+    let program = if default && switched {
+        PathBuf::from(root::AGENT_IN_ROOT)
+    } else {
+        cmd.agent.clone()
+    };
     AgentCommand {
-        program: cmd.agent.clone(),
+        program,
         args,
         env,
         cwd: PathBuf::from(HOME),
@@ -106,8 +134,11 @@ mod tests {
         let cmd = cmdline::parse("capsem.token=tok").unwrap();
         let mut stages = BootStages::default();
         stages.mark("init_start");
-        let a = agent_command(&cmd, &stages);
+        let a = agent_command(&cmd, &stages, false);
         assert_eq!(a.program, PathBuf::from("/usr/bin/capsem-agent"));
+        let b = agent_command(&cmd, &stages, true);
+        assert_eq!(b.program, PathBuf::from("/run/capsem/capsem-agent"));
+        assert_eq!(b.args, a.args);
         assert_eq!(a.args, vec!["--transport", "vsock"]);
         assert_eq!(a.cwd, PathBuf::from("/root"));
         let get = |k: &str| a.env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
@@ -121,7 +152,7 @@ mod tests {
     #[test]
     fn persistent_mode_reaches_the_agent() {
         let cmd = cmdline::parse("capsem.token=tok capsem.mode=persistent").unwrap();
-        let a = agent_command(&cmd, &BootStages::default());
+        let a = agent_command(&cmd, &BootStages::default(), true);
         let mode = a.env.iter().find(|(k, _)| k == "CAPSEM_MODE");
         assert_eq!(mode.map(|(_, v)| v.as_str()), Some("persistent"));
     }
@@ -129,7 +160,7 @@ mod tests {
     #[test]
     fn stand_in_agent_gets_no_arguments() {
         let cmd = cmdline::parse("capsem.agent=/bin/sh").unwrap();
-        let a = agent_command(&cmd, &BootStages::default());
+        let a = agent_command(&cmd, &BootStages::default(), true);
         assert!(a.args.is_empty());
         assert!(!a.env.iter().any(|(k, _)| k == "CAPSEM_TOKEN"));
     }

@@ -5,6 +5,8 @@
 //! | `capsem.token=T` | session token, passed to the agent as `CAPSEM_TOKEN` | none (the agent's hello will be refused) |
 //! | `capsem.hostname=H` | guest hostname | `capsem` |
 //! | `capsem.agent=PATH` | program to run instead of the agent (debugging) | `/usr/bin/capsem-agent` |
+//! | `capsem.root=S` | virtio serial of the read-only root image: mount it under an overlay and switch into it | none (the initramfs stays the root) |
+//! | `capsem.disk=S` | virtio serial of the writable disk (ext4) that holds the overlay's upper layer | none (the upper layer is a tmpfs) |
 //! | `capsem.mode=M` | the agent's mode, passed as `CAPSEM_MODE`: `shell` (one shell, then power off), `persistent` (a fresh shell whenever one exits; only a host `Shutdown` ends the VM), `exec` (one command instead of a shell) | `shell` |
 
 use std::path::PathBuf;
@@ -19,6 +21,8 @@ pub const DEFAULT_AGENT: &str = "/usr/bin/capsem-agent";
 pub const DEFAULT_HOSTNAME: &str = "capsem";
 /// The values `capsem.mode=` accepts, as the agent's `CAPSEM_MODE` does.
 pub const MODES: [&str; 3] = ["shell", "persistent", "exec"];
+/// Longest virtio-blk serial (`VIRTIO_BLK_ID_BYTES`).
+const MAX_SERIAL: usize = 20;
 /// Longest hostname Linux accepts (`HOST_NAME_MAX`).
 const MAX_HOSTNAME: usize = 64;
 
@@ -35,6 +39,8 @@ pub enum CmdlineError {
     HostnameInvalid(String),
     #[error("capsem.agent {0:?} is not an absolute path")]
     AgentNotAbsolute(String),
+    #[error("{param} {value:?} is not a disk serial (1 to 20 of [A-Za-z0-9_-])")]
+    SerialInvalid { param: &'static str, value: String },
     #[error("capsem.mode {0:?} is not shell, persistent or exec")]
     ModeInvalid(String),
 }
@@ -47,6 +53,10 @@ pub struct Cmdline {
     pub agent: PathBuf,
     /// One of [`MODES`].
     pub mode: String,
+    /// Serial of the root image disk.
+    pub root: Option<String>,
+    /// Serial of the writable disk.
+    pub disk: Option<String>,
 }
 
 /// Reads and parses [`PROC_CMDLINE`] (procfs must be mounted).
@@ -63,6 +73,8 @@ pub fn parse(text: &str) -> Result<Cmdline, CmdlineError> {
         hostname: DEFAULT_HOSTNAME.to_owned(),
         agent: PathBuf::from(DEFAULT_AGENT),
         mode: "shell".to_owned(),
+        root: None,
+        disk: None,
     };
     for word in text.split_ascii_whitespace() {
         if let Some(token) = word.strip_prefix("capsem.token=") {
@@ -83,6 +95,10 @@ pub fn parse(text: &str) -> Result<Cmdline, CmdlineError> {
                 return Err(CmdlineError::AgentNotAbsolute(agent.to_owned()));
             }
             out.agent = PathBuf::from(agent);
+        } else if let Some(serial) = word.strip_prefix("capsem.root=") {
+            out.root = Some(serial_param("capsem.root", serial)?);
+        } else if let Some(serial) = word.strip_prefix("capsem.disk=") {
+            out.disk = Some(serial_param("capsem.disk", serial)?);
         } else if let Some(mode) = word.strip_prefix("capsem.mode=") {
             if !MODES.contains(&mode) {
                 return Err(CmdlineError::ModeInvalid(mode.chars().take(32).collect()));
@@ -91,6 +107,22 @@ pub fn parse(text: &str) -> Result<Cmdline, CmdlineError> {
         }
     }
     Ok(out)
+}
+
+fn serial_param(param: &'static str, value: &str) -> Result<String, CmdlineError> {
+    let ok = !value.is_empty()
+        && value.len() <= MAX_SERIAL
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(value.to_owned())
+    } else {
+        Err(CmdlineError::SerialInvalid {
+            param,
+            value: value.chars().take(32).collect(),
+        })
+    }
 }
 
 /// RFC 1123 labels separated by dots, at most [`MAX_HOSTNAME`] bytes.
@@ -136,6 +168,31 @@ mod tests {
                 ),
                 "{bad:?}"
             );
+        }
+    }
+
+    #[test]
+    fn root_and_disk_serials() {
+        let c = parse("capsem.root=capsem-root capsem.disk=capsem-disk").unwrap();
+        assert_eq!(c.root.as_deref(), Some("capsem-root"));
+        assert_eq!(c.disk.as_deref(), Some("capsem-disk"));
+        let c = parse("").unwrap();
+        assert_eq!((c.root, c.disk), (None, None));
+        for bad in ["", "a/b", "x".repeat(21).as_str()] {
+            assert!(matches!(
+                parse(&format!("capsem.root={bad}")),
+                Err(CmdlineError::SerialInvalid {
+                    param: "capsem.root",
+                    ..
+                })
+            ));
+            assert!(matches!(
+                parse(&format!("capsem.disk={bad}")),
+                Err(CmdlineError::SerialInvalid {
+                    param: "capsem.disk",
+                    ..
+                })
+            ));
         }
     }
 

@@ -1,6 +1,8 @@
 //! `capsem-init`: PID 1 of a capsem guest VM.
 //!
-//! Mounts the pseudo filesystems, loads the vsock modules, sets the hostname,
+//! Mounts the pseudo filesystems, loads the vsock and disk modules, switches
+//! to the real root (the read-only image under an overlay on the VM's
+//! writable disk) when the command line names one, sets the hostname,
 //! starts `capsem-agent --transport vsock` with the session token and boot
 //! timings from the kernel command line, reaps every orphan, and when the
 //! agent ends kills what is left, syncs and powers the VM off. It never
@@ -9,10 +11,11 @@
 //! Modules:
 //! - [`boot`]: the sequence and its [`boot::BootError`].
 //! - [`cmdline`]: `capsem.token=`, `capsem.hostname=`, `capsem.agent=`,
-//!   `capsem.mode=`.
+//!   `capsem.mode=`, `capsem.root=`, `capsem.disk=`.
 //! - [`console`]: timestamped console lines, stdio repair.
 //! - [`modules`]: `finit_module` of the list in `/etc/capsem/modules`.
 //! - [`mounts`]: /proc, /sys, /dev, /dev/pts, /dev/shm, /tmp, /run.
+//! - [`root`]: finding the disks by serial, the overlay, the switch.
 //! - [`power`]: kill everything, reap, sync, power off.
 //! - [`stages`]: boot stage timestamps for `CAPSEM_BOOT_STAGES`.
 //! - [`supervise`]: spawning the agent, the signalfd-driven reaper.
@@ -26,6 +29,7 @@ mod console;
 mod modules;
 mod mounts;
 mod power;
+mod root;
 mod stages;
 mod supervise;
 

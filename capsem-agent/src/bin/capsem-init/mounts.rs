@@ -1,4 +1,10 @@
 //! The pseudo filesystems the guest needs, mounted in dependency order.
+//!
+//! [`EARLY`] (/proc, /sys, /dev) is what finding and mounting the disks
+//! needs; it moves into the new root at the switch ([`crate::root`]). [`RUN`]
+//! is mounted by the switch inside the new root (the agent is bound there),
+//! or in place when the initramfs stays the root. [`LATE`] comes last, in the
+//! final root.
 
 use std::os::unix::fs::{symlink, DirBuilderExt};
 use std::path::Path;
@@ -32,9 +38,9 @@ pub enum MountError {
 
 /// One mount: the target directory is created with `mode` if missing.
 #[derive(Debug)]
-struct Mount {
-    fstype: &'static str,
-    target: &'static str,
+pub struct Mount {
+    pub fstype: &'static str,
+    pub target: &'static str,
     mode: u32,
     flags: MsFlags,
     data: &'static str,
@@ -43,9 +49,8 @@ struct Mount {
 const NOSUID_NODEV: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV);
 const NOSUID_NOEXEC: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC);
 
-/// /dev/pts is a private devpts instance whose `ptmx` anyone may open, so the
-/// agent's `openpty` works through the devtmpfs `/dev/ptmx` node.
-const MOUNTS: &[Mount] = &[
+/// Mounted first, in the initramfs.
+pub const EARLY: &[Mount] = &[
     Mount {
         fstype: "proc",
         target: "/proc",
@@ -67,6 +72,11 @@ const MOUNTS: &[Mount] = &[
         flags: MsFlags::MS_NOSUID,
         data: "mode=0755",
     },
+];
+
+/// /dev/pts is a private devpts instance whose `ptmx` anyone may open, so the
+/// agent's `openpty` works through the devtmpfs `/dev/ptmx` node.
+pub const LATE: &[Mount] = &[
     Mount {
         fstype: "devpts",
         target: "/dev/pts",
@@ -88,14 +98,16 @@ const MOUNTS: &[Mount] = &[
         flags: NOSUID_NODEV,
         data: "mode=1777",
     },
-    Mount {
-        fstype: "tmpfs",
-        target: "/run",
-        mode: 0o755,
-        flags: NOSUID_NODEV,
-        data: "mode=0755",
-    },
 ];
+
+/// `/run`: a tmpfs in whichever root is final.
+pub const RUN: Mount = Mount {
+    fstype: "tmpfs",
+    target: "/run",
+    mode: 0o755,
+    flags: NOSUID_NODEV,
+    data: "mode=0755",
+};
 
 /// Links devtmpfs does not provide but shells expect (`<(...)`, `/dev/stdin`).
 const DEV_LINKS: &[(&str, &str)] = &[
@@ -105,28 +117,41 @@ const DEV_LINKS: &[(&str, &str)] = &[
     ("/proc/self/fd/2", "/dev/stderr"),
 ];
 
-/// Mounts everything in [`MOUNTS`], then creates [`DEV_LINKS`].
-pub fn mount_all() -> Result<(), MountError> {
-    for m in MOUNTS {
-        if !Path::new(m.target).is_dir() {
+/// Mounts each of `mounts` at its target under `prefix` ("" for the
+/// current root).
+pub fn mount_list(prefix: &str, mounts: &[Mount]) -> Result<(), MountError> {
+    for m in mounts {
+        let target = format!("{prefix}{}", m.target);
+        if !Path::new(&target).is_dir() {
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(m.mode)
-                .create(m.target)
+                .create(&target)
                 .map_err(|source| MountError::MountPoint {
                     target: m.target,
                     source,
                 })?;
         }
         let data = (!m.data.is_empty()).then_some(m.data);
-        mount(Some(m.fstype), m.target, Some(m.fstype), m.flags, data).map_err(|source| {
-            MountError::Mount {
-                fstype: m.fstype,
-                target: m.target,
-                source,
-            }
+        mount(
+            Some(m.fstype),
+            target.as_str(),
+            Some(m.fstype),
+            m.flags,
+            data,
+        )
+        .map_err(|source| MountError::Mount {
+            fstype: m.fstype,
+            target: m.target,
+            source,
         })?;
     }
+    Ok(())
+}
+
+/// Mounts [`LATE`], then creates [`DEV_LINKS`] (in the final root).
+pub fn mount_late() -> Result<(), MountError> {
+    mount_list("", LATE)?;
     for (target, link) in DEV_LINKS {
         match symlink(target, link) {
             Ok(()) => {}
@@ -143,10 +168,11 @@ mod tests {
 
     #[test]
     fn parents_are_mounted_before_children() {
-        for (i, m) in MOUNTS.iter().enumerate() {
+        let all: Vec<&Mount> = EARLY.iter().chain([&RUN]).chain(LATE).collect();
+        for (i, m) in all.iter().enumerate() {
             let parent = Path::new(m.target).parent().unwrap();
             if parent != Path::new("/") {
-                let pos = MOUNTS.iter().position(|p| Path::new(p.target) == parent);
+                let pos = all.iter().position(|p| Path::new(p.target) == parent);
                 assert!(pos.is_some_and(|p| p < i), "{} before its parent", m.target);
             }
         }
