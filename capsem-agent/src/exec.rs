@@ -1,9 +1,8 @@
 //! Exec mode (`CAPSEM_MODE=exec`): no shell; one command, its streams on the
 //! exec port.
 //!
-//! The agent says hello with `shell_pid: 0`, connects the terminal port (left
-//! idle, so the host pairs the generation as for a shell) and the exec port,
-//! waits for `Start`, runs the command ([`crate::command`]) and serves it in
+//! The agent says hello with `shell_pid: 0`, connects the exec port (no
+//! terminal connection: protocol 3 pairs none in exec mode), waits for `Start`, runs the command ([`crate::command`]) and serves it in
 //! one poll loop on the calling thread: control (Ping → Pong, Shutdown, EOF),
 //! exec input (Stdin, StdinEof, Signal), the command's pipes, its pidfd, the
 //! termination signalfd and the timeout/kill deadlines. No thread is started,
@@ -21,9 +20,7 @@ use std::time::{Duration, Instant};
 
 use capsem_proto::exec::{check_start, ExecStream, ExecToHost, HostToExec, MAX_EXEC_CHUNK};
 use capsem_proto::frame::{ExecGuest, Guest};
-use capsem_proto::guest::{
-    GuestToHost, HostToGuest, PORT_CONTROL, PORT_EXEC, PORT_TERMINAL, PROTOCOL_VERSION,
-};
+use capsem_proto::guest::{GuestToHost, HostToGuest, PORT_CONTROL, PORT_EXEC, PROTOCOL_VERSION};
 use capsem_proto::{Codec, FrameError};
 use nix::sys::signal::Signal;
 use tracing::{info, warn};
@@ -91,8 +88,6 @@ struct Conns {
     generation: u64,
     control: OwnedFd,
     ctl_codec: Codec<Guest>,
-    // Held open so the host pairs the generation; never read or written.
-    _terminal: OwnedFd,
     exec: OwnedFd,
 }
 
@@ -137,9 +132,6 @@ fn connect_once(cfg: &ExecConfig, signals: &Signals) -> Result<Option<Conns>, St
             Ok(Handshake::Cancelled) => return Ok(None),
             Err(e) => return Err(format!("hello: {}", chain(&e))),
         };
-    let Some(terminal) = connect(PORT_TERMINAL)? else {
-        return Ok(None);
-    };
     let Some(exec) = connect(PORT_EXEC)? else {
         return Ok(None);
     };
@@ -153,7 +145,6 @@ fn connect_once(cfg: &ExecConfig, signals: &Signals) -> Result<Option<Conns>, St
         generation,
         control,
         ctl_codec,
-        _terminal: terminal,
         exec,
     }))
 }
@@ -507,7 +498,6 @@ fn serve_conns(
         generation: _,
         control,
         ctl_codec,
-        _terminal,
         exec: exec_sock,
     } = conns;
     let ctl = Ctl {

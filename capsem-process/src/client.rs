@@ -4,7 +4,6 @@
 //! one connection is attached at a time.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use capsem_proto::exec::HostToExec;
 use capsem_proto::frame::Process;
@@ -13,10 +12,10 @@ use capsem_proto::Codec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot, MutexGuard};
-use tokio::task::JoinSet;
+use tokio::sync::{mpsc, oneshot, watch, MutexGuard};
 use tracing::{debug, info, warn};
 
+use crate::accept::{self, Limits};
 use crate::log::chain;
 use crate::state::{Event, Outgoing, Shared, ToClient};
 
@@ -25,45 +24,46 @@ pub fn peer_allowed(peer: u32, us: u32) -> bool {
     peer == us
 }
 
+/// ctl.sock connections served at once.
+const MAX_CLIENTS: usize = 64;
+
 /// Accepts ctl.sock connections, checking each peer's uid.
 pub async fn accept_clients(
     listener: UnixListener,
     shared: Arc<Shared>,
     events: mpsc::Sender<Event>,
+    stop: watch::Receiver<bool>,
 ) {
     let us = nix::unistd::geteuid().as_raw();
-    let mut conns = JoinSet::new();
     let mut next_id = 0u64;
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((s, _)) => s,
-                    Err(e) => {
-                        warn!("ctl.sock: accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                match stream.peer_cred() {
-                    Ok(cred) if peer_allowed(cred.uid(), us) => {}
-                    Ok(cred) => {
-                        warn!("ctl connection rejected: peer uid {} is not ours ({us})", cred.uid());
-                        continue;
-                    }
-                    Err(e) => {
-                        warn!("ctl connection rejected: cannot read its credentials: {e}");
-                        continue;
-                    }
+    let limits = Limits {
+        name: "ctl.sock",
+        max_conns: MAX_CLIENTS,
+    };
+    accept::serve(listener, limits, stop, move |stream| {
+        next_id += 1;
+        let conn = next_id;
+        let (shared, events) = (shared.clone(), events.clone());
+        async move {
+            match stream.peer_cred() {
+                Ok(cred) if peer_allowed(cred.uid(), us) => {}
+                Ok(cred) => {
+                    warn!(
+                        "ctl connection rejected: peer uid {} is not ours ({us})",
+                        cred.uid()
+                    );
+                    return;
                 }
-                next_id += 1;
-                let conn = next_id;
-                debug!("client {conn} connected");
-                conns.spawn(serve(conn, stream, shared.clone(), events.clone()));
+                Err(e) => {
+                    warn!("ctl connection rejected: cannot read its credentials: {e}");
+                    return;
+                }
             }
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            debug!("client {conn} connected");
+            serve(conn, stream, shared, events).await;
         }
-    }
+    })
+    .await;
 }
 
 async fn serve(conn: u64, stream: UnixStream, shared: Arc<Shared>, events: mpsc::Sender<Event>) {

@@ -41,6 +41,7 @@
 //! * [`session`]: the session loop and teardown orchestration.
 //! * [`teardown`]: killing and reaping every descendant, removing files.
 
+mod accept;
 mod audit;
 mod bridge;
 mod client;

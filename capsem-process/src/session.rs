@@ -33,11 +33,9 @@ use crate::vmm::{self, GuestBackend, Launch};
 
 /// How long an acknowledged generation may wait for its terminal connection.
 const TERMINAL_WAIT: Duration = Duration::from_secs(5);
-/// After the terminal's EOF, how long to wait for the shell's status (or
-/// after the agent died, for its last frames) before calling it a loss.
+/// After the agent died, how long its last frames (the shell's status) may
+/// take to be read before calling it a loss; also bounds the hello ack.
 const STATUS_GRACE: Duration = Duration::from_secs(2);
-/// Upper bound on forwarding the shell's last output to a slow client.
-const DRAIN_BACKSTOP: Duration = Duration::from_secs(30);
 /// How long a temporary guest gets to exit after `Shutdown`.
 const GUEST_EXIT_WAIT: Duration = Duration::from_secs(2);
 /// How long a persistent guest gets to stop the shell, sync and power off.
@@ -148,7 +146,6 @@ enum Wake {
     BootTimeout,
     TerminalTimeout,
     StatusGraceOver,
-    DrainBackstop,
     ExecConnectTimeout,
     /// A persistent VM's exec relay task was joined (a panic, if it failed).
     ExecRelayJoined(Option<String>),
@@ -197,19 +194,18 @@ pub struct Session {
     events_tx: mpsc::Sender<Event>,
     events: mpsc::Receiver<Event>,
     accept_tasks: Vec<JoinHandle<()>>,
+    accept_stop: crate::accept::Stop,
+    audit_task: Option<JoinHandle<Arc<std::sync::Mutex<crate::audit::AuditLog>>>>,
     ready: ReadyFd,
     boot_deadline: Instant,
     next_generation: u64,
     current: Option<Generation>,
     pending: Option<Pending>,
-    /// The current generation's terminal reader has ended.
-    terminal_done: bool,
     /// The shell's status, once the guest reported it.
     shell_status: Option<(Option<i32>, Option<i32>)>,
     /// The shell's status was queued to the attached client.
     exit_queued: bool,
     status_grace: Option<Instant>,
-    drain_backstop: Option<Instant>,
     /// `<name> exited (<status>)` once the guest is gone.
     guest_gone: Option<String>,
     attached: Option<u64>,
@@ -260,30 +256,39 @@ impl Session {
         let exec = listen(&dir.exec_sock())?;
         let audit = listen(&dir.audit_sock())?;
         let audit_log = crate::audit::AuditLog::open(&dir, cfg.adopt)?;
+        let accept_stop = crate::accept::Stop::default();
         let accept_tasks = vec![
             tokio::spawn(crate::client::accept_clients(
                 ctl,
                 shared.clone(),
                 events_tx.clone(),
+                accept_stop.subscribe(),
             )),
             tokio::spawn(crate::guest::accept_control(
                 control,
                 shared.clone(),
                 events_tx.clone(),
+                accept_stop.subscribe(),
             )),
-            tokio::spawn(crate::guest::accept_terminal(terminal, events_tx.clone())),
+            tokio::spawn(crate::guest::accept_terminal(
+                terminal,
+                shared.clone(),
+                events_tx.clone(),
+                accept_stop.subscribe(),
+            )),
             tokio::spawn(crate::guest::accept_exec(
                 exec,
                 shared.clone(),
                 events_tx.clone(),
-            )),
-            tokio::spawn(crate::audit::accept_audit(
-                audit,
-                shared.clone(),
-                audit_log,
-                cfg.audit_log.clone(),
+                accept_stop.subscribe(),
             )),
         ];
+        let audit_task = tokio::spawn(crate::audit::accept_audit(
+            audit,
+            shared.clone(),
+            audit_log,
+            accept_stop.subscribe(),
+        ));
         info!(
             "listening on {} and {}",
             dir.ctl_sock().display(),
@@ -301,16 +306,16 @@ impl Session {
             events_tx,
             events,
             accept_tasks,
+            accept_stop,
+            audit_task: Some(audit_task),
             ready: ReadyFd::default(),
             boot_deadline,
             next_generation: 0,
             current: None,
             pending: None,
-            terminal_done: false,
             shell_status: None,
             exit_queued: false,
             status_grace: None,
-            drain_backstop: None,
             guest_gone: None,
             attached: None,
             torn_down: false,
@@ -410,7 +415,6 @@ impl Session {
                 () = sleep_until(boot) => Wake::BootTimeout,
                 () = sleep_until(terminal) => Wake::TerminalTimeout,
                 () = sleep_until(self.status_grace) => Wake::StatusGraceOver,
-                () = sleep_until(self.drain_backstop) => Wake::DrainBackstop,
                 () = sleep_until(self.exec_deadline) => Wake::ExecConnectTimeout,
                 // A finished relay is joined at once, so a long-lived VM's
                 // set holds only the commands still running.
@@ -450,13 +454,10 @@ impl Session {
             }
             Wake::StatusGraceOver => {
                 self.status_grace = None;
-                if let Some(gone) = &self.guest_gone {
-                    return Some(Stop::AgentDied(format!(
-                        "{gone} without reporting the shell's exit"
-                    )));
-                }
-                self.transport_lost("terminal closed without a shell exit status")
-                    .await
+                let gone = self.guest_gone.as_deref().unwrap_or("the guest");
+                Some(Stop::AgentDied(format!(
+                    "{gone} without reporting the shell's exit"
+                )))
             }
             Wake::ExecConnectTimeout => {
                 self.exec_deadline = None;
@@ -470,11 +471,6 @@ impl Session {
                     warn!("an exec relay failed: {e}");
                 }
                 None
-            }
-            Wake::DrainBackstop => {
-                warn!("the shell's last output was not delivered within {DRAIN_BACKSTOP:?}");
-                self.drain_backstop = None;
-                self.finish_shell().await
             }
             Wake::GuestExited(name, pid, status) => {
                 info!("guest exited: {name} (pid {pid}) {status}");
@@ -511,8 +507,8 @@ impl Session {
                 self.on_hello(*hello).await;
                 None
             }
-            Event::Terminal(stream, trace) => {
-                self.on_terminal(stream, trace);
+            Event::Terminal(terminal) => {
+                self.on_terminal(*terminal);
                 None
             }
             Event::Gen { generation, event } => {
@@ -769,7 +765,6 @@ impl Session {
             g.stop().await;
             self.shared.set_bridged(false);
         }
-        self.terminal_done = false;
         self.status_grace = None;
         self.next_generation += 1;
         let generation = self.next_generation;
@@ -812,26 +807,57 @@ impl Session {
                 return;
             }
         }
-        self.pending = Some(Pending {
+        let pending = Pending {
             generation,
             control,
             trace,
             codec: hello.codec,
             deadline: Instant::now() + TERMINAL_WAIT,
-        });
+        };
+        if self.cfg.exec {
+            // A command runs on the exec port: no terminal to pair.
+            self.bridge(pending, None);
+        } else {
+            self.pending = Some(pending);
+        }
     }
 
-    fn on_terminal(&mut self, stream: UnixStream, trace: crate::conntrace::ConnTrace) {
-        let Some(p) = self.pending.take() else {
-            warn!("terminal connection rejected: no acknowledged control connection is waiting for one");
-            return;
-        };
+    fn on_terminal(&mut self, t: crate::state::Terminal) {
+        match &self.pending {
+            Some(p) if p.generation == t.generation => {}
+            Some(p) => {
+                warn!(
+                    "terminal connection rejected: it names generation {}, generation {} is waiting",
+                    t.generation, p.generation
+                );
+                return;
+            }
+            None => {
+                warn!(
+                    "terminal connection rejected: generation {} is not waiting for one",
+                    t.generation
+                );
+                return;
+            }
+        }
+        if let Some(p) = self.pending.take() {
+            self.bridge(p, Some((t.stream, t.codec, t.trace)));
+        }
+    }
+
+    fn bridge(
+        &mut self,
+        p: Pending,
+        terminal: Option<(
+            UnixStream,
+            Codec<capsem_proto::frame::TermHost>,
+            crate::conntrace::ConnTrace,
+        )>,
+    ) {
         let generation = Generation::start(
             p.generation,
-            p.control,
-            p.codec,
-            stream,
-            [p.trace, trace],
+            (p.control, p.codec, p.trace),
+            terminal,
             self.shared.clone(),
             self.events_tx.clone(),
         );
@@ -855,35 +881,11 @@ impl Session {
                 }
                 self.transport_lost(&reason).await
             }
-            GenEvent::ShellExited {
-                exit_code,
-                signal,
-                terminal_bytes,
-            } => {
-                info!("shell exited: exit_code={exit_code:?} signal={signal:?} terminal_bytes={terminal_bytes}");
+            GenEvent::ShellExited { exit_code, signal } => {
+                info!("shell exited: exit_code={exit_code:?} signal={signal:?}");
                 self.shell_status = Some((exit_code, signal));
                 self.status_grace = None;
-                if self.terminal_done {
-                    self.finish_shell().await
-                } else {
-                    if let Some(g) = &self.current {
-                        g.drain(terminal_bytes);
-                    }
-                    self.drain_backstop = Some(Instant::now() + DRAIN_BACKSTOP);
-                    None
-                }
-            }
-            GenEvent::TerminalDone { eof } => {
-                self.terminal_done = true;
-                if self.shell_status.is_some() {
-                    return self.finish_shell().await;
-                }
-                if !eof {
-                    return self.transport_lost("terminal read ended").await;
-                }
-                debug!("terminal at EOF; waiting for the shell's status");
-                self.status_grace = Some(Instant::now() + STATUS_GRACE);
-                None
+                self.finish_shell().await
             }
         }
     }
@@ -895,7 +897,6 @@ impl Session {
             self.shared.set_bridged(false);
         }
         self.status_grace = None;
-        self.terminal_done = false;
         if let Some(gone) = &self.guest_gone {
             return Some(Stop::AgentDied(format!(
                 "{gone} without reporting the shell's exit ({reason})"
@@ -905,10 +906,9 @@ impl Session {
         None
     }
 
-    /// The terminal was drained (or given up on): the status goes to the
-    /// client after every output chunk already queued.
+    /// The status arrived after the last output chunk, which the terminal
+    /// reader already queued: the status goes to the client behind them.
     async fn finish_shell(&mut self) -> Option<Stop> {
-        self.drain_backstop = None;
         let (exit_code, signal) = self.shell_status?;
         if self.attached.is_none() && !self.cfg.persistent() {
             return Some(Stop::ShellExited);
@@ -957,7 +957,6 @@ impl Session {
         self.shared.with_scrollback(|s| s.clear());
         self.shell_status = None;
         self.exit_queued = false;
-        self.terminal_done = false;
         self.status_grace = None;
         if let Some(hello) = self.deferred_hello.take() {
             Box::pin(self.on_hello(hello)).await;
@@ -1032,9 +1031,17 @@ impl Session {
         self.exec_conn = None;
         self.pending = None;
         self.shared.set_bridged(false);
+        self.accept_stop.stop();
         for task in self.accept_tasks.drain(..) {
-            task.abort();
-            let _ = task.await;
+            if let Err(e) = task.await {
+                warn!("an accept task failed: {e}");
+            }
+        }
+        if let Some(task) = self.audit_task.take() {
+            match task.await {
+                Ok(log) => crate::audit::finish(&log, self.cfg.audit_log.as_deref()),
+                Err(e) => warn!("the audit task failed: {e}"),
+            }
         }
         crate::teardown::reap_all(&self.reaper, REAP_WAIT).await;
         self.reaper_task.abort();

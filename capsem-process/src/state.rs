@@ -87,15 +87,12 @@ impl Scrollback {
 pub enum GenEvent {
     /// EOF or error on a guest connection, or an invalid frame.
     TransportLost(String),
-    /// The guest reported the shell's status.
+    /// The guest's last terminal frame, the shell's status: every output
+    /// chunk before it was already forwarded.
     ShellExited {
         exit_code: Option<i32>,
         signal: Option<i32>,
-        /// Bytes the guest wrote to this generation's terminal connection.
-        terminal_bytes: u64,
     },
-    /// The terminal reader ended: at EOF (`eof`), or it gave up draining.
-    TerminalDone { eof: bool },
 }
 
 /// A control connection whose hello was accepted.
@@ -109,11 +106,22 @@ pub struct Hello {
     pub shell_pid: u32,
 }
 
+/// A terminal connection whose hello (token and generation) was accepted.
+#[derive(Debug)]
+pub struct Terminal {
+    pub stream: UnixStream,
+    pub trace: crate::conntrace::ConnTrace,
+    /// Holds any bytes the guest sent after the hello.
+    pub codec: Codec<capsem_proto::frame::TermHost>,
+    /// The generation the hello names.
+    pub generation: u64,
+}
+
 /// Everything the session loop reacts to.
 #[derive(Debug)]
 pub enum Event {
     Hello(Box<Hello>),
-    Terminal(UnixStream, crate::conntrace::ConnTrace),
+    Terminal(Box<Terminal>),
     Gen {
         generation: u64,
         event: GenEvent,
