@@ -2,7 +2,9 @@
 //! with the heartbeat, terminal reader, terminal writer; an exec-mode
 //! generation has no terminal and only the first two), all stopped by one
 //! signal and all joined by [`Generation::stop`] before its connections are
-//! dropped. Every way a task ends is reported as a typed [`GenEvent`].
+//! dropped. Every way a task ends is reported as a typed [`GenEvent`]. The
+//! two writers own the long-lived receivers ([`Inputs`]) while they run and
+//! return them when stopped, so the next generation gets them by move.
 //!
 //! The terminal carries frames (`capsem_proto::terminal`): the reader
 //! forwards only `Output` payloads (to the scrollback ring and the attached
@@ -22,19 +24,47 @@ use capsem_proto::Codec;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, warn};
 
 use crate::heartbeat::{Heartbeat, Transition};
 use crate::log::chain;
 use crate::state::{Event, GenEvent, Shared, ToClient};
 
+/// The receivers a generation's writers own while it runs.
+#[derive(Debug)]
+pub struct Inputs {
+    pub guest: mpsc::Receiver<HostToGuest>,
+    pub keys: mpsc::Receiver<Vec<u8>>,
+}
+
+/// The keystroke receiver: owned by the terminal writer, or kept here when
+/// the generation has no terminal (exec mode).
+#[derive(Debug)]
+enum Keys {
+    Writer(JoinHandle<mpsc::Receiver<Vec<u8>>>),
+    Unused(mpsc::Receiver<Vec<u8>>),
+}
+
+/// A generation's task died without giving its receiver back (a panic).
+#[derive(Debug, thiserror::Error)]
+#[error("generation {generation}: the {task} task failed")]
+pub struct TaskFailed {
+    generation: u64,
+    task: &'static str,
+    #[source]
+    source: tokio::task::JoinError,
+}
+
 /// The running tasks of one generation.
 #[derive(Debug)]
 pub struct Generation {
     pub number: u64,
     stop: watch::Sender<bool>,
+    /// The readers.
     tasks: JoinSet<()>,
+    control_writer: JoinHandle<mpsc::Receiver<HostToGuest>>,
+    keys: Keys,
     /// Declared after `tasks`: the close is logged once the tasks, which
     /// own the streams, are gone.
     _traces: Vec<crate::conntrace::ConnTrace>,
@@ -67,16 +97,12 @@ impl Generation {
         number: u64,
         control: (UnixStream, Codec<Host>, crate::conntrace::ConnTrace),
         terminal: Option<(UnixStream, Codec<TermHost>, crate::conntrace::ConnTrace)>,
+        inputs: Inputs,
         shared: Arc<Shared>,
         events: mpsc::Sender<Event>,
     ) -> Self {
         let (control, codec, ctl_trace) = control;
-        let mut generation = Self {
-            number,
-            stop: watch::channel(false).0,
-            tasks: JoinSet::new(),
-            _traces: vec![ctl_trace],
-        };
+        let stop = watch::channel(false).0;
         let ctx = Ctx {
             number,
             shared: shared.clone(),
@@ -84,20 +110,47 @@ impl Generation {
         };
         let heartbeat = Arc::new(Mutex::new(Heartbeat::new(shared.missed_pongs)));
         let (ctl_rd, ctl_wr) = control.into_split();
-        generation.spawn(control_reader(
-            AsyncFrameReader::with_codec(ctl_rd, codec),
+        let control_writer = tokio::spawn(control_writer(
+            ctl_wr,
             heartbeat.clone(),
+            inputs.guest,
+            stop.subscribe(),
             ctx.clone(),
         ));
-        generation.spawn(control_writer(ctl_wr, heartbeat, ctx.clone()));
-        if let Some((terminal, codec, trace)) = terminal {
-            generation._traces.push(trace);
-            let (term_rd, term_wr) = terminal.into_split();
-            generation.spawn(terminal_reader(
-                AsyncFrameReader::with_codec(term_rd, codec),
+        let mut traces = vec![ctl_trace];
+        let mut readers: Vec<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>> =
+            vec![Box::pin(control_reader(
+                AsyncFrameReader::with_codec(ctl_rd, codec),
+                heartbeat,
                 ctx.clone(),
-            ));
-            generation.spawn(terminal_writer(term_wr, ctx));
+            ))];
+        let keys = match terminal {
+            Some((terminal, codec, trace)) => {
+                traces.push(trace);
+                let (term_rd, term_wr) = terminal.into_split();
+                readers.push(Box::pin(terminal_reader(
+                    AsyncFrameReader::with_codec(term_rd, codec),
+                    ctx.clone(),
+                )));
+                Keys::Writer(tokio::spawn(terminal_writer(
+                    term_wr,
+                    inputs.keys,
+                    stop.subscribe(),
+                    ctx,
+                )))
+            }
+            None => Keys::Unused(inputs.keys),
+        };
+        let mut generation = Self {
+            number,
+            stop,
+            tasks: JoinSet::new(),
+            control_writer,
+            keys,
+            _traces: traces,
+        };
+        for reader in readers {
+            generation.spawn(reader);
         }
         generation
     }
@@ -113,15 +166,29 @@ impl Generation {
     }
 
     /// Stops every task and waits for all of them; the connections are
-    /// closed when this returns.
-    pub async fn stop(mut self) {
+    /// closed when this returns. Gives back the writers' receivers.
+    pub async fn stop(mut self) -> Result<Inputs, TaskFailed> {
         self.stop.send_replace(true);
         while let Some(joined) = self.tasks.join_next().await {
             if let Err(e) = joined {
-                warn!("generation {}: a task failed: {e}", self.number);
+                warn!("generation {}: a reader failed: {e}", self.number);
             }
         }
+        let failed = |task, source| TaskFailed {
+            generation: self.number,
+            task,
+            source,
+        };
+        let guest = self
+            .control_writer
+            .await
+            .map_err(|e| failed("control writer", e))?;
+        let keys = match self.keys {
+            Keys::Writer(task) => task.await.map_err(|e| failed("terminal writer", e))?,
+            Keys::Unused(keys) => keys,
+        };
         debug!("generation {}: all tasks joined", self.number);
+        Ok(Inputs { guest, keys })
     }
 }
 
@@ -207,8 +274,15 @@ async fn control_reader(
     ctx.report(GenEvent::TransportLost(reason)).await;
 }
 
-async fn control_writer(wr: OwnedWriteHalf, heartbeat: Arc<Mutex<Heartbeat>>, ctx: Ctx) {
-    let mut guest_rx = ctx.shared.guest_rx.lock().await;
+/// Pings on the heartbeat and writes the session's control messages; ends
+/// at the stop (even inside a write) and returns its receiver.
+async fn control_writer(
+    wr: OwnedWriteHalf,
+    heartbeat: Arc<Mutex<Heartbeat>>,
+    mut guest_rx: mpsc::Receiver<HostToGuest>,
+    mut stop: watch::Receiver<bool>,
+    ctx: Ctx,
+) -> mpsc::Receiver<HostToGuest> {
     let mut tick = tokio::time::interval(ctx.shared.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The first tick is immediate; the first ping goes out one period later.
@@ -216,6 +290,7 @@ async fn control_writer(wr: OwnedWriteHalf, heartbeat: Arc<Mutex<Heartbeat>>, ct
     let mut frames = AsyncFrameWriter::<Host, _>::new(wr);
     loop {
         let msg = tokio::select! {
+            () = stopped(&mut stop) => return guest_rx,
             _ = tick.tick() => {
                 let (seq, t) = heartbeat.lock().unwrap_or_else(|p| p.into_inner()).on_tick();
                 apply(t, &ctx);
@@ -223,14 +298,28 @@ async fn control_writer(wr: OwnedWriteHalf, heartbeat: Arc<Mutex<Heartbeat>>, ct
             }
             Some(msg) = guest_rx.recv() => msg,
         };
-        if let Err(e) = frames.write_frame(&msg).await {
-            ctx.report(GenEvent::TransportLost(format!(
-                "control write failed: {}",
-                chain(&e)
-            )))
-            .await;
-            return;
+        let written = tokio::select! {
+            () = stopped(&mut stop) => return guest_rx,
+            r = frames.write_frame(&msg) => r,
+        };
+        if let Err(e) = written {
+            let reason = format!("control write failed: {}", chain(&e));
+            report_then_wait(&ctx, GenEvent::TransportLost(reason), &mut stop).await;
+            return guest_rx;
         }
+    }
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Reports `event`, then waits for the stop; the stop also cuts the report
+/// short (the session may be joining this task with its queue full).
+async fn report_then_wait(ctx: &Ctx, event: GenEvent, stop: &mut watch::Receiver<bool>) {
+    tokio::select! {
+        () = stopped(stop) => {}
+        () = ctx.report(event) => stopped(stop).await,
     }
 }
 
@@ -310,22 +399,36 @@ async fn terminal_reader(mut frames: AsyncFrameReader<TermHost, OwnedReadHalf>, 
     }
 }
 
-/// The user's keystrokes as `Input` frames.
-async fn terminal_writer(wr: OwnedWriteHalf, ctx: Ctx) {
-    let mut in_rx = ctx.shared.in_rx.lock().await;
+/// The user's keystrokes as `Input` frames; ends at the stop (even inside
+/// a write) and returns its receiver.
+async fn terminal_writer(
+    wr: OwnedWriteHalf,
+    mut keys: mpsc::Receiver<Vec<u8>>,
+    mut stop: watch::Receiver<bool>,
+    ctx: Ctx,
+) -> mpsc::Receiver<Vec<u8>> {
     let mut frames = AsyncFrameWriter::<TermHost, _>::new(wr);
-    while let Some(data) = in_rx.recv().await {
+    loop {
+        let data = tokio::select! {
+            () = stopped(&mut stop) => return keys,
+            d = keys.recv() => match d {
+                Some(d) => d,
+                // Shared holds a sender for the session's whole life.
+                None => { stopped(&mut stop).await; return keys; }
+            },
+        };
         for chunk in data.chunks(MAX_TERM_CHUNK) {
             let input = HostToTerm::Input {
                 data: chunk.to_vec(),
             };
-            if let Err(e) = frames.write_frame(&input).await {
-                ctx.report(GenEvent::TransportLost(format!(
-                    "terminal write failed: {}",
-                    chain(&e)
-                )))
-                .await;
-                return;
+            let written = tokio::select! {
+                () = stopped(&mut stop) => return keys,
+                r = frames.write_frame(&input) => r,
+            };
+            if let Err(e) = written {
+                let reason = format!("terminal write failed: {}", chain(&e));
+                report_then_wait(&ctx, GenEvent::TransportLost(reason), &mut stop).await;
+                return keys;
             }
         }
     }

@@ -12,7 +12,7 @@ use capsem_proto::Codec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot, watch, MutexGuard};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::accept::{self, Limits};
@@ -69,11 +69,14 @@ pub async fn accept_clients(
 async fn serve(conn: u64, stream: UnixStream, shared: Arc<Shared>, events: mpsc::Sender<Event>) {
     let (rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::channel(32);
+    // Owned here, lent to the writer: whichever side ends first, the
+    // terminal output receiver goes back to the session.
+    let mut output = None;
     tokio::select! {
         () = read_requests(conn, rd, tx, &shared, &events) => {}
-        () = write_responses(conn, wr, rx, &shared, &events) => {}
+        () = write_responses(conn, wr, rx, &mut output, &shared, &events) => {}
     }
-    let _ = events.send(Event::Closed { conn }).await;
+    let _ = events.send(Event::Closed { conn, output }).await;
 }
 
 async fn read_requests(
@@ -251,7 +254,7 @@ async fn forward(stdin: &Option<mpsc::Sender<HostToExec>>, msg: HostToExec) {
 }
 
 /// The terminal output channel's receiver while this client is attached.
-async fn next_output(output: &mut Option<MutexGuard<'_, mpsc::Receiver<ToClient>>>) -> ToClient {
+async fn next_output(output: &mut Option<mpsc::Receiver<ToClient>>) -> ToClient {
     match output {
         Some(rx) => match rx.recv().await {
             Some(item) => item,
@@ -280,6 +283,7 @@ async fn write_responses(
     conn: u64,
     mut wr: OwnedWriteHalf,
     mut rx: mpsc::Receiver<Outgoing>,
+    output: &mut Option<mpsc::Receiver<ToClient>>,
     shared: &Shared,
     events: &mpsc::Sender<Event>,
 ) {
@@ -287,22 +291,21 @@ async fn write_responses(
         shared,
         attached: false,
     };
-    let mut output = None;
     let mut my_epoch = 0;
     loop {
         let msg = tokio::select! {
             biased;
             m = rx.recv() => match m {
                 None => return,
-                Some(Outgoing::StartOutput { epoch }) => {
+                Some(Outgoing::StartOutput { epoch, output: rx }) => {
                     finish.attached = true;
                     my_epoch = epoch;
-                    output = Some(shared.out_rx.lock().await);
+                    *output = Some(rx);
                     continue;
                 }
                 Some(Outgoing::Msg(m)) => m,
             },
-            item = next_output(&mut output) => match item {
+            item = next_output(output) => match item {
                 item if item.epoch() != my_epoch => continue,
                 ToClient::Output { data, .. } => ProcessToClient::Output { data },
                 ToClient::Exited { exit_code, signal, .. } => {
