@@ -36,7 +36,9 @@
 //! `capsem-audit` thread just waits for its generation's stop.
 
 pub mod buffer;
+pub mod event;
 pub mod netlink;
+pub mod nlwire;
 pub mod parse;
 pub mod source;
 pub mod stream;
