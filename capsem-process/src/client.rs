@@ -5,11 +5,12 @@
 
 use std::sync::Arc;
 
+use capsem_proto::conn::AsyncFrameReader;
 use capsem_proto::exec::HostToExec;
 use capsem_proto::frame::Process;
 use capsem_proto::ipc::{ClientToProcess, ProcessToClient};
 use capsem_proto::Codec;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -81,43 +82,24 @@ async fn serve(conn: u64, stream: UnixStream, shared: Arc<Shared>, events: mpsc:
 
 async fn read_requests(
     conn: u64,
-    mut rd: OwnedReadHalf,
+    rd: OwnedReadHalf,
     tx: mpsc::Sender<Outgoing>,
     shared: &Shared,
     events: &mpsc::Sender<Event>,
 ) {
-    let mut codec = Codec::<Process>::new();
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut frames = AsyncFrameReader::<Process, _>::new(rd);
     let mut attached = false;
     // Attached with `Exec` (a command), not `Attach` (a shell): its stdin.
     let mut exec_stdin: Option<mpsc::Sender<HostToExec>> = None;
     loop {
-        let msg = match codec.next_message() {
+        let msg = match frames.read_frame().await {
             Ok(Some(msg)) => msg,
             Ok(None) => {
-                match rd.read(&mut buf).await {
-                    Ok(0) => {
-                        if let Err(e) = codec.finish() {
-                            warn!("client {conn}: {}", chain(&e));
-                        }
-                        info!("client {conn} disconnected");
-                        return;
-                    }
-                    Ok(n) => {
-                        if let Err(e) = codec.feed(&buf[..n]) {
-                            warn!("client {conn}: invalid frame: {}", chain(&e));
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        warn!("client {conn}: read failed: {e}");
-                        return;
-                    }
-                }
-                continue;
+                info!("client {conn} disconnected");
+                return;
             }
             Err(e) => {
-                warn!("client {conn}: invalid frame: {}", chain(&e));
+                warn!("client {conn}: {}", chain(&e));
                 return;
             }
         };
