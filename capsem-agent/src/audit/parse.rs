@@ -1,4 +1,4 @@
-//! Kernel audit records → [`AuditRecord`]s. Pure functions, no I/O.
+//! Kernel audit records → [`AuditRecord`](capsem_proto::audit::AuditRecord)s. Pure functions, no I/O.
 //!
 //! The kernel reports one `execve` as several text records that share a
 //! header `audit(SECS.MILLIS:SERIAL):` and arrive in this order: `SYSCALL`

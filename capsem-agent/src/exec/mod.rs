@@ -13,7 +13,7 @@
 //! host receives every byte before the status. There is no reconnection: a
 //! lost transport ends the command (the VM is going away).
 //!
-//! Files: this one connects and runs exec mode; [`serve`] is the command's
+//! Files: this one connects and runs exec mode; [`serve()`] is the command's
 //! poll loop (shared with the persistent VM's exec pool).
 
 mod serve;
