@@ -21,6 +21,8 @@ const PERSISTENT_EXIT_WAIT: Duration = Duration::from_secs(8);
 const CLIENT_FLUSH_WAIT: Duration = Duration::from_secs(1);
 /// How long killed descendants get to be reaped.
 const REAP_WAIT: Duration = Duration::from_secs(5);
+/// How long a backend task may take to end once the guest is gone.
+const BACKEND_TASK_WAIT: Duration = Duration::from_secs(1);
 
 impl Session {
     /// Stops everything: client, guest, tasks, descendants, files.
@@ -71,8 +73,10 @@ impl Session {
             Err(e) => warn!("the audit task failed: {e}"),
         }
         // 8. Every descendant is killed by process group and reaped; then
-        //    the reaper and its pidfd watchers are joined.
+        //    the backend's tasks (QEMU's console copier), the reaper and its
+        //    pidfd watchers are joined.
         crate::teardown::reap_all(&self.reaper, REAP_WAIT).await;
+        join_backend_tasks(&mut self.guest).await;
         self.reaper.stop(self.reaper_task).await;
         // 9. Sockets, records, and a temporary VM's directory (its logs
         //    kept first if it failed).
@@ -118,6 +122,21 @@ impl Session {
         }
         if let Some(backend) = self.guest.backend() {
             vmm::kill_all(backend, &self.reaper);
+        }
+    }
+}
+
+/// The backend's tasks end once its children are gone (the console pipe
+/// reaches EOF); each gets a bounded wait, then is aborted.
+async fn join_backend_tasks(guest: &mut Guest) {
+    for mut task in guest.take_tasks() {
+        if tokio::time::timeout(BACKEND_TASK_WAIT, &mut task)
+            .await
+            .is_err()
+        {
+            warn!("a guest backend task did not end; aborting it");
+            task.abort();
+            let _ = task.await;
         }
     }
 }

@@ -76,6 +76,14 @@ impl Guest {
         }
     }
 
+    /// The backend's own tasks, for teardown to await.
+    pub fn take_tasks(&mut self) -> Vec<tokio::task::JoinHandle<()>> {
+        match self {
+            Guest::NotStarted => Vec::new(),
+            Guest::Running { backend, .. } | Guest::Exited { backend, .. } => backend.take_tasks(),
+        }
+    }
+
     /// Running → Exited, with the reason the backend gives.
     pub fn mark_exited(&mut self, (name, pid, status): Exit) -> String {
         let old = std::mem::replace(self, Guest::NotStarted);
