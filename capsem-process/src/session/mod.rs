@@ -8,16 +8,17 @@
 //! * [`Mode`]: a temporary shell ([`ShellPhase`]), one command
 //!   ([`exec::One`]), or a persistent VM's exec pool ([`exec::Pool`]).
 //!
-//! Events are handled in [`events`]; [`teardown`] is the one ending.
+//! Events are handled in [`events`]; [`teardown`] is the one ending, and
+//! [`Stop`] (in `stop.rs`) says why it came.
 
 mod attach;
 mod events;
 mod exec;
 mod link;
+mod stop;
 mod teardown;
 mod vm;
 
-use std::fmt;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -38,6 +39,8 @@ use crate::reaper::{Reaper, ReaperError};
 use crate::state::{Event, Shared};
 use crate::vmdir::VmDir;
 
+pub use self::stop::Stop;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     #[error("cannot generate the session token")]
@@ -56,51 +59,6 @@ pub enum SessionError {
     Records(#[from] crate::records::RecordsError),
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
-}
-
-/// Why the session ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Stop {
-    /// The shell exited; its status went to the client (if one was attached).
-    ShellExited,
-    /// The guest went away without the shell's status.
-    AgentDied(String),
-    ShutdownRequested,
-    /// The attached client of a temporary VM went away.
-    ClientGone,
-    Signal(&'static str),
-    /// The guest did not come up.
-    BootFailed(String),
-}
-
-impl fmt::Display for Stop {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Stop::ShellExited => f.write_str("the shell exited"),
-            Stop::AgentDied(r) => write!(f, "session lost: {r}"),
-            Stop::ShutdownRequested => f.write_str("shutdown requested"),
-            Stop::ClientGone => f.write_str("the client of a temporary VM went away"),
-            Stop::Signal(s) => write!(f, "received {s}"),
-            Stop::BootFailed(r) => write!(f, "the guest did not come up: {r}"),
-        }
-    }
-}
-
-impl Stop {
-    /// Whether the VM failed: its logs are then kept.
-    fn failed(&self) -> bool {
-        matches!(self, Stop::AgentDied(_) | Stop::BootFailed(_))
-    }
-
-    /// The `SessionLost` reason for an attached client, if it gets one.
-    fn lost_reason(&self) -> Option<String> {
-        match self {
-            Stop::ShellExited | Stop::ClientGone => None,
-            Stop::AgentDied(r) | Stop::BootFailed(r) => Some(r.clone()),
-            Stop::ShutdownRequested => Some("the VM was shut down on request".into()),
-            Stop::Signal(s) => Some(format!("capsem-process received {s}")),
-        }
-    }
 }
 
 /// A temporary shell's life.
