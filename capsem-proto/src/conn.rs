@@ -176,6 +176,12 @@ mod async_io {
             }
         }
 
+        /// A message already buffered, without reading: lets a caller
+        /// batch its answers to every frame one read brought.
+        pub fn buffered_frame(&mut self) -> Result<Option<R::Inbound>, ConnError> {
+            self.codec.next_message().map_err(ConnError::Frame)
+        }
+
         pub fn get_mut(&mut self) -> &mut T {
             &mut self.io
         }
@@ -298,6 +304,40 @@ mod tests {
                 assert_eq!(r.read_frame().await.unwrap(), None);
             };
             tokio::join!(writer, reader);
+        });
+    }
+
+    #[cfg(feature = "tokio")]
+    #[test]
+    fn buffered_frames_come_without_a_read() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut bytes = Vec::new();
+            for seq in 0..3 {
+                Codec::<Guest>::encode_into(&GuestToHost::Pong { seq }, &mut bytes).unwrap();
+            }
+            // One read brings all three; the stream then stays open and idle.
+            let (mut a, b) = tokio::io::duplex(4096);
+            tokio::io::AsyncWriteExt::write_all(&mut a, &bytes)
+                .await
+                .unwrap();
+            let mut r = AsyncFrameReader::<Host, _>::new(b);
+            assert_eq!(
+                r.read_frame().await.unwrap(),
+                Some(GuestToHost::Pong { seq: 0 })
+            );
+            assert_eq!(
+                r.buffered_frame().unwrap(),
+                Some(GuestToHost::Pong { seq: 1 })
+            );
+            assert_eq!(
+                r.buffered_frame().unwrap(),
+                Some(GuestToHost::Pong { seq: 2 })
+            );
+            assert_eq!(r.buffered_frame().unwrap(), None);
+            drop(a);
         });
     }
 }

@@ -63,9 +63,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use capsem_proto::audit::{AuditRecord, AuditToHost, HostToAudit, MAX_AUDIT_ARGS, MAX_AUDIT_FIELD};
+use capsem_proto::conn::{AsyncFrameReader, ConnError};
 use capsem_proto::frame::AuditHost;
 use capsem_proto::{Codec, FrameError};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -84,8 +85,6 @@ pub const DEFAULT_MAX_BYTES: u64 = 8 * 1024 * 1024;
 pub const MAX_BYTES_ENV: &str = "CAPSEM_AUDIT_MAX_BYTES";
 /// The smallest rotation size accepted from [`MAX_BYTES_ENV`].
 pub const MIN_MAX_BYTES: u64 = 1024;
-/// Bytes read from an audit connection at a time.
-const READ_BUF: usize = 16 * 1024;
 /// Handshakes in progress at once; more connections are refused.
 const MAX_PENDING_HANDSHAKES: usize = 4;
 #[derive(Debug, thiserror::Error)]
@@ -197,16 +196,22 @@ pub async fn handshake(
 }
 
 /// Stores the records of one accepted audit connection and acks them,
-/// until EOF or the first invalid thing.
+/// until EOF or the first invalid thing. The acks for every record one
+/// read brought go out in one write, before the next read.
 async fn serve_records(
     stream: &mut UnixStream,
-    codec: &mut Codec<AuditHost>,
+    codec: Codec<AuditHost>,
     log: &Mutex<AuditLog>,
 ) -> Result<(), AuditError> {
-    let mut buf = vec![0u8; READ_BUF];
+    let (rd, mut wr) = stream.split();
+    let mut frames = AsyncFrameReader::with_codec(rd, codec);
     let mut acks = Vec::new();
     loop {
-        while let Some(msg) = codec.next_message().map_err(AuditError::Frame)? {
+        let mut next = frames.read_frame().await.map_err(conn_error)?;
+        if next.is_none() {
+            return Ok(());
+        }
+        while let Some(msg) = next {
             let record = match msg {
                 AuditToHost::Record(r) => r,
                 AuditToHost::Hello { .. } => return Err(AuditError::SecondHello),
@@ -224,27 +229,29 @@ async fn serve_records(
                 &mut acks,
             )
             .map_err(AuditError::Encode)?;
+            next = frames.buffered_frame().map_err(conn_error)?;
         }
-        if !acks.is_empty() {
-            stream.write_all(&acks).await.map_err(AuditError::Ack)?;
-            acks.clear();
-        }
-        let n = stream.read(&mut buf).await.map_err(AuditError::Read)?;
-        if n == 0 {
-            return codec.finish().map_err(AuditError::Truncated);
-        }
-        codec.feed(&buf[..n]).map_err(AuditError::Frame)?;
+        wr.write_all(&acks).await.map_err(AuditError::Ack)?;
+        acks.clear();
+    }
+}
+
+fn conn_error(e: ConnError) -> AuditError {
+    match e {
+        ConnError::Frame(e @ FrameError::TruncatedAtEof { .. }) => AuditError::Truncated(e),
+        ConnError::Frame(e) => AuditError::Frame(e),
+        ConnError::Io(e) => AuditError::Read(e),
     }
 }
 
 async fn serve(
     mut stream: UnixStream,
     trace: ConnTrace,
-    mut codec: Codec<AuditHost>,
+    codec: Codec<AuditHost>,
     generation: u64,
     log: Arc<Mutex<AuditLog>>,
 ) {
-    match serve_records(&mut stream, &mut codec, &log).await {
+    match serve_records(&mut stream, codec, &log).await {
         Ok(()) => info!("audit connection of generation {generation} ended"),
         Err(e) => warn!(
             "audit connection of generation {generation} closed: {}",
