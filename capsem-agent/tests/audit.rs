@@ -298,7 +298,11 @@ fn audit_is_off_on_the_host_and_nothing_connects_to_the_audit_port() {
     let mut conn = host.generation(&mut agent, 1);
     conn.type_("echo $((6*7))\n");
     conn.expect("42");
-    // Main thread and the bridge's six; no audit reader.
+    // Main thread and the bridge's six (all spawned once it logs that it
+    // started); no audit reader.
+    assert!(wait_until(deadline(LONG), || agent
+        .log()
+        .contains("bridge started generation=1 threads=6")));
     let names = thread_names(agent.pid());
     assert_eq!(names.len(), 7, "{names:?}");
     assert!(!names.iter().any(|n| n == "capsem-audit-rx"), "{names:?}");
