@@ -1,7 +1,10 @@
 //! What `capsem doctor` checks, in order: `home`, `capsem-process`,
 //! `capsem-agent`, `qemu`, `vhost-device-vsock`, `accelerator`, `guest
-//! image`. With `--vmm none`, qemu, vhost-device-vsock, the accelerator and
-//! the guest image are informational (`warn`, never `missing`); with
+//! image` (an image without `rootfs.erofs` is `warn`: it predates the Debian
+//! root), `mkfs.ext4` (each VM's writable disk), `mmdebstrap` and
+//! `mkfs.erofs` (only images/build.sh needs them: always informational).
+//! With `--vmm none`, qemu, vhost-device-vsock, the accelerator, the guest
+//! image and mkfs.ext4 are informational (`warn`, never `missing`); with
 //! `--vmm qemu`, capsem-agent is (the guest runs the agent from the image).
 //! The report's format is in [`crate::health`].
 
@@ -26,6 +29,11 @@ pub const VHOST_BIN_NAME: &str = "vhost-device-vsock";
 pub const AGENT_BIN_ENV: &str = "CAPSEM_AGENT_BIN";
 pub const AGENT_BIN_NAME: &str = "capsem-agent";
 
+pub const MKFS_EXT4_ENV: &str = "CAPSEM_MKFS_EXT4_BIN";
+/// Where Debian puts mkfs.ext4 and mkfs.erofs, which are not on every
+/// user's `PATH` (capsem-process looks there for mkfs.ext4 too).
+const SBIN_DIRS: [&str; 2] = ["/usr/sbin", "/sbin"];
+
 pub const QEMU_FIX: &str = "sudo apt-get install qemu-system-x86";
 pub const VHOST_FIX: &str = "cargo install --locked --version 0.3.0 vhost-device-vsock";
 
@@ -41,6 +49,11 @@ pub struct Inputs {
     pub agent_env: Option<OsString>,
     pub qemu: Lookup,
     pub vhost: Lookup,
+    /// Formats each VM's writable disk (capsem-process, first boot).
+    pub mkfs_ext4: Lookup,
+    /// Build the guest image's root filesystem (images/build.sh only).
+    pub mmdebstrap: Lookup,
+    pub mkfs_erofs: Lookup,
     pub kvm: KvmFacts,
 }
 
@@ -58,6 +71,15 @@ impl Inputs {
                 user_home.clone(),
             )
         };
+        let with_sbin = std::env::join_paths(
+            std::env::split_paths(&path.clone().unwrap_or_default())
+                .chain(SBIN_DIRS.iter().map(PathBuf::from)),
+        )
+        .ok();
+        // (Only mkfs.ext4 has an override; the other two are found by name.)
+        let tool = |var: &'static str, env: Option<OsString>, name| {
+            probe::find_program(var, env, name, with_sbin.clone(), None)
+        };
         Self {
             vmm,
             accel,
@@ -74,6 +96,9 @@ impl Inputs {
             agent_env: std::env::var_os(AGENT_BIN_ENV),
             qemu: program(QEMU_BIN_ENV, QEMU_BIN_NAME),
             vhost: program(VHOST_BIN_ENV, VHOST_BIN_NAME),
+            mkfs_ext4: tool(MKFS_EXT4_ENV, std::env::var_os(MKFS_EXT4_ENV), "mkfs.ext4"),
+            mmdebstrap: tool("", None, "mmdebstrap"),
+            mkfs_erofs: tool("", None, "mkfs.erofs"),
             kvm: accel::probe(Path::new("/sys/module"), Path::new("/dev/kvm")),
         }
     }
@@ -97,6 +122,25 @@ pub fn checks(inputs: &Inputs) -> Vec<Check> {
         .informational(vm_optional),
         check_accel(inputs.accel, &inputs.kvm).informational(vm_optional),
         check_image(&inputs.home, inputs.image_dir_env.as_deref()).informational(vm_optional),
+        check_tool(
+            "mkfs.ext4",
+            &inputs.mkfs_ext4,
+            "sudo apt-get install e2fsprogs",
+        )
+        .informational(vm_optional),
+        // Only images/build.sh needs these: a built image boots without them.
+        check_tool(
+            "mmdebstrap",
+            &inputs.mmdebstrap,
+            "sudo apt-get install mmdebstrap",
+        )
+        .informational(true),
+        check_tool(
+            "mkfs.erofs",
+            &inputs.mkfs_erofs,
+            "sudo apt-get install erofs-utils",
+        )
+        .informational(true),
     ]
 }
 
@@ -271,6 +315,28 @@ pub fn check_program(what: &'static str, name: &str, lookup: &Lookup, fix: &str)
     }
 }
 
+/// A host program that is only run, never asked for a version (mkfs.ext4
+/// has no `--version`): found, and executable.
+pub fn check_tool(what: &'static str, lookup: &Lookup, fix: &str) -> Check {
+    match lookup.path() {
+        Some(path) if probe::is_executable(path) => {
+            Check::new(Status::Ok, what, path.display().to_string())
+        }
+        Some(path) => Check::new(
+            Status::Missing,
+            what,
+            format!("{} is not an executable file", path.display()),
+        )
+        .fix(fix),
+        None => Check::new(
+            Status::Missing,
+            what,
+            format!("{what} is not on PATH, in /usr/sbin or in /sbin"),
+        )
+        .fix(fix),
+    }
+}
+
 /// Which accelerator qemu would run with, and why.
 pub fn check_accel(choice: AccelChoice, kvm: &KvmFacts) -> Check {
     const WHAT: &str = "accelerator";
@@ -347,10 +413,22 @@ pub fn check_image(home: &Result<PathBuf, HomeError>, env: Option<&std::ffi::OsS
         .fix(fix);
     }
     match image::read_kernel_release(&dir) {
+        // Built before the disk root: capsem-process boots its initramfs.
+        Ok(release) if !dir.join(image::ROOTFS).is_file() => Check::new(
+            Status::Warn,
+            WHAT,
+            format!(
+                "{}: kernel {release}, no {} (an image from before the Debian root: \
+                 the guest gets only the initramfs)",
+                dir.display(),
+                image::ROOTFS
+            ),
+        )
+        .fix(fix),
         Ok(release) => Check::new(
             Status::Ok,
             WHAT,
-            format!("{}: kernel {release}", dir.display()),
+            format!("{}: kernel {release}, Debian root", dir.display()),
         ),
         // capsem-process needs only the files; the manifest is for people.
         Err(e) => Check::new(
@@ -436,8 +514,39 @@ mod tests {
         )
         .unwrap();
         let c = check_image(&home, Some(img.as_os_str()));
+        assert_eq!(c.status, Status::Warn);
+        assert!(
+            c.detail
+                .contains(": kernel 6.1.0-56-amd64, no rootfs.erofs"),
+            "{c:?}"
+        );
+        assert!(c.fix.is_some(), "{c:?}");
+        std::fs::write(img.join("rootfs.erofs"), b"r").unwrap();
+        let c = check_image(&home, Some(img.as_os_str()));
         assert_eq!(c.status, Status::Ok);
-        assert!(c.detail.ends_with(": kernel 6.1.0-56-amd64"), "{c:?}");
+        assert!(
+            c.detail.ends_with(": kernel 6.1.0-56-amd64, Debian root"),
+            "{c:?}"
+        );
+    }
+
+    #[test]
+    fn tool_checks() {
+        let d = tempfile::tempdir().unwrap();
+        let c = check_tool(
+            "mkfs.ext4",
+            &Lookup::NotFound,
+            "sudo apt-get install e2fsprogs",
+        );
+        assert_eq!(c.status, Status::Missing);
+        assert_eq!(c.fix.as_deref(), Some("sudo apt-get install e2fsprogs"));
+        let plain = d.path().join("plain");
+        std::fs::write(&plain, b"").unwrap();
+        let c = check_tool("mkfs.ext4", &Lookup::Found(plain), "fix");
+        assert_eq!(c.status, Status::Missing, "{c:?}");
+        let c = check_tool("mkfs.ext4", &Lookup::Found("/bin/sh".into()), "fix");
+        assert_eq!(c.status, Status::Ok, "{c:?}");
+        assert_eq!(c.fix, None);
     }
 
     #[test]

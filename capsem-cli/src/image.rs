@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 pub const IMAGE_DIR_ENV: &str = "CAPSEM_IMAGE_DIR";
 /// The files `images/build.sh` writes and capsem-process requires.
 pub const FILES: [&str; 3] = ["vmlinuz", "initramfs.cpio.gz", "manifest.json"];
+/// The Debian root filesystem (an image built before it boots its initramfs).
+pub const ROOTFS: &str = "rootfs.erofs";
 /// Largest manifest read (a real one is about 2 KiB).
 pub const MAX_MANIFEST: u64 = 1 << 20;
 

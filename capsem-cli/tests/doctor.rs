@@ -112,7 +112,10 @@ fn parse(out: &str) -> Vec<(String, String)> {
             "qemu",
             "vhost-device-vsock",
             "accelerator",
-            "guest image"
+            "guest image",
+            "mkfs.ext4",
+            "mmdebstrap",
+            "mkfs.erofs"
         ],
         "{out}"
     );
@@ -206,6 +209,7 @@ fn everything_present_exits_0() {
     fs::create_dir_all(&image).unwrap();
     fs::write(image.join("vmlinuz"), b"kernel").unwrap();
     fs::write(image.join("initramfs.cpio.gz"), b"initramfs").unwrap();
+    fs::write(image.join("rootfs.erofs"), b"rootfs").unwrap();
     fs::write(
         image.join("manifest.json"),
         br#"{"format": 1, "kernel": {"package": "linux-image-x", "version": "1", "release": "6.1.0-fake-amd64"}}"#,
@@ -227,7 +231,7 @@ fn everything_present_exits_0() {
         "{out}"
     );
     assert!(
-        line_of(&out, "guest image").ends_with(": kernel 6.1.0-fake-amd64"),
+        line_of(&out, "guest image").ends_with(": kernel 6.1.0-fake-amd64, Debian root"),
         "{out}"
     );
     assert_eq!(status_of(&checks, "home"), "ok", "{out}");
