@@ -5,9 +5,10 @@
 //! Two parts with different lives:
 //!
 //! * [`Auditor`], for the agent's whole life (shell and persistent modes):
-//!   the record [`source`] (the netlink socket, opened once) and the
-//!   `capsem-audit-rx` thread that reads it, assembles records
-//!   ([`parse`]) and appends them to the shared, bounded [`buffer`] of
+//!   the record [`source`] (the [`netlink`] socket, opened once; its wire
+//!   format in [`nlwire`]) and the `capsem-audit-rx` thread that reads it,
+//!   parses records ([`parse`]), groups them into exec events ([`event`])
+//!   and appends them to the shared, bounded [`buffer`] of
 //!   unacknowledged records (4096 records, 16 MiB). Reading never depends on a host connection, so
 //!   the kernel's queue is drained even between generations (a full audit
 //!   socket would make the kernel drop records or stall exec'ing processes);
@@ -36,7 +37,9 @@
 //! `capsem-audit` thread just waits for its generation's stop.
 
 pub mod buffer;
+pub mod event;
 pub mod netlink;
+pub mod nlwire;
 pub mod parse;
 pub mod source;
 pub mod stream;

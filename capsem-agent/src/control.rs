@@ -5,13 +5,14 @@ use std::io;
 use std::os::fd::BorrowedFd;
 use std::time::{Duration, Instant};
 
+use capsem_proto::conn::{ConnError, FrameReader};
 use capsem_proto::frame::Guest;
 use capsem_proto::guest::{
     BootStage, GuestToHost, HostToGuest, MAX_BOOT_STAGES, MAX_STAGE_NAME, PROTOCOL_VERSION,
 };
 use capsem_proto::{Codec, FrameError};
 
-use crate::fdio::{self, Written};
+use crate::fdio::{self, Blocking, Written};
 
 /// How long the host has to answer a hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -65,44 +66,33 @@ pub fn handshake(
     {
         return Ok(Handshake::Cancelled);
     }
-    let deadline = Instant::now() + timeout;
-    let mut codec = Codec::<Guest>::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        if let Some(msg) = codec.next_message().map_err(ControlError::Frame)? {
-            return match msg {
-                HostToGuest::HelloAck {
-                    version,
-                    generation,
-                } if version == PROTOCOL_VERSION => Ok(Handshake::Acked { generation, codec }),
-                HostToGuest::HelloAck { version, .. } => Err(ControlError::Version {
-                    got: version,
-                    want: PROTOCOL_VERSION,
-                }),
-                HostToGuest::Ping { .. } => Err(ControlError::Unexpected("ping")),
-                HostToGuest::Resize { .. } => Err(ControlError::Unexpected("resize")),
-                HostToGuest::Shutdown => Err(ControlError::Unexpected("shutdown")),
-            };
+    let io = Blocking::new(control, cancel).until(Some(Instant::now() + timeout));
+    let mut frames = FrameReader::<Guest, _>::new(io);
+    let msg = match frames.read_frame() {
+        Ok(Some(msg)) => msg,
+        Ok(None) => return Err(ControlError::Closed),
+        Err(ConnError::Frame(e)) => return Err(ControlError::Frame(e)),
+        Err(ConnError::Io(e)) if fdio::is_cancelled(&e) => return Ok(Handshake::Cancelled),
+        Err(ConnError::Io(e)) if e.kind() == io::ErrorKind::TimedOut => {
+            return Err(ControlError::Timeout(timeout))
         }
-        let mut fds = [
-            fdio::pollfd(cancel, fdio::IN),
-            fdio::pollfd(control, fdio::IN),
-        ];
-        if fdio::poll(&mut fds, Some(deadline)).map_err(ControlError::Io)? == 0 {
-            return Err(ControlError::Timeout(timeout));
-        }
-        if fdio::ready(&fds[0]) {
-            return Ok(Handshake::Cancelled);
-        }
-        match fdio::read(control, &mut buf) {
-            Ok(0) => {
-                codec.finish().map_err(ControlError::Frame)?;
-                return Err(ControlError::Closed);
-            }
-            Ok(n) => codec.feed(&buf[..n]).map_err(ControlError::Frame)?,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(ControlError::Io(e)),
-        }
+        Err(ConnError::Io(e)) => return Err(ControlError::Io(e)),
+    };
+    match msg {
+        HostToGuest::HelloAck {
+            version,
+            generation,
+        } if version == PROTOCOL_VERSION => Ok(Handshake::Acked {
+            generation,
+            codec: frames.into_parts().1,
+        }),
+        HostToGuest::HelloAck { version, .. } => Err(ControlError::Version {
+            got: version,
+            want: PROTOCOL_VERSION,
+        }),
+        HostToGuest::Ping { .. } => Err(ControlError::Unexpected("ping")),
+        HostToGuest::Resize { .. } => Err(ControlError::Unexpected("resize")),
+        HostToGuest::Shutdown => Err(ControlError::Unexpected("shutdown")),
     }
 }
 

@@ -15,6 +15,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use capsem_proto::conn::{ConnError, FrameReader};
 use capsem_proto::exec::HostToExec;
 use capsem_proto::frame::ExecGuest;
 use capsem_proto::guest::PORT_EXEC;
@@ -22,7 +23,7 @@ use capsem_proto::Codec;
 use tracing::{info, warn};
 
 use crate::exec::{self, ExecConfig};
-use crate::fdio;
+use crate::fdio::{self, Blocking};
 use crate::reconnect::{self, Backoff, Waited};
 use crate::session::chain;
 use crate::stop::{StopError, StopSignal};
@@ -133,40 +134,14 @@ fn idle_connection(cfg: &ExecConfig, stop: &StopSignal) -> Idle {
         Ok(false) => return Idle::Stopped,
         Err(e) => return Idle::Failed(format!("hello: {e}")),
     }
-    let mut codec = Codec::<ExecGuest>::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match codec.next_message() {
-            Ok(Some(start @ HostToExec::Start { .. })) => {
-                return Idle::Start(conn, start, codec);
-            }
-            Ok(Some(other)) => {
-                return Idle::Failed(format!("{other:?} before Start"));
-            }
-            Ok(None) => {}
-            Err(e) => return Idle::Failed(format!("invalid exec frame: {}", chain(&e))),
-        }
-        let mut fds = [
-            fdio::pollfd(stop.fd(), fdio::IN),
-            fdio::pollfd(conn.as_fd(), fdio::IN),
-        ];
-        if let Err(e) = fdio::poll(&mut fds, None) {
-            return Idle::Failed(format!("poll: {e}"));
-        }
-        if fdio::ready(&fds[0]) {
-            return Idle::Stopped;
-        }
-        if fdio::ready(&fds[1]) {
-            match fdio::read(conn.as_fd(), &mut buf) {
-                Ok(0) => return Idle::Failed("the host closed the idle exec connection".into()),
-                Ok(n) => {
-                    if let Err(e) = codec.feed(&buf[..n]) {
-                        return Idle::Failed(format!("invalid exec frame: {}", chain(&e)));
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Idle::Failed(format!("read: {e}")),
-            }
-        }
+    let mut frames = FrameReader::<ExecGuest, _>::new(Blocking::new(conn.as_fd(), stop.fd()));
+    let first = frames.read_frame();
+    let codec = frames.into_parts().1;
+    match first {
+        Ok(Some(start @ HostToExec::Start { .. })) => Idle::Start(conn, start, codec),
+        Ok(Some(other)) => Idle::Failed(format!("{other:?} before Start")),
+        Ok(None) => Idle::Failed("the host closed the idle exec connection".into()),
+        Err(ConnError::Io(e)) if fdio::is_cancelled(&e) => Idle::Stopped,
+        Err(e) => Idle::Failed(format!("exec connection: {}", chain(&e))),
     }
 }

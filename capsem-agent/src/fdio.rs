@@ -1,5 +1,7 @@
 //! Thin, checked wrappers over the fd syscalls the agent needs: `poll` with a
-//! deadline, nonblocking `read`/`write`, and a write the stop signal cancels.
+//! deadline, nonblocking `read`/`write`, a write the stop signal cancels, and
+//! [`Blocking`], a nonblocking socket seen as a blocking, cancellable stream
+//! (what `capsem_proto::conn`'s framed reader and writer run on).
 //!
 //! Every fd reaches these functions as a `BorrowedFd`; the raw number only
 //! appears at the syscall.
@@ -132,6 +134,94 @@ pub fn write_all(fd: BorrowedFd<'_>, buf: &[u8], cancel: BorrowedFd<'_>) -> io::
     Ok(Written::All)
 }
 
+/// The error a [`Blocking`] read or write returns once its cancel fd is
+/// readable (see [`is_cancelled`]).
+#[derive(Debug, thiserror::Error)]
+#[error("cancelled")]
+pub struct Cancelled;
+
+/// Whether `e` is a [`Blocking`] stream's cancellation.
+pub fn is_cancelled(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<Cancelled>())
+}
+
+/// A nonblocking fd as a blocking `Read + Write`: each call waits in a poll
+/// that also watches `cancel` (then fails with [`Cancelled`]) and, when set,
+/// `deadline` (then `TimedOut`). The cancel fd is checked before each call,
+/// so a peer that floods data cannot keep a reader from seeing its stop.
+#[derive(Debug, Clone, Copy)]
+pub struct Blocking<'a> {
+    fd: BorrowedFd<'a>,
+    cancel: BorrowedFd<'a>,
+    deadline: Option<Instant>,
+}
+
+impl<'a> Blocking<'a> {
+    pub fn new(fd: BorrowedFd<'a>, cancel: BorrowedFd<'a>) -> Self {
+        Self {
+            fd,
+            cancel,
+            deadline: None,
+        }
+    }
+
+    /// Calls fail with `TimedOut` once `deadline` passed.
+    pub fn until(mut self, deadline: Option<Instant>) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// Waits until the fd has `events`; errors if cancelled or overdue.
+    fn wait(&self, events: i16) -> io::Result<()> {
+        let mut fds = [pollfd(self.cancel, IN), pollfd(self.fd, events)];
+        let n = poll(&mut fds, self.deadline)?;
+        if ready(&fds[0]) {
+            return Err(io::Error::other(Cancelled));
+        }
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::TimedOut));
+        }
+        Ok(())
+    }
+
+    fn cancelled(&self) -> bool {
+        let mut fds = [pollfd(self.cancel, IN)];
+        matches!(poll(&mut fds, Some(Instant::now())), Ok(n) if n > 0)
+    }
+}
+
+impl io::Read for Blocking<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.cancelled() {
+            return Err(io::Error::other(Cancelled));
+        }
+        loop {
+            match read(self.fd, buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait(IN)?,
+                other => return other,
+            }
+        }
+    }
+}
+
+impl io::Write for Blocking<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.cancelled() {
+            return Err(io::Error::other(Cancelled));
+        }
+        loop {
+            match write(self.fd, buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait(OUT)?,
+                other => return other,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,5 +267,28 @@ mod tests {
         let mut buf = [0u8; 5];
         std::io::Read::read_exact(&mut &b, &mut buf).unwrap();
         assert_eq!(&buf, b"hello");
+    }
+
+    #[test]
+    fn blocking_read_waits_for_data_and_sees_its_cancel() {
+        use std::io::{Read, Write};
+        let (a, b) = UnixStream::pair().unwrap();
+        set_nonblocking(a.as_fd()).unwrap();
+        let (cancel, cancel_peer) = UnixStream::pair().unwrap();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            (&b).write_all(b"hi").unwrap();
+            b
+        });
+        let mut buf = [0u8; 8];
+        let mut io = Blocking::new(a.as_fd(), cancel.as_fd());
+        assert_eq!(io.read(&mut buf).unwrap(), 2);
+        let _b = writer.join().unwrap();
+        let overdue = io.until(Some(Instant::now())).read(&mut buf).unwrap_err();
+        assert_eq!(overdue.kind(), io::ErrorKind::TimedOut);
+        (&cancel_peer).write_all(b"x").unwrap();
+        let err = io.read(&mut buf).unwrap_err();
+        assert!(is_cancelled(&err), "{err:?}");
+        assert!(!is_cancelled(&overdue));
     }
 }

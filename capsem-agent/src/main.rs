@@ -55,11 +55,13 @@
 //!   bridge, act on the end).
 //! * [`execpool`]: a persistent VM's concurrent `capsem exec` commands.
 //! * [`exec`]: exec mode: one command, its streams on the exec port, one
-//!   poll loop.
+//!   poll loop (`exec/serve.rs`, also the exec pool's workers').
 //! * [`command`]: the exec-mode command: pipes, pidfd, process group.
-//! * [`bridge`]: one generation's six threads and its typed [`bridge::BridgeEnd`].
+//! * [`bridge`]: one generation's six threads (terminal frames out and in,
+//!   control) and its typed [`bridge::BridgeEnd`].
 //! * [`audit`]: the execve audit stream: the agent-lifetime netlink source
-//!   and reader thread, the record parser, the unacknowledged-record buffer,
+//!   and reader thread (socket and wire format), the record parser and
+//!   event assembler, the unacknowledged-record buffer,
 //!   and the per-generation audit connection.
 //! * [`control`]: the hello handshake and the boot stage parser.
 //! * [`pty`]: the shell on a PTY: spawn, resize, terminate, reap.
@@ -67,7 +69,8 @@
 //! * [`reconnect`]: capped, jittered exponential backoff.
 //! * [`signals`]: SIGTERM/SIGINT/SIGHUP as a signalfd.
 //! * [`stop`]: the per-generation stop signal (eventfd + channel).
-//! * [`fdio`]: poll, nonblocking reads and writes, cancellable writes.
+//! * [`fdio`]: poll, nonblocking reads and writes, cancellable writes, and
+//!   `Blocking`, a cancellable `Read + Write` for the framed adapters.
 
 mod audit;
 mod bridge;

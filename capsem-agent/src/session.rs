@@ -16,7 +16,11 @@
 //! failed attempt reconnect with the same shell.
 
 use std::os::fd::AsFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use capsem_proto::conn::FrameWriter;
+use capsem_proto::frame::TermGuest;
+use capsem_proto::terminal::TermToHost;
 
 use capsem_proto::guest::{BootStage, GuestToHost, PORT_CONTROL, PORT_TERMINAL, PROTOCOL_VERSION};
 use tracing::info;
@@ -24,6 +28,7 @@ use tracing::info;
 use crate::audit::{self, Auditor};
 use crate::bridge::{Bridge, BridgeEnd, BridgeError, BridgeOptions, Pending, ShutdownBy};
 use crate::control::{self, Handshake, HELLO_TIMEOUT};
+use crate::fdio::{self, Blocking};
 use crate::pty::{PtyError, Shell, ShellConfig, ShellStatus};
 use crate::reconnect::{self, Backoff, ReconnectError, Waited};
 use crate::signals::Signals;
@@ -249,6 +254,20 @@ fn attempt(
         Ok(Connected::Cancelled) => return Ok(Attempt::Cancelled),
         Err(e) => return Ok(Attempt::Failed(format!("terminal: {}", chain(&e)))),
     };
+    // The terminal connection names the generation it belongs to; the
+    // host pairs it only with that acknowledged hello.
+    let term_hello = TermToHost::Hello {
+        token: cfg.token.clone(),
+        generation,
+    };
+    let io =
+        Blocking::new(terminal.as_fd(), signals.fd()).until(Some(Instant::now() + HELLO_TIMEOUT));
+    if let Err(e) = FrameWriter::<TermGuest, _>::new(io).write_frame(&term_hello) {
+        return Ok(match e.io() {
+            Some(io) if fdio::is_cancelled(io) => Attempt::Cancelled,
+            _ => Attempt::Failed(format!("terminal hello: {}", chain(&e))),
+        });
+    }
     info!(
         generation,
         connects = *connects,

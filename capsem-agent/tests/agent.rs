@@ -1,5 +1,6 @@
 //! End-to-end tests: a fake host (two Unix listeners at `<dir>/vsock.sock_5000`
-//! and `_5001` speaking `Codec::<Host>`) and the real agent binary.
+//! speaking `Codec::<Host>` and `_5001` speaking `Codec::<TermHost>`) and the
+//! real agent binary.
 //!
 //! Every agent runs inside an [`Agent`] guard whose Drop terminates it, kills
 //! the shell's group if anything is left, and reaps, even when a test fails.
@@ -16,8 +17,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use capsem_proto::frame::Host;
+use capsem_proto::frame::{Host, TermHost};
 use capsem_proto::guest::{GuestToHost, HostToGuest, PROTOCOL_VERSION};
+use capsem_proto::terminal::{HostToTerm, TermToHost};
 use capsem_proto::Codec;
 
 const TOKEN: &str = "test-token-0123";
@@ -38,8 +40,12 @@ struct Conn {
     ctl: UnixStream,
     term: UnixStream,
     codec: Codec<Host>,
+    term_codec: Codec<TermHost>,
     hello: GuestToHost,
+    /// The payloads of the terminal's `Output` frames, in order.
     out: Vec<u8>,
+    /// The terminal's `Exit` frame, once read.
+    exit: Option<(Option<i32>, Option<i32>)>,
 }
 
 impl FakeHost {
@@ -101,8 +107,10 @@ impl FakeHost {
             ctl,
             term: UnixStream::pair().unwrap().0,
             codec: Codec::new(),
+            term_codec: Codec::new(),
             hello: GuestToHost::Pong { seq: 0 },
             out: Vec::new(),
+            exit: None,
         };
         let hello = conn.recv();
         hello.check_hello(TOKEN).expect("valid hello");
@@ -115,6 +123,30 @@ impl FakeHost {
             generation,
         });
         conn.term = Self::accept(&self.term, LONG).expect("agent connects to terminal");
+        // The terminal opens with a hello naming the acked generation.
+        let until = deadline(LONG);
+        let mut buf = [0u8; 4096];
+        let first = loop {
+            if let Some(m) = conn.term_codec.next_message().unwrap() {
+                break m;
+            }
+            assert!(
+                poll_fd(conn.term.as_fd(), libc::POLLIN, until),
+                "no terminal hello"
+            );
+            let n = conn.term.read(&mut buf).unwrap();
+            assert!(n > 0, "terminal closed before its hello");
+            conn.term_codec.feed(&buf[..n]).unwrap();
+        };
+        assert_eq!(
+            first,
+            TermToHost::Hello {
+                token: TOKEN.into(),
+                generation
+            }
+        );
+        // Frames that came in the same read as the hello.
+        conn.take_frames(&[]);
         conn
     }
 }
@@ -149,42 +181,78 @@ impl Conn {
     }
 
     fn type_(&mut self, s: &str) {
-        self.term.write_all(s.as_bytes()).unwrap();
+        let frame = Codec::<TermHost>::encode(&HostToTerm::Input {
+            data: s.as_bytes().to_vec(),
+        })
+        .unwrap();
+        self.term.write_all(&frame).unwrap();
+    }
+
+    /// Decodes the terminal frames in `bytes`: `Output` payloads go to
+    /// `out`, `Exit` is kept and must be the last frame.
+    fn take_frames(&mut self, bytes: &[u8]) {
+        self.term_codec.feed(bytes).unwrap();
+        while let Some(frame) = self.term_codec.next_message().unwrap() {
+            assert_eq!(self.exit, None, "a terminal frame after Exit: {frame:?}");
+            match frame {
+                TermToHost::Output { data } => self.out.extend_from_slice(&data),
+                TermToHost::Exit { exit_code, signal } => self.exit = Some((exit_code, signal)),
+                other => panic!("unexpected terminal frame {other:?}"),
+            }
+        }
+    }
+
+    /// One read of the terminal, waiting until `until`; false at EOF.
+    fn read_term(&mut self, until: Instant) -> bool {
+        assert!(
+            poll_fd(self.term.as_fd(), libc::POLLIN, until),
+            "timed out reading the terminal; got {:?}",
+            self.text()
+        );
+        let mut buf = [0u8; 65536];
+        let n = self.term.read(&mut buf).unwrap();
+        self.take_frames(&buf[..n]);
+        n > 0
     }
 
     /// Reads the terminal until `needle` appears in everything read so far.
     fn expect(&mut self, needle: &str) {
         let until = deadline(LONG);
-        let mut buf = [0u8; 4096];
         while !String::from_utf8_lossy(&self.out).contains(needle) {
             assert!(
-                poll_fd(self.term.as_fd(), libc::POLLIN, until),
-                "timed out waiting for {needle:?}; got {:?}",
-                String::from_utf8_lossy(&self.out)
-            );
-            let n = self.term.read(&mut buf).unwrap();
-            assert!(
-                n > 0,
+                self.read_term(until),
                 "EOF before {needle:?}; got {:?}",
-                String::from_utf8_lossy(&self.out)
+                self.text()
             );
-            self.out.extend_from_slice(&buf[..n]);
         }
     }
 
-    /// Everything left on the terminal up to EOF, which must already be
-    /// there (no waiting): proves it was written before whatever the caller
-    /// saw first.
-    fn drain_buffered_to_eof(&mut self) {
-        self.term.set_nonblocking(true).unwrap();
-        let mut buf = [0u8; 4096];
-        loop {
-            match self.term.read(&mut buf) {
-                Ok(0) => return,
-                Ok(n) => self.out.extend_from_slice(&buf[..n]),
-                Err(e) => panic!("terminal not at EOF yet: {e}"),
-            }
+    /// Reads the terminal until its `Exit` frame.
+    fn read_to_exit(&mut self) -> (Option<i32>, Option<i32>) {
+        let until = deadline(LONG);
+        while self.exit.is_none() {
+            let open = self.read_term(until);
+            assert!(
+                open || self.exit.is_some(),
+                "EOF before Exit; got {:?}",
+                self.text()
+            );
         }
+        self.exit.unwrap()
+    }
+
+    /// Nothing is left on the terminal after `Exit`: no frame, no partial
+    /// frame (the status was the last thing written, after all output).
+    fn nothing_after_exit(&mut self) {
+        assert_eq!(self.term_codec.buffered(), 0, "bytes after Exit");
+        self.term.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 64];
+        match self.term.read(&mut buf) {
+            Ok(0) => {}
+            Ok(n) => panic!("{n} bytes after Exit"),
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock),
+        }
+        self.term.set_nonblocking(false).unwrap();
     }
 
     fn text(&self) -> String {
@@ -197,32 +265,11 @@ fn shell_exited(code: Option<i32>, signal: Option<i32>) -> (Option<i32>, Option<
     (code, signal)
 }
 
-/// Checks a `ShellExited` frame: the status, and that `terminal_bytes`
-/// counts exactly the bytes this connection's terminal carried.
-fn check_exit(conn: &mut Conn, got: GuestToHost, want: (Option<i32>, Option<i32>)) {
-    conn.drain_buffered_to_eof();
-    match got {
-        GuestToHost::ShellExited {
-            exit_code,
-            signal,
-            terminal_bytes,
-        } => {
-            assert_eq!((exit_code, signal), want);
-            assert_eq!(
-                terminal_bytes,
-                conn.out.len() as u64,
-                "terminal_bytes must count every byte of this connection"
-            );
-        }
-        other => panic!("expected ShellExited, got {other:?}"),
-    }
-}
-
-/// Waits for the ShellExited frame, then checks the terminal already holds
-/// all output and EOF.
+/// Reads the terminal to its `Exit` frame: the status, after every output
+/// chunk (frames in order on one stream), and nothing after it.
 fn expect_exit(conn: &mut Conn, want: (Option<i32>, Option<i32>)) {
-    let got = conn.recv();
-    check_exit(conn, got, want);
+    assert_eq!(conn.read_to_exit(), want);
+    conn.nothing_after_exit();
 }
 
 #[test]
@@ -627,27 +674,16 @@ fn ctrl_d_ends_the_session_without_a_reconnect() {
     // Ctrl-D only means EOF to readline: wait for the next prompt (readline
     // sets up the terminal before printing it), as a person would.
     let until = deadline(LONG);
-    let mut buf = [0u8; 4096];
     loop {
         let text = conn.text();
         let after = text.rsplit("64\r\n").next().unwrap_or("");
         if after.trim_end_matches(' ').ends_with(['#', '$']) {
             break;
         }
-        assert!(
-            poll_fd(conn.term.as_fd(), libc::POLLIN, until),
-            "no prompt: {text:?}"
-        );
-        let n = conn.term.read(&mut buf).unwrap();
-        assert!(n > 0);
-        conn.out.extend_from_slice(&buf[..n]);
+        assert!(conn.read_term(until), "no prompt: {text:?}");
     }
     conn.type_("\x04");
-    let got = conn.try_recv(LONG);
-    let Some(got) = got else {
-        panic!("no status; terminal {:?}\nlog {}", conn.text(), agent.log());
-    };
-    check_exit(&mut conn, got, shell_exited(Some(0), None));
+    expect_exit(&mut conn, shell_exited(Some(0), None));
     drop(conn);
     assert_eq!(agent.wait_exit(LONG).unwrap().code(), Some(0));
     assert!(host.idle(), "no reconnect after Ctrl-D");
@@ -684,6 +720,7 @@ fn output_not_yet_written_survives_a_lost_transport() {
     let Conn {
         ctl,
         mut term,
+        mut term_codec,
         mut out,
         ..
     } = conn;
@@ -704,9 +741,19 @@ fn output_not_yet_written_survives_a_lost_transport() {
         if n == 0 {
             break;
         }
-        out.extend_from_slice(&buf[..n]);
+        // Whole frames only: a frame cut by the loss is the host's to drop,
+        // and its bytes come again on the next generation.
+        term_codec.feed(&buf[..n]).unwrap();
+        while let Some(frame) = term_codec.next_message().unwrap() {
+            match frame {
+                TermToHost::Output { data } => out.extend_from_slice(&data),
+                other => panic!("unexpected terminal frame {other:?}"),
+            }
+        }
     }
     let mut conn = host.generation(&mut agent, 2);
+    // Output that came in the same read as the new terminal's hello.
+    out.extend_from_slice(&conn.out);
     conn.out = out;
     conn.expect("DONE2");
     let text = conn.text();

@@ -20,8 +20,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use capsem_proto::audit::{AuditRecord, AuditToHost, HostToAudit};
-use capsem_proto::frame::{AuditHost, Host};
+use capsem_proto::frame::{AuditHost, Host, TermHost};
 use capsem_proto::guest::{GuestToHost, HostToGuest, PROTOCOL_VERSION};
+use capsem_proto::terminal::{HostToTerm, TermToHost};
 use capsem_proto::Codec;
 
 const TOKEN: &str = "audit-token-42";
@@ -42,6 +43,8 @@ struct FakeHost {
 struct Conn {
     ctl: UnixStream,
     term: UnixStream,
+    term_codec: Codec<TermHost>,
+    /// The payloads of the terminal's `Output` frames.
     term_out: Vec<u8>,
 }
 
@@ -144,6 +147,7 @@ impl FakeHost {
         Conn {
             ctl,
             term,
+            term_codec: Codec::new(),
             term_out: Vec::new(),
         }
     }
@@ -182,7 +186,12 @@ impl Conn {
     }
 
     fn type_(&mut self, s: &str) {
-        self.term.write_all(s.as_bytes()).unwrap();
+        let input = HostToTerm::Input {
+            data: s.as_bytes().to_vec(),
+        };
+        self.term
+            .write_all(&Codec::<TermHost>::encode(&input).unwrap())
+            .unwrap();
     }
 
     fn expect(&mut self, needle: &str) {
@@ -195,7 +204,14 @@ impl Conn {
             );
             let n = self.term.read(&mut buf).unwrap();
             assert!(n > 0, "terminal EOF before {needle:?}");
-            self.term_out.extend_from_slice(&buf[..n]);
+            self.term_codec.feed(&buf[..n]).unwrap();
+            while let Some(frame) = self.term_codec.next_message().unwrap() {
+                match frame {
+                    TermToHost::Output { data } => self.term_out.extend_from_slice(&data),
+                    TermToHost::Hello { token, .. } => assert_eq!(token, TOKEN),
+                    TermToHost::Exit { .. } => panic!("the shell exited before {needle:?}"),
+                }
+            }
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Exec mode end to end: a fake host (Unix listeners at `<dir>/vsock.sock_5000`,
-//! `_5001` and `_5005`) and the real agent binary with `CAPSEM_MODE=exec`.
+//! `_5001`, which must stay unused, and `_5005`) and the real agent binary
+//! with `CAPSEM_MODE=exec`.
 //!
 //! Every agent runs inside a guard whose Drop terminates and reaps it even
 //! when a test fails; every wait is bounded.
@@ -68,7 +69,6 @@ struct Session {
     agent: Guard,
     ctl: UnixStream,
     ctl_codec: Codec<Host>,
-    _term: UnixStream,
     exec: UnixStream,
     exec_codec: Codec<ExecHost>,
     hello: GuestToHost,
@@ -113,14 +113,17 @@ impl Session {
         };
         ctl.write_all(&Codec::<Host>::encode(&ack).unwrap())
             .unwrap();
-        let term = accept(&term_l);
         let exec = accept(&exec_l);
+        // Protocol 3: exec mode opens no terminal connection.
+        assert!(
+            !readable(term_l.as_fd(), Instant::now()),
+            "exec mode connected the terminal port"
+        );
         let mut session = Self {
             _dir: dir,
             agent,
             ctl,
             ctl_codec,
-            _term: term,
             exec,
             exec_codec: Codec::new(),
             hello,

@@ -4,19 +4,19 @@
 //! one connection is attached at a time.
 
 use std::sync::Arc;
-use std::time::Duration;
 
+use capsem_proto::conn::AsyncFrameReader;
 use capsem_proto::exec::HostToExec;
 use capsem_proto::frame::Process;
 use capsem_proto::ipc::{ClientToProcess, ProcessToClient};
 use capsem_proto::Codec;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot, MutexGuard};
-use tokio::task::JoinSet;
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
+use crate::accept::{self, Limits};
 use crate::log::chain;
 use crate::state::{Event, Outgoing, Shared, ToClient};
 
@@ -25,96 +25,81 @@ pub fn peer_allowed(peer: u32, us: u32) -> bool {
     peer == us
 }
 
+/// ctl.sock connections served at once.
+const MAX_CLIENTS: usize = 64;
+
 /// Accepts ctl.sock connections, checking each peer's uid.
 pub async fn accept_clients(
     listener: UnixListener,
     shared: Arc<Shared>,
     events: mpsc::Sender<Event>,
+    stop: watch::Receiver<bool>,
 ) {
     let us = nix::unistd::geteuid().as_raw();
-    let mut conns = JoinSet::new();
     let mut next_id = 0u64;
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((s, _)) => s,
-                    Err(e) => {
-                        warn!("ctl.sock: accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                match stream.peer_cred() {
-                    Ok(cred) if peer_allowed(cred.uid(), us) => {}
-                    Ok(cred) => {
-                        warn!("ctl connection rejected: peer uid {} is not ours ({us})", cred.uid());
-                        continue;
-                    }
-                    Err(e) => {
-                        warn!("ctl connection rejected: cannot read its credentials: {e}");
-                        continue;
-                    }
+    let limits = Limits {
+        name: "ctl.sock",
+        max_conns: MAX_CLIENTS,
+    };
+    accept::serve(listener, limits, stop, move |stream| {
+        next_id += 1;
+        let conn = next_id;
+        let (shared, events) = (shared.clone(), events.clone());
+        async move {
+            match stream.peer_cred() {
+                Ok(cred) if peer_allowed(cred.uid(), us) => {}
+                Ok(cred) => {
+                    warn!(
+                        "ctl connection rejected: peer uid {} is not ours ({us})",
+                        cred.uid()
+                    );
+                    return;
                 }
-                next_id += 1;
-                let conn = next_id;
-                debug!("client {conn} connected");
-                conns.spawn(serve(conn, stream, shared.clone(), events.clone()));
+                Err(e) => {
+                    warn!("ctl connection rejected: cannot read its credentials: {e}");
+                    return;
+                }
             }
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            debug!("client {conn} connected");
+            serve(conn, stream, shared, events).await;
         }
-    }
+    })
+    .await;
 }
 
 async fn serve(conn: u64, stream: UnixStream, shared: Arc<Shared>, events: mpsc::Sender<Event>) {
     let (rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::channel(32);
+    // Owned here, lent to the writer: whichever side ends first, the
+    // terminal output receiver goes back to the session.
+    let mut output = None;
     tokio::select! {
         () = read_requests(conn, rd, tx, &shared, &events) => {}
-        () = write_responses(conn, wr, rx, &shared, &events) => {}
+        () = write_responses(conn, wr, rx, &mut output, &shared, &events) => {}
     }
-    let _ = events.send(Event::Closed { conn }).await;
+    let _ = events.send(Event::Closed { conn, output }).await;
 }
 
 async fn read_requests(
     conn: u64,
-    mut rd: OwnedReadHalf,
+    rd: OwnedReadHalf,
     tx: mpsc::Sender<Outgoing>,
     shared: &Shared,
     events: &mpsc::Sender<Event>,
 ) {
-    let mut codec = Codec::<Process>::new();
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut frames = AsyncFrameReader::<Process, _>::new(rd);
     let mut attached = false;
     // Attached with `Exec` (a command), not `Attach` (a shell): its stdin.
     let mut exec_stdin: Option<mpsc::Sender<HostToExec>> = None;
     loop {
-        let msg = match codec.next_message() {
+        let msg = match frames.read_frame().await {
             Ok(Some(msg)) => msg,
             Ok(None) => {
-                match rd.read(&mut buf).await {
-                    Ok(0) => {
-                        if let Err(e) = codec.finish() {
-                            warn!("client {conn}: {}", chain(&e));
-                        }
-                        info!("client {conn} disconnected");
-                        return;
-                    }
-                    Ok(n) => {
-                        if let Err(e) = codec.feed(&buf[..n]) {
-                            warn!("client {conn}: invalid frame: {}", chain(&e));
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        warn!("client {conn}: read failed: {e}");
-                        return;
-                    }
-                }
-                continue;
+                info!("client {conn} disconnected");
+                return;
             }
             Err(e) => {
-                warn!("client {conn}: invalid frame: {}", chain(&e));
+                warn!("client {conn}: {}", chain(&e));
                 return;
             }
         };
@@ -251,7 +236,7 @@ async fn forward(stdin: &Option<mpsc::Sender<HostToExec>>, msg: HostToExec) {
 }
 
 /// The terminal output channel's receiver while this client is attached.
-async fn next_output(output: &mut Option<MutexGuard<'_, mpsc::Receiver<ToClient>>>) -> ToClient {
+async fn next_output(output: &mut Option<mpsc::Receiver<ToClient>>) -> ToClient {
     match output {
         Some(rx) => match rx.recv().await {
             Some(item) => item,
@@ -280,6 +265,7 @@ async fn write_responses(
     conn: u64,
     mut wr: OwnedWriteHalf,
     mut rx: mpsc::Receiver<Outgoing>,
+    output: &mut Option<mpsc::Receiver<ToClient>>,
     shared: &Shared,
     events: &mpsc::Sender<Event>,
 ) {
@@ -287,22 +273,21 @@ async fn write_responses(
         shared,
         attached: false,
     };
-    let mut output = None;
     let mut my_epoch = 0;
     loop {
         let msg = tokio::select! {
             biased;
             m = rx.recv() => match m {
                 None => return,
-                Some(Outgoing::StartOutput { epoch }) => {
+                Some(Outgoing::StartOutput { epoch, output: rx }) => {
                     finish.attached = true;
                     my_epoch = epoch;
-                    output = Some(shared.out_rx.lock().await);
+                    *output = Some(rx);
                     continue;
                 }
                 Some(Outgoing::Msg(m)) => m,
             },
-            item = next_output(&mut output) => match item {
+            item = next_output(output) => match item {
                 item if item.epoch() != my_epoch => continue,
                 ToClient::Output { data, .. } => ProcessToClient::Output { data },
                 ToClient::Exited { exit_code, signal, .. } => {

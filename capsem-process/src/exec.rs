@@ -10,11 +10,12 @@
 //! run concurrently, so a command that does not read its stdin never stops
 //! its output.
 
+use capsem_proto::conn::AsyncFrameReader;
 use capsem_proto::exec::{ExecStream, ExecToHost, HostToExec};
 use capsem_proto::frame::ExecHost;
 use capsem_proto::ipc::ProcessToClient;
 use capsem_proto::Codec;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -92,16 +93,18 @@ async fn write_guest(
 /// Reads the guest's frames to its `Exit`; `Err` when the connection ends
 /// without one.
 async fn read_guest(
-    mut rd: OwnedReadHalf,
-    mut codec: Codec<ExecHost>,
+    rd: OwnedReadHalf,
+    codec: Codec<ExecHost>,
     notices: mpsc::Sender<Outgoing>,
 ) -> Result<(), String> {
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut frames = AsyncFrameReader::with_codec(rd, codec);
     let (mut stdout_bytes, mut stderr_bytes) = (0u64, 0u64);
     loop {
-        while let Some(msg) = codec
-            .next_message()
-            .map_err(|e| format!("invalid exec frame: {}", chain(&e)))?
+        let msg = match frames.read_frame().await {
+            Ok(Some(msg)) => msg,
+            Ok(None) => return Err("the exec connection closed without an exit status".into()),
+            Err(e) => return Err(format!("exec connection: {}", chain(&e))),
+        };
         {
             let out = match msg {
                 ExecToHost::Hello { .. } => return Err("a second hello".into()),
@@ -141,18 +144,6 @@ async fn read_guest(
                 .send(Outgoing::Msg(out))
                 .await
                 .map_err(|_| "the client went away".to_owned())?;
-        }
-        match rd.read(&mut buf).await {
-            Ok(0) => {
-                return Err(match codec.finish() {
-                    Ok(()) => "the exec connection closed without an exit status".into(),
-                    Err(e) => format!("the exec connection closed: {}", chain(&e)),
-                })
-            }
-            Ok(n) => codec
-                .feed(&buf[..n])
-                .map_err(|e| format!("invalid exec frame: {}", chain(&e)))?,
-            Err(e) => return Err(format!("exec connection read failed: {e}")),
         }
     }
 }

@@ -1,29 +1,31 @@
-//! The guest side's listeners: accepting control connections and checking
-//! their hello (bounded wait, one log line and a close on any failure), and
-//! accepting terminal connections, which the session pairs with the latest
-//! acknowledged generation.
+//! The guest side's listeners (each through [`accept::serve`]): control,
+//! terminal and exec connections, each checked by its first frame, a hello
+//! with the session token (bounded wait, one log line and a close on any
+//! failure). A terminal hello also names the generation it belongs to; the
+//! session pairs it only with that acknowledged control connection.
 
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
+use capsem_proto::conn::{AsyncFrameReader, ConnError};
 use capsem_proto::exec::ExecToHost;
-use capsem_proto::frame::{ExecHost, Host};
+use capsem_proto::frame::{ExecHost, Host, TermHost};
 use capsem_proto::guest::{check_token, GuestToHost, HelloError};
 use capsem_proto::{Codec, FrameError, Role};
-use tokio::io::AsyncReadExt;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::mpsc;
-use tokio::task::JoinSet;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
+use crate::accept::{self, Limits};
+use crate::conntrace::ConnTrace;
 use crate::log::chain;
-use crate::state::{Event, Hello, Shared};
+use crate::state::{Event, Hello, Shared, Terminal};
 
 /// How long a new control connection may take to send its hello.
 pub const HELLO_WAIT: Duration = Duration::from_secs(5);
-/// Handshakes in progress at once; more connections are refused.
-const MAX_PENDING_HANDSHAKES: usize = 8;
+/// Handshakes in progress at once on one port; more connections are refused.
+pub const MAX_PENDING_HANDSHAKES: usize = 8;
 
 /// Why a guest connection's first message (its hello) did not arrive.
 #[derive(Debug, thiserror::Error)]
@@ -48,31 +50,26 @@ pub enum GuestError {
     Rejected(#[from] HelloError),
 }
 
-/// Reads the first message of a guest connection (control, exec or audit
-/// port) within `wait`; the codec keeps any bytes that followed it.
+/// Reads the first message of a guest connection (control, terminal, exec
+/// or audit port) within `wait`; the codec keeps any bytes that followed it.
 pub async fn first_message<R: Role>(
     stream: &mut UnixStream,
     wait: Duration,
 ) -> Result<(Codec<R>, R::Inbound), FirstMessageError> {
-    let deadline = tokio::time::Instant::now() + wait;
-    let mut codec = Codec::<R>::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        if let Some(msg) = codec.next_message().map_err(FirstMessageError::Frame)? {
-            return Ok((codec, msg));
+    let mut frames = AsyncFrameReader::<R, _>::new(&mut *stream);
+    let read = tokio::time::timeout(wait, frames.read_frame())
+        .await
+        .map_err(|_| FirstMessageError::Timeout(wait))?;
+    let msg = match read {
+        Ok(Some(msg)) => msg,
+        Ok(None) => return Err(FirstMessageError::Closed),
+        Err(ConnError::Frame(e @ FrameError::TruncatedAtEof { .. })) => {
+            return Err(FirstMessageError::Truncated(e))
         }
-        let n = tokio::time::timeout_at(deadline, stream.read(&mut buf))
-            .await
-            .map_err(|_| FirstMessageError::Timeout(wait))?
-            .map_err(FirstMessageError::Io)?;
-        if n == 0 {
-            return match codec.finish() {
-                Ok(()) => Err(FirstMessageError::Closed),
-                Err(e) => Err(FirstMessageError::Truncated(e)),
-            };
-        }
-        codec.feed(&buf[..n]).map_err(FirstMessageError::Frame)?;
-    }
+        Err(ConnError::Frame(e)) => return Err(FirstMessageError::Frame(e)),
+        Err(ConnError::Io(e)) => return Err(FirstMessageError::Io(e)),
+    };
+    Ok((frames.into_parts().1, msg))
 }
 
 /// Reads and checks the first message of a control connection.
@@ -100,78 +97,61 @@ pub async fn accept_control(
     listener: UnixListener,
     shared: Arc<Shared>,
     events: mpsc::Sender<Event>,
+    stop: watch::Receiver<bool>,
 ) {
-    let mut handshakes = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let mut stream = match accepted {
-                    Ok((s, _)) => s,
-                    Err(e) => {
-                        warn!("control port: accept failed: {e}");
-                        // Do not spin on a persistent error (EMFILE).
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                if handshakes.len() >= MAX_PENDING_HANDSHAKES {
-                    let _trace = crate::conntrace::ConnTrace::accepted("control");
-                    warn!("control connection rejected: too many handshakes in progress");
-                    continue;
+    let limits = Limits {
+        name: "control",
+        max_conns: MAX_PENDING_HANDSHAKES,
+    };
+    accept::serve(listener, limits, stop, move |mut stream| {
+        let (shared, events) = (shared.clone(), events.clone());
+        async move {
+            let trace = ConnTrace::accepted("control");
+            match handshake(&mut stream, &shared.token, HELLO_WAIT).await {
+                Ok((codec, connects, shell_pid)) => {
+                    debug!("control connection: hello accepted (connects={connects})");
+                    let hello = Hello {
+                        stream,
+                        trace,
+                        codec,
+                        connects,
+                        shell_pid,
+                    };
+                    let _ = events.send(Event::Hello(Box::new(hello))).await;
                 }
-                let trace = crate::conntrace::ConnTrace::accepted("control");
-                let shared = shared.clone();
-                let events = events.clone();
-                handshakes.spawn(async move {
-                    match handshake(&mut stream, &shared.token, HELLO_WAIT).await {
-                        Ok((codec, connects, shell_pid)) => {
-                            debug!("control connection: hello accepted (connects={connects})");
-                            let hello = Hello { stream, trace, codec, connects, shell_pid };
-                            let _ = events.send(Event::Hello(Box::new(hello))).await;
-                        }
-                        Err(e) => warn!("control connection rejected: {}", chain(&e)),
-                    }
-                });
+                Err(e) => warn!("control connection rejected: {}", chain(&e)),
             }
-            Some(_) = handshakes.join_next(), if !handshakes.is_empty() => {}
         }
-    }
+    })
+    .await;
 }
 
 /// Accepts exec connections; each must open with `Hello{token}` within
 /// [`HELLO_WAIT`] before it is handed to the session (with any bytes read
 /// after the hello still in its codec).
-pub async fn accept_exec(listener: UnixListener, shared: Arc<Shared>, events: mpsc::Sender<Event>) {
-    let mut hellos = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let mut stream = match accepted {
-                    Ok((s, _)) => s,
-                    Err(e) => {
-                        warn!("exec port: accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                if hellos.len() >= MAX_PENDING_HANDSHAKES {
-                    warn!("exec connection rejected: too many handshakes in progress");
-                    continue;
+pub async fn accept_exec(
+    listener: UnixListener,
+    shared: Arc<Shared>,
+    events: mpsc::Sender<Event>,
+    stop: watch::Receiver<bool>,
+) {
+    let limits = Limits {
+        name: "exec",
+        max_conns: MAX_PENDING_HANDSHAKES,
+    };
+    accept::serve(listener, limits, stop, move |mut stream| {
+        let (shared, events) = (shared.clone(), events.clone());
+        async move {
+            match exec_hello(&mut stream, &shared.token).await {
+                Ok(codec) => {
+                    debug!("exec connection: hello accepted");
+                    let _ = events.send(Event::ExecConn(stream, Box::new(codec))).await;
                 }
-                let (shared, events) = (shared.clone(), events.clone());
-                hellos.spawn(async move {
-                    match exec_hello(&mut stream, &shared.token).await {
-                        Ok(codec) => {
-                            debug!("exec connection: hello accepted");
-                            let _ = events.send(Event::ExecConn(stream, Box::new(codec))).await;
-                        }
-                        Err(e) => warn!("exec connection rejected: {}", chain(&e)),
-                    }
-                });
+                Err(e) => warn!("exec connection rejected: {}", chain(&e)),
             }
-            Some(_) = hellos.join_next(), if !hellos.is_empty() => {}
         }
-    }
+    })
+    .await;
 }
 
 /// Reads the exec connection's first message, which must be a hello with
@@ -187,22 +167,48 @@ async fn exec_hello(stream: &mut UnixStream, token: &str) -> Result<Codec<ExecHo
     }
 }
 
-/// Accepts terminal connections and hands them to the session to pair.
-pub async fn accept_terminal(listener: UnixListener, events: mpsc::Sender<Event>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let trace = crate::conntrace::ConnTrace::accepted("terminal");
-                if events.send(Event::Terminal(stream, trace)).await.is_err() {
-                    return;
+/// Reads the terminal connection's first message, which must be a hello
+/// with our token; returns the generation it names.
+async fn terminal_hello(
+    stream: &mut UnixStream,
+    token: &str,
+) -> Result<(Codec<TermHost>, u64), GuestError> {
+    let (codec, msg) = first_message::<TermHost>(stream, HELLO_WAIT).await?;
+    let generation = msg.check_hello(token)?;
+    Ok((codec, generation))
+}
+
+/// Accepts terminal connections; each valid hello goes to the session,
+/// which pairs it with the acknowledged generation it names.
+pub async fn accept_terminal(
+    listener: UnixListener,
+    shared: Arc<Shared>,
+    events: mpsc::Sender<Event>,
+    stop: watch::Receiver<bool>,
+) {
+    let limits = Limits {
+        name: "terminal",
+        max_conns: MAX_PENDING_HANDSHAKES,
+    };
+    accept::serve(listener, limits, stop, move |mut stream| {
+        let (shared, events) = (shared.clone(), events.clone());
+        async move {
+            let trace = ConnTrace::accepted("terminal");
+            match terminal_hello(&mut stream, &shared.token).await {
+                Ok((codec, generation)) => {
+                    let terminal = Terminal {
+                        stream,
+                        trace,
+                        codec,
+                        generation,
+                    };
+                    let _ = events.send(Event::Terminal(Box::new(terminal))).await;
                 }
-            }
-            Err(e) => {
-                warn!("terminal port: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                Err(e) => warn!("terminal connection rejected: {}", chain(&e)),
             }
         }
-    }
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -30,17 +30,21 @@
 //! * [`ready`]: the ready fd protocol.
 //! * [`reaper`]: the only `waitpid` caller (SIGCHLD-driven), spawning children.
 //! * [`vmm`]: guest backends (`none`, `qemu`).
-//! * [`guest`]: control/terminal listeners and the hello check.
-//! * [`bridge`]: one connection generation's four tasks.
+//! * [`accept`]: the one accept loop (bounded, backoff, stop, joined).
+//! * [`guest`]: control/terminal/exec listeners and their hello checks.
+//! * [`bridge`]: one connection generation's tasks (terminal frames in,
+//!   keystrokes out); its writers own the long-lived receivers.
 //! * [`exec`]: the exec relay of a `--exec` VM (`capsem run`).
 //! * [`audit`]: the audit port (`vsock.sock_5006`) and `audit.jsonl`.
 //! * [`heartbeat`]: ping/pong bookkeeping.
 //! * [`client`]: `ctl.sock` connections.
 //! * [`state`]: what the tasks share and the events they report.
 //! * [`records`]: `pids.json`, `status.json` and `token` in the VM directory.
-//! * [`session`]: the session loop and teardown orchestration.
+//! * [`session`]: the session loop over phase enums (guest, link, client,
+//!   mode) and the one teardown.
 //! * [`teardown`]: killing and reaping every descendant, removing files.
 
+mod accept;
 mod audit;
 mod bridge;
 mod client;

@@ -118,6 +118,8 @@ struct Inner {
     registry: Mutex<Registry>,
     /// Bumped after every sweep, so a waiter can await the next one.
     swept: watch::Sender<u64>,
+    /// One pidfd watcher per adopted process, joined by [`Reaper::stop`].
+    watchers: Mutex<tokio::task::JoinSet<()>>,
 }
 
 /// Handle to the reaper; cheap to clone.
@@ -135,6 +137,7 @@ impl Reaper {
             inner: Arc::new(Inner {
                 registry: Mutex::new(Registry::default()),
                 swept: watch::channel(0).0,
+                watchers: Mutex::new(tokio::task::JoinSet::new()),
             }),
         };
         let task_reaper = reaper.clone();
@@ -208,7 +211,12 @@ impl Reaper {
         self.lock().adopted.insert(pid as i32, Arc::new(pidfd));
         let reaper = self.clone();
         let task_name = name.to_owned();
-        tokio::spawn(async move {
+        let mut watchers = self
+            .inner
+            .watchers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        watchers.spawn(async move {
             let _ = async_fd.readable().await;
             reaper.lock().adopted.remove(&(pid as i32));
             info!("{task_name} (pid {pid}, adopted) exited");
@@ -219,6 +227,21 @@ impl Reaper {
             pid,
             exit: rx,
         })
+    }
+
+    /// Stops the reaping task (`task`, from [`Reaper::start`]) and the
+    /// adopted processes' watchers, and waits for all of them.
+    pub async fn stop(&self, task: JoinHandle<()>) {
+        task.abort();
+        let _ = task.await;
+        let mut watchers = std::mem::take(
+            &mut *self
+                .inner
+                .watchers
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
+        watchers.shutdown().await;
     }
 
     /// Reaps every exited child without blocking and publishes known exits.

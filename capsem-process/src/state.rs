@@ -1,6 +1,8 @@
-//! State shared by the session's tasks: the VM's status, the long-lived
-//! channels between the client and the current generation, and the event
-//! type every task reports to the session loop with.
+//! State shared by the session's tasks: the VM's status, the senders of the
+//! long-lived channels between the client and the current generation (their
+//! receivers, [`Receivers`], are owned by one task at a time and handed over
+//! by move, never claimed through a lock), and the event type every task
+//! reports to the session loop with.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -51,10 +53,12 @@ impl ToClient {
 #[derive(Debug)]
 pub enum Outgoing {
     Msg(ProcessToClient),
-    /// The attach was accepted: start forwarding terminal output of this
-    /// attach epoch.
+    /// The attach was accepted: forward terminal output of this attach
+    /// epoch from `output`, which the client's writer owns until its
+    /// connection ends and then hands back in [`Event::Closed`].
     StartOutput {
         epoch: u64,
+        output: mpsc::Receiver<ToClient>,
     },
 }
 
@@ -87,15 +91,12 @@ impl Scrollback {
 pub enum GenEvent {
     /// EOF or error on a guest connection, or an invalid frame.
     TransportLost(String),
-    /// The guest reported the shell's status.
+    /// The guest's last terminal frame, the shell's status: every output
+    /// chunk before it was already forwarded.
     ShellExited {
         exit_code: Option<i32>,
         signal: Option<i32>,
-        /// Bytes the guest wrote to this generation's terminal connection.
-        terminal_bytes: u64,
     },
-    /// The terminal reader ended: at EOF (`eof`), or it gave up draining.
-    TerminalDone { eof: bool },
 }
 
 /// A control connection whose hello was accepted.
@@ -109,11 +110,22 @@ pub struct Hello {
     pub shell_pid: u32,
 }
 
+/// A terminal connection whose hello (token and generation) was accepted.
+#[derive(Debug)]
+pub struct Terminal {
+    pub stream: UnixStream,
+    pub trace: crate::conntrace::ConnTrace,
+    /// Holds any bytes the guest sent after the hello.
+    pub codec: Codec<capsem_proto::frame::TermHost>,
+    /// The generation the hello names.
+    pub generation: u64,
+}
+
 /// Everything the session loop reacts to.
 #[derive(Debug)]
 pub enum Event {
     Hello(Box<Hello>),
-    Terminal(UnixStream, crate::conntrace::ConnTrace),
+    Terminal(Box<Terminal>),
     Gen {
         generation: u64,
         event: GenEvent,
@@ -123,9 +135,11 @@ pub enum Event {
         notices: mpsc::Sender<Outgoing>,
         reply: oneshot::Sender<Result<(), String>>,
     },
-    /// A ctl.sock connection ended.
+    /// A ctl.sock connection ended; `output` is the terminal output
+    /// receiver, if its writer held it.
     Closed {
         conn: u64,
+        output: Option<mpsc::Receiver<ToClient>>,
     },
     Shutdown,
     DropGuest,
@@ -171,15 +185,13 @@ pub struct Shared {
     pub heartbeat: Duration,
     pub missed_pongs: u32,
     status: Mutex<Status>,
+    /// Terminal output towards the attached client (its receiver:
+    /// [`Receivers::output`]).
     pub out_tx: mpsc::Sender<ToClient>,
-    /// Locked by the attached client's writer for as long as it is attached.
-    pub out_rx: tokio::sync::Mutex<mpsc::Receiver<ToClient>>,
+    /// The client's keystrokes towards the guest ([`Receivers::keys`]).
     pub in_tx: mpsc::Sender<Vec<u8>>,
-    /// Locked by the current generation's terminal writer.
-    pub in_rx: tokio::sync::Mutex<mpsc::Receiver<Vec<u8>>>,
+    /// Control messages towards the guest ([`Receivers::guest`]).
     pub guest_tx: mpsc::Sender<HostToGuest>,
-    /// Locked by the current generation's control writer.
-    pub guest_rx: tokio::sync::Mutex<mpsc::Receiver<HostToGuest>>,
     /// The attached client's epoch (each attach gets the next number), or 0
     /// while none is attached. Output is forwarded only while it is set.
     pub attached: watch::Sender<u64>,
@@ -196,28 +208,46 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The receivers of [`Shared`]'s channels. The session owns them and moves
+/// them: `output` to the attached client's writer, `guest` and `keys` to the
+/// current generation's writers, which give them back when stopped.
+#[derive(Debug)]
+pub struct Receivers {
+    pub output: mpsc::Receiver<ToClient>,
+    pub keys: mpsc::Receiver<Vec<u8>>,
+    pub guest: mpsc::Receiver<HostToGuest>,
+}
+
 impl Shared {
-    pub fn new(vm_id: String, token: String, heartbeat: Duration, missed_pongs: u32) -> Arc<Self> {
-        let (out_tx, out_rx) = mpsc::channel(OUTPUT_CHUNKS);
-        let (in_tx, in_rx) = mpsc::channel(INPUT_CHUNKS);
-        let (guest_tx, guest_rx) = mpsc::channel(32);
-        Arc::new(Self {
+    pub fn new(
+        vm_id: String,
+        token: String,
+        heartbeat: Duration,
+        missed_pongs: u32,
+    ) -> (Arc<Self>, Receivers) {
+        let (out_tx, output) = mpsc::channel(OUTPUT_CHUNKS);
+        let (in_tx, keys) = mpsc::channel(INPUT_CHUNKS);
+        let (guest_tx, guest) = mpsc::channel(32);
+        let receivers = Receivers {
+            output,
+            keys,
+            guest,
+        };
+        let shared = Arc::new(Self {
             vm_id,
             token,
             heartbeat,
             missed_pongs,
             status: Mutex::default(),
             out_tx,
-            out_rx: tokio::sync::Mutex::new(out_rx),
             in_tx,
-            in_rx: tokio::sync::Mutex::new(in_rx),
             guest_tx,
-            guest_rx: tokio::sync::Mutex::new(guest_rx),
             attached: watch::channel(0).0,
             scrollback: Mutex::default(),
             notices: Mutex::new(None),
             client_finished: watch::channel(false).0,
-        })
+        });
+        (shared, receivers)
     }
 
     pub fn status(&self) -> VmStatus {

@@ -117,7 +117,7 @@ async fn bad_hellos_close_only_their_connection_then_a_new_hello_rekeys() {
         vm.wait_log(reason).await;
         // The session still works.
         let line = format!("still-alive-{i}\n");
-        guest.term.write_all(line.as_bytes()).await.unwrap();
+        guest.output(line.as_bytes()).await;
         cli.output_until(line.as_bytes()).await;
     }
     let log = vm.log();
@@ -127,8 +127,17 @@ async fn bad_hellos_close_only_their_connection_then_a_new_hello_rekeys() {
         "{log}"
     );
 
-    // A terminal connection nobody asked for is closed.
+    // A terminal connection nobody asked for (its hello names a generation
+    // that was never acknowledged) is closed.
     let mut stray = UnixStream::connect(vm.sock("vsock.sock_5001"))
+        .await
+        .unwrap();
+    let stray_hello = capsem_proto::terminal::TermToHost::Hello {
+        token: token.clone(),
+        generation: 99,
+    };
+    stray
+        .write_all(&Codec::<capsem_proto::frame::TermGuest>::encode(&stray_hello).unwrap())
         .await
         .unwrap();
     let mut buf = [0u8; 1];
@@ -156,7 +165,7 @@ async fn bad_hellos_close_only_their_connection_then_a_new_hello_rekeys() {
     })
     .await;
     assert_eq!(second.read_terminal(11).await, b"after-rekey");
-    second.term.write_all(b"from-gen-2").await.unwrap();
+    second.output(b"from-gen-2").await;
     cli.output_until(b"from-gen-2").await;
     assert_eq!(status(&vm).await.generation, 2);
 }
@@ -206,27 +215,17 @@ async fn round_trip_then_all_output_before_the_exit_status() {
     );
 
     // 1 MiB of output, then the status at once, and no EOF on the terminal
-    // (vhost-device-vsock does not relay a half-close): the byte count alone
+    // (vhost-device-vsock does not relay a half-close): the Exit frame alone
     // tells the host the output is complete, and the client must get every
     // byte, in order, before the status.
     let pattern: Vec<u8> = (0..1024 * 1024u32).map(|i| (i % 251) as u8).collect();
     let writer = {
         let pattern = pattern.clone();
-        let FakeGuest { term, ctl, .. } = &mut guest;
-        let ctl = ctl.clone();
+        let FakeGuest { term, .. } = &mut guest;
         let (_, mut term_wr) = std::mem::replace(term, UnixStream::pair().unwrap().0).into_split();
         tokio::spawn(async move {
-            term_wr.write_all(&pattern).await.unwrap();
-            let exited = GuestToHost::ShellExited {
-                exit_code: Some(3),
-                signal: None,
-                terminal_bytes: pattern.len() as u64,
-            };
-            ctl.lock()
-                .await
-                .write_all(&Codec::<Guest>::encode(&exited).unwrap())
-                .await
-                .unwrap();
+            term_wr.write_all(&output_frames(&pattern)).await.unwrap();
+            term_wr.write_all(&exit_frame(Some(3), None)).await.unwrap();
             term_wr
         })
     };
@@ -305,7 +304,7 @@ async fn dropped_guest_connections_reconnect_with_the_client_attached() {
     })
     .await;
     assert_eq!(again.read_terminal(5).await, b"typed");
-    again.term.write_all(b"reconnected").await.unwrap();
+    again.output(b"reconnected").await;
     cli.output_until(b"reconnected").await;
     let s = status(&vm).await;
     assert!(s.bridged && s.attached && s.generation == 2, "{s:?}");
@@ -426,13 +425,13 @@ async fn detached_output_fills_a_bounded_ring_replayed_on_attach_then_backpressu
     // (the ring keeps only the newest 256 KiB).
     let mut peak = 0;
     for chunk in stream.chunks(1024 * 1024) {
-        tokio::time::timeout(DEADLINE, term_wr.write_all(chunk))
+        tokio::time::timeout(DEADLINE, term_wr.write_all(&output_frames(chunk)))
             .await
             .expect("a detached shell blocked")
             .unwrap();
         peak = peak.max(rss_kib(pid));
     }
-    term_wr.write_all(b"<END>").await.unwrap();
+    term_wr.write_all(&output_frames(b"<END>")).await.unwrap();
     assert!(peak < 24 * 1024, "capsem-process RSS peaked at {peak} KiB");
 
     // Attaching replays the ring, then live output: together a contiguous
@@ -450,7 +449,7 @@ async fn detached_output_fills_a_bounded_ring_replayed_on_attach_then_backpressu
     let writer = tokio::spawn(async move {
         let chunk = vec![b'x'; 64 * 1024];
         for _ in 0..total / chunk.len() {
-            term_wr.write_all(&chunk).await.unwrap();
+            term_wr.write_all(&output_frames(&chunk)).await.unwrap();
         }
         let _ = done_tx.send(());
         term_wr

@@ -16,6 +16,7 @@ use crate::audit::{AuditToHost, HostToAudit, MAX_AUDIT_FRAME};
 use crate::exec::{ExecToHost, HostToExec};
 use crate::guest::{GuestToHost, HostToGuest, MAX_CONTROL_FRAME};
 use crate::ipc::{ClientToProcess, ProcessToClient, MAX_IPC_FRAME};
+use crate::terminal::{HostToTerm, TermToHost};
 
 /// Bytes in the length prefix.
 pub const LEN_PREFIX: usize = 4;
@@ -63,6 +64,12 @@ pub enum ExecHost {}
 /// The guest agent on the exec port.
 #[derive(Debug)]
 pub enum ExecGuest {}
+/// The host per-VM process on the terminal port.
+#[derive(Debug)]
+pub enum TermHost {}
+/// The guest agent on the terminal port.
+#[derive(Debug)]
+pub enum TermGuest {}
 /// The host per-VM process on the audit port.
 #[derive(Debug)]
 pub enum AuditHost {}
@@ -97,6 +104,18 @@ impl Role for ExecHost {
 impl Role for ExecGuest {
     type Inbound = HostToExec;
     type Outbound = ExecToHost;
+    const MAX_INBOUND: usize = MAX_CONTROL_FRAME;
+    const MAX_OUTBOUND: usize = MAX_CONTROL_FRAME;
+}
+impl Role for TermHost {
+    type Inbound = TermToHost;
+    type Outbound = HostToTerm;
+    const MAX_INBOUND: usize = MAX_CONTROL_FRAME;
+    const MAX_OUTBOUND: usize = MAX_CONTROL_FRAME;
+}
+impl Role for TermGuest {
+    type Inbound = HostToTerm;
+    type Outbound = TermToHost;
     const MAX_INBOUND: usize = MAX_CONTROL_FRAME;
     const MAX_OUTBOUND: usize = MAX_CONTROL_FRAME;
 }

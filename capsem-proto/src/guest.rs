@@ -4,8 +4,9 @@
 //! vhost-device-vsock). The control connection opens with
 //! [`GuestToHost::Hello`], which the host answers with
 //! [`HostToGuest::HelloAck`] or by closing the connection. Only after the ack
-//! does the guest open the terminal connection, which carries raw shell bytes
-//! in both directions and nothing else.
+//! does the guest open the terminal connection ([`crate::terminal`]), which
+//! opens with the token and the acknowledged generation and then carries the
+//! shell's output chunks and, last, its exit status.
 //!
 //! New message kinds (exec, audit) are new variants behind a protocol version
 //! bump: an unknown variant is an invalid frame and closes the connection.
@@ -15,13 +16,16 @@ use serde::{Deserialize, Serialize};
 /// Protocol version exchanged in the hello. Peers must match exactly.
 /// 2: the exec port ([`crate::exec`]) and `CAPSEM_MODE=exec`; an agent of
 /// version 1 would start a shell where a command was asked for.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// 3: the terminal port is framed ([`crate::terminal`]): output chunks then
+/// the shell's exit status on one stream; `ShellExited` left the control
+/// port, and exec mode opens no terminal connection.
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Vsock CID of the host as seen from a guest.
 pub const HOST_CID: u32 = 2;
 /// Control messages (this module's enums), both directions.
 pub const PORT_CONTROL: u32 = 5000;
-/// Raw terminal bytes, both directions.
+/// The shell's terminal ([`crate::terminal`]), both directions.
 pub const PORT_TERMINAL: u32 = 5001;
 /// One non-interactive command's streams ([`crate::exec`]).
 pub const PORT_EXEC: u32 = 5005;
@@ -62,19 +66,6 @@ pub enum GuestToHost {
     },
     /// Answer to [`HostToGuest::Ping`], on the control channel only.
     Pong { seq: u64 },
-    /// The shell ended. Sent only after every byte the shell wrote has been
-    /// written to the terminal connection.
-    ShellExited {
-        /// Exit code when the shell exited normally.
-        exit_code: Option<i32>,
-        /// Signal number when a signal killed it.
-        signal: Option<i32>,
-        /// Bytes written to this generation's terminal connection in all.
-        /// The host forwards exactly this many before the status; it does not
-        /// rely on an EOF, which some vsock transports never relay for a
-        /// half-close.
-        terminal_bytes: u64,
-    },
     /// Timings of the guest's boot stages (real VMs only).
     BootTimings { stages: Vec<BootStage> },
 }
@@ -112,7 +103,6 @@ impl GuestToHost {
         match self {
             Self::Hello { .. } => "hello",
             Self::Pong { .. } => "pong",
-            Self::ShellExited { .. } => "shell_exited",
             Self::BootTimings { .. } => "boot_timings",
         }
     }
@@ -180,24 +170,6 @@ mod tests {
             (
                 GuestToHost::Pong { seq: 7 },
                 "0000001082a174a4706f6e67a16381a373657107",
-            ),
-            (
-                GuestToHost::ShellExited {
-                    exit_code: Some(3),
-                    signal: None,
-                    terminal_bytes: 3,
-                },
-                "0000003682a174ac7368656c6c5f657869746564a16383a9657869745f636f646503a673\
-                 69676e616cc0ae7465726d696e616c5f627974657303",
-            ),
-            (
-                GuestToHost::ShellExited {
-                    exit_code: None,
-                    signal: Some(9),
-                    terminal_bytes: 70000,
-                },
-                "0000003a82a174ac7368656c6c5f657869746564a16383a9657869745f636f6465c0a673\
-                 69676e616c09ae7465726d696e616c5f6279746573ce00011170",
             ),
             (
                 GuestToHost::BootTimings {
@@ -302,13 +274,6 @@ mod tests {
                 }
             ),
             any::<u64>().prop_map(|seq| GuestToHost::Pong { seq }),
-            (any::<Option<i32>>(), any::<Option<i32>>(), any::<u64>()).prop_map(
-                |(exit_code, signal, terminal_bytes)| GuestToHost::ShellExited {
-                    exit_code,
-                    signal,
-                    terminal_bytes
-                }
-            ),
             proptest::collection::vec(("[a-z_]{0,32}", any::<u64>()), 0..8).prop_map(|v| {
                 GuestToHost::BootTimings {
                     stages: v

@@ -4,8 +4,9 @@
 //!
 //! * host <-> guest, over vsock (or the Unix sockets vhost-device-vsock
 //!   delivers as `<uds>_<port>`): [`guest::HostToGuest`] and
-//!   [`guest::GuestToHost`] on the control port; the terminal port carries raw
-//!   shell bytes and never a frame.
+//!   [`guest::GuestToHost`] on the control port; [`terminal::TermToHost`]
+//!   and [`terminal::HostToTerm`] on the terminal port (output chunks, then
+//!   the shell's exit status, on one stream).
 //! * host <-> guest on the exec port: [`exec::HostToExec`] and
 //!   [`exec::ExecToHost`], one non-interactive command per connection.
 //! * host <-> guest on the audit port: [`audit::AuditToHost`] and
@@ -19,7 +20,10 @@
 //!   [`frame::FrameDecoder`] (need-more vs invalid vs truncated-at-EOF) and the
 //!   role-typed [`frame::Codec`] that only encodes what its side may send and
 //!   only decodes what its side may receive.
-//! * [`guest`]: host/guest messages, ports and limits.
+//! * [`conn`]: framed connections (`read_frame` / `write_frame`), blocking
+//!   and, with the `tokio` feature, async.
+//! * [`guest`]: host/guest control messages, ports and limits.
+//! * [`terminal`]: terminal-port messages.
 //! * [`exec`]: exec-port messages, their bounds and the environment checks.
 //! * [`audit`]: audit-port messages and their bounds.
 //! * [`ipc`]: CLI/host-process messages.
@@ -29,9 +33,11 @@
 //! for every variant; the tests at the bottom of each module pin them.
 
 pub mod audit;
+pub mod conn;
 pub mod exec;
 pub mod frame;
 pub mod guest;
 pub mod ipc;
+pub mod terminal;
 
 pub use frame::{Codec, FrameDecoder, FrameError, Role};

@@ -80,6 +80,11 @@ pub trait GuestBackend: Send + Sync + fmt::Debug {
     fn accel(&self) -> Option<&'static str> {
         None
     }
+    /// The backend's own tasks (QEMU's console copier), handed to teardown
+    /// to be awaited once the children are gone.
+    fn take_tasks(&mut self) -> Vec<tokio::task::JoinHandle<()>> {
+        Vec::new()
+    }
 }
 
 /// The first of the backend's children to exit, and how.

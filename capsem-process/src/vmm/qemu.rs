@@ -341,20 +341,15 @@ impl Qemu {
     }
 }
 
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        if let Some(task) = self.serial.take() {
-            task.abort();
-        }
-    }
-}
-
 impl GuestBackend for Qemu {
     fn name(&self) -> &'static str {
         "qemu"
     }
     fn children(&self) -> &[Child] {
         &self.children
+    }
+    fn take_tasks(&mut self) -> Vec<tokio::task::JoinHandle<()>> {
+        self.serial.take().into_iter().collect()
     }
     fn describe_exit(&self) -> Option<String> {
         Some(match self.facts.panic_line() {

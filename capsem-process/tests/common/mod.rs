@@ -18,9 +18,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use capsem_proto::frame::{Client, Guest};
+use capsem_proto::frame::{Client, Guest, TermGuest};
 use capsem_proto::guest::{GuestToHost, HostToGuest, PROTOCOL_VERSION};
 use capsem_proto::ipc::{ClientToProcess, ProcessToClient, VmStatus};
+use capsem_proto::terminal::{HostToTerm, TermToHost, MAX_TERM_CHUNK};
 use capsem_proto::Codec;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -242,7 +243,26 @@ pub struct FakeGuest {
     pub ctl: Arc<Mutex<OwnedWriteHalf>>,
     pub from_host: mpsc::UnboundedReceiver<HostToGuest>,
     pub term: UnixStream,
+    /// Decodes the host's `Input` frames on `term`.
+    pub term_codec: Codec<TermGuest>,
     pub answer_pings: Arc<AtomicBool>,
+}
+
+/// `data` as the guest's `Output` frames on the terminal.
+pub fn output_frames(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for chunk in data.chunks(MAX_TERM_CHUNK) {
+        let frame = TermToHost::Output {
+            data: chunk.to_vec(),
+        };
+        Codec::<TermGuest>::encode_into(&frame, &mut out).unwrap();
+    }
+    out
+}
+
+/// The guest's `Exit` frame, the terminal's last.
+pub fn exit_frame(exit_code: Option<i32>, signal: Option<i32>) -> Vec<u8> {
+    Codec::<TermGuest>::encode(&TermToHost::Exit { exit_code, signal }).unwrap()
 }
 
 impl FakeGuest {
@@ -293,16 +313,31 @@ impl FakeGuest {
             .await
             .unwrap()
             .expect("no hello ack");
-        assert!(matches!(ack, HostToGuest::HelloAck { .. }), "{ack:?}");
-        let term = UnixStream::connect(vm.sock("vsock.sock_5001"))
+        let HostToGuest::HelloAck { generation, .. } = ack else {
+            panic!("expected a hello ack, got {ack:?}");
+        };
+        let mut term = UnixStream::connect(vm.sock("vsock.sock_5001"))
+            .await
+            .unwrap();
+        let term_hello = TermToHost::Hello {
+            token: token.into(),
+            generation,
+        };
+        term.write_all(&Codec::<TermGuest>::encode(&term_hello).unwrap())
             .await
             .unwrap();
         FakeGuest {
             ctl: wr,
             from_host,
             term,
+            term_codec: Codec::new(),
             answer_pings,
         }
+    }
+
+    /// Writes `data` as `Output` frames on the terminal.
+    pub async fn output(&mut self, data: &[u8]) {
+        self.term.write_all(&output_frames(data)).await.unwrap();
     }
 
     pub async fn send(&self, msg: &GuestToHost) {
@@ -317,12 +352,23 @@ impl FakeGuest {
             .expect("no message from the host")
     }
 
+    /// The payloads of the host's next `Input` frames, `len` bytes in all.
     pub async fn read_terminal(&mut self, len: usize) -> Vec<u8> {
-        let mut got = vec![0u8; len];
-        tokio::time::timeout(DEADLINE, self.term.read_exact(&mut got))
-            .await
-            .unwrap()
-            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 4096];
+        while got.len() < len {
+            if let Some(HostToTerm::Input { data }) = self.term_codec.next_message().unwrap() {
+                got.extend(data);
+                continue;
+            }
+            let n = tokio::time::timeout(DEADLINE, self.term.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "terminal closed after {got:?}");
+            self.term_codec.feed(&buf[..n]).unwrap();
+        }
+        assert_eq!(got.len(), len, "{got:?}");
         got
     }
 

@@ -1,0 +1,167 @@
+//! The terminal connection's two threads.
+//!
+//! * `pty_out`: PTY master → `Output` frames. When the shell's pidfd fires
+//!   it drains the master (to EAGAIN or EIO), writes the rest, reaps the
+//!   shell and writes `Exit`: the last frame, so all output precedes the
+//!   status on the one stream.
+//! * `pty_in`: `Input` frames → PTY master.
+//!
+//! Bytes leave `pending` only once their frame was written whole: a frame
+//! cut short by a lost transport is discarded by the host, and its bytes go
+//! out again on the next generation.
+
+use std::io;
+
+use capsem_proto::conn::{ConnError, FrameReader, FrameWriter};
+use capsem_proto::frame::TermGuest;
+use capsem_proto::terminal::{HostToTerm, TermToHost, MAX_TERM_CHUNK};
+use capsem_proto::Codec;
+use tracing::{debug, warn};
+
+use super::{Cx, Event, CHUNK};
+use crate::fdio::{self, Blocking};
+use crate::session::chain;
+
+fn is_eio(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EIO)
+}
+
+/// A failed framed read or write as the thread's final event: the stop, or
+/// a lost transport.
+pub(super) fn conn_failed(what: &str, e: &ConnError) -> Event {
+    match e.io() {
+        Some(io) if fdio::is_cancelled(io) => Event::Stopped,
+        _ => Event::TransportLost(format!("{what}: {}", chain(e))),
+    }
+}
+
+/// PTY master → terminal socket. Writes what earlier generations left in
+/// `pending` first.
+pub(super) fn pty_out(cx: &Cx<'_>, pending: &mut Vec<u8>) -> Event {
+    let master = cx.shell.master();
+    let pidfd = cx.shell.pidfd();
+    let mut out = FrameWriter::<TermGuest, _>::new(Blocking::new(cx.terminal, cx.stop.fd()));
+    let mut buf = vec![0u8; CHUNK];
+    // Still reading the master.
+    let mut master_open = true;
+    let mut shell_dead = false;
+    loop {
+        if !pending.is_empty() {
+            let n = pending.len().min(MAX_TERM_CHUNK);
+            let frame = TermToHost::Output {
+                data: pending[..n].to_vec(),
+            };
+            if let Err(e) = out.write_frame(&frame) {
+                return conn_failed("terminal write failed", &e);
+            }
+            pending.drain(..n);
+            continue;
+        }
+        if shell_dead && master_open {
+            // The shell is gone: read what is left without waiting. A
+            // nonblocking PTY read flushes the tty buffer work first, so
+            // EAGAIN here means the shell's writes have all been read.
+            match fdio::read(master, &mut buf) {
+                Ok(0) => master_open = false,
+                Ok(n) => pending.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock || is_eio(&e) => {
+                    master_open = false
+                }
+                Err(e) => {
+                    warn!(error = %e, "PTY read failed after the shell exited");
+                    master_open = false;
+                }
+            }
+            continue;
+        }
+        if shell_dead {
+            let status = match cx.shell.reap() {
+                Ok(s) => s,
+                Err(e) => return Event::ReapFailed(chain(&e)),
+            };
+            let exit = TermToHost::Exit {
+                exit_code: status.exit_code,
+                signal: status.signal,
+            };
+            if let Err(e) = out.write_frame(&exit) {
+                return conn_failed("terminal write of the status failed", &e);
+            }
+            return Event::ShellExited(status);
+        }
+
+        let mut fds = Vec::with_capacity(3);
+        fds.push(fdio::pollfd(cx.stop.fd(), fdio::IN));
+        fds.push(fdio::pollfd(pidfd, fdio::IN));
+        let master_at = master_open.then(|| {
+            fds.push(fdio::pollfd(master, fdio::IN));
+            fds.len() - 1
+        });
+        if let Err(e) = fdio::poll(&mut fds, None) {
+            return Event::TransportLost(format!("pty-out poll failed: {e}"));
+        }
+        if fdio::ready(&fds[0]) {
+            return Event::Stopped;
+        }
+        if master_at.is_some_and(|i| fdio::ready(&fds[i])) {
+            match fdio::read(master, &mut buf) {
+                Ok(0) => master_open = false,
+                Ok(n) => pending.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // EIO: no slave fd is open. The shell may still run (it
+                // closed its terminal); its pidfd says when it is gone.
+                Err(e) if is_eio(&e) => master_open = false,
+                Err(e) => {
+                    warn!(error = %e, "PTY read failed");
+                    master_open = false;
+                }
+            }
+        }
+        if fdio::ready(&fds[1]) {
+            shell_dead = true;
+            // Drain from the start even if EIO was seen: data may have
+            // arrived between the two.
+            master_open = true;
+        }
+    }
+}
+
+/// Terminal socket → PTY master. `codec` holds bytes already read; input
+/// read but not yet written stays in `pending` for the next generation.
+pub(super) fn pty_in(cx: &Cx<'_>, codec: Codec<TermGuest>, pending: &mut Vec<u8>) -> Event {
+    let master = cx.shell.master();
+    let mut frames = FrameReader::with_codec(Blocking::new(cx.terminal, cx.stop.fd()), codec);
+    loop {
+        if !pending.is_empty() {
+            let mut fds = [
+                fdio::pollfd(cx.stop.fd(), fdio::IN),
+                fdio::pollfd(master, fdio::OUT),
+            ];
+            if let Err(e) = fdio::poll(&mut fds, None) {
+                return Event::TransportLost(format!("pty-in poll failed: {e}"));
+            }
+            if fdio::ready(&fds[0]) {
+                return Event::Stopped;
+            }
+            match fdio::write(master, pending) {
+                Ok(n) => {
+                    pending.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    // The shell side is gone; its exit is pty-out's to report.
+                    debug!(error = %e, "PTY write failed; input dropped");
+                    pending.clear();
+                    return Event::Finished;
+                }
+            }
+            continue;
+        }
+        match frames.read_frame() {
+            Ok(Some(HostToTerm::Input { data })) => pending.extend_from_slice(&data),
+            Ok(None) => {
+                return Event::TransportLost("terminal connection closed by the host".into())
+            }
+            Err(e) => return conn_failed("terminal read failed", &e),
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! The guest's host processes as phases: not started, running (with the
+//! future that resolves when the first of them exits, polled in the
+//! session's `select!`, not a detached task), exited.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use tokio::time::Instant;
+use tracing::info;
+
+use super::Session;
+use crate::config::VmmKind;
+use crate::log::chain;
+use crate::reaper::ExitStatus;
+use crate::vmm::{self, GuestBackend, Launch};
+
+/// The first of the backend's children to exit: name, pid, status.
+pub type Exit = (String, u32, ExitStatus);
+type ExitFuture = Pin<Box<dyn Future<Output = Exit> + Send>>;
+
+pub enum Guest {
+    NotStarted,
+    Running {
+        backend: Box<dyn GuestBackend>,
+        exit: ExitFuture,
+    },
+    Exited {
+        backend: Box<dyn GuestBackend>,
+        /// `<name> exited (<status>)[: <words>]`.
+        reason: String,
+        /// Until when its last frames (the shell's status) may still be read.
+        grace: Option<Instant>,
+    },
+}
+
+impl std::fmt::Debug for Guest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Guest::NotStarted => f.write_str("NotStarted"),
+            Guest::Running { backend, .. } => write!(f, "Running({})", backend.name()),
+            Guest::Exited { reason, .. } => write!(f, "Exited({reason})"),
+        }
+    }
+}
+
+impl Guest {
+    /// Resolves when the running guest's first process exits; pending in
+    /// any other phase.
+    pub async fn exited(&mut self) -> Exit {
+        match self {
+            Guest::Running { exit, .. } => exit.as_mut().await,
+            _ => std::future::pending().await,
+        }
+    }
+
+    pub fn gone(&self) -> Option<&str> {
+        match self {
+            Guest::Exited { reason, .. } => Some(reason),
+            _ => None,
+        }
+    }
+
+    pub fn grace(&self) -> Option<Instant> {
+        match self {
+            Guest::Exited { grace, .. } => *grace,
+            _ => None,
+        }
+    }
+
+    pub fn backend(&self) -> Option<&dyn GuestBackend> {
+        match self {
+            Guest::NotStarted => None,
+            Guest::Running { backend, .. } | Guest::Exited { backend, .. } => {
+                Some(backend.as_ref())
+            }
+        }
+    }
+
+    /// The backend's own tasks, for teardown to await.
+    pub fn take_tasks(&mut self) -> Vec<tokio::task::JoinHandle<()>> {
+        match self {
+            Guest::NotStarted => Vec::new(),
+            Guest::Running { backend, .. } | Guest::Exited { backend, .. } => backend.take_tasks(),
+        }
+    }
+
+    /// Running → Exited, with the reason the backend gives.
+    pub fn mark_exited(&mut self, (name, pid, status): Exit) -> String {
+        let old = std::mem::replace(self, Guest::NotStarted);
+        let backend = match old {
+            Guest::Running { backend, .. } | Guest::Exited { backend, .. } => backend,
+            Guest::NotStarted => return format!("{name} exited ({status})"),
+        };
+        info!("guest exited: {name} (pid {pid}) {status}");
+        let reason = match backend.describe_exit() {
+            Some(words) => format!("{name} exited ({status}): {words}"),
+            None => format!("{name} exited ({status})"),
+        };
+        *self = Guest::Exited {
+            backend,
+            reason: reason.clone(),
+            grace: None,
+        };
+        reason
+    }
+
+    pub fn set_grace(&mut self, until: Option<Instant>) {
+        if let Guest::Exited { grace, .. } = self {
+            *grace = until;
+        }
+    }
+}
+
+impl Session {
+    /// Starts (or, with `--adopt`, takes over) the guest and records it.
+    pub(super) fn start_guest(&mut self) -> Result<(), String> {
+        let launch = Launch {
+            dir: &self.dir,
+            vm_id: &self.cfg.vm_id,
+            token: &self.shared.token,
+            reaper: &self.reaper,
+            cfg: &self.cfg,
+        };
+        let backend: Box<dyn GuestBackend> = match &self.adopt {
+            Some(pids) => {
+                let name = match self.cfg.vmm {
+                    VmmKind::None => "none",
+                    VmmKind::Qemu => "qemu",
+                };
+                Box::new(
+                    vmm::adopted::Adopted::adopt(name, pids, &self.reaper)
+                        .map_err(|e| format!("cannot adopt the running guest: {}", chain(&e)))?,
+                )
+            }
+            None => vmm::start(self.cfg.vmm, &launch).map_err(|e| chain(&e))?,
+        };
+        self.records.write_token(&self.shared.token);
+        self.records
+            .write_pids(&self.cfg.vm_id, backend.records(), None);
+        let image =
+            (self.cfg.vmm == VmmKind::Qemu).then(|| self.cfg.image_dir().display().to_string());
+        self.records
+            .started(self.adopt.is_some(), backend.accel(), image);
+        info!(
+            "guest backend {} started {}",
+            backend.name(),
+            backend.details()
+        );
+        self.shared.set_guest_pid(backend.pid());
+        let exit = Box::pin(vmm::wait_exit(backend.children().to_vec()));
+        self.guest = Guest::Running { backend, exit };
+        Ok(())
+    }
+}
