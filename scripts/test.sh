@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The whole test suite: installs what it needs, then formatting, lints, unit
-# tests, the front door (scripts/shell.sh driven through a pipe), and the
-# end-to-end tests on the no-VM backend and in real VMs.
+# The whole test suite: installs what it needs, then formatting, lints, the
+# fuzz targets (scripts/fuzz.sh: 60 s each, two at a time, about 4 minutes),
+# unit tests, the front door (scripts/shell.sh driven through a pipe), and
+# the end-to-end tests on the no-VM backend and in real VMs.
 # CAPSEM_SKIP_VM_TESTS=1 leaves out everything that needs the guest image
 # (a nextest filter over the `*_qemu` test binaries, which nextest then
 # reports as skipped); CI runs them.
@@ -26,6 +27,8 @@ echo "== fmt"
 cargo fmt --all -- --check
 echo "== clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== fuzz"
+scripts/fuzz.sh 60
 echo "== build"
 cargo build --workspace --quiet
 if [ $vm = 1 ]; then

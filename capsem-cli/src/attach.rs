@@ -20,6 +20,7 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::Signal;
 
+use crate::escape::{self, Escape, Scanner};
 use crate::exit::{self, Exit};
 use crate::lost::Lost;
 use crate::signals::{Signals, SignalsError};
@@ -72,10 +73,10 @@ pub enum SessionEnd {
     Signalled(Signal),
     /// The user pressed the detach key (a persistent VM keeps running).
     Detached,
+    /// The user typed `~.` at the start of a line: leave at once, nothing
+    /// sent and nothing awaited (the guest may be wedged).
+    Escaped,
 }
-
-/// Ctrl-]: detaches from a persistent VM's shell (as telnet and docker do).
-pub const DETACH_KEY: u8 = 0x1d;
 
 /// Peer text made safe to print as part of one line.
 pub(crate) fn one_line(s: &str) -> String {
@@ -348,6 +349,8 @@ impl Session {
         let mut unresponsive = false;
         let mut size = terminal::window_size(stdin.as_fd());
         let mut buf = vec![0u8; MAX_IPC_CHUNK];
+        // Escapes only from a person at a terminal, as ssh does.
+        let mut escapes = stdin_tty.then(|| Scanner::new(self.persistent));
         loop {
             // Messages already decoded come first: output before status.
             let mut wrote = false;
@@ -446,16 +449,8 @@ impl Session {
                         }
                     }
                     Some(n) => {
-                        let detach_at = (self.persistent && stdin_tty)
-                            .then(|| buf[..n].iter().position(|b| *b == DETACH_KEY))
-                            .flatten();
-                        match detach_at {
-                            Some(at) => {
-                                self.queue_input(&buf[..at])?;
-                                self.flush_before_leaving();
-                                return Ok(SessionEnd::Detached);
-                            }
-                            None => self.queue_input(&buf[..n])?,
+                        if let Some(end) = self.take_input(&buf[..n], escapes.as_mut())? {
+                            return Ok(end);
                         }
                     }
                     None => {}
@@ -473,6 +468,50 @@ impl Session {
                 self.flush_nonblocking()?;
             }
         }
+    }
+}
+
+impl Session {
+    /// Queues keystrokes from stdin, acting on the escapes `escapes` finds
+    /// (none when stdin is not a terminal). `Some` ends the session.
+    fn take_input(
+        &mut self,
+        data: &[u8],
+        escapes: Option<&mut Scanner>,
+    ) -> Result<Option<SessionEnd>, Lost> {
+        let Some(scanner) = escapes else {
+            self.queue_input(data)?;
+            return Ok(None);
+        };
+        let mut send = Vec::with_capacity(data.len() + 1);
+        let mut rest = data;
+        while !rest.is_empty() {
+            let (used, found) = scanner.scan(rest, &mut send);
+            rest = &rest[used..];
+            match found {
+                None => {}
+                Some(Escape::Help) => {
+                    let mut err = io::stderr().lock();
+                    for line in escape::HELP {
+                        let _ = write!(err, "\r\n{line}");
+                    }
+                    let _ = write!(err, "\r\n");
+                    let _ = err.flush();
+                }
+                Some(Escape::Detach) => {
+                    self.queue_input(&send)?;
+                    self.flush_before_leaving();
+                    return Ok(Some(SessionEnd::Detached));
+                }
+                // Nothing more is sent: a wedged peer must not hold us.
+                Some(Escape::Disconnect) => {
+                    self.out.clear();
+                    return Ok(Some(SessionEnd::Escaped));
+                }
+            }
+        }
+        self.queue_input(&send)?;
+        Ok(None)
     }
 }
 

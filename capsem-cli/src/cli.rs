@@ -45,8 +45,10 @@ pub struct Cli {
 pub enum Command {
     /// Without NAME: start a temporary VM, attach this terminal to its
     /// shell, and destroy the VM when the shell exits (like `docker run
-    /// --rm -it`). With NAME: attach to the persistent VM's shell (Ctrl-]
-    /// detaches and leaves it running; recent output is replayed first).
+    /// --rm -it`); `~.` at the start of a line destroys it at once and
+    /// exits 255. With NAME: attach to the persistent VM's shell (Ctrl-],
+    /// or `~.` at the start of a line, detaches and leaves it running;
+    /// recent output is replayed first). `~?` lists the escapes.
     Shell {
         /// A persistent VM made with `capsem create`
         name: Option<String>,

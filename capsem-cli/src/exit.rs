@@ -67,15 +67,26 @@ impl From<Exit> for ExitCode {
     }
 }
 
-/// Text for `capsem --help`.
+/// Text for `capsem --help`: the exit statuses, and the escapes of
+/// [`crate::escape`] (255 is theirs too).
 pub const HELP: &str = "\
+Escapes (capsem shell, stdin a terminal, typed at the start of a line, as
+in ssh):
+  ~.       temporary VM: destroy it at once, without waiting for the guest
+           (works when it is wedged), and exit 255 with one line saying so;
+           capsem shell NAME: detach at once, the VM keeps running
+  ~?       list the escapes
+  ~~       send one ~
+  Ctrl-]   capsem shell NAME: detach (anywhere in a line)
+
 Exit status:
   N        the shell's exit status
   128+N    the shell was killed by signal N, or capsem received signal N
            (SIGHUP, SIGTERM; SIGINT while waiting for the VM)
   125      capsem failed before the shell ran (usage error, capsem-process
            missing, the VM did not start, the home cannot be read)
-  255      the session was lost without an exit status
+  255      the session was lost without an exit status, or ~. destroyed
+           the temporary VM
 
 capsem run: the command's exit status, 124 when --timeout expired, 126 when
 it is not executable, 127 when it was not found, 128+N when signal N killed

@@ -7,7 +7,7 @@
 //! capsem [--home DIR] [--vmm qemu|none] [--accel auto|kvm|tcg] shell
 //! capsem [...] run [-t] [--timeout SECS] [-e KEY=VAL]... [-w DIR] [--audit-log FILE] -- CMD [ARG...]
 //! capsem [...] create NAME [--cpus N] [--memory MIB]
-//! capsem [...] shell NAME                  # Ctrl-] detaches, the shell keeps running
+//! capsem [...] shell NAME                  # Ctrl-] or ~. detaches, the shell keeps running
 //! capsem [...] exec NAME [-t] [--timeout SECS] [-e KEY=VAL]... [-w DIR] -- CMD [ARG...]
 //! capsem [...] list [--json] | inspect NAME | logs NAME [--follow] [--source process|serial]
 //! capsem [...] stop NAME [--grace SECS] | start NAME | rm [--force] NAME
@@ -51,7 +51,8 @@
 //! * 125 when capsem failed before the shell ran or refused the request
 //!   (usage, capsem-process missing, the VM did not start, a home it
 //!   cannot read, `-e LD_PRELOAD=...`);
-//! * 255 when the session was lost without an exit status;
+//! * 255 when the session was lost without an exit status, or `~.` at
+//!   the start of a line destroyed the temporary VM ([`escape`]);
 //! * `doctor`: 0 when nothing is missing, 1 otherwise (see [`health`] for
 //!   the output format).
 //!
@@ -79,6 +80,7 @@
 //! * [`spawn`]: starting capsem-process, the ready pipe, reaping by pidfd
 //!   and killing by process group.
 //! * [`attach`]: the ctl.sock handshake and the shell's poll loop.
+//! * [`escape`]: the ssh-style `~.` escapes typed on a terminal.
 //! * [`request`]: `run`/`exec` requests: `-e`, `-t`, `--audit-log`.
 //! * [`lost`]: why a session ended without a status ([`lost::Lost`]).
 //! * [`exec_loop`]: `run`'s and `exec`'s poll loop: stdin, separate
@@ -103,6 +105,7 @@ mod cli;
 mod cmd;
 mod context;
 mod error;
+mod escape;
 mod exec_loop;
 mod exit;
 mod follow;

@@ -143,6 +143,13 @@ pub fn sweep_one(ctx: &Ctx, name: &str) -> Result<Swept, SweepError> {
     Ok(Swept::Left)
 }
 
+/// SIGKILLs every process recorded in VM directory `dir` (see
+/// [`kill_all`]); for a temporary VM destroyed without its capsem-process's
+/// help (`~.`). Returns how many exited and how many are still there.
+pub fn kill_recorded(dir: &Path) -> Result<(usize, usize), SweepError> {
+    Ok(kill_all(&Vm::load(dir)?))
+}
+
 /// SIGKILLs every recorded process of `vm` that still is what was recorded
 /// and waits up to [`KILL_WAIT`] for them to exit. Returns how many exited
 /// and how many are still there.

@@ -101,6 +101,30 @@ impl TempVm {
     }
 }
 
+impl TempVm {
+    /// Destroys the VM without asking anyone (`~.` on a wedged guest):
+    /// capsem-process's group and every recorded guest process (QEMU and
+    /// vhost-device-vsock, or the agent, each in a group of its own) are
+    /// SIGKILLed, capsem-process is reaped, and dropping `self` then
+    /// removes the directory. Returns how many recorded processes outlived
+    /// SIGKILL.
+    pub fn destroy_now(&mut self) -> usize {
+        self.child.signal_group(Signal::SIGKILL);
+        let left = match crate::sweep::kill_recorded(self.vm_dir.path()) {
+            Ok((_, left)) => left,
+            Err(e) => {
+                eprintln!(
+                    "capsem: warning: cannot read the VM's processes: {}",
+                    crate::error::one_line_chain(&e)
+                );
+                0
+            }
+        };
+        self.child.teardown(std::time::Duration::ZERO);
+        left
+    }
+}
+
 /// Creates and boots a temporary VM; `exec` starts it for `capsem run`.
 pub fn start(
     home_flag: Option<&Path>,

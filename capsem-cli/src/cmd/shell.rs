@@ -8,7 +8,13 @@
 //! Locals are declared so that Rust's reverse drop order does exactly that.
 //!
 //! With NAME, this terminal attaches to the persistent VM's shell (an
-//! orphaned VM is adopted first); Ctrl-] detaches and leaves it running.
+//! orphaned VM is adopted first); Ctrl-] or `~.` detaches and leaves it
+//! running.
+//!
+//! `~.` at the start of a line (on a terminal, see [`crate::escape`]) in a
+//! temporary VM destroys it without waiting for capsem-process or the
+//! guest ([`crate::tempvm::TempVm::destroy_now`]) and exits 255 with one
+//! line saying so.
 
 use std::io;
 use std::os::fd::AsFd;
@@ -60,14 +66,39 @@ pub fn run_temporary(
     let end = session.run(stdin_tty, &mut vm.signals);
     drop(raw);
     drop(session);
+    if let SessionEnd::Escaped = end {
+        let left = vm.destroy_now();
+        let id = vm
+            .vm_dir
+            .path()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        drop(vm);
+        if left > 0 {
+            eprintln!("capsem: warning: {left} processes of VM {id} outlived SIGKILL");
+        }
+        eprint!("\r\n{}\r\n", escaped_line(&id));
+        return Ok(Exit::Lost);
+    }
     drop(vm);
     match end {
         SessionEnd::Exited(code) => Ok(code),
         SessionEnd::Signalled(sig) => Ok(exit::from_signal(sig as i32)),
         SessionEnd::Lost(reason) => Err(CliError::SessionLost(reason)),
         // Only a persistent VM's session detaches.
-        SessionEnd::Detached => Ok(Exit::OK),
+        SessionEnd::Detached | SessionEnd::Escaped => Ok(Exit::OK),
     }
+}
+
+/// The one line `~.` prints for a temporary VM.
+fn escaped_line(id: &str) -> String {
+    format!("capsem: ~. typed: destroyed temporary VM {id} without waiting for it")
+}
+
+/// The one line a detach from a persistent VM prints.
+fn detached_line(name: &str) -> String {
+    format!("capsem: detached from {name}; it keeps running (capsem shell {name} reattaches)")
 }
 
 /// `capsem shell NAME`: attaches this terminal to the VM's shell.
@@ -92,8 +123,10 @@ pub fn run_named(ctx: &Ctx, name: &str) -> Result<Exit, CliError> {
     drop(raw);
     match end {
         SessionEnd::Exited(code) => Ok(code),
-        SessionEnd::Detached => {
-            eprint!("\r\ncapsem: detached from {name}; it keeps running (capsem shell {name} reattaches)\r\n");
+        // `~.` leaves at once, Ctrl-] after sending what was typed before
+        // it; either way the VM keeps running.
+        SessionEnd::Detached | SessionEnd::Escaped => {
+            eprint!("\r\n{}\r\n", detached_line(name));
             Ok(Exit::OK)
         }
         SessionEnd::Signalled(sig) => Ok(exit::from_signal(sig as i32)),
