@@ -9,8 +9,17 @@
 //! Bytes leave `pending` only once their frame was written whole: a frame
 //! cut short by a lost transport is discarded by the host, and its bytes go
 //! out again on the next generation.
+//!
+//! Coalescing: a shell that prints line by line (a tty makes stdout line
+//! buffered) would otherwise wake `pty_out` for every line, and each wake-up
+//! costs a frame, a vsock packet and a virtqueue kick, which under TCG is
+//! the whole cost of terminal output. So while output streams (the previous
+//! frame went out less than [`STREAMING`] ago), `pty_out` first lets the
+//! shell fill the PTY for [`HOLD`], then reads it empty into one frame. The
+//! first read after a pause (a keystroke's echo) still goes out at once.
 
 use std::io;
+use std::time::{Duration, Instant};
 
 use capsem_proto::conn::{ConnError, FrameReader, FrameWriter};
 use capsem_proto::frame::TermGuest;
@@ -35,6 +44,35 @@ pub(super) fn conn_failed(what: &str, e: &ConnError) -> Event {
     }
 }
 
+/// How long a streaming read is held back so the shell can fill the PTY.
+const HOLD: Duration = Duration::from_millis(2);
+/// Output streams while frames go out closer together than this.
+const STREAMING: Duration = Duration::from_millis(10);
+
+/// Reads the nonblocking master into `pending` until it is empty or a frame
+/// is full. `Ok(false)`: the master is done (EOF, EIO: no slave open).
+fn read_available(
+    master: std::os::fd::BorrowedFd<'_>,
+    buf: &mut [u8],
+    pending: &mut Vec<u8>,
+) -> bool {
+    while pending.len() < MAX_TERM_CHUNK {
+        match fdio::read(master, buf) {
+            Ok(0) => return false,
+            Ok(n) => pending.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+            // EIO: no slave fd is open. The shell may still run (it closed
+            // its terminal); its pidfd says when it is gone.
+            Err(e) if is_eio(&e) => return false,
+            Err(e) => {
+                warn!(error = %e, "PTY read failed");
+                return false;
+            }
+        }
+    }
+    true
+}
+
 /// PTY master → terminal socket. Writes what earlier generations left in
 /// `pending` first.
 pub(super) fn pty_out(cx: &Cx<'_>, pending: &mut Vec<u8>) -> Event {
@@ -45,6 +83,8 @@ pub(super) fn pty_out(cx: &Cx<'_>, pending: &mut Vec<u8>) -> Event {
     // Still reading the master.
     let mut master_open = true;
     let mut shell_dead = false;
+    // When the last output frame went out.
+    let mut last_frame: Option<Instant> = None;
     loop {
         if !pending.is_empty() {
             let n = pending.len().min(MAX_TERM_CHUNK);
@@ -55,6 +95,7 @@ pub(super) fn pty_out(cx: &Cx<'_>, pending: &mut Vec<u8>) -> Event {
                 return conn_failed("terminal write failed", &e);
             }
             pending.drain(..n);
+            last_frame = Some(Instant::now());
             continue;
         }
         if shell_dead && master_open {
@@ -89,6 +130,21 @@ pub(super) fn pty_out(cx: &Cx<'_>, pending: &mut Vec<u8>) -> Event {
             return Event::ShellExited(status);
         }
 
+        if master_open && last_frame.is_some_and(|t| t.elapsed() < STREAMING) {
+            // Streaming: hold the read back (the stop and the shell's exit
+            // still end the wait at once).
+            let mut fds = [
+                fdio::pollfd(cx.stop.fd(), fdio::IN),
+                fdio::pollfd(pidfd, fdio::IN),
+            ];
+            if let Err(e) = fdio::poll(&mut fds, Some(Instant::now() + HOLD)) {
+                return Event::TransportLost(format!("pty-out poll failed: {e}"));
+            }
+            if fdio::ready(&fds[0]) {
+                return Event::Stopped;
+            }
+        }
+
         let mut fds = Vec::with_capacity(3);
         fds.push(fdio::pollfd(cx.stop.fd(), fdio::IN));
         fds.push(fdio::pollfd(pidfd, fdio::IN));
@@ -103,18 +159,7 @@ pub(super) fn pty_out(cx: &Cx<'_>, pending: &mut Vec<u8>) -> Event {
             return Event::Stopped;
         }
         if master_at.is_some_and(|i| fdio::ready(&fds[i])) {
-            match fdio::read(master, &mut buf) {
-                Ok(0) => master_open = false,
-                Ok(n) => pending.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                // EIO: no slave fd is open. The shell may still run (it
-                // closed its terminal); its pidfd says when it is gone.
-                Err(e) if is_eio(&e) => master_open = false,
-                Err(e) => {
-                    warn!(error = %e, "PTY read failed");
-                    master_open = false;
-                }
-            }
+            master_open = read_available(master, &mut buf, pending);
         }
         if fdio::ready(&fds[1]) {
             shell_dead = true;
