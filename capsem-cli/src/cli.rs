@@ -50,6 +50,8 @@ pub enum Command {
     Shell {
         /// A persistent VM made with `capsem create`
         name: Option<String>,
+        #[command(flatten)]
+        new: NewVmArgs,
     },
     /// Create a persistent VM, boot it, and return once its agent is ready.
     Create(CreateArgs),
@@ -133,18 +135,30 @@ pub enum Command {
     },
 }
 
-/// `capsem create NAME [--cpus N] [--memory MIB]`.
+/// `capsem create NAME [--cpus N] [--memory MIB] [NEW VM FLAGS]`.
 #[derive(Debug, clap::Args)]
 pub struct CreateArgs {
     /// 1 to 48 characters: letters, digits, '-', '_', '.', starting with a
     /// letter or digit
     pub name: String,
-    /// Guest vCPUs
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
-    pub cpus: u32,
-    /// Guest memory in MiB
-    #[arg(long, value_name = "MIB", default_value_t = 512, value_parser = clap::value_parser!(u32).range(64..=65536))]
-    pub memory: u32,
+    /// Guest vCPUs [default: 2, or the host's CPUs if fewer]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub cpus: Option<u32>,
+    /// Guest memory in MiB [default: 1024, or half the host's memory if less]
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u32).range(64..=65536))]
+    pub memory: Option<u32>,
+    #[command(flatten)]
+    pub new: NewVmArgs,
+}
+
+/// What `shell`, `run` and `create` take for a new VM.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct NewVmArgs {
+    /// Size of the VM's writable disk (sparse; made at its first boot):
+    /// bytes, or with a K, M, G or T suffix (powers of 1024), 64M to 16T
+    /// [default: 8G]
+    #[arg(long, value_name = "SIZE", value_parser = capsem_host::resources::parse_size)]
+    pub disk_size: Option<u64>,
 }
 
 /// Which log `capsem logs` prints.
@@ -161,6 +175,8 @@ pub enum LogSource {
 pub struct RunArgs {
     #[command(flatten)]
     pub cmd: CommandArgs,
+    #[command(flatten)]
+    pub new: NewVmArgs,
     /// Append the guest's execve audit records (JSON lines) to FILE before
     /// the temporary VM is destroyed
     #[arg(long, value_name = "FILE")]
@@ -269,7 +285,7 @@ mod tests {
             Cli::try_parse_from(["capsem", "shell", "--vmm", "none", "--home", "/x"]).unwrap();
         assert_eq!(cli.vmm, Vmm::None);
         assert_eq!(cli.home, Some(PathBuf::from("/x")));
-        assert!(matches!(cli.command, Command::Shell { name: None }));
+        assert!(matches!(cli.command, Command::Shell { name: None, .. }));
     }
 
     #[test]
@@ -318,6 +334,25 @@ mod tests {
             argv(&["capsem", "run", "sh", "-c", "exit 3"]),
             ["sh", "-c", "exit 3"]
         );
+    }
+
+    #[test]
+    fn new_vm_flags() {
+        let cli =
+            Cli::try_parse_from(["capsem", "run", "--disk-size", "1G", "--", "true"]).unwrap();
+        let Command::Run(r) = cli.command else {
+            panic!()
+        };
+        assert_eq!(r.new.disk_size, Some(1 << 30));
+        let cli = Cli::try_parse_from(["capsem", "create", "a", "--disk-size", "64M"]).unwrap();
+        let Command::Create(c) = cli.command else {
+            panic!()
+        };
+        assert_eq!(
+            (c.new.disk_size, c.cpus, c.memory),
+            (Some(64 << 20), None, None)
+        );
+        assert!(Cli::try_parse_from(["capsem", "shell", "--disk-size", "1M"]).is_err());
     }
 
     #[test]

@@ -42,6 +42,8 @@ pub enum CliError {
         state: VmState,
         hint: &'static str,
     },
+    #[error("--disk-size and --image are for a new VM; VM {0:?} keeps what capsem create gave it")]
+    NewVmFlag(String),
     #[error("{0:?} is a temporary VM; only persistent VMs (capsem create) take this command")]
     Temporary(String),
     #[error(transparent)]

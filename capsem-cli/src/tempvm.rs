@@ -13,7 +13,9 @@ use nix::sys::signal::Signal;
 use capsem_proto::ipc::ClientToProcess;
 
 use crate::attach::{AttachError, Session};
-use crate::cli::{AccelChoice, Vmm};
+use capsem_host::vmstate::VmConfig;
+
+use crate::cli::{AccelChoice, NewVmArgs, Vmm};
 use crate::exit::{self, Exit};
 use crate::home::{self, HomeError, VmDir};
 use crate::progress::Progress;
@@ -108,6 +110,7 @@ pub fn start(
     accel: AccelChoice,
     exec: bool,
     audit_log: Option<&Path>,
+    new: &NewVmArgs,
 ) -> Result<Started, TempVmError> {
     let home = home::resolve_home(
         home_flag,
@@ -128,7 +131,7 @@ pub fn start(
     // by another capsem never takes the new directory for a dead VM's.
     let lock = capsem_host::lock::VmLock::acquire(&home, &id).map_err(TempVmError::Lock)?;
     let vm_dir = VmDir::create(&home, &id)?;
-    write_vm_json(vm_dir.path(), &id, vmm, accel)?;
+    let config = write_vm_json(vm_dir.path(), &id, vmm, accel, new)?;
     drop(lock);
     let target = spawn::Target {
         vm_dir: vm_dir.path(),
@@ -136,6 +139,7 @@ pub fn start(
         vmm,
         accel,
         kind: spawn::Kind::Temporary { exec },
+        config: &config,
         audit_log,
     };
     let (mut child, mut ready) = spawn::spawn(&bin, &target)?;
@@ -181,18 +185,28 @@ pub fn owner_record() -> Result<capsem_host::identity::ProcRecord, TempVmError> 
     capsem_host::identity::capture("owner", me, &argv0).map_err(TempVmError::Owner)
 }
 
-/// `vm.json` for a temporary VM owned by this process.
-fn write_vm_json(dir: &Path, id: &str, vmm: Vmm, accel: AccelChoice) -> Result<(), TempVmError> {
-    let config = capsem_host::vmstate::VmConfig {
+/// `vm.json` for a temporary VM owned by this process, with the default
+/// resources.
+fn write_vm_json(
+    dir: &Path,
+    id: &str,
+    vmm: Vmm,
+    accel: AccelChoice,
+    new: &NewVmArgs,
+) -> Result<VmConfig, TempVmError> {
+    let config = VmConfig {
         name: id.to_owned(),
         temporary: true,
         created: capsem_host::vmstate::now_rfc3339(),
         vmm: vmm.as_arg().to_owned(),
         accel: accel.as_arg().to_owned(),
-        cpus: 1,
-        memory_mib: 512,
+        cpus: capsem_host::resources::default_cpus(),
+        memory_mib: capsem_host::resources::default_memory_mib(),
         owner: Some(owner_record()?),
+        disk_size: new.disk_size,
+        image: None,
     };
     capsem_host::vmstate::write_json(&dir.join(capsem_host::vmstate::VM_FILE), &config)
-        .map_err(TempVmError::Record)
+        .map_err(TempVmError::Record)?;
+    Ok(config)
 }

@@ -58,6 +58,7 @@ pub fn boot(ctx: &Ctx, config: &VmConfig, kind: Kind) -> Result<(), CliError> {
         vmm,
         accel: accel_of(config),
         kind,
+        config,
         audit_log: None,
     };
     let (mut child, mut ready) = crate::spawn::spawn(&bin, &target)?;
@@ -118,14 +119,7 @@ pub fn ensure_running(ctx: &Ctx, name: &str, boot_stopped: bool) -> Result<Vm, C
             );
             boot(ctx, &config, Kind::Adopt)?;
         }
-        VmState::Stopped if boot_stopped => boot(
-            ctx,
-            &config,
-            Kind::Persistent {
-                cpus: config.cpus,
-                memory_mib: config.memory_mib,
-            },
-        )?,
+        VmState::Stopped if boot_stopped => boot(ctx, &config, Kind::Persistent)?,
         VmState::Stopped => {
             return Err(CliError::WrongState {
                 name: name.into(),

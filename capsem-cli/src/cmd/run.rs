@@ -31,7 +31,8 @@ pub fn run(
         .as_deref()
         .map(prepare_audit_log)
         .transpose()?;
-    let mut vm = match tempvm::start(home_flag, vmm, accel, true, audit_log.as_deref())? {
+    let mut vm = match tempvm::start(home_flag, vmm, accel, true, audit_log.as_deref(), &args.new)?
+    {
         Started::Ready(vm) => vm,
         Started::Interrupted(code) => return Ok(code),
     };

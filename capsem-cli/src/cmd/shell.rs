@@ -17,7 +17,7 @@ use std::path::Path;
 use capsem_proto::ipc::ClientToProcess;
 
 use crate::attach::{Session, SessionEnd};
-use crate::cli::{AccelChoice, Vmm};
+use crate::cli::{AccelChoice, NewVmArgs, Vmm};
 use crate::context::Ctx;
 use crate::error::CliError;
 use crate::exit::{self, Exit};
@@ -31,8 +31,9 @@ pub fn run_temporary(
     home_flag: Option<&Path>,
     vmm: Vmm,
     accel: AccelChoice,
+    new: &NewVmArgs,
 ) -> Result<Exit, CliError> {
-    let mut vm = match tempvm::start(home_flag, vmm, accel, false, None)? {
+    let mut vm = match tempvm::start(home_flag, vmm, accel, false, None, new)? {
         Started::Ready(vm) => vm,
         Started::Interrupted(code) => return Ok(code),
     };
@@ -71,7 +72,10 @@ pub fn run_temporary(
 }
 
 /// `capsem shell NAME`: attaches this terminal to the VM's shell.
-pub fn run_named(ctx: &Ctx, name: &str) -> Result<Exit, CliError> {
+pub fn run_named(ctx: &Ctx, name: &str, new: &NewVmArgs) -> Result<Exit, CliError> {
+    if new.disk_size.is_some() {
+        return Err(CliError::NewVmFlag(name.into()));
+    }
     let vm = vmctl::ensure_running(ctx, name, false)?;
     let mut signals = Signals::install()?;
     let stdin = std::io::stdin();
