@@ -159,6 +159,16 @@ pub struct NewVmArgs {
     /// [default: 8G]
     #[arg(long, value_name = "SIZE", value_parser = capsem_host::resources::parse_size)]
     pub disk_size: Option<u64>,
+    /// Boot this OCI image's root filesystem instead of the default one
+    /// (cached, else pulled first, like `docker run`; see `capsem image`).
+    /// Its Env, WorkingDir and User apply to the shell and to commands.
+    /// Needs a VM: with `--vmm none` it is refused (exit 125)
+    #[arg(long, value_name = "REF")]
+    pub image: Option<String>,
+    /// A Docker config file with the registry's credentials for --image
+    /// [default: $DOCKER_CONFIG/config.json, else ~/.docker/config.json]
+    #[arg(long, value_name = "FILE", requires = "image")]
+    pub registry_auth: Option<std::path::PathBuf>,
 }
 
 /// Which log `capsem logs` prints.
@@ -304,7 +314,7 @@ mod tests {
     #[test]
     fn an_unknown_option_before_the_command_is_an_error_not_the_command() {
         for args in [
-            &["capsem", "run", "--image", "X", "--", "sh"][..],
+            &["capsem", "run", "--no-such-flag", "X", "--", "sh"][..],
             &["capsem", "exec", "dev", "--bogus", "--", "sh"],
             &["capsem", "run", "-Z", "sh"],
         ] {
@@ -353,6 +363,14 @@ mod tests {
             (Some(64 << 20), None, None)
         );
         assert!(Cli::try_parse_from(["capsem", "shell", "--disk-size", "1M"]).is_err());
+        let cli =
+            Cli::try_parse_from(["capsem", "shell", "--image", "a:1", "--registry-auth", "/c"])
+                .unwrap();
+        let Command::Shell { new, .. } = cli.command else {
+            panic!()
+        };
+        assert_eq!(new.image.as_deref(), Some("a:1"));
+        assert!(Cli::try_parse_from(["capsem", "shell", "--registry-auth", "/c"]).is_err());
     }
 
     #[test]

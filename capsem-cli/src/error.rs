@@ -72,6 +72,8 @@ pub enum CliError {
     },
     #[error(transparent)]
     TempVm(#[from] TempVmError),
+    #[error(transparent)]
+    VmImage(#[from] crate::vmimage::VmImageError),
     /// capsem-process's own words for why the VM did not start.
     #[error("{0}")]
     Boot(String),

@@ -4,9 +4,9 @@
 //! Usage (global flags go before or after the command):
 //!
 //! ```text
-//! capsem [--home DIR] [--vmm qemu|none] [--accel auto|kvm|tcg] shell [--disk-size SIZE]
-//! capsem [...] run [-t] [--timeout SECS] [-e KEY=VAL]... [-w DIR] [--audit-log FILE] [--disk-size SIZE] -- CMD [ARG...]
-//! capsem [...] create NAME [--cpus N] [--memory MIB] [--disk-size SIZE]
+//! capsem [--home DIR] [--vmm qemu|none] [--accel auto|kvm|tcg] shell [--disk-size SIZE] [--image REF [--registry-auth FILE]]
+//! capsem [...] run [-t] [--timeout SECS] [-e KEY=VAL]... [-w DIR] [--audit-log FILE] [--disk-size SIZE] [--image REF] -- CMD [ARG...]
+//! capsem [...] create NAME [--cpus N] [--memory MIB] [--disk-size SIZE] [--image REF]
 //! capsem [...] shell NAME                  # Ctrl-] detaches, the shell keeps running
 //! capsem [...] exec NAME [-t] [--timeout SECS] [-e KEY=VAL]... [-w DIR] -- CMD [ARG...]
 //! capsem [...] list [--json] | inspect NAME | logs NAME [--follow] [--source process|serial]
@@ -74,6 +74,7 @@
 //! * [`home`]: home resolution, `vms/` and VM directories, VM ids.
 //! * [`vms`]: the VM directories read and their states.
 //! * [`vmctl`]: booting, adopting and stopping a persistent VM's processes.
+//! * [`vmimage`]: a VM's OCI image (`--image`), resolved, recorded, looked up.
 //! * [`sweep`]: cleaning up what crashes left, before every VM command.
 //! * [`tempvm`]: starting a temporary VM (`shell` and `run`).
 //! * [`spawn`]: starting capsem-process, the ready pipe, reaping by pidfd
@@ -123,6 +124,7 @@ mod terminal;
 #[cfg(test)]
 mod testutil;
 mod vmctl;
+mod vmimage;
 mod vms;
 
 use std::path::Path;

@@ -189,6 +189,8 @@ pub struct Target<'a> {
     pub kind: Kind,
     /// Its `vm.json`: the resources, disk size and image it boots with.
     pub config: &'a capsem_host::vmstate::VmConfig,
+    /// Its OCI image (`--rootfs`), from the cache; `None`: the default.
+    pub image: Option<&'a capsem_image::CachedImage>,
     /// `--audit-log FILE` (a temporary VM's audit records, kept).
     pub audit_log: Option<&'a Path>,
 }
@@ -196,7 +198,7 @@ pub struct Target<'a> {
 /// capsem-process's arguments: `--vm-dir DIR --vm-id ID --vmm V --ready-fd
 /// N`, then `--temporary [--exec]`, nothing (persistent) or `--adopt`; a
 /// boot (not an adoption) adds `--cpus N --memory-mib M [--disk-size B]`
-/// from `vm.json`; then `--accel A` for qemu (capsem-process decides what `auto` means; the
+/// from `vm.json` and `--rootfs FILE` for an OCI image; then `--accel A` for qemu (capsem-process decides what `auto` means; the
 /// CLI never probes KVM for the shell).
 pub fn process_args(target: &Target<'_>, ready_fd: i32) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec!["--vm-dir".into(), target.vm_dir.into()];
@@ -225,6 +227,10 @@ pub fn process_args(target: &Target<'_>, ready_fd: i32) -> Vec<OsString> {
         for (flag, value) in pairs {
             args.push(flag.into());
             args.push(value.into());
+        }
+        if let Some(img) = target.image {
+            args.push("--rootfs".into());
+            args.push(img.rootfs.clone().into());
         }
     }
     if let Some(file) = target.audit_log {
@@ -502,6 +508,7 @@ mod tests {
                 accel: AccelChoice::Tcg,
                 kind,
                 config,
+                image: None,
                 audit_log: None,
             };
             process_args(&target, 7)
@@ -571,6 +578,7 @@ mod tests {
             accel: AccelChoice::Auto,
             kind: Kind::Temporary { exec: false },
             config: &crate::testutil::config("tmp-0", true, None),
+            image: None,
             audit_log: None,
         };
         let (mut child, mut pipe) = spawn(&script, &target).unwrap();

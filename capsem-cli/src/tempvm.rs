@@ -41,6 +41,8 @@ pub enum TempVmError {
     Owner(#[source] capsem_host::identity::IdentityError),
     #[error("this process has no argv to record as the VM's owner")]
     NoArgv,
+    #[error(transparent)]
+    Image(#[from] crate::vmimage::VmImageError),
     #[error("cannot record the VM")]
     Record(#[source] capsem_host::vmstate::VmStateError),
     /// capsem-process reported that it could not start the VM.
@@ -118,6 +120,7 @@ pub fn start(
         home::user_home().as_deref(),
     )?;
     home::check_readable(&home)?;
+    let image = crate::vmimage::resolve_new(&home, new, vmm)?;
     if vmm == Vmm::None {
         eprintln!("{NO_ISOLATION_WARNING}");
     }
@@ -131,7 +134,8 @@ pub fn start(
     // by another capsem never takes the new directory for a dead VM's.
     let lock = capsem_host::lock::VmLock::acquire(&home, &id).map_err(TempVmError::Lock)?;
     let vm_dir = VmDir::create(&home, &id)?;
-    let config = write_vm_json(vm_dir.path(), &id, vmm, accel, new)?;
+    let record = image.as_ref().map(|i| i.record.clone());
+    let config = write_vm_json(vm_dir.path(), &id, vmm, accel, new.disk_size, record)?;
     drop(lock);
     let target = spawn::Target {
         vm_dir: vm_dir.path(),
@@ -140,6 +144,7 @@ pub fn start(
         accel,
         kind: spawn::Kind::Temporary { exec },
         config: &config,
+        image: image.as_ref().map(|i| &i.cached),
         audit_log,
     };
     let (mut child, mut ready) = spawn::spawn(&bin, &target)?;
@@ -192,7 +197,8 @@ fn write_vm_json(
     id: &str,
     vmm: Vmm,
     accel: AccelChoice,
-    new: &NewVmArgs,
+    disk_size: Option<u64>,
+    image: Option<capsem_host::vmstate::VmImage>,
 ) -> Result<VmConfig, TempVmError> {
     let config = VmConfig {
         name: id.to_owned(),
@@ -203,8 +209,8 @@ fn write_vm_json(
         cpus: capsem_host::resources::default_cpus(),
         memory_mib: capsem_host::resources::default_memory_mib(),
         owner: Some(owner_record()?),
-        disk_size: new.disk_size,
-        image: None,
+        disk_size,
+        image,
     };
     capsem_host::vmstate::write_json(&dir.join(capsem_host::vmstate::VM_FILE), &config)
         .map_err(TempVmError::Record)?;

@@ -52,6 +52,10 @@ pub fn boot(ctx: &Ctx, config: &VmConfig, kind: Kind) -> Result<(), CliError> {
     let mut signals = Signals::install()?;
     let dir = ctx.vm_dir(&config.name);
     let vmm = vmm_of(config);
+    let image = match kind {
+        Kind::Adopt => None,
+        _ => crate::vmimage::recorded(&ctx.home, config)?,
+    };
     let target = Target {
         vm_dir: &dir,
         vm_id: &config.name,
@@ -59,6 +63,7 @@ pub fn boot(ctx: &Ctx, config: &VmConfig, kind: Kind) -> Result<(), CliError> {
         accel: accel_of(config),
         kind,
         config,
+        image: image.as_ref(),
         audit_log: None,
     };
     let (mut child, mut ready) = crate::spawn::spawn(&bin, &target)?;

@@ -74,6 +74,10 @@ pub struct Config {
     /// K, M, G or T suffix (powers of 1024).
     #[arg(long, value_name = "SIZE", default_value = "8G", value_parser = parse_size)]
     pub disk_size: u64,
+    /// The read-only root filesystem (an OCI image's `rootfs.erofs`) to boot
+    /// instead of the image directory's; kernel and initramfs stay its.
+    #[arg(long, value_name = "FILE", value_parser = parse_absolute)]
+    pub rootfs: Option<PathBuf>,
     /// How long the guest may take to connect (default: 10000 for none, 120000 for qemu).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub boot_timeout_ms: Option<u64>,

@@ -1,4 +1,5 @@
-//! `capsem create NAME [--cpus N] [--memory MIB] [--disk-size SIZE]`: records a persistent
+//! `capsem create NAME [--cpus N] [--memory MIB] [--disk-size SIZE]
+//! [--image REF [--registry-auth FILE]]`: records a persistent
 //! VM (`vm.json`), boots it and returns once its agent is ready; the name
 //! goes to stdout. A VM that does not boot stays recorded (the error says
 //! how to read its logs and remove it).
@@ -20,6 +21,7 @@ use crate::vmctl;
 pub fn run(ctx: &Ctx, args: &CreateArgs) -> Result<Exit, CliError> {
     let name = args.name.as_str();
     check_persistent_name(name)?;
+    let image = crate::vmimage::resolve_new(&ctx.home, &args.new, ctx.vmm)?;
     let _lock = ctx.lock(name)?;
     let dir = ctx.vm_dir(name);
     let vms = crate::home::vms_dir(&ctx.home);
@@ -53,7 +55,7 @@ pub fn run(ctx: &Ctx, args: &CreateArgs) -> Result<Exit, CliError> {
         memory_mib: args.memory.unwrap_or_else(default_memory_mib),
         owner: None,
         disk_size: args.new.disk_size,
-        image: None,
+        image: image.map(|i| i.record),
     };
     if let Err(e) = capsem_host::vmstate::write_json(&dir.join(VM_FILE), &config) {
         let _ = std::fs::remove_dir_all(&dir);

@@ -73,7 +73,7 @@ pub fn run_temporary(
 
 /// `capsem shell NAME`: attaches this terminal to the VM's shell.
 pub fn run_named(ctx: &Ctx, name: &str, new: &NewVmArgs) -> Result<Exit, CliError> {
-    if new.disk_size.is_some() {
+    if new.disk_size.is_some() || new.image.is_some() {
         return Err(CliError::NewVmFlag(name.into()));
     }
     let vm = vmctl::ensure_running(ctx, name, false)?;
