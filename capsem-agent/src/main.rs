@@ -79,6 +79,7 @@ mod control;
 mod exec;
 mod execpool;
 mod fdio;
+mod imageconfig;
 mod pty;
 mod reconnect;
 mod session;
@@ -249,8 +250,22 @@ fn run(cli: Cli) -> Result<Ended, AgentError> {
         }),
         Err(_) => Vec::new(),
     };
-    let cwd = std::env::current_dir()
-        .map_err(|e| AgentError::Config(format!("no working directory: {e}")))?;
+    let image = imageconfig::from_env().map_err(|e| AgentError::Config(chain(&e)))?;
+    if let Some(user) = &image.user {
+        // Not applied yet: say so rather than pretend.
+        tracing::warn!("the image's User {user:?} is not applied; commands run as root");
+    }
+    let cwd = match &image.working_dir {
+        // Like `docker run`, a WorkingDir the image lacks is made.
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                AgentError::Config(format!("cannot create WorkingDir {}: {e}", dir.display()))
+            })?;
+            dir.clone()
+        }
+        None => std::env::current_dir()
+            .map_err(|e| AgentError::Config(format!("no working directory: {e}")))?,
+    };
     let home = match cli.transport {
         Transport::Vsock => PathBuf::from("/root"),
         Transport::Unix(_) => cwd.clone(),
@@ -263,6 +278,7 @@ fn run(cli: Cli) -> Result<Ended, AgentError> {
             token,
             home,
             cwd,
+            image_env: image.env.clone(),
         };
         let audit_mode = audit::AuditMode::from_env(&cfg.transport)
             .map_err(|e| AgentError::Config(chain(&e)))?;
@@ -280,6 +296,7 @@ fn run(cli: Cli) -> Result<Ended, AgentError> {
         token: token.clone(),
         home: home.clone(),
         cwd: cwd.clone(),
+        image_env: image.env.clone(),
     };
     let audit_mode =
         audit::AuditMode::from_env(&cli.transport).map_err(|e| AgentError::Config(chain(&e)))?;
@@ -288,7 +305,7 @@ fn run(cli: Cli) -> Result<Ended, AgentError> {
         token,
         host_timeout: Duration::from_millis(cli.host_timeout_ms),
         boot_stages,
-        shell: pty::ShellConfig::interactive(&home, cwd),
+        shell: pty::ShellConfig::interactive(&home, cwd).with_image_env(&image.env),
         persistent: mode == Mode::Persistent,
     };
     // Before the shell and before any thread, so every thread inherits the

@@ -112,6 +112,19 @@ impl ShellConfig {
     }
 }
 
+impl ShellConfig {
+    /// The image's Env over the defaults (TERM stays the terminal's).
+    pub fn with_image_env(mut self, env: &[(String, String)]) -> Self {
+        let term = self.env.iter().find(|(k, _)| k == "TERM").cloned();
+        crate::imageconfig::merge_env(&mut self.env, env);
+        if let Some(term) = term {
+            self.env.retain(|(k, _)| k != "TERM");
+            self.env.push(term);
+        }
+        self
+    }
+}
+
 /// The running (or exited, not yet reaped) shell and its PTY master.
 #[derive(Debug)]
 pub struct Shell {

@@ -198,7 +198,7 @@ pub struct Target<'a> {
 /// capsem-process's arguments: `--vm-dir DIR --vm-id ID --vmm V --ready-fd
 /// N`, then `--temporary [--exec]`, nothing (persistent) or `--adopt`; a
 /// boot (not an adoption) adds `--cpus N --memory-mib M [--disk-size B]`
-/// from `vm.json` and `--rootfs FILE` for an OCI image; then `--accel A` for qemu (capsem-process decides what `auto` means; the
+/// from `vm.json` and `--rootfs FILE --image-config FILE` for an OCI image; then `--accel A` for qemu (capsem-process decides what `auto` means; the
 /// CLI never probes KVM for the shell).
 pub fn process_args(target: &Target<'_>, ready_fd: i32) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec!["--vm-dir".into(), target.vm_dir.into()];
@@ -231,6 +231,8 @@ pub fn process_args(target: &Target<'_>, ready_fd: i32) -> Vec<OsString> {
         if let Some(img) = target.image {
             args.push("--rootfs".into());
             args.push(img.rootfs.clone().into());
+            args.push("--image-config".into());
+            args.push(img.dir.join("config.json").into());
         }
     }
     if let Some(file) = target.audit_log {

@@ -78,6 +78,10 @@ pub struct Config {
     /// instead of the image directory's; kernel and initramfs stay its.
     #[arg(long, value_name = "FILE", value_parser = parse_absolute)]
     pub rootfs: Option<PathBuf>,
+    /// The OCI image's run settings (its cached `config.json`: Env,
+    /// WorkingDir, User), copied onto a new writable disk for the guest.
+    #[arg(long, value_name = "FILE", value_parser = parse_absolute, requires = "rootfs")]
+    pub image_config: Option<PathBuf>,
     /// How long the guest may take to connect (default: 10000 for none, 120000 for qemu).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub boot_timeout_ms: Option<u64>,

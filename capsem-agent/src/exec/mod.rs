@@ -87,6 +87,8 @@ pub struct ExecConfig {
     pub token: String,
     pub home: PathBuf,
     pub cwd: PathBuf,
+    /// The OCI image's Env, under the client's `-e`.
+    pub image_env: Vec<(String, String)>,
 }
 
 struct Conns {

@@ -253,6 +253,7 @@ impl Qemu {
             let made = disk::ensure(
                 &writable,
                 cfg.disk_size,
+                cfg.image_config.as_deref(),
                 launch.reaper,
                 &dir.root().join("mkfs.log"),
             )
