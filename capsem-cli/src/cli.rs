@@ -224,8 +224,9 @@ pub struct CommandArgs {
     /// The command and its arguments (put them after `--`). Options before
     /// the command are capsem's: an unknown one is a usage error (exit
     /// 125), never taken for the command; after the command's name (or
-    /// after `--`) every word is the command's.
-    #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
+    /// after `--`) every word is the command's. `run --image REF` without
+    /// one runs the image's Entrypoint and Cmd (exit 125 if it has none)
+    #[arg(trailing_var_arg = true, value_name = "CMD")]
     pub command: Vec<String>,
 }
 

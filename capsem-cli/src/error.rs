@@ -42,6 +42,10 @@ pub enum CliError {
         state: VmState,
         hint: &'static str,
     },
+    #[error("a command is required: put it after `--` (see capsem help)")]
+    NoCommand,
+    #[error("image {0} has no Entrypoint or Cmd: give the command after `--`")]
+    NoDefaultCommand(String),
     #[error("--disk-size and --image are for a new VM; VM {0:?} keeps what capsem create gave it")]
     NewVmFlag(String),
     #[error("{0:?} is a temporary VM; only persistent VMs (capsem create) take this command")]

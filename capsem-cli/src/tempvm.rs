@@ -21,6 +21,7 @@ use crate::home::{self, HomeError, VmDir};
 use crate::progress::Progress;
 use crate::signals::{Signals, SignalsError};
 use crate::spawn::{self, ProcessChild, ReadyOutcome, SpawnError, EXIT_GRACE};
+use crate::vmimage::Chosen;
 
 /// The warning `--vmm none` prints, once, on stderr.
 pub const NO_ISOLATION_WARNING: &str =
@@ -105,22 +106,28 @@ impl TempVm {
     }
 }
 
-/// Creates and boots a temporary VM; `exec` starts it for `capsem run`.
-pub fn start(
-    home_flag: Option<&Path>,
-    vmm: Vmm,
-    accel: AccelChoice,
-    exec: bool,
-    audit_log: Option<&Path>,
-    new: &NewVmArgs,
-) -> Result<Started, TempVmError> {
+/// The home a temporary VM lives in, checked.
+pub fn home(home_flag: Option<&Path>) -> Result<PathBuf, TempVmError> {
     let home = home::resolve_home(
         home_flag,
         std::env::var_os("CAPSEM_HOME").as_deref(),
         home::user_home().as_deref(),
     )?;
     home::check_readable(&home)?;
-    let image = crate::vmimage::resolve_new(&home, new, vmm)?;
+    Ok(home)
+}
+
+/// Creates and boots a temporary VM in `home` (see [`home`]) with `image`
+/// (of [`crate::vmimage::resolve_new`]); `exec` starts it for `capsem run`.
+pub fn start(
+    home: PathBuf,
+    vmm: Vmm,
+    accel: AccelChoice,
+    exec: bool,
+    audit_log: Option<&Path>,
+    new: &NewVmArgs,
+    image: Option<Chosen>,
+) -> Result<Started, TempVmError> {
     if vmm == Vmm::None {
         eprintln!("{NO_ISOLATION_WARNING}");
     }

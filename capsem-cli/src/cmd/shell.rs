@@ -33,7 +33,9 @@ pub fn run_temporary(
     accel: AccelChoice,
     new: &NewVmArgs,
 ) -> Result<Exit, CliError> {
-    let mut vm = match tempvm::start(home_flag, vmm, accel, false, None, new)? {
+    let home = tempvm::home(home_flag)?;
+    let image = crate::vmimage::resolve_new(&home, new, vmm)?;
+    let mut vm = match tempvm::start(home, vmm, accel, false, None, new, image)? {
         Started::Ready(vm) => vm,
         Started::Interrupted(code) => return Ok(code),
     };
