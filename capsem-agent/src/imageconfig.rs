@@ -132,6 +132,103 @@ fn valid_user(u: &str) -> bool {
         }
 }
 
+/// Whom the shell and commands run as: the image's User, resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Creds {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The User resolved against the guest root's `/etc/passwd` and
+/// `/etc/group` (read after the root switch), with that user's home.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    pub creds: Creds,
+    pub home: Option<PathBuf>,
+}
+
+/// Largest passwd or group file read.
+const MAX_DB: u64 = 4 << 20;
+
+/// Resolves `user` (`name`, `uid`, `name:group`, `uid:gid`) like runc: a
+/// name must be in passwd (its primary group unless a group is given), a
+/// bare uid not in passwd gets gid 0; a group name must be in group.
+pub fn resolve_user(user: &str, passwd: &str, group: &str) -> Result<Resolved, String> {
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let entries = || {
+        passwd.lines().filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() >= 7).then(|| {
+                (
+                    f[0],
+                    f[2].parse::<u32>().ok(),
+                    f[3].parse::<u32>().ok(),
+                    f[5],
+                )
+            })
+        })
+    };
+    let (uid, mut gid, home) = match u.parse::<u32>() {
+        Ok(uid) => match entries().find(|e| e.1 == Some(uid)) {
+            Some((_, _, g, h)) => (uid, g.unwrap_or(0), Some(h)),
+            None => (uid, 0, None),
+        },
+        Err(_) => match entries().find(|e| e.0 == u) {
+            Some((_, Some(uid), Some(g), h)) => (uid, g, Some(h)),
+            _ => {
+                return Err(format!(
+                    "the image's User {user:?}: no user {u:?} in /etc/passwd"
+                ))
+            }
+        },
+    };
+    if let Some(g) = g {
+        gid = match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => group
+                .lines()
+                .filter_map(|l| {
+                    let f: Vec<&str> = l.split(':').collect();
+                    (f.len() >= 3 && f[0] == g)
+                        .then(|| f[2].parse::<u32>().ok())
+                        .flatten()
+                })
+                .next()
+                .ok_or_else(|| {
+                    format!("the image's User {user:?}: no group {g:?} in /etc/group")
+                })?,
+        };
+    }
+    Ok(Resolved {
+        creds: Creds { uid, gid },
+        home: home.filter(|h| h.starts_with('/')).map(PathBuf::from),
+    })
+}
+
+/// [`resolve_user`] against this root's files (missing files are empty).
+pub fn resolve_here(user: &str) -> Result<Resolved, String> {
+    let read = |p: &str| -> Result<String, String> {
+        match capsem_read_bounded(p) {
+            Ok(t) => Ok(t),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+            Err(e) => Err(format!("cannot read {p}: {e}")),
+        }
+    };
+    resolve_user(user, &read("/etc/passwd")?, &read("/etc/group")?)
+}
+
+fn capsem_read_bounded(path: &str) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_DB)
+        .read_to_end(&mut bytes)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
 /// `base` with `over` applied: an entry of `over` replaces one of `base`
 /// with the same name.
 pub fn merge_env<K: AsRef<str>>(
@@ -189,6 +286,39 @@ mod tests {
         assert!(matches!(parse(&many), Err(ImageConfigError::TooManyEnv)));
         let huge = format!(r#"{{"Env":["A={}"]}}"#, "x".repeat(MAX_TEXT));
         assert!(matches!(parse(&huge), Err(ImageConfigError::TooLarge)));
+    }
+
+    #[test]
+    fn users_resolve_like_runc() {
+        let passwd = "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\nbad\n";
+        let group = "root:x:0:\nstaff:x:50:app\n";
+        let r = |u: &str| resolve_user(u, passwd, group);
+        assert_eq!(
+            r("app").unwrap().creds,
+            Creds {
+                uid: 1000,
+                gid: 1001
+            }
+        );
+        assert_eq!(r("app").unwrap().home, Some(PathBuf::from("/home/app")));
+        assert_eq!(
+            r("1000").unwrap().creds,
+            Creds {
+                uid: 1000,
+                gid: 1001
+            }
+        );
+        assert_eq!(
+            r("4242").unwrap(),
+            Resolved {
+                creds: Creds { uid: 4242, gid: 0 },
+                home: None
+            }
+        );
+        assert_eq!(r("app:staff").unwrap().creds, Creds { uid: 1000, gid: 50 });
+        assert_eq!(r("5:7").unwrap().creds, Creds { uid: 5, gid: 7 });
+        assert!(r("nobody").unwrap_err().contains("no user \"nobody\""));
+        assert!(r("app:wheel").unwrap_err().contains("no group \"wheel\""));
     }
 
     #[test]

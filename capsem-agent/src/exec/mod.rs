@@ -89,6 +89,8 @@ pub struct ExecConfig {
     pub cwd: PathBuf,
     /// The OCI image's Env, under the client's `-e`.
     pub image_env: Vec<(String, String)>,
+    /// The image's User, resolved; `None`: root.
+    pub creds: Option<crate::imageconfig::Creds>,
 }
 
 struct Conns {

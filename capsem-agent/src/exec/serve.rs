@@ -162,6 +162,7 @@ impl Exec {
             env,
             cwd,
             tty,
+            creds: cfg.creds,
         };
         match Running::spawn(&spec)? {
             Ok(running) => {
