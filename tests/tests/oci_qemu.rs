@@ -4,7 +4,8 @@
 //! the default one, a whiteout hides a base file, Env and WorkingDir reach
 //! the command (the client's `-e` wins), User runs it as that user, and
 //! `run --image` with no command runs Entrypoint + Cmd. A persistent VM
-//! records the image and boots it again after stop/start.
+//! records the image and boots it again after stop/start. Pulled from a
+//! loopback `docker-registry`, a second run fetches no blob again.
 //! `CAPSEM_SKIP_VM_TESTS=1 scripts/test.sh` leaves them out.
 #![allow(clippy::unwrap_used)]
 
@@ -13,6 +14,7 @@ use std::process::{Output, Stdio};
 
 use capsem_image::Digest;
 use capsem_tests::persist::{self, ok};
+use capsem_tests::registry::{PushImage, Registry};
 use capsem_tests::{Backend, Fixture};
 
 const B: Backend = Backend::Qemu;
@@ -50,9 +52,27 @@ fn layer(entries: &[(&str, char, &[u8])]) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
-/// Writes the test image as an OCI layout named `name` (tag `1`) into
-/// `dir`, with `user` as its User.
-fn write_layout(dir: &Path, name: &str, user: &str) {
+/// The test image's blobs.
+struct TestImage {
+    layers: Vec<Vec<u8>>,
+    config: Vec<u8>,
+    manifest: Vec<u8>,
+}
+
+impl PushImage for TestImage {
+    fn blobs(&self) -> &[Vec<u8>] {
+        &self.layers
+    }
+    fn config(&self) -> &[u8] {
+        &self.config
+    }
+    fn manifest(&self) -> &[u8] {
+        &self.manifest
+    }
+}
+
+/// The test image with `user` as its User.
+fn build(user: &str) -> TestImage {
     let busybox = std::fs::read(BUSYBOX)
         .unwrap_or_else(|e| panic!("{BUSYBOX}: {e}: run scripts/install-deps.sh (busybox-static)"));
     let base = layer(&[
@@ -74,7 +94,7 @@ fn write_layout(dir: &Path, name: &str, user: &str) {
         ("deleted", 'f', b"whited out\n"),
     ]);
     let whiteout = layer(&[(".wh.deleted", 'f', b"")]);
-    let layers = [base, whiteout];
+    let layers = vec![base, whiteout];
     let config = serde_json::to_vec(&serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
@@ -100,6 +120,21 @@ fn write_layout(dir: &Path, name: &str, user: &str) {
         })).collect::<Vec<_>>()
     }))
     .unwrap();
+    TestImage {
+        layers,
+        config,
+        manifest,
+    }
+}
+
+/// Writes the test image as an OCI layout named `name` (tag `1`) into
+/// `dir`, with `user` as its User.
+fn write_layout(dir: &Path, name: &str, user: &str) {
+    let TestImage {
+        layers,
+        config,
+        manifest,
+    } = build(user);
     let blobs = dir.join("blobs/sha256");
     std::fs::create_dir_all(&blobs).unwrap();
     for b in layers.iter().chain([&config, &manifest]) {
@@ -208,5 +243,29 @@ fn a_persistent_vm_keeps_its_image_across_stop_and_start() {
     );
     assert_eq!(got, "kept-content\nfrom the image\n/work/dir\n");
     ok(&fx, &["rm", "--force", "pv"]);
+    fx.assert_nothing_left();
+}
+
+#[test]
+fn pulled_from_a_loopback_registry_once() {
+    let fx = Fixture::new("oci_registry", B);
+    let registry = Registry::start();
+    registry.push("t/img", "1", &build("root"));
+    let reference = format!("{}/t/img:1", registry.addr);
+    let script = "cat /kept; test ! -e /deleted && echo whiteout; echo \"$FOO\"; pwd";
+    let out = run(&fx, &["--image", &reference, "--", "sh", "-c", script]);
+    assert_eq!(
+        stdout_of(&out),
+        "kept-content\nwhiteout\nfrom the image\n/work/dir\n"
+    );
+    let gets = registry.blob_gets();
+    assert!(
+        gets >= 3,
+        "the first run fetched the layers and config: {gets}"
+    );
+    let out = run(&fx, &["--image", &reference]);
+    assert_eq!(stdout_of(&out), "entry from the image 0\n");
+    assert_eq!(registry.blob_gets(), gets, "the second run fetched no blob");
+    drop(registry);
     fx.assert_nothing_left();
 }
