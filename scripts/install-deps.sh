@@ -17,6 +17,7 @@ declare -A APT=(
     # every user's PATH
     [/usr/sbin/mkfs.ext4]=e2fsprogs
     [docker-registry]=docker-registry # the image tests' loopback registry
+    [/bin/busybox]=busybox-static     # the root of the OCI tests' tiny image
 )
 VHOST_VSOCK_VERSION=0.3.0 # the version docs/qemu-notes.md was verified with
 

@@ -58,6 +58,8 @@ pub struct CommandSpec {
     /// Run on a new PTY of this size (`cols`, `rows`) as its controlling
     /// terminal: `stdout` and `stdin` are then the master, `stderr` none.
     pub tty: Option<(u16, u16)>,
+    /// Whom it runs as (the image's User); `None`: the agent's own (root).
+    pub creds: Option<crate::imageconfig::Creds>,
 }
 
 /// A started command: the parent's ends of its pipes and its pidfd.
@@ -98,6 +100,10 @@ impl Running {
             .env_clear()
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .current_dir(&spec.cwd);
+        if let Some(c) = spec.creds {
+            // std sets the group, drops supplementary groups, then the user.
+            cmd.gid(c.gid).uid(c.uid);
+        }
         let mut master = None;
         if let Some((cols, rows)) = spec.tty {
             let size = nix::pty::Winsize {
@@ -262,6 +268,7 @@ mod tests {
             env: vec![("PATH".into(), crate::pty::SHELL_PATH.into())],
             cwd: std::env::temp_dir(),
             tty: None,
+            creds: None,
         }
     }
 
@@ -298,6 +305,33 @@ mod tests {
         let mut fds = [fdio::pollfd(stdout.as_fd(), fdio::IN)];
         fdio::poll(&mut fds, Some(Instant::now() + Duration::from_secs(10))).unwrap();
         assert_eq!(fdio::read(stdout.as_fd(), &mut buf).unwrap(), 0);
+    }
+
+    #[test]
+    fn runs_as_the_image_user() {
+        if !nix::unistd::Uid::effective().is_root() {
+            panic!("this test needs root (it changes the command's uid)");
+        }
+        let mut sp = spec(&["/bin/sh", "-c", "echo $(id -u):$(id -g):$(id -G)"]);
+        sp.creds = Some(crate::imageconfig::Creds {
+            uid: 65534,
+            gid: 65533,
+        });
+        let mut r = Running::spawn(&sp).unwrap().unwrap();
+        let stdout = r.stdout.take().unwrap();
+        let mut out = Vec::new();
+        loop {
+            let mut buf = [0u8; 64];
+            let mut fds = [fdio::pollfd(stdout.as_fd(), fdio::IN)];
+            fdio::poll(&mut fds, Some(Instant::now() + Duration::from_secs(10))).unwrap();
+            match fdio::read(stdout.as_fd(), &mut buf).unwrap() {
+                0 => break,
+                n => out.extend_from_slice(&buf[..n]),
+            }
+        }
+        assert_eq!(r.reap().unwrap().exit_code, Some(0));
+        // No supplementary group of root's is kept.
+        assert_eq!(String::from_utf8_lossy(&out), "65534:65533:65533\n");
     }
 
     #[test]

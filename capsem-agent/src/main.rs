@@ -79,6 +79,7 @@ mod control;
 mod exec;
 mod execpool;
 mod fdio;
+mod imageconfig;
 mod pty;
 mod reconnect;
 mod session;
@@ -249,11 +250,30 @@ fn run(cli: Cli) -> Result<Ended, AgentError> {
         }),
         Err(_) => Vec::new(),
     };
-    let cwd = std::env::current_dir()
-        .map_err(|e| AgentError::Config(format!("no working directory: {e}")))?;
-    let home = match cli.transport {
-        Transport::Vsock => PathBuf::from("/root"),
-        Transport::Unix(_) => cwd.clone(),
+    let image = imageconfig::from_env().map_err(|e| AgentError::Config(chain(&e)))?;
+    // After the root switch: the image's own passwd and group decide.
+    let user = image
+        .user
+        .as_deref()
+        .map(imageconfig::resolve_here)
+        .transpose()
+        .map_err(AgentError::Config)?;
+    let creds = user.as_ref().map(|u| u.creds);
+    let cwd = match &image.working_dir {
+        // Like `docker run`, a WorkingDir the image lacks is made.
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                AgentError::Config(format!("cannot create WorkingDir {}: {e}", dir.display()))
+            })?;
+            dir.clone()
+        }
+        None => std::env::current_dir()
+            .map_err(|e| AgentError::Config(format!("no working directory: {e}")))?,
+    };
+    let home = match (&cli.transport, user.and_then(|u| u.home)) {
+        (Transport::Vsock, Some(user_home)) => user_home,
+        (Transport::Vsock, None) => PathBuf::from("/root"),
+        (Transport::Unix(_), _) => cwd.clone(),
     };
     let mode = Mode::from_env()?;
     let vm_id = cli.vm_id.as_deref().unwrap_or("-");
@@ -263,6 +283,8 @@ fn run(cli: Cli) -> Result<Ended, AgentError> {
             token,
             home,
             cwd,
+            image_env: image.env.clone(),
+            creds,
         };
         let audit_mode = audit::AuditMode::from_env(&cfg.transport)
             .map_err(|e| AgentError::Config(chain(&e)))?;
@@ -280,6 +302,8 @@ fn run(cli: Cli) -> Result<Ended, AgentError> {
         token: token.clone(),
         home: home.clone(),
         cwd: cwd.clone(),
+        image_env: image.env.clone(),
+        creds,
     };
     let audit_mode =
         audit::AuditMode::from_env(&cli.transport).map_err(|e| AgentError::Config(chain(&e)))?;
@@ -288,7 +312,9 @@ fn run(cli: Cli) -> Result<Ended, AgentError> {
         token,
         host_timeout: Duration::from_millis(cli.host_timeout_ms),
         boot_stages,
-        shell: pty::ShellConfig::interactive(&home, cwd),
+        shell: pty::ShellConfig::interactive(&home, cwd)
+            .with_image_env(&image.env)
+            .with_creds(creds),
         persistent: mode == Mode::Persistent,
     };
     // Before the shell and before any thread, so every thread inherits the

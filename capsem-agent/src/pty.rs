@@ -85,6 +85,8 @@ pub struct ShellConfig {
     pub args: Vec<OsString>,
     pub env: Vec<(OsString, OsString)>,
     pub cwd: PathBuf,
+    /// Whom it runs as (the image's User); `None`: the agent's own (root).
+    pub creds: Option<crate::imageconfig::Creds>,
 }
 
 impl ShellConfig {
@@ -108,7 +110,26 @@ impl ShellConfig {
             args: vec!["-i".into()],
             env,
             cwd,
+            creds: None,
         }
+    }
+}
+
+impl ShellConfig {
+    /// The image's Env over the defaults (TERM stays the terminal's).
+    pub fn with_image_env(mut self, env: &[(String, String)]) -> Self {
+        let term = self.env.iter().find(|(k, _)| k == "TERM").cloned();
+        crate::imageconfig::merge_env(&mut self.env, env);
+        if let Some(term) = term {
+            self.env.retain(|(k, _)| k != "TERM");
+            self.env.push(term);
+        }
+        self
+    }
+
+    pub fn with_creds(mut self, creds: Option<crate::imageconfig::Creds>) -> Self {
+        self.creds = creds;
+        self
     }
 }
 
@@ -166,6 +187,10 @@ impl Shell {
             .stdin(stdio(&slave)?)
             .stdout(stdio(&slave)?)
             .stderr(stdio(&slave)?);
+        if let Some(c) = cfg.creds {
+            // std sets the group, drops supplementary groups, then the user.
+            cmd.gid(c.gid).uid(c.uid);
+        }
         // SAFETY: the closure runs in the child between fork and exec and only
         // makes async-signal-safe calls (setsid, ioctl, sigprocmask,
         // sigemptyset, sigaction); it
@@ -402,6 +427,7 @@ mod tests {
             args: vec!["-c".into(), script.into()],
             env: vec![("PATH".into(), SHELL_PATH.into())],
             cwd: std::env::temp_dir(),
+            creds: None,
         }
     }
 

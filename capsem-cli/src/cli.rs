@@ -52,6 +52,8 @@ pub enum Command {
     Shell {
         /// A persistent VM made with `capsem create`
         name: Option<String>,
+        #[command(flatten)]
+        new: NewVmArgs,
     },
     /// Create a persistent VM, boot it, and return once its agent is ready.
     Create(CreateArgs),
@@ -135,18 +137,40 @@ pub enum Command {
     },
 }
 
-/// `capsem create NAME [--cpus N] [--memory MIB]`.
+/// `capsem create NAME [--cpus N] [--memory MIB] [NEW VM FLAGS]`.
 #[derive(Debug, clap::Args)]
 pub struct CreateArgs {
     /// 1 to 48 characters: letters, digits, '-', '_', '.', starting with a
     /// letter or digit
     pub name: String,
-    /// Guest vCPUs
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
-    pub cpus: u32,
-    /// Guest memory in MiB
-    #[arg(long, value_name = "MIB", default_value_t = 512, value_parser = clap::value_parser!(u32).range(64..=65536))]
-    pub memory: u32,
+    /// Guest vCPUs [default: 2, or the host's CPUs if fewer]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub cpus: Option<u32>,
+    /// Guest memory in MiB [default: 1024, or half the host's memory if less]
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u32).range(64..=65536))]
+    pub memory: Option<u32>,
+    #[command(flatten)]
+    pub new: NewVmArgs,
+}
+
+/// What `shell`, `run` and `create` take for a new VM.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct NewVmArgs {
+    /// Size of the VM's writable disk (sparse; made at its first boot):
+    /// bytes, or with a K, M, G or T suffix (powers of 1024), 64M to 16T
+    /// [default: 8G]
+    #[arg(long, value_name = "SIZE", value_parser = capsem_host::resources::parse_size)]
+    pub disk_size: Option<u64>,
+    /// Boot this OCI image's root filesystem instead of the default one
+    /// (cached, else pulled first, like `docker run`; see `capsem image`).
+    /// Its Env, WorkingDir and User apply to the shell and to commands.
+    /// Needs a VM: with `--vmm none` it is refused (exit 125)
+    #[arg(long, value_name = "REF")]
+    pub image: Option<String>,
+    /// A Docker config file with the registry's credentials for --image
+    /// [default: $DOCKER_CONFIG/config.json, else ~/.docker/config.json]
+    #[arg(long, value_name = "FILE", requires = "image")]
+    pub registry_auth: Option<std::path::PathBuf>,
 }
 
 /// Which log `capsem logs` prints.
@@ -163,6 +187,8 @@ pub enum LogSource {
 pub struct RunArgs {
     #[command(flatten)]
     pub cmd: CommandArgs,
+    #[command(flatten)]
+    pub new: NewVmArgs,
     /// Append the guest's execve audit records (JSON lines) to FILE before
     /// the temporary VM is destroyed
     #[arg(long, value_name = "FILE")]
@@ -200,8 +226,9 @@ pub struct CommandArgs {
     /// The command and its arguments (put them after `--`). Options before
     /// the command are capsem's: an unknown one is a usage error (exit
     /// 125), never taken for the command; after the command's name (or
-    /// after `--`) every word is the command's.
-    #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
+    /// after `--`) every word is the command's. `run --image REF` without
+    /// one runs the image's Entrypoint and Cmd (exit 125 if it has none)
+    #[arg(trailing_var_arg = true, value_name = "CMD")]
     pub command: Vec<String>,
 }
 
@@ -271,7 +298,7 @@ mod tests {
             Cli::try_parse_from(["capsem", "shell", "--vmm", "none", "--home", "/x"]).unwrap();
         assert_eq!(cli.vmm, Vmm::None);
         assert_eq!(cli.home, Some(PathBuf::from("/x")));
-        assert!(matches!(cli.command, Command::Shell { name: None }));
+        assert!(matches!(cli.command, Command::Shell { name: None, .. }));
     }
 
     #[test]
@@ -290,7 +317,7 @@ mod tests {
     #[test]
     fn an_unknown_option_before_the_command_is_an_error_not_the_command() {
         for args in [
-            &["capsem", "run", "--image", "X", "--", "sh"][..],
+            &["capsem", "run", "--no-such-flag", "X", "--", "sh"][..],
             &["capsem", "exec", "dev", "--bogus", "--", "sh"],
             &["capsem", "run", "-Z", "sh"],
         ] {
@@ -320,6 +347,33 @@ mod tests {
             argv(&["capsem", "run", "sh", "-c", "exit 3"]),
             ["sh", "-c", "exit 3"]
         );
+    }
+
+    #[test]
+    fn new_vm_flags() {
+        let cli =
+            Cli::try_parse_from(["capsem", "run", "--disk-size", "1G", "--", "true"]).unwrap();
+        let Command::Run(r) = cli.command else {
+            panic!()
+        };
+        assert_eq!(r.new.disk_size, Some(1 << 30));
+        let cli = Cli::try_parse_from(["capsem", "create", "a", "--disk-size", "64M"]).unwrap();
+        let Command::Create(c) = cli.command else {
+            panic!()
+        };
+        assert_eq!(
+            (c.new.disk_size, c.cpus, c.memory),
+            (Some(64 << 20), None, None)
+        );
+        assert!(Cli::try_parse_from(["capsem", "shell", "--disk-size", "1M"]).is_err());
+        let cli =
+            Cli::try_parse_from(["capsem", "shell", "--image", "a:1", "--registry-auth", "/c"])
+                .unwrap();
+        let Command::Shell { new, .. } = cli.command else {
+            panic!()
+        };
+        assert_eq!(new.image.as_deref(), Some("a:1"));
+        assert!(Cli::try_parse_from(["capsem", "shell", "--registry-auth", "/c"]).is_err());
     }
 
     #[test]

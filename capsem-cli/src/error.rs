@@ -42,6 +42,12 @@ pub enum CliError {
         state: VmState,
         hint: &'static str,
     },
+    #[error("a command is required: put it after `--` (see capsem help)")]
+    NoCommand,
+    #[error("image {0} has no Entrypoint or Cmd: give the command after `--`")]
+    NoDefaultCommand(String),
+    #[error("--disk-size and --image are for a new VM; VM {0:?} keeps what capsem create gave it")]
+    NewVmFlag(String),
     #[error("{0:?} is a temporary VM; only persistent VMs (capsem create) take this command")]
     Temporary(String),
     #[error(transparent)]
@@ -70,6 +76,8 @@ pub enum CliError {
     },
     #[error(transparent)]
     TempVm(#[from] TempVmError),
+    #[error(transparent)]
+    VmImage(#[from] crate::vmimage::VmImageError),
     /// capsem-process's own words for why the VM did not start.
     #[error("{0}")]
     Boot(String),

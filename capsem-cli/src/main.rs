@@ -4,9 +4,9 @@
 //! Usage (global flags go before or after the command):
 //!
 //! ```text
-//! capsem [--home DIR] [--vmm qemu|none] [--accel auto|kvm|tcg] shell
-//! capsem [...] run [-t] [--timeout SECS] [-e KEY=VAL]... [-w DIR] [--audit-log FILE] -- CMD [ARG...]
-//! capsem [...] create NAME [--cpus N] [--memory MIB]
+//! capsem [--home DIR] [--vmm qemu|none] [--accel auto|kvm|tcg] shell [--disk-size SIZE] [--image REF [--registry-auth FILE]]
+//! capsem [...] run [-t] [--timeout SECS] [-e KEY=VAL]... [-w DIR] [--audit-log FILE] [--disk-size SIZE] [--image REF] -- CMD [ARG...]
+//! capsem [...] create NAME [--cpus N] [--memory MIB] [--disk-size SIZE] [--image REF]
 //! capsem [...] shell NAME                  # Ctrl-] or ~. detaches, the shell keeps running
 //! capsem [...] exec NAME [-t] [--timeout SECS] [-e KEY=VAL]... [-w DIR] -- CMD [ARG...]
 //! capsem [...] list [--json] | inspect NAME | logs NAME [--follow] [--source process|serial]
@@ -75,6 +75,7 @@
 //! * [`home`]: home resolution, `vms/` and VM directories, VM ids.
 //! * [`vms`]: the VM directories read and their states.
 //! * [`vmctl`]: booting, adopting and stopping a persistent VM's processes.
+//! * [`vmimage`]: a VM's OCI image (`--image`), resolved, recorded, looked up.
 //! * [`sweep`]: cleaning up what crashes left, before every VM command.
 //! * [`tempvm`]: starting a temporary VM (`shell` and `run`).
 //! * [`spawn`]: starting capsem-process, the ready pipe, reaping by pidfd
@@ -126,6 +127,7 @@ mod terminal;
 #[cfg(test)]
 mod testutil;
 mod vmctl;
+mod vmimage;
 mod vms;
 
 use std::path::Path;
@@ -182,7 +184,7 @@ fn dispatch(cli: Cli) -> Result<Exit, CliError> {
     } = cli;
     let home = home.as_deref();
     match command {
-        Command::Shell { name: None } => cmd::shell::run_temporary(home, vmm, accel),
+        Command::Shell { name: None, new } => cmd::shell::run_temporary(home, vmm, accel, &new),
         Command::Run(args) => cmd::run::run(home, vmm, accel, args),
         Command::Doctor => Ok(cmd::doctor::run(home, vmm, accel)),
         Command::Completions { shell } => cmd::completions::run(shell),
@@ -192,9 +194,12 @@ fn dispatch(cli: Cli) -> Result<Exit, CliError> {
             cmd::image::run(&ctx, command)
         }
         Command::Create(args) => vm_command(home, vmm, accel, |ctx| cmd::create::run(ctx, &args)),
-        Command::Shell { name: Some(name) } => {
-            vm_command(home, vmm, accel, |ctx| cmd::shell::run_named(ctx, &name))
-        }
+        Command::Shell {
+            name: Some(name),
+            new,
+        } => vm_command(home, vmm, accel, |ctx| {
+            cmd::shell::run_named(ctx, &name, &new)
+        }),
         Command::Start { name } => vm_command(home, vmm, accel, |ctx| cmd::start::run(ctx, &name)),
         Command::Stop { name, grace } => {
             vm_command(home, vmm, accel, |ctx| cmd::stop::run(ctx, &name, grace))

@@ -172,8 +172,8 @@ pub enum Kind {
     /// A temporary VM (`--temporary`), running a shell or one command
     /// (`exec`, adds `--exec`).
     Temporary { exec: bool },
-    /// A persistent VM booted with these resources.
-    Persistent { cpus: u32, memory_mib: u32 },
+    /// A persistent VM booted as its `vm.json` says.
+    Persistent,
     /// Take over the running guest of a persistent VM whose capsem-process
     /// died (`--adopt`).
     Adopt,
@@ -187,13 +187,18 @@ pub struct Target<'a> {
     pub vmm: Vmm,
     pub accel: AccelChoice,
     pub kind: Kind,
+    /// Its `vm.json`: the resources, disk size and image it boots with.
+    pub config: &'a capsem_host::vmstate::VmConfig,
+    /// Its OCI image (`--rootfs`), from the cache; `None`: the default.
+    pub image: Option<&'a capsem_image::CachedImage>,
     /// `--audit-log FILE` (a temporary VM's audit records, kept).
     pub audit_log: Option<&'a Path>,
 }
 
 /// capsem-process's arguments: `--vm-dir DIR --vm-id ID --vmm V --ready-fd
-/// N`, then `--temporary [--exec]`, `--cpus N --memory-mib M` or `--adopt`,
-/// plus `--accel A` for qemu (capsem-process decides what `auto` means; the
+/// N`, then `--temporary [--exec]`, nothing (persistent) or `--adopt`; a
+/// boot (not an adoption) adds `--cpus N --memory-mib M [--disk-size B]`
+/// from `vm.json` and `--rootfs FILE --image-config FILE` for an OCI image; then `--accel A` for qemu (capsem-process decides what `auto` means; the
 /// CLI never probes KVM for the shell).
 pub fn process_args(target: &Target<'_>, ready_fd: i32) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec!["--vm-dir".into(), target.vm_dir.into()];
@@ -209,15 +214,26 @@ pub fn process_args(target: &Target<'_>, ready_fd: i32) -> Vec<OsString> {
                 args.push("--exec".into());
             }
         }
-        Kind::Persistent { cpus, memory_mib } => {
-            for a in ["--cpus".to_owned(), cpus.to_string()] {
-                args.push(a.into());
-            }
-            for a in ["--memory-mib".to_owned(), memory_mib.to_string()] {
-                args.push(a.into());
-            }
-        }
+        Kind::Persistent => {}
         Kind::Adopt => args.push("--adopt".into()),
+    }
+    if target.kind != Kind::Adopt {
+        let c = target.config;
+        let mut pairs = vec![
+            ("--cpus", c.cpus.to_string()),
+            ("--memory-mib", c.memory_mib.to_string()),
+        ];
+        pairs.extend(c.disk_size.map(|b| ("--disk-size", b.to_string())));
+        for (flag, value) in pairs {
+            args.push(flag.into());
+            args.push(value.into());
+        }
+        if let Some(img) = target.image {
+            args.push("--rootfs".into());
+            args.push(img.rootfs.clone().into());
+            args.push("--image-config".into());
+            args.push(img.dir.join("config.json").into());
+        }
     }
     if let Some(file) = target.audit_log {
         args.push("--audit-log".into());
@@ -483,13 +499,18 @@ mod tests {
 
     #[test]
     fn arguments_per_kind_and_accel_for_qemu_only() {
-        let args = |vmm, kind| {
+        let mut config = crate::testutil::config("x", false, None);
+        config.cpus = 2;
+        config.memory_mib = 256;
+        let args = |vmm, kind, config: &capsem_host::vmstate::VmConfig| {
             let target = Target {
                 vm_dir: Path::new("/h/vms/x"),
                 vm_id: "x",
                 vmm,
                 accel: AccelChoice::Tcg,
                 kind,
+                config,
+                image: None,
                 audit_log: None,
             };
             process_args(&target, 7)
@@ -500,25 +521,24 @@ mod tests {
         };
         let temp = Kind::Temporary { exec: false };
         assert_eq!(
-            args(Vmm::Qemu, temp),
-            "--vm-dir /h/vms/x --vm-id x --vmm qemu --ready-fd 7 --temporary --accel tcg"
+            args(Vmm::Qemu, temp, &config),
+            "--vm-dir /h/vms/x --vm-id x --vmm qemu --ready-fd 7 --temporary --cpus 2 --memory-mib 256 --accel tcg"
         );
         assert_eq!(
-            args(Vmm::None, Kind::Temporary { exec: true }),
-            "--vm-dir /h/vms/x --vm-id x --vmm none --ready-fd 7 --temporary --exec"
+            args(Vmm::None, Kind::Temporary { exec: true }, &config),
+            "--vm-dir /h/vms/x --vm-id x --vmm none --ready-fd 7 --temporary --exec --cpus 2 --memory-mib 256"
         );
         assert_eq!(
-            args(
-                Vmm::None,
-                Kind::Persistent {
-                    cpus: 2,
-                    memory_mib: 256
-                }
-            ),
+            args(Vmm::None, Kind::Persistent, &config),
             "--vm-dir /h/vms/x --vm-id x --vmm none --ready-fd 7 --cpus 2 --memory-mib 256"
         );
+        config.disk_size = Some(1 << 30);
         assert_eq!(
-            args(Vmm::Qemu, Kind::Adopt),
+            args(Vmm::None, Kind::Persistent, &config),
+            "--vm-dir /h/vms/x --vm-id x --vmm none --ready-fd 7 --cpus 2 --memory-mib 256 --disk-size 1073741824"
+        );
+        assert_eq!(
+            args(Vmm::Qemu, Kind::Adopt, &config),
             "--vm-dir /h/vms/x --vm-id x --vmm qemu --ready-fd 7 --adopt --accel tcg"
         );
     }
@@ -559,6 +579,8 @@ mod tests {
             vmm: Vmm::None,
             accel: AccelChoice::Auto,
             kind: Kind::Temporary { exec: false },
+            config: &crate::testutil::config("tmp-0", true, None),
+            image: None,
             audit_log: None,
         };
         let (mut child, mut pipe) = spawn(&script, &target).unwrap();

@@ -13,12 +13,15 @@ use nix::sys::signal::Signal;
 use capsem_proto::ipc::ClientToProcess;
 
 use crate::attach::{AttachError, Session};
-use crate::cli::{AccelChoice, Vmm};
+use capsem_host::vmstate::VmConfig;
+
+use crate::cli::{AccelChoice, NewVmArgs, Vmm};
 use crate::exit::{self, Exit};
 use crate::home::{self, HomeError, VmDir};
 use crate::progress::Progress;
 use crate::signals::{Signals, SignalsError};
 use crate::spawn::{self, ProcessChild, ReadyOutcome, SpawnError, EXIT_GRACE};
+use crate::vmimage::Chosen;
 
 /// The warning `--vmm none` prints, once, on stderr.
 pub const NO_ISOLATION_WARNING: &str =
@@ -39,6 +42,8 @@ pub enum TempVmError {
     Owner(#[source] capsem_host::identity::IdentityError),
     #[error("this process has no argv to record as the VM's owner")]
     NoArgv,
+    #[error(transparent)]
+    Image(#[from] crate::vmimage::VmImageError),
     #[error("cannot record the VM")]
     Record(#[source] capsem_host::vmstate::VmStateError),
     /// capsem-process reported that it could not start the VM.
@@ -125,20 +130,28 @@ impl TempVm {
     }
 }
 
-/// Creates and boots a temporary VM; `exec` starts it for `capsem run`.
-pub fn start(
-    home_flag: Option<&Path>,
-    vmm: Vmm,
-    accel: AccelChoice,
-    exec: bool,
-    audit_log: Option<&Path>,
-) -> Result<Started, TempVmError> {
+/// The home a temporary VM lives in, checked.
+pub fn home(home_flag: Option<&Path>) -> Result<PathBuf, TempVmError> {
     let home = home::resolve_home(
         home_flag,
         std::env::var_os("CAPSEM_HOME").as_deref(),
         home::user_home().as_deref(),
     )?;
     home::check_readable(&home)?;
+    Ok(home)
+}
+
+/// Creates and boots a temporary VM in `home` (see [`home`]) with `image`
+/// (of [`crate::vmimage::resolve_new`]); `exec` starts it for `capsem run`.
+pub fn start(
+    home: PathBuf,
+    vmm: Vmm,
+    accel: AccelChoice,
+    exec: bool,
+    audit_log: Option<&Path>,
+    new: &NewVmArgs,
+    image: Option<Chosen>,
+) -> Result<Started, TempVmError> {
     if vmm == Vmm::None {
         eprintln!("{NO_ISOLATION_WARNING}");
     }
@@ -152,7 +165,8 @@ pub fn start(
     // by another capsem never takes the new directory for a dead VM's.
     let lock = capsem_host::lock::VmLock::acquire(&home, &id).map_err(TempVmError::Lock)?;
     let vm_dir = VmDir::create(&home, &id)?;
-    write_vm_json(vm_dir.path(), &id, vmm, accel)?;
+    let record = image.as_ref().map(|i| i.record.clone());
+    let config = write_vm_json(vm_dir.path(), &id, vmm, accel, new.disk_size, record)?;
     drop(lock);
     let target = spawn::Target {
         vm_dir: vm_dir.path(),
@@ -160,6 +174,8 @@ pub fn start(
         vmm,
         accel,
         kind: spawn::Kind::Temporary { exec },
+        config: &config,
+        image: image.as_ref().map(|i| &i.cached),
         audit_log,
     };
     let (mut child, mut ready) = spawn::spawn(&bin, &target)?;
@@ -205,18 +221,29 @@ pub fn owner_record() -> Result<capsem_host::identity::ProcRecord, TempVmError> 
     capsem_host::identity::capture("owner", me, &argv0).map_err(TempVmError::Owner)
 }
 
-/// `vm.json` for a temporary VM owned by this process.
-fn write_vm_json(dir: &Path, id: &str, vmm: Vmm, accel: AccelChoice) -> Result<(), TempVmError> {
-    let config = capsem_host::vmstate::VmConfig {
+/// `vm.json` for a temporary VM owned by this process, with the default
+/// resources.
+fn write_vm_json(
+    dir: &Path,
+    id: &str,
+    vmm: Vmm,
+    accel: AccelChoice,
+    disk_size: Option<u64>,
+    image: Option<capsem_host::vmstate::VmImage>,
+) -> Result<VmConfig, TempVmError> {
+    let config = VmConfig {
         name: id.to_owned(),
         temporary: true,
         created: capsem_host::vmstate::now_rfc3339(),
         vmm: vmm.as_arg().to_owned(),
         accel: accel.as_arg().to_owned(),
-        cpus: 1,
-        memory_mib: 512,
+        cpus: capsem_host::resources::default_cpus(),
+        memory_mib: capsem_host::resources::default_memory_mib(),
         owner: Some(owner_record()?),
+        disk_size,
+        image,
     };
     capsem_host::vmstate::write_json(&dir.join(capsem_host::vmstate::VM_FILE), &config)
-        .map_err(TempVmError::Record)
+        .map_err(TempVmError::Record)?;
+    Ok(config)
 }

@@ -94,6 +94,8 @@ pub(crate) fn config(name: &str, temporary: bool, owner: Option<ProcRecord>) -> 
         cpus: 2,
         memory_mib: 1024,
         owner,
+        disk_size: None,
+        image: None,
     }
 }
 

@@ -52,12 +52,18 @@ pub fn boot(ctx: &Ctx, config: &VmConfig, kind: Kind) -> Result<(), CliError> {
     let mut signals = Signals::install()?;
     let dir = ctx.vm_dir(&config.name);
     let vmm = vmm_of(config);
+    let image = match kind {
+        Kind::Adopt => None,
+        _ => crate::vmimage::recorded(&ctx.home, config)?,
+    };
     let target = Target {
         vm_dir: &dir,
         vm_id: &config.name,
         vmm,
         accel: accel_of(config),
         kind,
+        config,
+        image: image.as_ref(),
         audit_log: None,
     };
     let (mut child, mut ready) = crate::spawn::spawn(&bin, &target)?;
@@ -118,14 +124,7 @@ pub fn ensure_running(ctx: &Ctx, name: &str, boot_stopped: bool) -> Result<Vm, C
             );
             boot(ctx, &config, Kind::Adopt)?;
         }
-        VmState::Stopped if boot_stopped => boot(
-            ctx,
-            &config,
-            Kind::Persistent {
-                cpus: config.cpus,
-                memory_mib: config.memory_mib,
-            },
-        )?,
+        VmState::Stopped if boot_stopped => boot(ctx, &config, Kind::Persistent)?,
         VmState::Stopped => {
             return Err(CliError::WrongState {
                 name: name.into(),

@@ -190,6 +190,8 @@ mod tests {
             cpus: 1,
             memory_mib: 512,
             owner: None,
+            disk_size: None,
+            image: None,
         }
     }
 

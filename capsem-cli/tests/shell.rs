@@ -611,14 +611,14 @@ fn usage_errors_exit_125_and_help_documents_exit_codes() {
 fn an_unknown_option_before_the_command_exits_125_and_runs_nothing() {
     let env = TestEnv::new();
     for args in [
-        &["run", "--image", "X", "--", "sh"][..],
-        &["exec", "dev", "--image", "X", "--", "sh"],
+        &["run", "--no-such-flag", "X", "--", "sh"][..],
+        &["exec", "dev", "--no-such-flag", "X", "--", "sh"],
     ] {
         let out = CliGuard::spawn(env.command("exit7", args)).finish(DEADLINE);
         assert_eq!(out.status.code(), Some(125), "{args:?}: {}", out.stderr);
         assert!(
             out.stderr
-                .starts_with("error: unexpected argument '--image' found"),
+                .starts_with("error: unexpected argument '--no-such-flag' found"),
             "{args:?}: {}",
             out.stderr
         );

@@ -9,11 +9,13 @@
 //! * [`vmstate`]: the files describing a VM (`vm.json`, `pids.json`,
 //!   `status.json`, `token`) and VM names.
 //! * [`pidfd`]: a process's exit as a pollable fd.
+//! * [`resources`]: a VM's default vCPUs and memory, and disk sizes.
 //! * [`tsc`]: the host's TSC rate, told to TCG guests.
 
 pub mod accel;
 pub mod identity;
 pub mod lock;
 pub mod pidfd;
+pub mod resources;
 pub mod tsc;
 pub mod vmstate;

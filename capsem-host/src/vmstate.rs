@@ -5,7 +5,7 @@
 //!
 //! | file | writer | what |
 //! |---|---|---|
-//! | `vm.json` | CLI (`create`, temporary VMs at start) | [`VmConfig`]: name, persistence, creation time, resources |
+//! | `vm.json` | CLI (`create`, temporary VMs at start) | [`VmConfig`]: name, persistence, creation time, resources, disk size, OCI image |
 //! | `pids.json` | capsem-process, after the guest started; removed at its teardown | [`Pids`]: capsem-process and the guest's host processes with their identities |
 //! | `status.json` | capsem-process, on each change | [`VmStatusFile`]: agent connections, the last shell exit |
 //! | `token` | capsem-process (0600) | the session token, so a new capsem-process can adopt a running guest |
@@ -102,6 +102,23 @@ pub struct VmConfig {
     /// The CLI that owns a temporary VM; the VM is swept once it is gone.
     #[serde(default)]
     pub owner: Option<ProcRecord>,
+    /// The writable disk's size in bytes, used when it is first made
+    /// (`None`: capsem-process's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_size: Option<u64>,
+    /// The OCI image whose root filesystem the VM boots (`None`: the
+    /// default image's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<VmImage>,
+}
+
+/// An OCI image as `vm.json` records it: what was asked for and the
+/// manifest digest it resolved to (the cache key under `images/oci/`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmImage {
+    pub reference: String,
+    /// `sha256:<hex>`.
+    pub digest: String,
 }
 
 /// `pids.json`: the host processes of a running VM.

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use capsem_host::resources::{default_cpus, default_memory_mib, parse_size};
 use clap::{Parser, ValueEnum};
 
 pub use crate::vmm::accel::AccelChoice;
@@ -73,6 +74,14 @@ pub struct Config {
     /// K, M, G or T suffix (powers of 1024).
     #[arg(long, value_name = "SIZE", default_value = "8G", value_parser = parse_size)]
     pub disk_size: u64,
+    /// The read-only root filesystem (an OCI image's `rootfs.erofs`) to boot
+    /// instead of the image directory's; kernel and initramfs stay its.
+    #[arg(long, value_name = "FILE", value_parser = parse_absolute)]
+    pub rootfs: Option<PathBuf>,
+    /// The OCI image's run settings (its cached `config.json`: Env,
+    /// WorkingDir, User), copied onto a new writable disk for the guest.
+    #[arg(long, value_name = "FILE", value_parser = parse_absolute, requires = "rootfs")]
+    pub image_config: Option<PathBuf>,
     /// How long the guest may take to connect (default: 10000 for none, 120000 for qemu).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub boot_timeout_ms: Option<u64>,
@@ -133,60 +142,6 @@ impl Config {
     }
 }
 
-/// 2 vCPUs where the host has them.
-fn default_cpus() -> u32 {
-    let host = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    u32::try_from(host).unwrap_or(u32::MAX).clamp(1, 2)
-}
-
-/// 1 GiB where the host has at least twice that.
-fn default_memory_mib() -> u32 {
-    let total_mib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|t| parse_mem_total_kib(&t))
-        .map_or(u64::MAX, |kib| kib / 1024);
-    u32::try_from((total_mib / 2).clamp(128, 1024)).unwrap_or(1024)
-}
-
-/// `MemTotal:  N kB` of /proc/meminfo.
-fn parse_mem_total_kib(meminfo: &str) -> Option<u64> {
-    meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
-/// Smallest and largest `--disk-size`: room for ext4's journal, and ext4's
-/// limit with 4 KiB blocks.
-const DISK_MIN: u64 = 64 << 20;
-const DISK_MAX: u64 = 16 << 40;
-
-/// `--disk-size`: `N`, `NK`, `NM`, `NG` or `NT` (also `NGiB`, `Ng`).
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
-    let (digits, shift) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => (&t[..t.len() - 1], 10),
-        Some('M') => (&t[..t.len() - 1], 20),
-        Some('G') => (&t[..t.len() - 1], 30),
-        Some('T') => (&t[..t.len() - 1], 40),
-        _ => (t, 0),
-    };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size such as 8G, 512M or 1073741824"))?;
-    let bytes = n
-        .checked_mul(1 << shift)
-        .ok_or_else(|| format!("{s:?} is too large"))?;
-    if !(DISK_MIN..=DISK_MAX).contains(&bytes) {
-        return Err(format!("{s:?} is outside 64M..16T"));
-    }
-    Ok(bytes)
-}
-
 /// `--audit-log`: our working directory is not the caller's.
 fn parse_absolute(s: &str) -> Result<PathBuf, String> {
     let path = PathBuf::from(s);
@@ -234,15 +189,7 @@ mod tests {
     }
 
     #[test]
-    fn disk_sizes() {
-        assert_eq!(parse_size("8G"), Ok(8 << 30));
-        assert_eq!(parse_size("8GiB"), Ok(8 << 30));
-        assert_eq!(parse_size("512m"), Ok(512 << 20));
-        assert_eq!(parse_size("1T"), Ok(1 << 40));
-        assert_eq!(parse_size("67108864"), Ok(64 << 20));
-        for bad in ["", "G", "8X", "-1G", "1M", "17T", "99999999999999999999T"] {
-            assert!(parse_size(bad).is_err(), "{bad:?}");
-        }
+    fn disk_size_flag() {
         let c = parse(&[
             "--vm-dir",
             "/x",
@@ -255,15 +202,17 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.disk_size, 1 << 30);
-    }
-
-    #[test]
-    fn host_memory_is_read_from_meminfo() {
-        assert_eq!(
-            parse_mem_total_kib("MemTotal:       24576000 kB\nMemFree: 1 kB\n"),
-            Some(24_576_000)
-        );
-        assert_eq!(parse_mem_total_kib("MemFree: 1 kB\n"), None);
+        assert!(parse(&[
+            "--vm-dir",
+            "/x",
+            "--vm-id",
+            "a",
+            "--vmm",
+            "qemu",
+            "--disk-size",
+            "1M"
+        ])
+        .is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! * [`fixture`]: one test's capsem home, its VMs' logs (printed and kept when
 //!   the test fails), IPC requests to a VM's capsem-process, and the
 //!   nothing-left-behind check.
+//! * [`registry`]: a loopback `docker-registry` for the OCI image tests.
 //!
 //! Each test runs in its own process under cargo-nextest, so "descendants of
 //! this process" is exactly "what this test started".
@@ -20,6 +21,7 @@ pub mod fixture;
 pub mod persist;
 pub mod procs;
 pub mod pty;
+pub mod registry;
 pub mod scenarios;
 
 pub use fixture::{Backend, Fixture};

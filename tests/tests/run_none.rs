@@ -247,6 +247,18 @@ fn env_workdir_and_a_refused_variable() {
 }
 
 #[test]
+fn an_image_needs_a_vm() {
+    let fx = Fixture::new("run_image_none", B);
+    let out = run(&fx, &["--image", "127.0.0.1:1/t/img:1", "--", "true"]);
+    assert_eq!(code(&out), 125, "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("capsem: --image needs a VM"), "{err}");
+    fx.assert_nothing_left();
+}
+
+#[test]
 fn sigterm_to_capsem_stops_the_command_group() {
     let fx = Fixture::new("run_sigterm", B);
     let mut child = fx

@@ -87,6 +87,10 @@ pub struct ExecConfig {
     pub token: String,
     pub home: PathBuf,
     pub cwd: PathBuf,
+    /// The OCI image's Env, under the client's `-e`.
+    pub image_env: Vec<(String, String)>,
+    /// The image's User, resolved; `None`: root.
+    pub creds: Option<crate::imageconfig::Creds>,
 }
 
 struct Conns {

@@ -26,6 +26,7 @@ use crate::session::chain;
 /// The base environment, then the request's variables (already checked).
 fn command_env(
     home: &Path,
+    image_env: &[(String, String)],
     env: &[(String, String)],
 ) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
     let mut out: Vec<(std::ffi::OsString, std::ffi::OsString)> = vec![
@@ -33,10 +34,8 @@ fn command_env(
         ("HOME".into(), home.as_os_str().to_owned()),
         ("LANG".into(), "C.UTF-8".into()),
     ];
-    for (k, v) in env {
-        out.retain(|(name, _)| name.as_os_str() != k.as_str());
-        out.push((k.into(), v.into()));
-    }
+    crate::imageconfig::merge_env(&mut out, image_env);
+    crate::imageconfig::merge_env(&mut out, env);
     out
 }
 
@@ -153,7 +152,7 @@ impl Exec {
                 ),
             );
         }
-        let mut env = command_env(&cfg.home, &env);
+        let mut env = command_env(&cfg.home, &cfg.image_env, &env);
         if tty.is_some() && !env.iter().any(|(k, _)| k == "TERM") {
             env.push(("TERM".into(), "xterm-256color".into()));
         }
@@ -163,6 +162,7 @@ impl Exec {
             env,
             cwd,
             tty,
+            creds: cfg.creds,
         };
         match Running::spawn(&spec)? {
             Ok(running) => {
@@ -557,6 +557,7 @@ mod tests {
     fn user_env_overrides_the_base() {
         let env = command_env(
             Path::new("/root"),
+            &[("PATH".into(), "/image".into()), ("B".into(), "2".into())],
             &[("PATH".into(), "/x".into()), ("A".into(), "1".into())],
         );
         let get = |k: &str| {
@@ -566,6 +567,7 @@ mod tests {
         };
         assert_eq!(get("PATH").as_deref(), Some("/x"));
         assert_eq!(get("A").as_deref(), Some("1"));
+        assert_eq!(get("B").as_deref(), Some("2"), "the image's Env");
         assert_eq!(get("HOME").as_deref(), Some("/root"));
         assert_eq!(env.iter().filter(|(n, _)| n == "PATH").count(), 1);
     }

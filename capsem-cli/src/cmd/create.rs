@@ -1,10 +1,12 @@
-//! `capsem create NAME [--cpus N] [--memory MIB]`: records a persistent
+//! `capsem create NAME [--cpus N] [--memory MIB] [--disk-size SIZE]
+//! [--image REF [--registry-auth FILE]]`: records a persistent
 //! VM (`vm.json`), boots it and returns once its agent is ready; the name
 //! goes to stdout. A VM that does not boot stays recorded (the error says
 //! how to read its logs and remove it).
 
 use std::os::unix::fs::DirBuilderExt;
 
+use capsem_host::resources::{default_cpus, default_memory_mib};
 use capsem_host::vmstate::{VmConfig, VM_FILE};
 
 use crate::cli::{CreateArgs, Vmm};
@@ -19,6 +21,7 @@ use crate::vmctl;
 pub fn run(ctx: &Ctx, args: &CreateArgs) -> Result<Exit, CliError> {
     let name = args.name.as_str();
     check_persistent_name(name)?;
+    let image = crate::vmimage::resolve_new(&ctx.home, &args.new, ctx.vmm)?;
     let _lock = ctx.lock(name)?;
     let dir = ctx.vm_dir(name);
     let vms = crate::home::vms_dir(&ctx.home);
@@ -48,9 +51,11 @@ pub fn run(ctx: &Ctx, args: &CreateArgs) -> Result<Exit, CliError> {
         created: capsem_host::vmstate::now_rfc3339(),
         vmm: ctx.vmm.as_arg().into(),
         accel: ctx.accel.as_arg().into(),
-        cpus: args.cpus,
-        memory_mib: args.memory,
+        cpus: args.cpus.unwrap_or_else(default_cpus),
+        memory_mib: args.memory.unwrap_or_else(default_memory_mib),
         owner: None,
+        disk_size: args.new.disk_size,
+        image: image.map(|i| i.record),
     };
     if let Err(e) = capsem_host::vmstate::write_json(&dir.join(VM_FILE), &config) {
         let _ = std::fs::remove_dir_all(&dir);
@@ -59,15 +64,7 @@ pub fn run(ctx: &Ctx, args: &CreateArgs) -> Result<Exit, CliError> {
     if ctx.vmm == Vmm::None {
         eprintln!("{}", crate::tempvm::NO_ISOLATION_WARNING);
     }
-    vmctl::boot(
-        ctx,
-        &config,
-        Kind::Persistent {
-            cpus: config.cpus,
-            memory_mib: config.memory_mib,
-        },
-    )
-    .map_err(|e| match e {
+    vmctl::boot(ctx, &config, Kind::Persistent).map_err(|e| match e {
         CliError::Boot(reason) => CliError::NotBooted {
             name: name.into(),
             reason,

@@ -16,6 +16,9 @@ use crate::vmctl;
 
 /// Runs the command and returns how capsem exits.
 pub fn run(ctx: &Ctx, args: ExecArgs) -> Result<Exit, CliError> {
+    if args.cmd.command.is_empty() {
+        return Err(CliError::NoCommand);
+    }
     let (request, tty) = exec_request(args.cmd)?;
     let vm = vmctl::ensure_running(ctx, &args.name, false)?;
     let mut signals = Signals::install()?;

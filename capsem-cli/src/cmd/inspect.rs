@@ -5,6 +5,10 @@
 //! and the last shell exit come from `status.json`, which survives a stop,
 //! so they describe the latest run.
 
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use capsem_host::vmstate::VmImage;
 use serde::Serialize;
 
 use crate::context::Ctx;
@@ -29,6 +33,10 @@ pub struct Inspect {
     pub image: Option<String>,
     pub cpus: Option<u32>,
     pub memory_mib: Option<u32>,
+    /// The OCI image the root filesystem comes from; `null`: the default.
+    pub oci_image: Option<VmImage>,
+    /// `<dir>/disk.img`, once a qemu boot made it.
+    pub disk: Option<InspectDisk>,
     pub pids: InspectPids,
     pub agent_connects: u64,
     pub boots: u64,
@@ -37,6 +45,32 @@ pub struct Inspect {
     /// The VM directory.
     pub dir: String,
 }
+
+/// The VM's writable disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InspectDisk {
+    pub path: String,
+    /// Its apparent size.
+    pub size_bytes: u64,
+    /// What the sparse file really uses (`st_blocks * 512`).
+    pub allocated_bytes: u64,
+}
+
+impl InspectDisk {
+    /// `<dir>/disk.img` when it exists.
+    fn of(dir: &Path) -> Option<Self> {
+        let path = dir.join(DISK_FILE);
+        let meta = std::fs::metadata(&path).ok().filter(|m| m.is_file())?;
+        Some(Self {
+            path: path.to_string_lossy().into_owned(),
+            size_bytes: meta.len(),
+            allocated_bytes: meta.blocks().saturating_mul(512),
+        })
+    }
+}
+
+/// The file name capsem-process gives the writable disk.
+const DISK_FILE: &str = "disk.img";
 
 /// The VM's live host processes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -77,6 +111,8 @@ impl Inspect {
             image: status.image,
             cpus: config.map(|c| c.cpus),
             memory_mib: config.map(|c| c.memory_mib),
+            oci_image: config.and_then(|c| c.image.clone()),
+            disk: InspectDisk::of(&vm.dir),
             pids: InspectPids {
                 capsem_process: vm
                     .process
@@ -173,6 +209,8 @@ mod tests {
                 "image": "/img",
                 "cpus": 2,
                 "memory_mib": 1024,
+                "oci_image": null,
+                "disk": null,
                 "pids": {
                     "capsem_process": process.record.pid,
                     "guest": [{ "role": "capsem-agent", "pid": agent.record.pid }],
@@ -249,12 +287,14 @@ mod tests {
             guest: vec![agent.record.clone()],
             cid: None,
         };
-        let dir = make_vm(
-            home.path(),
-            "dev",
-            Some(&config("dev", false, None)),
-            Some(&pids),
-        );
+        let mut with_image = config("dev", false, None);
+        with_image.image = Some(VmImage {
+            reference: "r".into(),
+            digest: "sha256:00".into(),
+        });
+        let dir = make_vm(home.path(), "dev", Some(&with_image), Some(&pids));
+        let disk = std::fs::File::create(dir.join(DISK_FILE)).unwrap();
+        disk.set_len(64 << 20).unwrap();
         let status = VmStatusFile {
             last_shell_exit: Some(ShellExit {
                 exit_code: Some(0),
@@ -268,7 +308,11 @@ mod tests {
 
         let list = serde_json::to_value([crate::cmd::list::ListEntry::new(&vm)]).unwrap();
         same_shape(&blocks[0], &list, "list");
-        let inspect = serde_json::to_value(Inspect::new(&vm)).unwrap();
+        let got = Inspect::new(&vm);
+        let disk = got.disk.clone().unwrap();
+        assert_eq!(disk.size_bytes, 64 << 20);
+        assert!(disk.allocated_bytes < disk.size_bytes, "sparse: {disk:?}");
+        let inspect = serde_json::to_value(got).unwrap();
         same_shape(&blocks[1], &inspect, "inspect");
         process.finish();
         agent.finish();

@@ -1,4 +1,5 @@
 //! `capsem run`: one command in a temporary VM, from start to teardown.
+//! With `--image` and no command, the image's Entrypoint and Cmd run.
 //!
 //! Order of events: the request is checked (a refused environment variable
 //! or an oversized command is exit 125 before anything starts), home and VM
@@ -22,8 +23,18 @@ pub fn run(
     home_flag: Option<&Path>,
     vmm: Vmm,
     accel: AccelChoice,
-    args: RunArgs,
+    mut args: RunArgs,
 ) -> Result<Exit, CliError> {
+    let home = tempvm::home(home_flag)?;
+    let image = crate::vmimage::resolve_new(&home, &args.new, vmm)?;
+    if args.cmd.command.is_empty() {
+        // Like `docker run IMAGE`: the image's Entrypoint and Cmd.
+        let chosen = image.as_ref().ok_or(CliError::NoCommand)?;
+        args.cmd.command = chosen.cached.config.default_command();
+        if args.cmd.command.is_empty() {
+            return Err(CliError::NoDefaultCommand(chosen.record.reference.clone()));
+        }
+    }
     let (request, tty) = exec_request(args.cmd)?;
     // capsem-process appends the guest's audit records there at teardown.
     let audit_log = args
@@ -31,7 +42,15 @@ pub fn run(
         .as_deref()
         .map(prepare_audit_log)
         .transpose()?;
-    let mut vm = match tempvm::start(home_flag, vmm, accel, true, audit_log.as_deref())? {
+    let mut vm = match tempvm::start(
+        home,
+        vmm,
+        accel,
+        true,
+        audit_log.as_deref(),
+        &args.new,
+        image,
+    )? {
         Started::Ready(vm) => vm,
         Started::Interrupted(code) => return Ok(code),
     };

@@ -23,7 +23,7 @@ use std::path::Path;
 use capsem_proto::ipc::ClientToProcess;
 
 use crate::attach::{Session, SessionEnd};
-use crate::cli::{AccelChoice, Vmm};
+use crate::cli::{AccelChoice, NewVmArgs, Vmm};
 use crate::context::Ctx;
 use crate::error::CliError;
 use crate::exit::{self, Exit};
@@ -37,8 +37,11 @@ pub fn run_temporary(
     home_flag: Option<&Path>,
     vmm: Vmm,
     accel: AccelChoice,
+    new: &NewVmArgs,
 ) -> Result<Exit, CliError> {
-    let mut vm = match tempvm::start(home_flag, vmm, accel, false, None)? {
+    let home = tempvm::home(home_flag)?;
+    let image = crate::vmimage::resolve_new(&home, new, vmm)?;
+    let mut vm = match tempvm::start(home, vmm, accel, false, None, new, image)? {
         Started::Ready(vm) => vm,
         Started::Interrupted(code) => return Ok(code),
     };
@@ -102,7 +105,10 @@ fn detached_line(name: &str) -> String {
 }
 
 /// `capsem shell NAME`: attaches this terminal to the VM's shell.
-pub fn run_named(ctx: &Ctx, name: &str) -> Result<Exit, CliError> {
+pub fn run_named(ctx: &Ctx, name: &str, new: &NewVmArgs) -> Result<Exit, CliError> {
+    if new.disk_size.is_some() || new.image.is_some() {
+        return Err(CliError::NewVmFlag(name.into()));
+    }
     let vm = vmctl::ensure_running(ctx, name, false)?;
     let mut signals = Signals::install()?;
     let stdin = std::io::stdin();

@@ -6,7 +6,9 @@
 //! sparse file, no formatter needed in the guest, and a disk that exists is
 //! always a formatted one (it is made under a temporary name and renamed).
 //! A persistent VM's disk is reused as it is on every later boot; a
-//! temporary VM's goes with its directory.
+//! temporary VM's goes with its directory. A VM booting an OCI image gets
+//! the image's `config.json` at `capsem/image.json` on its new disk
+//! (`mkfs.ext4 -d`), which capsem-init hands to the agent.
 
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
@@ -69,7 +71,8 @@ pub fn find_mkfs() -> Option<PathBuf> {
 /// mkfs.ext4's arguments for `path`. No reserved blocks (one user, root);
 /// lazy inode table and journal init, since a sparse file reads as zeros
 /// anyway; no discard pass (nothing to discard in a new sparse file).
-pub fn mkfs_args(path: &Path) -> Vec<std::ffi::OsString> {
+/// `seed`: a directory whose files the new filesystem starts with (`-d`).
+pub fn mkfs_args(path: &Path, seed: Option<&Path>) -> Vec<std::ffi::OsString> {
     let mut args: Vec<std::ffi::OsString> = [
         "-q",
         "-F",
@@ -85,13 +88,30 @@ pub fn mkfs_args(path: &Path) -> Vec<std::ffi::OsString> {
     .iter()
     .map(Into::into)
     .collect();
+    if let Some(dir) = seed {
+        args.push("-d".into());
+        args.push(dir.into());
+    }
     args.push(path.into());
     args
 }
 
+/// Where, on the writable disk (outside the overlay's `upper/` and
+/// `work/`, so the guest's root never shows it), capsem-init finds the
+/// OCI image's run settings.
+pub const IMAGE_CONFIG_ON_DISK: &str = "capsem/image.json";
+
 /// Makes `path` a formatted disk of `size` bytes unless it already is one.
-/// Blocks the calling thread while mkfs.ext4 runs (about a second at most).
-pub fn ensure(path: &Path, size: u64, reaper: &Reaper, log: &Path) -> Result<Prepared, DiskError> {
+/// A new disk holds `image_config` (an OCI image's `config.json`) at
+/// [`IMAGE_CONFIG_ON_DISK`]. Blocks the calling thread while mkfs.ext4
+/// runs (about a second at most).
+pub fn ensure(
+    path: &Path,
+    size: u64,
+    image_config: Option<&Path>,
+    reaper: &Reaper,
+    log: &Path,
+) -> Result<Prepared, DiskError> {
     match fs::symlink_metadata(path) {
         Ok(meta) if meta.is_file() => return Ok(Prepared::Existing),
         Ok(_) => return Err(DiskError::NotAFile { path: path.into() }),
@@ -123,18 +143,46 @@ pub fn ensure(path: &Path, size: u64, reaper: &Reaper, log: &Path) -> Result<Pre
     // set_len on a new file makes it sparse: no block is written.
     file.set_len(size).map_err(create)?;
     drop(file);
-    let result = format(&part, reaper, log).and_then(|()| {
-        let file = fs::File::open(&part).map_err(create)?;
-        file.sync_all().map_err(create)?;
-        fs::rename(&part, path).map_err(create)
-    });
+    let seed = path.with_extension("img.seed");
+    let seeded = match image_config {
+        Some(config) => seed_dir(&seed, config).map(Some),
+        None => Ok(None),
+    };
+    let result = seeded
+        .and_then(|s| format(&part, s.as_deref(), reaper, log))
+        .and_then(|()| {
+            let file = fs::File::open(&part).map_err(create)?;
+            file.sync_all().map_err(create)?;
+            fs::rename(&part, path).map_err(create)
+        });
+    if image_config.is_some() {
+        let _ = fs::remove_dir_all(&seed);
+    }
     if result.is_err() {
         let _ = fs::remove_file(&part);
     }
     result.map(|()| Prepared::Created)
 }
 
-fn format(part: &Path, reaper: &Reaper, log: &Path) -> Result<(), DiskError> {
+/// `<seed>/capsem/image.json`, a copy of `config`, for `mkfs.ext4 -d`.
+fn seed_dir(seed: &Path, config: &Path) -> Result<PathBuf, DiskError> {
+    let err = |source| DiskError::Create {
+        path: seed.into(),
+        source,
+    };
+    let _ = fs::remove_dir_all(seed);
+    let target = seed.join(IMAGE_CONFIG_ON_DISK);
+    if let Some(parent) = target.parent() {
+        fs::create_dir_all(parent).map_err(err)?;
+    }
+    fs::copy(config, &target).map_err(|source| DiskError::Create {
+        path: config.into(),
+        source,
+    })?;
+    Ok(seed.to_path_buf())
+}
+
+fn format(part: &Path, seed: Option<&Path>, reaper: &Reaper, log: &Path) -> Result<(), DiskError> {
     let mkfs = find_mkfs().ok_or(DiskError::NoMkfs)?;
     let log_file = OpenOptions::new()
         .create(true)
@@ -150,7 +198,7 @@ fn format(part: &Path, reaper: &Reaper, log: &Path) -> Result<(), DiskError> {
         source,
     })?;
     let mut cmd = Command::new(mkfs);
-    cmd.args(mkfs_args(part))
+    cmd.args(mkfs_args(part, seed))
         .stdin(Stdio::null())
         .stdout(Stdio::from(log_file))
         .stderr(Stdio::from(err_file))
@@ -216,7 +264,7 @@ mod tests {
 
     #[test]
     fn mkfs_is_quiet_forced_and_ends_with_the_file() {
-        let args = mkfs_args(Path::new("/vm/disk.img.part"));
+        let args = mkfs_args(Path::new("/vm/disk.img.part"), None);
         let s: Vec<String> = args
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
@@ -237,7 +285,7 @@ mod tests {
         let log = d.path().join("mkfs.log");
         let size = 1 << 30;
         assert_eq!(
-            ensure(&disk, size, &reaper, &log).unwrap(),
+            ensure(&disk, size, None, &reaper, &log).unwrap(),
             Prepared::Created
         );
         let meta = fs::metadata(&disk).unwrap();
@@ -262,10 +310,37 @@ mod tests {
             .set_len(size + 4096)
             .unwrap();
         assert_eq!(
-            ensure(&disk, size, &reaper, &log).unwrap(),
+            ensure(&disk, size, None, &reaper, &log).unwrap(),
             Prepared::Existing
         );
         assert_eq!(fs::metadata(&disk).unwrap().len(), size + 4096);
+        task.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_disk_holds_the_image_config_outside_the_overlay() {
+        let (reaper, task) = Reaper::start().unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let disk = d.path().join("disk.img");
+        let config = d.path().join("config.json");
+        fs::write(&config, br#"{"Env":["FOO=bar"]}"#).unwrap();
+        let log = d.path().join("mkfs.log");
+        assert_eq!(
+            ensure(&disk, 64 << 20, Some(&config), &reaper, &log).unwrap(),
+            Prepared::Created
+        );
+        assert!(!d.path().join("disk.img.seed").exists());
+        let debugfs = ["/usr/sbin/debugfs", "/sbin/debugfs"]
+            .into_iter()
+            .find(|p| Path::new(p).is_file())
+            .expect("debugfs (e2fsprogs) is missing: run scripts/install-deps.sh");
+        let out = Command::new(debugfs)
+            .arg("-R")
+            .arg(format!("cat /{IMAGE_CONFIG_ON_DISK}"))
+            .arg(&disk)
+            .output()
+            .unwrap();
+        assert_eq!(out.stdout, br#"{"Env":["FOO=bar"]}"#, "{out:?}");
         task.abort();
     }
 
@@ -276,13 +351,13 @@ mod tests {
         let dir = d.path().join("disk.img");
         fs::create_dir(&dir).unwrap();
         assert!(matches!(
-            ensure(&dir, 1 << 20, &reaper, &d.path().join("log")),
+            ensure(&dir, 1 << 20, None, &reaper, &d.path().join("log")),
             Err(DiskError::NotAFile { .. })
         ));
         // mkfs.ext4 refuses a size this small: the error names the log and
         // no partial disk is left.
         let disk = d.path().join("small.img");
-        let err = ensure(&disk, 1024, &reaper, &d.path().join("log")).unwrap_err();
+        let err = ensure(&disk, 1024, None, &reaper, &d.path().join("log")).unwrap_err();
         assert!(matches!(err, DiskError::Mkfs { .. }), "{err}");
         assert!(!disk.exists());
         assert!(!d.path().join("small.img.part").exists());

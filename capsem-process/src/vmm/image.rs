@@ -1,5 +1,6 @@
 //! The guest image: a kernel, an initramfs and the read-only root
-//! filesystem, built by `images/build.sh`.
+//! filesystem, built by `images/build.sh`; the root filesystem may come
+//! from an OCI image instead (`--rootfs`).
 
 use std::path::{Path, PathBuf};
 
@@ -18,6 +19,8 @@ pub struct Image {
 pub enum ImageError {
     #[error("no guest image at {dir} ({missing} is missing): build it with images/build.sh")]
     Missing { dir: PathBuf, missing: &'static str },
+    #[error("the root filesystem {0} is not a file (capsem image ls)")]
+    NoRootfs(PathBuf),
 }
 
 impl Image {
@@ -43,6 +46,19 @@ impl Image {
         }
         Ok(image)
     }
+
+    /// [`Image::open`], with `rootfs` (an OCI image's) replacing the
+    /// directory's root filesystem when given.
+    pub fn open_with(dir: &Path, rootfs: Option<&Path>) -> Result<Self, ImageError> {
+        let mut image = Self::open(dir)?;
+        if let Some(r) = rootfs {
+            if !r.is_file() {
+                return Err(ImageError::NoRootfs(r.to_path_buf()));
+            }
+            image.rootfs = Some(r.to_path_buf());
+        }
+        Ok(image)
+    }
 }
 
 #[cfg(test)]
@@ -64,6 +80,16 @@ mod tests {
         assert_eq!(
             Image::open(d.path()).unwrap().rootfs,
             Some(d.path().join("rootfs.erofs"))
+        );
+        let oci = d.path().join("oci.erofs");
+        assert!(matches!(
+            Image::open_with(d.path(), Some(&oci)),
+            Err(ImageError::NoRootfs(p)) if p == oci
+        ));
+        std::fs::write(&oci, b"o").unwrap();
+        assert_eq!(
+            Image::open_with(d.path(), Some(&oci)).unwrap().rootfs,
+            Some(oci)
         );
     }
 }

@@ -238,7 +238,8 @@ impl Qemu {
     pub fn start(launch: &Launch<'_>) -> Result<Self, VmmError> {
         let cfg = launch.cfg;
         let dir = launch.dir;
-        let image = Image::open(&cfg.image_dir()).map_err(|e| VmmError::Backend(e.to_string()))?;
+        let image = Image::open_with(&cfg.image_dir(), cfg.rootfs.as_deref())
+            .map_err(|e| VmmError::Backend(e.to_string()))?;
         let accel = accel::resolve(cfg.accel, &capsem_host::accel::probe_host())
             .map_err(|e| VmmError::Backend(e.to_string()))?;
         let qemu_bin = find_program(QEMU_BIN_ENV, "qemu-system-x86_64").ok_or_else(|| {
@@ -252,6 +253,7 @@ impl Qemu {
             let made = disk::ensure(
                 &writable,
                 cfg.disk_size,
+                cfg.image_config.as_deref(),
                 launch.reaper,
                 &dir.root().join("mkfs.log"),
             )

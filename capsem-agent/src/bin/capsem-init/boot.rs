@@ -56,19 +56,19 @@ pub fn run() -> Result<AgentEnd, BootError> {
     stages.mark("modules");
     log!("{loaded} kernel modules loaded");
 
-    let switched = match &cmd.root {
+    let (switched, image_config) = match &cmd.root {
         Some(serial) => {
-            root::switch(&RootDisks {
+            let image_config = root::switch(&RootDisks {
                 root: serial,
                 disk: cmd.disk.as_deref(),
             })?;
             stages.mark("root");
             log!("switched to the root filesystem");
-            true
+            (true, image_config)
         }
         None => {
             mounts::mount_list("", std::slice::from_ref(&mounts::RUN))?;
-            false
+            (false, None)
         }
     };
     mounts::mount_late()?;
@@ -77,7 +77,10 @@ pub fn run() -> Result<AgentEnd, BootError> {
         log!("no capsem.token on the kernel command line; the host will refuse the hello");
     }
     stages.mark("agent_spawn");
-    let agent = agent_command(&cmd, &stages, switched);
+    let mut agent = agent_command(&cmd, &stages, switched);
+    if let Some(text) = image_config {
+        agent.env.push((IMAGE_CONFIG_ENV.to_owned(), text));
+    }
     let pid = sup.spawn(&agent)?;
     log!("started {} as pid {pid}", agent.program.display());
 
@@ -90,6 +93,9 @@ pub fn run() -> Result<AgentEnd, BootError> {
     }
     Ok(end)
 }
+
+/// The OCI image's run settings (its config JSON) for the agent.
+const IMAGE_CONFIG_ENV: &str = "CAPSEM_IMAGE_CONFIG";
 
 /// The agent's command line and complete environment (nothing is inherited
 /// from the kernel's environment for PID 1). After a switch the default

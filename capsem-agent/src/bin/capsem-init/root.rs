@@ -92,7 +92,9 @@ pub struct RootDisks<'a> {
 
 /// Mounts the overlay root and switches into it. [`mounts::EARLY`] must be
 /// mounted (they move along); [`mounts::RUN`] is mounted in the new root.
-pub fn switch(disks: &RootDisks<'_>) -> Result<(), RootError> {
+/// Returns the OCI image's run settings found on the writable disk (see
+/// [`read_image_config`]).
+pub fn switch(disks: &RootDisks<'_>) -> Result<Option<String>, RootError> {
     for dir in [LOWER, RW, NEW_ROOT] {
         make_dir(Path::new(dir), 0o700)?;
     }
@@ -111,6 +113,7 @@ pub fn switch(disks: &RootDisks<'_>) -> Result<(), RootError> {
             Some("mode=0755"),
         )?,
     }
+    let image_config = read_image_config(Path::new(&format!("{RW}/{IMAGE_CONFIG}")));
     let upper = format!("{RW}/upper");
     let work = format!("{RW}/work");
     make_dir(Path::new(&upper), 0o755)?;
@@ -134,7 +137,57 @@ pub fn switch(disks: &RootDisks<'_>) -> Result<(), RootError> {
     move_mount(".", "/")?;
     nix::unistd::chroot(".").map_err(RootError::Chroot)?;
     nix::unistd::chdir("/").map_err(RootError::Chroot)?;
-    Ok(())
+    Ok(image_config)
+}
+
+/// Where capsem-process puts an OCI image's `config.json` on a new
+/// writable disk (beside, not in, the overlay's `upper/`).
+const IMAGE_CONFIG: &str = "capsem/image.json";
+/// Largest image config handed to the agent (it travels in one
+/// environment variable, whose limit is 128 KiB).
+pub const MAX_IMAGE_CONFIG: u64 = 64 << 10;
+
+/// The file's text when it exists, is UTF-8 without NUL and fits
+/// [`MAX_IMAGE_CONFIG`]; anything else is logged and not delivered (the
+/// agent checks every field again).
+fn read_image_config(path: &Path) -> Option<String> {
+    use std::io::Read;
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            crate::log!(
+                "cannot open {}: {e}; the image's settings are not applied",
+                path.display()
+            );
+            return None;
+        }
+    };
+    let mut bytes = Vec::new();
+    if let Err(e) = file.take(MAX_IMAGE_CONFIG + 1).read_to_end(&mut bytes) {
+        crate::log!(
+            "cannot read {}: {e}; the image's settings are not applied",
+            path.display()
+        );
+        return None;
+    }
+    if bytes.len() as u64 > MAX_IMAGE_CONFIG || bytes.contains(&0) {
+        crate::log!(
+            "{} is over {MAX_IMAGE_CONFIG} bytes or holds a NUL; the image's settings are not applied",
+            path.display()
+        );
+        return None;
+    }
+    match String::from_utf8(bytes) {
+        Ok(text) => Some(text),
+        Err(_) => {
+            crate::log!(
+                "{} is not UTF-8; the image's settings are not applied",
+                path.display()
+            );
+            None
+        }
+    }
 }
 
 /// The overlay's mount data.
@@ -338,6 +391,19 @@ mod tests {
         );
         assert_eq!(block_with_serial(d.path(), "capsem").unwrap(), None);
         assert!(block_with_serial(&d.path().join("none"), "x").is_err());
+    }
+
+    #[test]
+    fn image_config_is_bounded_and_clean() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("image.json");
+        assert_eq!(read_image_config(&p), None);
+        std::fs::write(&p, br#"{"Env":["A=1"]}"#).unwrap();
+        assert_eq!(read_image_config(&p).as_deref(), Some(r#"{"Env":["A=1"]}"#));
+        std::fs::write(&p, b"a\0b").unwrap();
+        assert_eq!(read_image_config(&p), None);
+        std::fs::write(&p, vec![b' '; MAX_IMAGE_CONFIG as usize + 1]).unwrap();
+        assert_eq!(read_image_config(&p), None);
     }
 
     #[test]
