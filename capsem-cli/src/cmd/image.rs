@@ -170,22 +170,7 @@ pub fn table(images: &[Listed]) -> String {
             ]);
         }
     }
-    let mut widths = [0usize; 3];
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row.iter()) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for row in &rows {
-        for (w, cell) in widths.iter().zip(row.iter()) {
-            out.push_str(cell);
-            out.push_str(&" ".repeat(w - cell.chars().count() + 2));
-        }
-        out.push_str(&row[3]);
-        out.push('\n');
-    }
-    out
+    crate::output::columns(&rows)
 }
 
 #[cfg(test)]

@@ -94,22 +94,7 @@ pub fn table(entries: &[ListEntry]) -> String {
             e.created.clone().unwrap_or_else(|| "-".into()),
         ]);
     }
-    let mut widths = [0usize; 3];
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row.iter()) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for row in &rows {
-        for (w, cell) in widths.iter().zip(row.iter()) {
-            out.push_str(cell);
-            out.push_str(&" ".repeat(w - cell.chars().count() + 2));
-        }
-        out.push_str(&row[3]);
-        out.push('\n');
-    }
-    out
+    crate::output::columns(&rows)
 }
 
 #[cfg(test)]
