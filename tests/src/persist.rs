@@ -369,9 +369,20 @@ pub fn exec(fx: &Fixture, name: &str, args: &[&str], stdin: &[u8]) -> Output {
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("capsem exec");
     let mut input = child.stdin.take().expect("stdin");
-    input.write_all(stdin).expect("write stdin");
-    drop(input);
-    child.wait_with_output().expect("capsem exec output")
+    // Written from a thread while the output is read: a command that echoes
+    // its input (`cat`) fills the pipes once the input is larger than what
+    // the path buffers, and writing it all first would then never finish.
+    let stdin = stdin.to_vec();
+    let writer = std::thread::Builder::new()
+        .name("exec-stdin".into())
+        .spawn(move || {
+            // The command may exit without reading all of it (EPIPE).
+            let _ = input.write_all(&stdin);
+        })
+        .expect("stdin writer thread");
+    let out = child.wait_with_output().expect("capsem exec output");
+    writer.join().expect("stdin writer");
+    out
 }
 
 /// `capsem exec` on a persistent VM: separate byte-exact streams, stdin
