@@ -242,8 +242,11 @@ mod tests {
 
     #[test]
     fn a_live_process_checks_out_and_a_changed_record_does_not() {
+        // `read` is a builtin: the shell forks nothing that could outlive
+        // its SIGKILL below (a `sleep` child did, holding the test's stdout).
         let mut child = Command::new("sh")
-            .args(["-c", "sleep 30", "marker-xyz"])
+            .args(["-c", "read x", "marker-xyz"])
+            .stdin(std::process::Stdio::piped())
             .spawn()
             .unwrap();
         // Until the child has exec'd, its argv is still ours.
