@@ -11,7 +11,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use capsem_proto::frame::Client;
 use capsem_proto::ipc::{ClientToProcess, ProcessToClient, MAX_IPC_CHUNK};
@@ -32,9 +32,12 @@ const OUT_HIGH_WATER: usize = 4 * MAX_IPC_CHUNK;
 const SHUTDOWN_SEND_TIMEOUT: Duration = Duration::from_secs(2);
 /// Ctrl-C, sent when capsem receives SIGINT.
 const CTRL_C: u8 = 0x03;
-/// Ctrl-D, sent once when a non-terminal stdin reaches EOF so the shell sees
-/// end-of-input at its prompt.
+/// Ctrl-D, sent when a non-terminal stdin reaches EOF, then every
+/// `CTRL_D_AGAIN` until the session ends (a pipe at EOF stays at EOF): one
+/// that reaches the guest's tty while bash is still starting (canonical
+/// mode) becomes an EOF marker that readline, in raw mode, reads as a NUL.
 const CTRL_D: u8 = 0x04;
+const CTRL_D_AGAIN: Duration = Duration::from_millis(500);
 
 /// Errors before the session is attached.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +136,17 @@ impl Session {
         stdin: BorrowedFd<'_>,
         want_stdin: bool,
     ) -> Result<Option<Events>, Lost> {
+        self.wait_until(signals, stdin, want_stdin, None)
+    }
+
+    /// [`Session::wait`] that also returns `Ok(None)` at `deadline`.
+    pub(crate) fn wait_until(
+        &self,
+        signals: &Signals,
+        stdin: BorrowedFd<'_>,
+        want_stdin: bool,
+        deadline: Option<Instant>,
+    ) -> Result<Option<Events>, Lost> {
         let mut sock_events = PollFlags::POLLIN;
         if !self.out.is_empty() {
             sock_events |= PollFlags::POLLOUT;
@@ -144,7 +158,16 @@ impl Session {
         if want_stdin {
             fds.push(PollFd::new(stdin, PollFlags::POLLIN));
         }
-        match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+        let timeout = match deadline {
+            None => PollTimeout::NONE,
+            Some(at) => {
+                let ms = at.saturating_duration_since(Instant::now()).as_millis();
+                // Rounded up: waking a millisecond early would spin.
+                PollTimeout::from((ms.min(60_000) as u16).saturating_add(1))
+            }
+        };
+        match nix::poll::poll(&mut fds, timeout) {
+            Ok(0) => return Ok(None),
             Ok(_) => {}
             Err(Errno::EINTR) => return Ok(None),
             Err(e) => return Err(Lost::Poll(e)),
@@ -346,6 +369,8 @@ impl Session {
         let stdin = io::stdin();
         let mut stdout = io::stdout().lock();
         let mut reading_stdin = true;
+        // When to send a non-terminal stdin's Ctrl-D again (CTRL_D_AGAIN).
+        let mut ctrl_d_again: Option<Instant> = None;
         let mut unresponsive = false;
         let mut size = terminal::window_size(stdin.as_fd());
         let mut buf = vec![0u8; MAX_IPC_CHUNK];
@@ -400,13 +425,17 @@ impl Session {
                 stdout.flush().map_err(Lost::Stdout)?;
             }
 
+            if let Some(at) = ctrl_d_again.filter(|at| Instant::now() >= *at) {
+                self.queue_input(&[CTRL_D])?;
+                ctrl_d_again = Some(at + CTRL_D_AGAIN);
+            }
             let want_stdin = reading_stdin && !self.send_closed && self.out.len() < OUT_HIGH_WATER;
             let Some(Events {
                 stdin: stdin_ready,
                 sock_in,
                 sock_out,
                 signal,
-            }) = self.wait(signals, stdin.as_fd(), want_stdin)?
+            }) = self.wait_until(signals, stdin.as_fd(), want_stdin, ctrl_d_again)?
             else {
                 continue;
             };
@@ -446,6 +475,7 @@ impl Session {
                         reading_stdin = false;
                         if !stdin_tty {
                             self.queue_input(&[CTRL_D])?;
+                            ctrl_d_again = Some(Instant::now() + CTRL_D_AGAIN);
                         }
                     }
                     Some(n) => {

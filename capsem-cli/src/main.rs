@@ -59,8 +59,9 @@
 //! Every failure is one line on stderr starting with `capsem: ` (a usage
 //! error is clap's message).
 //!
-//! When stdin is not a terminal, its EOF is forwarded as one Ctrl-D (0x04)
-//! byte, so a shell at its prompt sees end-of-input and exits. SIGINT is
+//! When stdin is not a terminal, its EOF is forwarded as a Ctrl-D (0x04)
+//! byte, and again every 500 ms until the session ends (a pipe at EOF stays
+//! at EOF), so a shell at its prompt sees end-of-input and exits. SIGINT is
 //! forwarded as Ctrl-C (0x03).
 //!
 //! Modules (`main` only parses and dispatches to one of [`cmd`]):
