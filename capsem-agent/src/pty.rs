@@ -505,7 +505,7 @@ mod tests {
         // ignores the hangup, under a shell that ignores it too.
         let shell = Shell::spawn(
             &sh(
-            "trap '' HUP; setpgid_job() { (trap '' HUP; exec sleep 1000) & }; \
+                "trap '' HUP; setpgid_job() { (trap '' HUP; exec sleep 1000) & }; \
              set -m; setpgid_job; echo job=$!; sleep 1000",
             ),
             None,

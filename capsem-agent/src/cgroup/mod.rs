@@ -428,7 +428,11 @@ mod tests {
         let write = |n: &str, t: &str| std::fs::write(dir.path().join(n), t).unwrap();
         write("pids.events", "max 0\n");
         write("memory.events", "low 0\nhigh 0\nmax 3\noom 0\noom_kill 0\n");
-        assert_eq!(read_hit(dir.path(), &l), None, "memory.max reached, no kill");
+        assert_eq!(
+            read_hit(dir.path(), &l),
+            None,
+            "memory.max reached, no kill"
+        );
         write("memory.events", "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n");
         let hit = read_hit(dir.path(), &l).unwrap();
         assert_eq!(hit, LimitHit::Memory { max: l.memory_max });
@@ -448,7 +452,10 @@ mod tests {
     #[test]
     fn populated_follows_cgroup_events() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(!populated(dir.path()), "no cgroup.events: nothing to wait for");
+        assert!(
+            !populated(dir.path()),
+            "no cgroup.events: nothing to wait for"
+        );
         std::fs::write(dir.path().join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
         assert!(populated(dir.path()));
         std::fs::write(dir.path().join("cgroup.events"), "populated 0\nfrozen 0\n").unwrap();

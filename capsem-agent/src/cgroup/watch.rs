@@ -149,7 +149,10 @@ mod tests {
         std::fs::write(parent.path().join("cgroup.procs"), "").unwrap();
         let mut killed = HashSet::new();
         scan(parent.path(), &l, &mut killed);
-        assert_eq!(std::fs::read_to_string(bomb.join("cgroup.kill")).unwrap(), "1");
+        assert_eq!(
+            std::fs::read_to_string(bomb.join("cgroup.kill")).unwrap(),
+            "1"
+        );
         assert!(!calm.join("cgroup.kill").exists());
         assert_eq!(killed.len(), 1);
         // Once killed, not again; a removed group is forgotten.
@@ -177,7 +180,10 @@ mod tests {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         'wait: loop {
             let mut fds = [fdio::pollfd(seen.as_fd(), fdio::IN)];
-            assert!(fdio::poll(&mut fds, Some(deadline)).unwrap() > 0, "no kill within 30 s");
+            assert!(
+                fdio::poll(&mut fds, Some(deadline)).unwrap() > 0,
+                "no kill within 30 s"
+            );
             for e in seen.read_events().unwrap_or_default() {
                 if e.name.as_deref() == Some("cgroup.kill".as_ref()) {
                     break 'wait;

@@ -167,7 +167,10 @@ impl Exec {
         let cgroup = match cfg.cgroups.as_ref().map(|c| c.create("exec")).transpose() {
             Ok(g) => g,
             Err(e) => {
-                warn!("cannot make the command's cgroup: {}", crate::session::chain(&e));
+                warn!(
+                    "cannot make the command's cgroup: {}",
+                    crate::session::chain(&e)
+                );
                 return self.fail(126, "capsem: cannot contain the command (cgroup)\n");
             }
         };
