@@ -70,8 +70,7 @@ fn fork_bomb_in_the_shell_is_contained() {
     s.line(":(){ :|:& };:").unwrap();
     s.expect("reached the guest's process limit", step(B))
         .unwrap();
-    let code = s.wait_code(step(B)).unwrap();
-    assert_ne!(code, 0, "the killed shell's status");
+    assert_eq!(s.wait_code(step(B)).unwrap(), 137, "SIGKILL's status");
 
     let mut s = attach(&fx, "dev");
     wait_ready(&mut s, B);
@@ -90,6 +89,24 @@ fn fork_bomb_in_the_shell_is_contained() {
         "{left:?}"
     );
     ok(&fx, &["rm", "--force", "dev"]);
+    fx.assert_nothing_left();
+}
+
+/// A fork bomb in a temporary shell: the VM ends with the killed shell's
+/// status, after the one line saying why.
+#[test]
+fn fork_bomb_in_a_temporary_shell_ends_it_with_a_reason() {
+    let fx = Fixture::new("contain_tmp_forkbomb", B);
+    let mut s = fx.shell(100, 30);
+    wait_ready(&mut s, B);
+    s.line(":(){ :|:& };:").unwrap();
+    s.expect("reached the guest's process limit", step(B))
+        .unwrap();
+    assert_eq!(s.wait_code(step(B)).unwrap(), 137, "SIGKILL's status");
+    assert!(
+        fx.vm_dirs().is_empty(),
+        "the temporary VM's directory is gone"
+    );
     fx.assert_nothing_left();
 }
 
