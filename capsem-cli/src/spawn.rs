@@ -235,19 +235,8 @@ pub fn process_args(target: &Target<'_>, ready_fd: i32) -> Vec<OsString> {
             args.push(img.dir.join("config.json").into());
         }
     }
-    // The lifetime limits hold for an adopting capsem-process too (its
-    // max duration counts from the adoption).
     if matches!(target.kind, Kind::Persistent | Kind::Adopt) {
-        let c = target.config;
-        for (flag, ms) in [
-            ("--idle-timeout-ms", c.idle_timeout_ms),
-            ("--max-duration-ms", c.max_duration_ms),
-        ] {
-            if let Some(ms) = ms {
-                args.push(flag.into());
-                args.push(ms.to_string().into());
-            }
-        }
+        args.extend(crate::lifetime::process_args(target.config));
     }
     if let Some(file) = target.audit_log {
         args.push("--audit-log".into());
@@ -551,17 +540,9 @@ mod tests {
             args(Vmm::None, Kind::Persistent, &config),
             "--vm-dir /h/vms/x --vm-id x --vmm none --ready-fd 7 --cpus 2 --memory-mib 256 --disk-size 1073741824"
         );
-        config.idle_timeout_ms = Some(5000);
-        config.max_duration_ms = Some(60_000);
-        assert_eq!(
-            args(Vmm::None, Kind::Persistent, &config),
-            "--vm-dir /h/vms/x --vm-id x --vmm none --ready-fd 7 --cpus 2 --memory-mib 256 --disk-size 1073741824 \
-             --idle-timeout-ms 5000 --max-duration-ms 60000"
-        );
         assert_eq!(
             args(Vmm::Qemu, Kind::Adopt, &config),
-            "--vm-dir /h/vms/x --vm-id x --vmm qemu --ready-fd 7 --adopt \
-             --idle-timeout-ms 5000 --max-duration-ms 60000 --accel tcg"
+            "--vm-dir /h/vms/x --vm-id x --vmm qemu --ready-fd 7 --adopt --accel tcg"
         );
     }
 
