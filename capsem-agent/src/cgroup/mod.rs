@@ -450,6 +450,50 @@ mod tests {
     }
 
     #[test]
+    fn the_child_moves_itself_before_exec_and_the_group_goes_after_the_reap() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("exec-1");
+        std::fs::create_dir(&dir).unwrap();
+        let procs = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.join("cgroup.procs"))
+            .unwrap();
+        // A plain directory stands in for the cgroup: its rmdir works once
+        // the test removed the one file.
+        let group = Group {
+            dir: dir.clone(),
+            limits: Limits::for_memory(1 << 30),
+            procs: Some(procs.into()),
+        };
+        let spec = crate::command::CommandSpec {
+            argv: vec!["/bin/sh".into(), "-c".into(), "exit 3".into()],
+            env: vec![("PATH".into(), crate::pty::SHELL_PATH.into())],
+            cwd: std::env::temp_dir(),
+            tty: None,
+            creds: None,
+        };
+        let mut r = crate::command::Running::spawn(&spec, Some(group))
+            .unwrap()
+            .unwrap();
+        let mut fds = [fdio::pollfd(r.pidfd(), fdio::IN)];
+        fdio::poll(&mut fds, Some(Instant::now() + Duration::from_secs(30))).unwrap();
+        assert_eq!(r.reap().unwrap().exit_code, Some(3));
+        assert_eq!(
+            std::fs::read_to_string(dir.join("cgroup.procs")).unwrap(),
+            "0"
+        );
+        assert_eq!(r.limit_hit(), None);
+        std::fs::remove_file(dir.join("cgroup.procs")).unwrap();
+        drop(r);
+        assert!(
+            !dir.exists(),
+            "the group's directory was removed after the reap"
+        );
+    }
+
+    #[test]
     fn populated_follows_cgroup_events() {
         let dir = tempfile::tempdir().unwrap();
         assert!(
