@@ -71,6 +71,8 @@ pub struct Running {
     pub stdout: Option<OwnedFd>,
     pub stderr: Option<OwnedFd>,
     status: Option<ShellStatus>,
+    /// Its cgroup (inside a VM); dropped after the command is reaped.
+    cgroup: Option<crate::cgroup::Group>,
 }
 
 /// The exit code and message for an exec error, like a shell's: ENOENT is
@@ -91,19 +93,21 @@ pub fn spawn_failure(program: &str, err: &io::Error) -> SpawnFailure {
 }
 
 impl Running {
-    /// Starts `spec` as a session leader with three pipes. `Ok(Err(_))` is a
-    /// command that could not be executed (reported to the user as 126/127).
-    pub fn spawn(spec: &CommandSpec) -> Result<Result<Self, SpawnFailure>, CommandError> {
+    /// Starts `spec` as a session leader with three pipes, in `cgroup` when
+    /// one is given. `Ok(Err(_))` is a command that could not be executed
+    /// (reported to the user as 126/127).
+    pub fn spawn(
+        spec: &CommandSpec,
+        cgroup: Option<crate::cgroup::Group>,
+    ) -> Result<Result<Self, SpawnFailure>, CommandError> {
         let program = &spec.argv[0];
         let mut cmd = std::process::Command::new(program);
         cmd.args(&spec.argv[1..])
             .env_clear()
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .current_dir(&spec.cwd);
-        if let Some(c) = spec.creds {
-            // std sets the group, drops supplementary groups, then the user.
-            cmd.gid(c.gid).uid(c.uid);
-        }
+        let creds = spec.creds;
+        let procs = cgroup.as_ref().and_then(|g| g.procs_fd());
         let mut master = None;
         if let Some((cols, rows)) = spec.tty {
             let size = nix::pty::Winsize {
@@ -132,8 +136,9 @@ impl Running {
         }
         let with_tty = master.is_some();
         // SAFETY: the closure runs in the child between fork and exec and only
-        // makes async-signal-safe calls (setsid, sigemptyset, sigprocmask,
-        // sigaction); it allocates nothing and touches no lock.
+        // makes async-signal-safe calls (setsid, ioctl, sigemptyset,
+        // sigprocmask, sigaction, and enter_in_child's open, write, close,
+        // setgroups, setgid, setuid); it allocates nothing and touches no lock.
         unsafe {
             cmd.pre_exec(move || {
                 // Its own session and process group: a kill reaches every
@@ -146,7 +151,10 @@ impl Running {
                 if with_tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                     return Err(io::Error::last_os_error());
                 }
-                crate::pty::reset_signals_in_child()
+                crate::pty::reset_signals_in_child()?;
+                // Last: the move into the cgroup needs root, and the image's
+                // user is taken on after it.
+                crate::cgroup::enter_in_child(procs, creds)
             });
         }
         let mut child = match cmd.spawn() {
@@ -189,6 +197,7 @@ impl Running {
             stdout,
             stderr,
             status: None,
+            cgroup,
         };
         for fd in [&running.stdin, &running.stdout, &running.stderr]
             .into_iter()
@@ -210,6 +219,11 @@ impl Running {
 
     pub fn status(&self) -> Option<ShellStatus> {
         self.status
+    }
+
+    /// Which of its cgroup's limits killed the command, if one did.
+    pub fn limit_hit(&self) -> Option<crate::cgroup::LimitHit> {
+        self.cgroup.as_ref().and_then(|g| g.limit_hit())
     }
 
     /// Signals the command's process group; a no-op once it is reaped.
@@ -274,7 +288,7 @@ mod tests {
 
     #[test]
     fn not_found_is_127_and_not_executable_is_126() {
-        let f = Running::spawn(&spec(&["capsem-no-such-program"]))
+        let f = Running::spawn(&spec(&["capsem-no-such-program"]), None)
             .unwrap()
             .unwrap_err();
         assert_eq!(f.exit_code, 127);
@@ -285,7 +299,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("plain");
         std::fs::write(&file, "data").unwrap();
-        let f = Running::spawn(&spec(&[file.to_str().unwrap()]))
+        let f = Running::spawn(&spec(&[file.to_str().unwrap()]), None)
             .unwrap()
             .unwrap_err();
         assert_eq!(f.exit_code, 126, "{}", f.message);
@@ -293,7 +307,7 @@ mod tests {
 
     #[test]
     fn exit_status_and_group_kill_on_exit() {
-        let mut r = Running::spawn(&spec(&["/bin/sh", "-c", "sleep 30 & exit 4"]))
+        let mut r = Running::spawn(&spec(&["/bin/sh", "-c", "sleep 30 & exit 4"]), None)
             .unwrap()
             .unwrap();
         let mut fds = [fdio::pollfd(r.pidfd(), fdio::IN)];
@@ -317,7 +331,7 @@ mod tests {
             uid: 65534,
             gid: 65533,
         });
-        let mut r = Running::spawn(&sp).unwrap().unwrap();
+        let mut r = Running::spawn(&sp, None).unwrap().unwrap();
         let stdout = r.stdout.take().unwrap();
         let mut out = Vec::new();
         loop {
@@ -336,7 +350,7 @@ mod tests {
 
     #[test]
     fn terminate_kills_a_term_ignoring_command() {
-        let mut r = Running::spawn(&spec(&["/bin/sh", "-c", "trap '' TERM; sleep 30"]))
+        let mut r = Running::spawn(&spec(&["/bin/sh", "-c", "trap '' TERM; sleep 30"]), None)
             .unwrap()
             .unwrap();
         std::thread::sleep(Duration::from_millis(100));

@@ -65,6 +65,8 @@
 //!   and the per-generation audit connection.
 //! * [`control`]: the hello handshake and the boot stage parser.
 //! * [`pty`]: the shell on a PTY: spawn, resize, terminate, reap.
+//! * [`cgroup`]: inside a VM, each shell's and command's own limited cgroup
+//!   and the watcher thread that kills one at its limit.
 //! * [`transport`]: vsock or Unix connections, cancellable.
 //! * [`reconnect`]: capped, jittered exponential backoff.
 //! * [`signals`]: SIGTERM/SIGINT/SIGHUP as a signalfd.
@@ -74,6 +76,7 @@
 
 mod audit;
 mod bridge;
+mod cgroup;
 mod command;
 mod control;
 mod exec;
@@ -276,6 +279,9 @@ fn run(cli: Cli) -> Result<Ended, AgentError> {
         (Transport::Unix(_), _) => cwd.clone(),
     };
     let mode = Mode::from_env()?;
+    // Before any thread or child: the watcher is one more agent-lifetime
+    // thread, stopped and joined when the last holder drops it.
+    let cgroups = cgroup::Cgroups::from_env().map_err(|e| AgentError::Config(chain(&e)))?;
     let vm_id = cli.vm_id.as_deref().unwrap_or("-");
     if mode == Mode::Exec {
         let cfg = exec::ExecConfig {
@@ -285,6 +291,7 @@ fn run(cli: Cli) -> Result<Ended, AgentError> {
             cwd,
             image_env: image.env.clone(),
             creds,
+            cgroups,
         };
         let audit_mode = audit::AuditMode::from_env(&cfg.transport)
             .map_err(|e| AgentError::Config(chain(&e)))?;
@@ -304,6 +311,7 @@ fn run(cli: Cli) -> Result<Ended, AgentError> {
         cwd: cwd.clone(),
         image_env: image.env.clone(),
         creds,
+        cgroups: cgroups.clone(),
     };
     let audit_mode =
         audit::AuditMode::from_env(&cli.transport).map_err(|e| AgentError::Config(chain(&e)))?;
@@ -316,6 +324,7 @@ fn run(cli: Cli) -> Result<Ended, AgentError> {
             .with_image_env(&image.env)
             .with_creds(creds),
         persistent: mode == Mode::Persistent,
+        cgroups,
     };
     // Before the shell and before any thread, so every thread inherits the
     // mask and the signals only arrive through the signalfd.

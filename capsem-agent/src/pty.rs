@@ -140,6 +140,8 @@ pub struct Shell {
     pidfd: OwnedFd,
     pid: Pid,
     status: Mutex<Option<ShellStatus>>,
+    /// Its cgroup (inside a VM); dropped after the shell is reaped.
+    cgroup: Option<crate::cgroup::Group>,
 }
 
 /// Signals whose disposition a started shell or command must find at its
@@ -156,8 +158,11 @@ const RESET_SIGNALS: [libc::c_int; 7] = [
 
 impl Shell {
     /// Opens a PTY and starts the shell as a session leader whose controlling
-    /// terminal is the PTY slave.
-    pub fn spawn(cfg: &ShellConfig) -> Result<Self, PtyError> {
+    /// terminal is the PTY slave, in `cgroup` when one is given.
+    pub fn spawn(
+        cfg: &ShellConfig,
+        cgroup: Option<crate::cgroup::Group>,
+    ) -> Result<Self, PtyError> {
         let ptm = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
             .map_err(PtyError::Open)?;
         nix::pty::grantpt(&ptm).map_err(PtyError::Open)?;
@@ -187,16 +192,14 @@ impl Shell {
             .stdin(stdio(&slave)?)
             .stdout(stdio(&slave)?)
             .stderr(stdio(&slave)?);
-        if let Some(c) = cfg.creds {
-            // std sets the group, drops supplementary groups, then the user.
-            cmd.gid(c.gid).uid(c.uid);
-        }
+        let creds = cfg.creds;
+        let procs = cgroup.as_ref().and_then(|g| g.procs_fd());
         // SAFETY: the closure runs in the child between fork and exec and only
         // makes async-signal-safe calls (setsid, ioctl, sigprocmask,
-        // sigemptyset, sigaction); it
-        // allocates nothing and touches no lock.
+        // sigemptyset, sigaction, and enter_in_child's open, write, close,
+        // setgroups, setgid, setuid); it allocates nothing and touches no lock.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::setsid() < 0 {
                     return Err(io::Error::last_os_error());
                 }
@@ -204,7 +207,10 @@ impl Shell {
                 if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                     return Err(io::Error::last_os_error());
                 }
-                reset_signals_in_child()
+                reset_signals_in_child()?;
+                // Last: the move into the cgroup needs root, and the image's
+                // user is taken on after it.
+                crate::cgroup::enter_in_child(procs, creds)
             });
         }
         let child = cmd.spawn().map_err(|source| PtyError::Spawn {
@@ -234,7 +240,13 @@ impl Shell {
             pidfd,
             pid,
             status: Mutex::new(None),
+            cgroup,
         })
+    }
+
+    /// Which of its cgroup's limits killed the shell, if one did.
+    pub fn limit_hit(&self) -> Option<crate::cgroup::LimitHit> {
+        self.cgroup.as_ref().and_then(|g| g.limit_hit())
     }
 
     pub fn pid(&self) -> u32 {
@@ -449,7 +461,7 @@ mod tests {
 
     #[test]
     fn shell_is_session_leader_with_a_controlling_tty_and_clean_env() {
-        let shell = Shell::spawn(&sh("echo tty=$(tty) home=${HOME-unset}; exit 5")).unwrap();
+        let shell = Shell::spawn(&sh("echo tty=$(tty) home=${HOME-unset}; exit 5"), None).unwrap();
         let out = String::from_utf8_lossy(&read_until_eio(shell.master())).into_owned();
         assert!(out.contains("tty=/dev/pts/"), "{out}");
         assert!(out.contains("home=unset"), "{out}");
@@ -468,7 +480,7 @@ mod tests {
     #[test]
     fn pidfd_fires_even_when_a_background_job_holds_the_slave() {
         // The background sleep keeps the slave open after the shell exits.
-        let shell = Shell::spawn(&sh("sleep 30 & exit 0")).unwrap();
+        let shell = Shell::spawn(&sh("sleep 30 & exit 0"), None).unwrap();
         let mut fds = [fdio::pollfd(shell.pidfd(), fdio::IN)];
         let n = fdio::poll(&mut fds, Some(Instant::now() + Duration::from_secs(10))).unwrap();
         assert_eq!(n, 1, "shell exit must be visible on the pidfd");
@@ -491,10 +503,13 @@ mod tests {
     fn terminate_kills_jobs_in_other_groups_of_the_session() {
         // A job in its own process group (as job control makes them) that
         // ignores the hangup, under a shell that ignores it too.
-        let shell = Shell::spawn(&sh(
-            "trap '' HUP; setpgid_job() { (trap '' HUP; exec sleep 1000) & }; \
+        let shell = Shell::spawn(
+            &sh(
+                "trap '' HUP; setpgid_job() { (trap '' HUP; exec sleep 1000) & }; \
              set -m; setpgid_job; echo job=$!; sleep 1000",
-        ))
+            ),
+            None,
+        )
         .unwrap();
         let mut seen = Vec::new();
         let mut buf = [0u8; 256];
@@ -540,7 +555,7 @@ mod tests {
 
     #[test]
     fn terminate_hangs_up_the_group_and_reaps() {
-        let shell = Shell::spawn(&sh("trap '' HUP; echo ready; sleep 30")).unwrap();
+        let shell = Shell::spawn(&sh("trap '' HUP; echo ready; sleep 30"), None).unwrap();
         // Wait until the trap is in place so the hangup is surely ignored.
         let mut seen = Vec::new();
         let mut buf = [0u8; 256];
@@ -558,7 +573,7 @@ mod tests {
 
     #[test]
     fn resize_is_seen_by_stty() {
-        let shell = Shell::spawn(&sh("read _; stty size")).unwrap();
+        let shell = Shell::spawn(&sh("read _; stty size"), None).unwrap();
         shell.resize(123, 45).unwrap();
         fdio::write(shell.master(), b"\n").unwrap();
         let out = String::from_utf8_lossy(&read_until_eio(shell.master())).into_owned();

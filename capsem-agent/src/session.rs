@@ -48,6 +48,8 @@ pub enum SessionError {
     Reconnect(#[from] ReconnectError),
     #[error("bridge failed")]
     Bridge(#[source] BridgeError),
+    #[error("cannot make the shell's cgroup")]
+    Cgroup(#[source] crate::cgroup::CgroupError),
 }
 
 /// Everything the session needs.
@@ -61,6 +63,8 @@ pub struct Config {
     /// Persistent mode: start a fresh shell when one exits, instead of
     /// exiting.
     pub persistent: bool,
+    /// Inside a VM: each shell runs in its own cgroup.
+    pub cgroups: Option<std::sync::Arc<crate::cgroup::Cgroups>>,
 }
 
 /// How the session ended; `shells` counts the shells the agent started.
@@ -192,7 +196,13 @@ pub fn run(
 
 /// Starts shell number `nth` (counting from 1).
 fn spawn_shell(cfg: &Config, nth: u64) -> Result<Shell, SessionError> {
-    let shell = Shell::spawn(&cfg.shell).map_err(SessionError::Shell)?;
+    let cgroup = cfg
+        .cgroups
+        .as_ref()
+        .map(|c| c.create("shell"))
+        .transpose()
+        .map_err(SessionError::Cgroup)?;
+    let shell = Shell::spawn(&cfg.shell, cgroup).map_err(SessionError::Shell)?;
     info!(
         pid = shell.pid(),
         shell = nth,

@@ -149,6 +149,13 @@ pub struct CreateArgs {
     /// Guest memory in MiB [default: 1024, or half the host's memory if less]
     #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u32).range(64..=65536))]
     pub memory: Option<u32>,
+    /// Stop the VM after DUR with no client attached and no exec running
+    /// (DUR: a number and ms, s, m, h or d: 30s, 10m, 2h)
+    #[arg(long, value_name = "DUR", value_parser = capsem_host::resources::parse_duration_ms)]
+    pub idle_timeout: Option<u64>,
+    /// Stop the VM DUR after each start, attached or not
+    #[arg(long, value_name = "DUR", value_parser = capsem_host::resources::parse_duration_ms)]
+    pub max_duration: Option<u64>,
     #[command(flatten)]
     pub new: NewVmArgs,
 }

@@ -84,6 +84,8 @@
 //! * [`attach`]: the ctl.sock handshake and the shell's poll loop.
 //! * [`escape`]: the ssh-style `~.` escapes typed on a terminal.
 //! * [`request`]: `run`/`exec` requests: `-e`, `-t`, `--audit-log`.
+//! * [`lifetime`]: a persistent VM's lifetime limits on capsem-process's
+//!   command line.
 //! * [`lost`]: why a session ended without a status ([`lost::Lost`]).
 //! * [`exec_loop`]: `run`'s and `exec`'s poll loop: stdin, separate
 //!   stdout/stderr, the status.
@@ -114,6 +116,7 @@ mod follow;
 mod health;
 mod home;
 mod image;
+mod lifetime;
 mod lost;
 mod output;
 mod probe;

@@ -235,6 +235,9 @@ pub fn process_args(target: &Target<'_>, ready_fd: i32) -> Vec<OsString> {
             args.push(img.dir.join("config.json").into());
         }
     }
+    if matches!(target.kind, Kind::Persistent | Kind::Adopt) {
+        args.extend(crate::lifetime::process_args(target.config));
+    }
     if let Some(file) = target.audit_log {
         args.push("--audit-log".into());
         args.push(file.into());

@@ -242,6 +242,8 @@ fn write_vm_json(
         owner: Some(owner_record()?),
         disk_size,
         image,
+        idle_timeout_ms: None,
+        max_duration_ms: None,
     };
     capsem_host::vmstate::write_json(&dir.join(capsem_host::vmstate::VM_FILE), &config)
         .map_err(TempVmError::Record)?;

@@ -96,6 +96,8 @@ pub(crate) fn config(name: &str, temporary: bool, owner: Option<ProcRecord>) -> 
         owner,
         disk_size: None,
         image: None,
+        idle_timeout_ms: None,
+        max_duration_ms: None,
     }
 }
 

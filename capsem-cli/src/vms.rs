@@ -74,6 +74,16 @@ pub struct Vm {
 }
 
 impl Vm {
+    /// Why capsem-process stopped the VM itself (a lifetime limit), while it
+    /// is stopped.
+    pub fn stop_reason(&self) -> Option<String> {
+        (self.state() == VmState::Stopped)
+            .then(|| self.status.as_ref()?.stop_reason.clone())
+            .flatten()
+    }
+}
+
+impl Vm {
     /// Reads `<vms>/<name>/` and checks every recorded pid.
     pub fn load(dir: &Path) -> Result<Self, VmStateError> {
         let name = dir
@@ -192,6 +202,8 @@ mod tests {
             owner: None,
             disk_size: None,
             image: None,
+            idle_timeout_ms: None,
+            max_duration_ms: None,
         }
     }
 

@@ -60,9 +60,82 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
+/// The longest lifetime limit: a year.
+pub const DURATION_MAX_MS: u64 = 365 * 86_400_000;
+
+/// A lifetime limit: a whole number and a unit, `ms`, `s`, `m`, `h` or
+/// `d` (`5s`, `10m`, `2h`), from 1 ms to [`DURATION_MAX_MS`]; milliseconds.
+pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    let bad = || format!("{s:?} is not a duration such as 30s, 10m or 2h");
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (digits, unit) = t.split_at(split);
+    let scale = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(bad()),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    match n.checked_mul(scale) {
+        Some(ms) if (1..=DURATION_MAX_MS).contains(&ms) => Ok(ms),
+        _ => Err(format!("{s:?} is outside 1ms..365d")),
+    }
+}
+
+/// `ms` in the largest unit that states it exactly (`5s`, `90m`, `1500ms`).
+pub fn format_duration_ms(ms: u64) -> String {
+    for (unit, scale) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+    ] {
+        if ms >= scale && ms.is_multiple_of(scale) {
+            return format!("{}{unit}", ms / scale);
+        }
+    }
+    format!("{ms}ms")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_ms("5s"), Ok(5000));
+        assert_eq!(parse_duration_ms("10m"), Ok(600_000));
+        assert_eq!(parse_duration_ms("2h"), Ok(7_200_000));
+        assert_eq!(parse_duration_ms("1d"), Ok(86_400_000));
+        assert_eq!(parse_duration_ms("250ms"), Ok(250));
+        for bad in [
+            "",
+            "5",
+            "s",
+            "5x",
+            "-5s",
+            "5 s",
+            "1.5h",
+            "0s",
+            "366d",
+            "99999999999999999999s",
+        ] {
+            assert!(parse_duration_ms(bad).is_err(), "{bad:?} was accepted");
+        }
+        for (ms, text) in [
+            (5000, "5s"),
+            (600_000, "10m"),
+            (5_400_000, "90m"),
+            (1500, "1500ms"),
+            (86_400_000, "1d"),
+        ] {
+            assert_eq!(format_duration_ms(ms), text);
+            assert_eq!(parse_duration_ms(text), Ok(ms), "round trip of {text}");
+        }
+    }
 
     #[test]
     fn disk_sizes() {

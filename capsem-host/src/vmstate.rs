@@ -110,6 +110,14 @@ pub struct VmConfig {
     /// default image's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<VmImage>,
+    /// `create --idle-timeout`: stop after this long with no client
+    /// attached and no exec running (milliseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_ms: Option<u64>,
+    /// `create --max-duration`: stop this long after each start
+    /// (milliseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_duration_ms: Option<u64>,
 }
 
 /// An OCI image as `vm.json` records it: what was asked for and the
@@ -159,6 +167,10 @@ pub struct VmStatusFile {
     /// How many times a capsem-process adopted a running guest.
     #[serde(default)]
     pub adoptions: u64,
+    /// Why capsem-process stopped the VM on its own (`idle timeout 5s`,
+    /// `max duration 2h`); cleared at the next boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<String>,
 }
 
 /// Reads a JSON file; `Ok(None)` when it does not exist.

@@ -90,6 +90,13 @@ pub struct Config {
     /// FILE, created with mode 0600 if missing. An absolute path.
     #[arg(long, value_name = "FILE", value_parser = parse_absolute)]
     pub audit_log: Option<PathBuf>,
+    /// A persistent VM: stop it (as `capsem stop` does) after this many
+    /// milliseconds with no client attached and no exec running.
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_timeout_ms: Option<u64>,
+    /// A persistent VM: stop it this many milliseconds after it started.
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_duration_ms: Option<u64>,
 }
 
 impl Config {

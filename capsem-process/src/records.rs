@@ -61,6 +61,7 @@ impl Records {
             self.status.adoptions += 1;
         } else {
             self.status.boots += 1;
+            self.status.stop_reason = None;
             self.status.accel = Some(accel.unwrap_or("none").to_owned());
             self.status.image = image;
         }
@@ -111,8 +112,13 @@ impl Records {
         }
     }
 
-    /// Nothing runs any more: `pids.json` and `token` go.
-    pub fn stopped(&self) {
+    /// Nothing runs any more: `pids.json` and `token` go; `reason`, when
+    /// the VM stopped itself (a lifetime limit), is recorded.
+    pub fn stopped(&mut self, reason: Option<String>) {
+        if reason.is_some() {
+            self.status.stop_reason = reason;
+            self.write_status();
+        }
         for name in [PIDS_FILE, TOKEN_FILE] {
             if let Err(e) = crate::teardown::remove_file(&self.dir.file(name)) {
                 warn!("{}", chain(&e));
@@ -162,7 +168,7 @@ mod tests {
         assert_eq!((s.boots, s.adoptions, s.agent_connects), (1, 1, 1));
         assert_eq!(s.accel.as_deref(), Some("tcg"));
         assert_eq!(s.last_shell_exit.unwrap().exit_code, Some(3));
-        r.stopped();
+        r.stopped(None);
         assert!(matches!(read_adoption(&dir), Err(RecordsError::Token(_))));
         assert!(!dir.file(PIDS_FILE).exists());
     }

@@ -120,6 +120,16 @@ pub(super) fn pty_out(cx: &Cx<'_>, pending: &mut Vec<u8>) -> Event {
                 Ok(s) => s,
                 Err(e) => return Event::ReapFailed(chain(&e)),
             };
+            if let Some(hit) = cx.shell.limit_hit() {
+                warn!(?hit, "the shell's cgroup reached a limit");
+                let line = format!("\r\n{}\r\n", hit.message("the shell"));
+                let frame = TermToHost::Output {
+                    data: line.into_bytes(),
+                };
+                if let Err(e) = out.write_frame(&frame) {
+                    return conn_failed("terminal write failed", &e);
+                }
+            }
             let exit = TermToHost::Exit {
                 exit_code: status.exit_code,
                 signal: status.signal,

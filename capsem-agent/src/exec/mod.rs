@@ -91,6 +91,8 @@ pub struct ExecConfig {
     pub image_env: Vec<(String, String)>,
     /// The image's User, resolved; `None`: root.
     pub creds: Option<crate::imageconfig::Creds>,
+    /// Inside a VM: each command runs in its own cgroup.
+    pub cgroups: Option<std::sync::Arc<crate::cgroup::Cgroups>>,
 }
 
 struct Conns {

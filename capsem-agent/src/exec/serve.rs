@@ -164,7 +164,17 @@ impl Exec {
             tty,
             creds: cfg.creds,
         };
-        match Running::spawn(&spec)? {
+        let cgroup = match cfg.cgroups.as_ref().map(|c| c.create("exec")).transpose() {
+            Ok(g) => g,
+            Err(e) => {
+                warn!(
+                    "cannot make the command's cgroup: {}",
+                    crate::session::chain(&e)
+                );
+                return self.fail(126, "capsem: cannot contain the command (cgroup)\n");
+            }
+        };
+        match Running::spawn(&spec, cgroup)? {
             Ok(running) => {
                 info!(pid = running.pid(), program = %spec.argv[0], ?timeout_ms, "command started");
                 self.deadline = timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
@@ -282,6 +292,15 @@ impl Exec {
             stderr_bytes = self.stderr_bytes,
             "command ended"
         );
+        if let Some(hit) = cmd.limit_hit() {
+            warn!(?hit, "the command's cgroup reached a limit");
+            let line = format!("{}\n", hit.message("the command"));
+            self.stderr_bytes += line.len() as u64;
+            self.out.push(&ExecToHost::Output {
+                stream: ExecStream::Stderr,
+                data: line.into_bytes(),
+            })?;
+        }
         self.out.push(&ExecToHost::Exit {
             exit_code: status.exit_code,
             signal: status.signal,

@@ -56,6 +56,8 @@ pub fn run(ctx: &Ctx, args: &CreateArgs) -> Result<Exit, CliError> {
         owner: None,
         disk_size: args.new.disk_size,
         image: image.map(|i| i.record),
+        idle_timeout_ms: args.idle_timeout,
+        max_duration_ms: args.max_duration,
     };
     if let Err(e) = capsem_host::vmstate::write_json(&dir.join(VM_FILE), &config) {
         let _ = std::fs::remove_dir_all(&dir);

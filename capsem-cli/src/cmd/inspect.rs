@@ -44,6 +44,15 @@ pub struct Inspect {
     pub last_shell_exit: Option<InspectShellExit>,
     /// The VM directory.
     pub dir: String,
+    /// `create --idle-timeout` and `--max-duration` (`5s`, `2h`); absent
+    /// when not set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_duration: Option<String>,
+    /// Why a stopped VM stopped itself (`idle timeout 5s`); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<String>,
 }
 
 /// The VM's writable disk.
@@ -138,6 +147,13 @@ impl Inspect {
                 at: e.at,
             }),
             dir: vm.dir.to_string_lossy().into_owned(),
+            idle_timeout: config
+                .and_then(|c| c.idle_timeout_ms)
+                .map(capsem_host::resources::format_duration_ms),
+            max_duration: config
+                .and_then(|c| c.max_duration_ms)
+                .map(capsem_host::resources::format_duration_ms),
+            stop_reason: vm.stop_reason(),
         }
     }
 
@@ -192,6 +208,8 @@ mod tests {
             }),
             boots: 2,
             adoptions: 1,
+            // A running VM's stale reason is not shown.
+            stop_reason: Some("idle timeout 5s".into()),
         };
         vmstate::write_json(&dir.join(STATUS_FILE), &status).unwrap();
 
@@ -227,6 +245,30 @@ mod tests {
     }
 
     #[test]
+    fn a_vm_stopped_by_its_idle_timeout_says_so() {
+        let home = tempfile::tempdir().unwrap();
+        let mut cfg = config("dev", false, None);
+        cfg.idle_timeout_ms = Some(5000);
+        cfg.max_duration_ms = Some(7_200_000);
+        let dir = make_vm(home.path(), "dev", Some(&cfg), None);
+        let status = VmStatusFile {
+            stop_reason: Some("idle timeout 5s".into()),
+            ..VmStatusFile::default()
+        };
+        vmstate::write_json(&dir.join(STATUS_FILE), &status).unwrap();
+        let vm = ctx(home.path()).load("dev").unwrap();
+        let json: serde_json::Value = serde_json::from_str(&Inspect::new(&vm).to_json()).unwrap();
+        assert_eq!(json["state"], "stopped");
+        assert_eq!(json["stop_reason"], "idle timeout 5s");
+        assert_eq!(json["idle_timeout"], "5s");
+        assert_eq!(json["max_duration"], "2h");
+        let list = crate::cmd::list::ListEntry::new(&vm);
+        assert_eq!(list.stop_reason.as_deref(), Some("idle timeout 5s"));
+        let table = crate::cmd::list::table(&[list]);
+        assert!(table.contains("stopped (idle timeout 5s)"), "{table}");
+    }
+
+    #[test]
     fn a_stopped_vm_without_status_and_unknown_names() {
         let home = tempfile::tempdir().unwrap();
         make_vm(home.path(), "dev", Some(&config("dev", false, None)), None);
@@ -239,6 +281,8 @@ mod tests {
         assert!(got.pids.guest.is_empty());
         assert_eq!(got.last_shell_exit, None);
         assert_eq!(got.agent_connects, 0);
+        assert_eq!(got.stop_reason, None);
+        assert_eq!(got.idle_timeout, None);
         assert!(matches!(
             run(&ctx, "nope"),
             Err(CliError::NoSuchVm(n)) if n == "nope"

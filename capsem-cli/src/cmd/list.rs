@@ -1,7 +1,8 @@
 //! `capsem list [--json]`: every VM under `<home>/vms/`, sorted by name.
 //!
 //! The table has the columns `NAME STATE KIND CREATED` (KIND is
-//! `persistent` or `temporary`; CREATED is `-` when unknown). `--json`
+//! `persistent` or `temporary`; CREATED is `-` when unknown; STATE says
+//! why a VM stopped itself: `stopped (idle timeout 5s)`). `--json`
 //! prints one JSON array of [`ListEntry`] objects, whose shape is
 //! documented in `docs/cli-json.md` and only grows. A VM directory that
 //! cannot be read is reported with one warning line on stderr and left
@@ -27,6 +28,10 @@ pub struct ListEntry {
     pub vmm: Option<String>,
     pub cpus: Option<u32>,
     pub memory_mib: Option<u32>,
+    /// Why a stopped VM stopped itself (`idle timeout 5s`, `max duration
+    /// 2h`); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<String>,
 }
 
 impl ListEntry {
@@ -40,6 +45,7 @@ impl ListEntry {
             vmm: config.map(|c| c.vmm.clone()),
             cpus: config.map(|c| c.cpus),
             memory_mib: config.map(|c| c.memory_mib),
+            stop_reason: vm.stop_reason(),
         }
     }
 
@@ -89,7 +95,10 @@ pub fn table(entries: &[ListEntry]) -> String {
     for e in entries {
         rows.push([
             e.name.clone(),
-            e.state.to_string(),
+            match &e.stop_reason {
+                Some(r) => format!("{} ({r})", e.state),
+                None => e.state.to_string(),
+            },
             e.kind().into(),
             e.created.clone().unwrap_or_else(|| "-".into()),
         ]);

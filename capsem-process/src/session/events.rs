@@ -49,6 +49,10 @@ impl Session {
                 None
             }
             Wake::ExitQueued => None,
+            Wake::Lifetime(limit) => {
+                info!("{limit} reached; stopping the VM");
+                Some(Stop::Lifetime(limit))
+            }
             Wake::GuestExited(exit) => {
                 let reason = self.guest.mark_exited(exit);
                 if self.ready.pending() {

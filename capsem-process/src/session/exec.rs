@@ -151,6 +151,11 @@ impl Pool {
         self.pair(events);
     }
 
+    /// A command is waiting or running: the VM is not idle.
+    pub fn busy(&self) -> bool {
+        !self.waiting.is_empty() || !self.relays.is_empty()
+    }
+
     pub fn command(&mut self, waiting: WaitingExec, events: &mpsc::Sender<Event>) {
         self.waiting.push_back(waiting);
         self.pair(events);

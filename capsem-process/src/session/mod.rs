@@ -9,11 +9,13 @@
 //!   ([`exec::One`]), or a persistent VM's exec pool ([`exec::Pool`]).
 //!
 //! Events are handled in [`events`]; [`teardown`] is the one ending, and
-//! [`Stop`] (in `stop.rs`) says why it came.
+//! [`Stop`] (in `stop.rs`) says why it came. A persistent VM's lifetime
+//! limits ([`lifetime`]) are one more deadline in the same `select!`.
 
 mod attach;
 mod events;
 mod exec;
+mod lifetime;
 mod link;
 mod stop;
 mod teardown;
@@ -111,6 +113,7 @@ pub struct Session {
     link: link::Link,
     client: attach::Client,
     mode: Mode,
+    lifetime: lifetime::Lifetime,
 }
 
 /// What woke the loop.
@@ -127,6 +130,8 @@ enum Wake {
     GuestExited(vm::Exit),
     /// The shell's status went into the client's queue.
     ExitQueued,
+    /// A persistent VM reached its idle timeout or its max duration.
+    Lifetime(lifetime::Limit),
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -224,7 +229,17 @@ impl Session {
         } else {
             Mode::Shell(ShellPhase::Live)
         };
+        let ms = |v: Option<u64>| {
+            v.filter(|_| cfg.persistent())
+                .map(std::time::Duration::from_millis)
+        };
+        let lifetime = lifetime::Lifetime::new(
+            ms(cfg.idle_timeout_ms),
+            ms(cfg.max_duration_ms),
+            Instant::now(),
+        );
         Ok(Self {
+            lifetime,
             boot_deadline: Instant::now() + cfg.boot_timeout(),
             link: link::Link::new(inputs, shared.clone(), events_tx.clone()),
             client: attach::Client::new(shared.clone(), receivers.output),
@@ -279,6 +294,9 @@ impl Session {
             let boot = self.ready.pending().then_some(self.boot_deadline);
             let terminal = self.link.terminal_deadline();
             let grace = self.guest.grace();
+            let busy = self.client.is_attached()
+                || matches!(&self.mode, Mode::Persistent(pool) if pool.busy());
+            let life = self.lifetime.next(busy, Instant::now());
             let (exec_deadline, relays) = match &mut self.mode {
                 Mode::Exec(one) => (one.deadline(), None),
                 Mode::Persistent(pool) => (None, Some(&mut pool.relays)),
@@ -295,6 +313,7 @@ impl Session {
                 () = sleep_until(terminal) => Wake::TerminalTimeout,
                 () = sleep_until(grace) => Wake::StatusGraceOver,
                 () = sleep_until(exec_deadline) => Wake::ExecConnectTimeout,
+                limit = lifetime::reached(life) => Wake::Lifetime(limit),
                 // A finished relay is joined at once, so a long-lived VM's
                 // set holds only the commands still running.
                 Some(joined) = join_relay(relays) => {

@@ -15,6 +15,8 @@ pub enum Stop {
     Signal(&'static str),
     /// The guest did not come up.
     BootFailed(String),
+    /// A persistent VM's idle timeout or max duration: a clean stop.
+    Lifetime(super::lifetime::Limit),
 }
 
 impl fmt::Display for Stop {
@@ -26,6 +28,7 @@ impl fmt::Display for Stop {
             Stop::ClientGone => f.write_str("the client of a temporary VM went away"),
             Stop::Signal(s) => write!(f, "received {s}"),
             Stop::BootFailed(r) => write!(f, "the guest did not come up: {r}"),
+            Stop::Lifetime(limit) => write!(f, "stopped ({limit})"),
         }
     }
 }
@@ -43,6 +46,7 @@ impl Stop {
             Stop::AgentDied(r) | Stop::BootFailed(r) => Some(r.clone()),
             Stop::ShutdownRequested => Some("the VM was shut down on request".into()),
             Stop::Signal(s) => Some(format!("capsem-process received {s}")),
+            Stop::Lifetime(limit) => Some(format!("the VM stopped: {limit} reached")),
         }
     }
 }

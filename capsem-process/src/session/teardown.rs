@@ -98,7 +98,11 @@ impl Session {
                 warn!("{}", chain(&e));
             }
         } else {
-            self.records.stopped();
+            let reason = match stop {
+                Stop::Lifetime(limit) => Some(limit.to_string()),
+                _ => None,
+            };
+            self.records.stopped(reason);
         }
         info!("teardown complete");
     }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use nix::errno::Errno;
 use nix::sys::wait::WaitStatus;
 
+use crate::cgroups;
 use crate::cmdline::{self, CmdlineError};
 use crate::console;
 use crate::log;
@@ -72,12 +73,23 @@ pub fn run() -> Result<AgentEnd, BootError> {
         }
     };
     mounts::mount_late()?;
+    if let Err(e) = cgroups::protect_self() {
+        log!("warning: {}", chain(&e));
+    }
+    // Without the tree the agent runs its commands uncontained (said once
+    // here); the VM still boots.
+    let cgroup = cgroups::setup()
+        .map_err(|e| log!("warning: no per-command cgroups: {}", chain(&e)))
+        .ok();
 
     if cmd.token.is_none() {
         log!("no capsem.token on the kernel command line; the host will refuse the hello");
     }
     stages.mark("agent_spawn");
     let mut agent = agent_command(&cmd, &stages, switched);
+    if let Some(parent) = cgroup {
+        agent.env.push((CGROUP_ENV.to_owned(), parent.to_owned()));
+    }
     if let Some(text) = image_config {
         agent.env.push((IMAGE_CONFIG_ENV.to_owned(), text));
     }
@@ -92,6 +104,20 @@ pub fn run() -> Result<AgentEnd, BootError> {
         AgentEnd::Signalled(sig) => log!("received {sig}; stopping"),
     }
     Ok(end)
+}
+
+/// Names the agent's parent cgroup (`capsem-agent/src/cgroup/`).
+const CGROUP_ENV: &str = "CAPSEM_CGROUP";
+
+/// An error and its causes on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    s
 }
 
 /// The OCI image's run settings (its config JSON) for the agent.

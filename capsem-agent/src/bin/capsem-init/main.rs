@@ -10,6 +10,8 @@
 //!
 //! Modules:
 //! - [`boot`]: the sequence and its [`boot::BootError`].
+//! - [`cgroups`]: cgroup2, the pids and memory controllers for the agent's
+//!   per-command cgroups, init's OOM exemption.
 //! - [`cmdline`]: `capsem.token=`, `capsem.hostname=`, `capsem.agent=`,
 //!   `capsem.mode=`, `capsem.root=`, `capsem.disk=`.
 //! - [`console`]: timestamped console lines, stdio repair.
@@ -24,6 +26,7 @@
 //! it refuses with exit code 2, so it cannot kill a host's processes.
 
 mod boot;
+mod cgroups;
 mod cmdline;
 mod console;
 mod modules;
