@@ -1,6 +1,9 @@
 //! The `capsem run` poll loop: stdin → `ExecStdin`/`ExecStdinEof`,
 //! `ExecOutput` → stdout or stderr byte for byte, `ExecExit` → exit code.
 //!
+//! [`run`] bridges capsem's own stdin, stdout and stderr; [`run_with`]
+//! any [`Streams`] (`capsem cp` feeds and drains tar streams through it).
+//!
 //! One thread, one poll set (the ctl socket, the signalfd, stdin until its
 //! EOF). Output is written with blocking writes, so a slow reader of
 //! capsem's stdout pushes back on the guest. The first SIGINT, SIGTERM or
@@ -9,7 +12,7 @@
 //! second one gives up and shuts the VM down.
 
 use std::io::{self, Write};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use capsem_proto::exec::{ExecStream, MAX_EXEC_CHUNK};
 use capsem_proto::ipc::{ClientToProcess, ProcessToClient};
@@ -52,9 +55,30 @@ fn write_stream(open: &mut bool, w: &mut dyn Write, data: &[u8]) {
     }
 }
 
-/// Runs the command's session to its status.
+/// Where a command's input comes from and its output goes.
+pub struct Streams<'a> {
+    /// Read (after poll reports it readable) until EOF, then `ExecStdinEof`.
+    pub stdin: BorrowedFd<'a>,
+    pub stdout: &'a mut dyn Write,
+    pub stderr: &'a mut dyn Write,
+}
+
+/// Runs the command's session to its status on capsem's own streams.
 pub fn run(session: &mut Session, signals: &mut Signals) -> ExecEnd {
-    match run_inner(session, signals) {
+    let stdin = io::stdin();
+    let mut stdout = io::stdout().lock();
+    let mut stderr = io::stderr().lock();
+    let streams = Streams {
+        stdin: stdin.as_fd(),
+        stdout: &mut stdout,
+        stderr: &mut stderr,
+    };
+    run_with(session, signals, streams)
+}
+
+/// Runs the command's session to its status on `streams`.
+pub fn run_with(session: &mut Session, signals: &mut Signals, streams: Streams<'_>) -> ExecEnd {
+    match run_inner(session, signals, streams) {
         Ok(end) => end,
         Err(reason) => {
             session.shutdown();
@@ -63,10 +87,16 @@ pub fn run(session: &mut Session, signals: &mut Signals) -> ExecEnd {
     }
 }
 
-fn run_inner(session: &mut Session, signals: &mut Signals) -> Result<ExecEnd, Lost> {
-    let stdin = io::stdin();
-    let mut stdout = io::stdout().lock();
-    let mut stderr = io::stderr().lock();
+fn run_inner(
+    session: &mut Session,
+    signals: &mut Signals,
+    streams: Streams<'_>,
+) -> Result<ExecEnd, Lost> {
+    let Streams {
+        stdin,
+        stdout,
+        stderr,
+    } = streams;
     let (mut out_open, mut err_open) = (true, true);
     let mut reading_stdin = true;
     let mut stopping: Option<Signal> = None;
@@ -77,11 +107,11 @@ fn run_inner(session: &mut Session, signals: &mut Signals) -> Result<ExecEnd, Lo
                 ProcessToClient::ExecOutput {
                     stream: ExecStream::Stdout,
                     data,
-                } => write_stream(&mut out_open, &mut stdout, &data),
+                } => write_stream(&mut out_open, stdout, &data),
                 ProcessToClient::ExecOutput {
                     stream: ExecStream::Stderr,
                     data,
-                } => write_stream(&mut err_open, &mut stderr, &data),
+                } => write_stream(&mut err_open, stderr, &data),
                 ProcessToClient::ExecExit {
                     exit_code: code,
                     signal,
@@ -118,7 +148,7 @@ fn run_inner(session: &mut Session, signals: &mut Signals) -> Result<ExecEnd, Lo
             sock_in,
             sock_out,
             signal,
-        }) = session.wait(signals, stdin.as_fd(), want_stdin)?
+        }) = session.wait(signals, stdin, want_stdin)?
         else {
             continue;
         };
