@@ -32,7 +32,22 @@ pub fn run(ctx: &Ctx, src: &str, dst: &str) -> Result<Exit, CliError> {
     let mut signals = Signals::install()?;
     match direction {
         Direction::In { src, dst, .. } => copy_in(&ctl, &mut signals, src, &dst),
-        Direction::Out { src, dst, .. } => copy_out(&ctl, &mut signals, &src, dst),
+        Direction::Out { vm, src, dst } => {
+            copy_out(&ctl, &mut signals, &src, dst).map_err(|e| in_vm_terms(e, &vm, &src))
+        }
+    }
+}
+
+/// tar's `NAME: Cannot stat: ...` said as `VM:PATH: Cannot stat: ...`,
+/// the way the user wrote the source.
+fn in_vm_terms(e: CliError, vm: &str, src: &str) -> CliError {
+    let name = cpplan::split(src).name;
+    match e {
+        CliError::Cp(CpError::Guest(line)) => match line.strip_prefix(&format!("{name}: ")) {
+            Some(rest) => CpError::Guest(format!("{vm}:{src}: {rest}")).into(),
+            None => CpError::Guest(line).into(),
+        },
+        other => other,
     }
 }
 
@@ -78,13 +93,13 @@ fn untar_argv(dir: &str) -> Vec<String> {
 }
 
 fn copy_in(ctl: &Path, signals: &mut Signals, src: HostSide, dst: &str) -> Result<Exit, CliError> {
-    let found = match probe(ctl, signals, dst)? {
-        Ok(found) => found,
-        Err(exit) => return Ok(exit),
-    };
     let mut sink = Kept::default();
     let src = match src {
         HostSide::Stream => {
+            let found = match probe(ctl, signals, dst)? {
+                Ok(found) => found,
+                Err(exit) => return Ok(exit),
+            };
             if found != GuestDst::Dir {
                 return Err(CpError::StreamNeedsDir(dst.into()).into());
             }
@@ -106,6 +121,10 @@ fn copy_in(ctl: &Path, signals: &mut Signals, src: HostSide, dst: &str) -> Resul
     if kind == SrcKind::NonDir && (split.contents || split.name.ends_with('/')) {
         return Err(CpError::NotADir(text.into_owned()).into());
     }
+    let found = match probe(ctl, signals, dst)? {
+        Ok(found) => found,
+        Err(exit) => return Ok(exit),
+    };
     let target = cpplan::guest_target(&split, kind, dst, found)?;
     let packer = Packer::start(src.clone(), kind, target.name)?;
     let done = {
