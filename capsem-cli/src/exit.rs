@@ -76,11 +76,12 @@ impl From<Exit> for ExitCode {
 /// Text for `capsem --help`: the exit statuses, and the escapes of
 /// [`crate::escape`] (255 is theirs too).
 pub const HELP: &str = "\
-Escapes (capsem shell, stdin a terminal, typed at the start of a line, as
-in ssh):
-  ~.       temporary VM: destroy it at once, without waiting for the guest
-           (works when it is wedged), and exit 255 with one line saying so;
-           capsem shell NAME: detach at once, the VM keeps running
+Escapes (capsem shell, run -t and exec -t, stdin a terminal, typed at the
+start of a line, as in ssh):
+  ~.       temporary VM (shell, run -t): destroy it at once, without waiting
+           for the guest (works when it is wedged), and exit 255 with one
+           line saying so; capsem shell NAME: detach at once; exec -t: leave
+           at once and exit 255; the VM keeps running
   ~?       list the escapes
   ~~       send one ~
   Ctrl-]   capsem shell NAME: detach (anywhere in a line)
@@ -92,7 +93,7 @@ Exit status:
   125      capsem failed before the shell ran (usage error, capsem-process
            missing, the VM did not start, the home cannot be read)
   255      the session was lost without an exit status, or ~. destroyed
-           the temporary VM
+           the temporary VM (or left exec -t)
 
 capsem run: the command's exit status, 124 when --timeout expired, 126 when
 it is not executable, 127 when it was not found, 128+N when signal N killed

@@ -53,7 +53,8 @@
 //!   (usage, capsem-process missing, the VM did not start, a home it
 //!   cannot read, `-e LD_PRELOAD=...`);
 //! * 255 when the session was lost without an exit status, or `~.` at
-//!   the start of a line destroyed the temporary VM ([`escape`]);
+//!   the start of a line destroyed the temporary VM (or left `exec -t`;
+//!   [`escape`]);
 //! * `doctor`: 0 when nothing is missing, 1 otherwise (see [`health`] for
 //!   the output format);
 //! * `cp`: 0 when done, 1 when the copy failed, 125 on a usage error or a

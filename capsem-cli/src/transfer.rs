@@ -85,10 +85,13 @@ pub fn guest_command(
         stdin,
         stdout,
         stderr: &mut stderr,
+        escapes: false,
     };
     match exec_loop::run_with(&mut session, signals, streams) {
         ExecEnd::Exited(exit) => Ok(Finished { exit, stderr }),
         ExecEnd::Lost(reason) => Err(CliError::SessionLost(reason)),
+        // Not a terminal: no escapes are read.
+        ExecEnd::Escaped => Err(CliError::SessionLost(crate::lost::Lost::Closed)),
     }
 }
 
