@@ -231,6 +231,15 @@ fn ensure_dir(path: &Path, follow: bool) -> Result<(), UnpackError> {
     }
 }
 
+/// Where the stream is: before its top entry, or past it, which was a
+/// directory (its real path: the root every later entry is under) or
+/// not (then nothing may follow).
+enum Top {
+    Unseen,
+    Dir(PathBuf),
+    NonDir(PathBuf),
+}
+
 /// A directory's mode and mtime, applied at the end.
 struct DirMeta {
     path: PathBuf,
@@ -259,7 +268,7 @@ pub fn unpack(reader: impl Read, name: &OsStr, dst: &HostDst) -> Result<Unpacked
     archive.set_unpack_xattrs(false);
     archive.set_mask(!MODE_MASK & 0o7777);
     let mut entries = archive.entries().map_err(UnpackError::Stream)?;
-    let mut root: Option<(PathBuf, bool)> = None;
+    let mut top = Top::Unseen;
     let mut dirs: Vec<DirMeta> = Vec::new();
     let mut count = 0u64;
     loop {
@@ -273,36 +282,31 @@ pub fn unpack(reader: impl Read, name: &OsStr, dst: &HostDst) -> Result<Unpacked
         let kind = entry.header().entry_type();
         let header_mode = entry.header().mode().unwrap_or(0o755);
         let mtime = entry.header().mtime().unwrap_or(0);
-        let (base, top_is_dir) = match (&root, rel.is_empty()) {
-            (None, true) => {
-                let base = dst.root(name, kind.is_dir())?;
+        let outside = || UnpackError::Outside(path.display().to_string());
+        let (base, top_is_dir) = match (&top, rel.is_empty()) {
+            (Top::Unseen, true) if kind.is_dir() => {
                 // The top of a directory copy may be DST itself, reached
                 // through the user's own symlink: that one is followed.
-                if kind.is_dir() {
-                    ensure_dir(&base, true)?;
-                    let real = fs::canonicalize(&base).map_err(io_at(&base))?;
-                    root = Some((real, true));
-                } else {
-                    root = Some((base, false));
-                }
-                let (base, is_dir) = root.clone().unwrap_or_default();
-                if is_dir {
-                    dirs.push(DirMeta {
-                        path: base.clone(),
-                        mode: header_mode,
-                        mtime,
-                    });
-                    count += 1;
-                    continue;
-                }
-                (base, is_dir)
+                let base = dst.root(name, true)?;
+                ensure_dir(&base, true)?;
+                let real = fs::canonicalize(&base).map_err(io_at(&base))?;
+                dirs.push(DirMeta {
+                    path: real.clone(),
+                    mode: header_mode,
+                    mtime,
+                });
+                top = Top::Dir(real);
+                count += 1;
+                continue;
             }
-            (None, false) => return Err(UnpackError::Outside(path.display().to_string())),
-            (Some(_), true) => return Err(UnpackError::Outside(path.display().to_string())),
-            (Some((_, false)), false) => {
-                return Err(UnpackError::Outside(path.display().to_string()))
+            (Top::Unseen, true) => {
+                let base = dst.root(name, false)?;
+                top = Top::NonDir(base.clone());
+                (base, false)
             }
-            (Some((base, true)), false) => (base.clone(), true),
+            (Top::Dir(base), false) => (base.clone(), true),
+            // Below a file, before the top, or the top twice.
+            _ => return Err(outside()),
         };
         let target = if top_is_dir {
             real_dirs_to(&base, &rel)?
@@ -326,7 +330,7 @@ pub fn unpack(reader: impl Read, name: &OsStr, dst: &HostDst) -> Result<Unpacked
                 let link = entry
                     .link_name()
                     .map_err(UnpackError::Stream)?
-                    .ok_or_else(|| UnpackError::Outside(path.display().to_string()))?
+                    .ok_or_else(outside)?
                     .into_owned();
                 let link_rel = below_top(&link, name)?;
                 if link_rel.is_empty() {
@@ -348,8 +352,9 @@ pub fn unpack(reader: impl Read, name: &OsStr, dst: &HostDst) -> Result<Unpacked
         }
         count += 1;
     }
-    let Some((root, _)) = root else {
-        return Err(UnpackError::Empty);
+    let root = match top {
+        Top::Unseen => return Err(UnpackError::Empty),
+        Top::Dir(root) | Top::NonDir(root) => root,
     };
     for d in dirs.iter().rev() {
         use std::os::unix::fs::PermissionsExt;
