@@ -1,11 +1,13 @@
 //! `~.` in `capsem run -t` and `capsem exec -t` on the no-VM backend,
 //! through a real PTY: in `run -t` it destroys the temporary VM at once,
 //! even with its agent stopped (SIGSTOP), and exits 255 with one line; in
-//! `exec -t` it leaves at once with one line and exit 255, and the VM keeps
-//! running and answers.
+//! `exec -t` it leaves at once with one line and exit 255, the command
+//! ends with its client, and the VM keeps running and answers.
 #![allow(clippy::unwrap_used)]
 
+use capsem_tests::fixture::wait_until;
 use capsem_tests::persist;
+use capsem_tests::procs;
 use capsem_tests::pty::PtySession;
 use capsem_tests::scenarios::{assert_no_frames, step};
 use capsem_tests::{Backend, Fixture};
@@ -69,10 +71,17 @@ fn tilde_dot_in_exec_t_leaves_and_the_vm_keeps_running() {
         "--",
         "sh",
         "-c",
-        "echo READY$((6*7)); exec cat",
+        "echo READY$((6*7)); exec cat - -",
     ]);
     let mut s = PtySession::spawn(cmd, 80, 24).unwrap();
     s.expect("READY42", step(B)).unwrap();
+    // With `--vmm none` the guest's processes are this test's descendants.
+    let cat_runs = || {
+        procs::descendants()
+            .iter()
+            .any(|p| p.cmdline == ["cat", "-", "-"])
+    };
+    assert!(cat_runs(), "the command is not running");
     // Mid-line it is text (cat echoes it back); at a line's start it leaves.
     s.send("a~.b\r").unwrap();
     s.expect("a~.b", step(B)).unwrap();
@@ -80,6 +89,8 @@ fn tilde_dot_in_exec_t_leaves_and_the_vm_keeps_running() {
     assert_eq!(s.wait_code(step(B)).unwrap(), 255);
     one_line(&s, LEFT);
     drop(s);
+    // The command goes with its client, as when any client leaves.
+    wait_until(step(B), "the command to end", || !cat_runs());
     let out = persist::exec(&fx, "box", &["--", "echo", "alive"], b"");
     assert_eq!(out.stdout, b"alive\n", "{out:?}");
     persist::ok(&fx, &["rm", "--force", "box"]);
