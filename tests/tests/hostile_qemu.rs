@@ -3,7 +3,8 @@
 //! ports 5000, 5001, 5005, 5006), and sends each an oversized length
 //! prefix, a truncated frame or random bytes (one of the three, in turn),
 //! then closes them all. Afterwards capsem-process's threads, fds and RSS
-//! come back to their baseline (within [`SLACK_THREADS`], [`SLACK_FDS`],
+//! come back to their baseline, and vhost-device-vsock's fds to theirs
+//! (within [`SLACK_THREADS`], [`SLACK_FDS`],
 //! [`SLACK_RSS_KIB`]; waited for, not slept), the flood reached the host
 //! (its log shows each port refusing the oversized length, the truncated
 //! frame, and the connections beyond its bound), and the session keeps working:
@@ -15,7 +16,7 @@ use std::time::Duration;
 
 use capsem_proto::guest::{PORT_AUDIT, PORT_CONTROL, PORT_EXEC, PORT_TERMINAL};
 use capsem_tests::fixture::wait_until;
-use capsem_tests::persist::{attach, exec, ok, process_pid, vm_dir, DETACH};
+use capsem_tests::persist::{attach, exec, guest_pids, ok, process_pid, vm_dir, DETACH};
 use capsem_tests::procs::thread_and_fd_counts;
 use capsem_tests::scenarios::{step, wait_ready};
 use capsem_tests::{Backend, Fixture};
@@ -128,6 +129,16 @@ fn a_flood_of_hostile_connections_leaves_capsem_process_flat() {
     let out = exec(&fx, "box", &["--", "true"], b"");
     assert!(out.status.success(), "{out:?}");
     let base = usage(pid);
+    // vhost-device-vsock holds the host end of every guest connection: its
+    // fds must come back too.
+    let vsock = guest_pids(&fx, "box")
+        .into_iter()
+        .find(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("vhost-device-vsock"))
+        })
+        .unwrap();
+    let vsock_base = usage(vsock);
 
     let ports = [PORT_CONTROL, PORT_TERMINAL, PORT_EXEC, PORT_AUDIT];
     let mut argv = vec![
@@ -171,6 +182,12 @@ fn a_flood_of_hostile_connections_leaves_capsem_process_flat() {
         within(last, base)
     });
     eprintln!("capsem-process: baseline {base:?}, after the flood {flooded:?}, settled {last:?}");
+    let mut vsock_last = vsock_base;
+    wait_until(SETTLE, "vhost-device-vsock's fds", || {
+        vsock_last = usage(vsock);
+        vsock_last.fds <= vsock_base.fds + SLACK_FDS
+    });
+    eprintln!("vhost-device-vsock: baseline {vsock_base:?}, settled {vsock_last:?}");
 
     // The flood reached capsem-process: each port refused handshakes.
     let log = std::fs::read_to_string(vm_dir(&fx, "box").join("process.log")).unwrap();
