@@ -1,15 +1,15 @@
 //! A hostile guest program against capsem-process, in a real VM: python3
 //! in the guest opens 500 connections to each capsem vsock port (CID 2,
-//! ports 5000, 5001, 5005, 5006), and sends each an oversized length
-//! prefix, a truncated frame or random bytes (one of the three, in turn),
-//! then closes them all. Afterwards capsem-process's threads, fds and RSS
-//! come back to their baseline, and vhost-device-vsock's fds to theirs
-//! (within [`SLACK_THREADS`], [`SLACK_FDS`],
-//! [`SLACK_RSS_KIB`]; waited for, not slept), the flood reached the host
-//! (its log shows each port refusing the oversized length, the truncated
-//! frame, and the connections beyond its bound), and the session keeps working:
-//! `exec` answers and `shell NAME` attaches. `CAPSEM_SKIP_VM_TESTS=1
-//! scripts/test.sh` leaves it out.
+//! ports 5000, 5001, 5005, 5006) at once, holds them, writes each an
+//! oversized length prefix, a truncated frame or random bytes (the three
+//! in turn) and closes them; then 500 more one after another, each written
+//! and closed. Afterwards capsem-process's threads, fds and RSS come back
+//! to their baseline, and vhost-device-vsock's fds to theirs (within
+//! [`SLACK_THREADS`], [`SLACK_FDS`], [`SLACK_RSS_KIB`]; waited for, not
+//! slept); the flood reached the host (its log shows each port refusing
+//! the oversized length, the truncated frame, and the connections beyond
+//! its bound); and the session keeps working: `exec` answers and `shell
+//! NAME` attaches. `CAPSEM_SKIP_VM_TESTS=1 scripts/test.sh` leaves it out.
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
