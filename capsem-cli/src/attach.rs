@@ -520,14 +520,7 @@ impl Session {
             rest = &rest[used..];
             match found {
                 None => {}
-                Some(Escape::Help) => {
-                    let mut err = io::stderr().lock();
-                    for line in escape::HELP {
-                        let _ = write!(err, "\r\n{line}");
-                    }
-                    let _ = write!(err, "\r\n");
-                    let _ = err.flush();
-                }
+                Some(Escape::Help) => escape::print_help(),
                 Some(Escape::Detach) => {
                     self.queue_input(&send)?;
                     self.flush_before_leaving();

@@ -105,6 +105,20 @@ pub enum Command {
     /// Run one command in a running persistent VM, beside its shell and any
     /// other commands (same streams, flags and exit codes as `run`).
     Exec(ExecArgs),
+    /// Copy files and directories between a running persistent VM and this
+    /// host, like `docker cp`: one side `NAME:PATH`, the other a host path
+    /// or `-` (a tar stream on stdin for SRC, unpacked into the VM's
+    /// directory DST; on stdout for DST). Recursive; modes, symlinks and
+    /// mtimes kept. DST an existing directory: SRC goes into it (`SRC/.`:
+    /// its contents); a missing DST is created, its parent must exist.
+    /// Exits 0 when done, 1 when the copy failed, 125 on a usage error or
+    /// a VM that is unknown or stopped.
+    Cp {
+        /// `NAME:PATH`, a host path, or `-`
+        src: String,
+        /// `NAME:PATH`, a host path, or `-`
+        dst: String,
+    },
     /// Show the guest's execve audit records: time, pid, uid, argv, cwd.
     Audit {
         name: String,

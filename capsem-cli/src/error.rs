@@ -115,13 +115,17 @@ pub enum CliError {
     /// unsupported media type, an unreachable registry...
     #[error(transparent)]
     Image(#[from] capsem_image::ImageError),
+    /// `capsem cp`: a usage error (125) or a failed copy (1).
+    #[error(transparent)]
+    Cp(#[from] crate::cpplan::CpError),
 }
 
 impl CliError {
-    /// 255 for a lost session, 125 for everything else.
+    /// 255 for a lost session, `cp`'s own codes, 125 for everything else.
     pub fn exit(&self) -> Exit {
         match self {
             CliError::SessionLost(_) => Exit::Lost,
+            CliError::Cp(e) => e.exit(),
             _ => Exit::Failed,
         }
     }

@@ -1,4 +1,5 @@
-//! ssh-style escapes on an interactive session's terminal stdin.
+//! ssh-style escapes on an interactive session's terminal stdin (`shell`,
+//! and `run -t` / `exec -t` through [`crate::exec_loop`]).
 //!
 //! Recognised only when stdin is a terminal, and only at the start of a
 //! line (the first input of the session, or right after a CR or LF), as
@@ -41,6 +42,17 @@ pub const HELP: &[&str] = &[
     "~?   this list",
     "~~   send one ~",
 ];
+
+/// `~?`: prints [`HELP`] on stderr (raw mode: CR LF line ends).
+pub fn print_help() {
+    use std::io::Write;
+    let mut err = std::io::stderr().lock();
+    for line in HELP {
+        let _ = write!(err, "\r\n{line}");
+    }
+    let _ = write!(err, "\r\n");
+    let _ = err.flush();
+}
 
 /// Where the scanner is in the current line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

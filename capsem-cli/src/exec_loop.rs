@@ -1,6 +1,12 @@
 //! The `capsem run` poll loop: stdin → `ExecStdin`/`ExecStdinEof`,
 //! `ExecOutput` → stdout or stderr byte for byte, `ExecExit` → exit code.
 //!
+//! [`run`] bridges capsem's own stdin, stdout and stderr; [`run_with`]
+//! any [`Streams`] (`capsem cp` feeds and drains tar streams through it).
+//! With `-t` on a terminal the ssh escapes of [`crate::escape`] are read
+//! from stdin: `~.` ends the loop at once with [`ExecEnd::Escaped`],
+//! nothing more sent and nothing awaited.
+//!
 //! One thread, one poll set (the ctl socket, the signalfd, stdin until its
 //! EOF). Output is written with blocking writes, so a slow reader of
 //! capsem's stdout pushes back on the guest. The first SIGINT, SIGTERM or
@@ -9,7 +15,7 @@
 //! second one gives up and shuts the VM down.
 
 use std::io::{self, Write};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use capsem_proto::exec::{ExecStream, MAX_EXEC_CHUNK};
 use capsem_proto::ipc::{ClientToProcess, ProcessToClient};
@@ -17,6 +23,7 @@ use nix::errno::Errno;
 use nix::sys::signal::Signal;
 
 use crate::attach::{one_line, Events, Session};
+use crate::escape::{self, Escape, Scanner};
 use crate::exit::{self, Exit};
 use crate::lost::Lost;
 use crate::signals::Signals;
@@ -31,6 +38,9 @@ pub enum ExecEnd {
     Exited(Exit),
     /// The session ended without a status.
     Lost(Lost),
+    /// `~.` typed at the start of a line: leave now (`run -t` destroys
+    /// the VM, `exec -t` leaves it running).
+    Escaped,
 }
 
 /// The exit for an `ExecExit`; `None` when it carries no usable status.
@@ -52,9 +62,34 @@ fn write_stream(open: &mut bool, w: &mut dyn Write, data: &[u8]) {
     }
 }
 
-/// Runs the command's session to its status.
-pub fn run(session: &mut Session, signals: &mut Signals) -> ExecEnd {
-    match run_inner(session, signals) {
+/// Where a command's input comes from and its output goes.
+pub struct Streams<'a> {
+    /// Read (after poll reports it readable) until EOF, then `ExecStdinEof`.
+    pub stdin: BorrowedFd<'a>,
+    pub stdout: &'a mut dyn Write,
+    pub stderr: &'a mut dyn Write,
+    /// stdin is the user's terminal (`-t`): look for `~.` and `~?`.
+    pub escapes: bool,
+}
+
+/// Runs the command's session to its status on capsem's own streams;
+/// `escapes` when stdin is a terminal in raw mode (`-t`).
+pub fn run(session: &mut Session, signals: &mut Signals, escapes: bool) -> ExecEnd {
+    let stdin = io::stdin();
+    let mut stdout = io::stdout().lock();
+    let mut stderr = io::stderr().lock();
+    let streams = Streams {
+        stdin: stdin.as_fd(),
+        stdout: &mut stdout,
+        stderr: &mut stderr,
+        escapes,
+    };
+    run_with(session, signals, streams)
+}
+
+/// Runs the command's session to its status on `streams`.
+pub fn run_with(session: &mut Session, signals: &mut Signals, streams: Streams<'_>) -> ExecEnd {
+    match run_inner(session, signals, streams) {
         Ok(end) => end,
         Err(reason) => {
             session.shutdown();
@@ -63,10 +98,18 @@ pub fn run(session: &mut Session, signals: &mut Signals) -> ExecEnd {
     }
 }
 
-fn run_inner(session: &mut Session, signals: &mut Signals) -> Result<ExecEnd, Lost> {
-    let stdin = io::stdin();
-    let mut stdout = io::stdout().lock();
-    let mut stderr = io::stderr().lock();
+fn run_inner(
+    session: &mut Session,
+    signals: &mut Signals,
+    streams: Streams<'_>,
+) -> Result<ExecEnd, Lost> {
+    let Streams {
+        stdin,
+        stdout,
+        stderr,
+        escapes,
+    } = streams;
+    let mut scanner = escapes.then(|| Scanner::new(false));
     let (mut out_open, mut err_open) = (true, true);
     let mut reading_stdin = true;
     let mut stopping: Option<Signal> = None;
@@ -77,11 +120,11 @@ fn run_inner(session: &mut Session, signals: &mut Signals) -> Result<ExecEnd, Lo
                 ProcessToClient::ExecOutput {
                     stream: ExecStream::Stdout,
                     data,
-                } => write_stream(&mut out_open, &mut stdout, &data),
+                } => write_stream(&mut out_open, stdout, &data),
                 ProcessToClient::ExecOutput {
                     stream: ExecStream::Stderr,
                     data,
-                } => write_stream(&mut err_open, &mut stderr, &data),
+                } => write_stream(&mut err_open, stderr, &data),
                 ProcessToClient::ExecExit {
                     exit_code: code,
                     signal,
@@ -118,7 +161,7 @@ fn run_inner(session: &mut Session, signals: &mut Signals) -> Result<ExecEnd, Lo
             sock_in,
             sock_out,
             signal,
-        }) = session.wait(signals, stdin.as_fd(), want_stdin)?
+        }) = session.wait(signals, stdin, want_stdin)?
         else {
             continue;
         };
@@ -153,9 +196,23 @@ fn run_inner(session: &mut Session, signals: &mut Signals) -> Result<ExecEnd, Lo
                     reading_stdin = false;
                     session.queue(&ClientToProcess::ExecStdinEof)?;
                 }
-                Some(n) => session.queue(&ClientToProcess::ExecStdin {
-                    data: buf[..n].to_vec(),
-                })?,
+                Some(n) => {
+                    let data = match scanner.as_mut() {
+                        None => buf[..n].to_vec(),
+                        Some(scanner) => match scan(scanner, &buf[..n]) {
+                            Scanned::Send(data) => data,
+                            Scanned::Disconnect => {
+                                // Nothing more is sent: a wedged peer must
+                                // not hold us.
+                                session.out.clear();
+                                return Ok(ExecEnd::Escaped);
+                            }
+                        },
+                    };
+                    if !data.is_empty() {
+                        session.queue(&ClientToProcess::ExecStdin { data })?;
+                    }
+                }
                 None => {}
             }
         }
@@ -172,9 +229,47 @@ fn run_inner(session: &mut Session, signals: &mut Signals) -> Result<ExecEnd, Lo
     }
 }
 
+/// Terminal input after the escapes were taken out.
+#[derive(Debug, PartialEq, Eq)]
+enum Scanned {
+    /// The keys to send (`~?` printed the help).
+    Send(Vec<u8>),
+    /// `~.`: what came before it is dropped with the session.
+    Disconnect,
+}
+
+fn scan(scanner: &mut Scanner, mut rest: &[u8]) -> Scanned {
+    let mut send = Vec::with_capacity(rest.len() + 1);
+    while !rest.is_empty() {
+        let (used, found) = scanner.scan(rest, &mut send);
+        rest = &rest[used..];
+        match found {
+            None | Some(Escape::Detach) => {}
+            Some(Escape::Help) => escape::print_help(),
+            Some(Escape::Disconnect) => return Scanned::Disconnect,
+        }
+    }
+    Scanned::Send(send)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escapes_are_taken_out_of_terminal_input() {
+        let mut s = Scanner::new(false);
+        assert_eq!(
+            scan(&mut s, b"ls\r~~x\r"),
+            Scanned::Send(b"ls\r~x\r".to_vec())
+        );
+        assert_eq!(scan(&mut s, b"a~.b\r"), Scanned::Send(b"a~.b\r".to_vec()));
+        assert_eq!(scan(&mut s, b"~"), Scanned::Send(Vec::new()));
+        assert_eq!(scan(&mut s, b"."), Scanned::Disconnect);
+        // Ctrl-] is an ordinary key for a command.
+        let mut s = Scanner::new(false);
+        assert_eq!(scan(&mut s, b"\x1d"), Scanned::Send(b"\x1d".to_vec()));
+    }
 
     #[test]
     fn statuses_map_to_exit_codes() {

@@ -11,6 +11,7 @@
 //! | 128 + N | `Signal(N)` | the shell was killed by signal N, or capsem was stopped by signal N (SIGHUP, SIGTERM, SIGINT) |
 //! | 255 | `Lost` | the session was lost without an exit status |
 //! | 1 | `DoctorMissing` | `capsem doctor` found something missing |
+//! | 1 | `CopyFailed` | `capsem cp`: the copy failed (no such path, permission, a refused stream) |
 
 use std::process::ExitCode;
 
@@ -30,6 +31,8 @@ pub enum Exit {
     Lost,
     /// `capsem doctor` found something missing: 1.
     DoctorMissing,
+    /// `capsem cp`: the copy failed: 1, like `docker cp` and `cp`.
+    CopyFailed,
 }
 
 /// capsem failed before the shell ran.
@@ -40,6 +43,8 @@ pub const TIMED_OUT: u8 = 124;
 pub const SESSION_LOST: u8 = 255;
 /// `capsem doctor` found something missing.
 pub const DOCTOR_MISSING: u8 = 1;
+/// `capsem cp` failed.
+pub const COPY_FAILED: u8 = 1;
 
 impl Exit {
     /// Success: status 0.
@@ -57,6 +62,7 @@ impl Exit {
             Exit::Failed => CAPSEM_FAILED,
             Exit::Lost => SESSION_LOST,
             Exit::DoctorMissing => DOCTOR_MISSING,
+            Exit::CopyFailed => COPY_FAILED,
         }
     }
 }
@@ -70,11 +76,12 @@ impl From<Exit> for ExitCode {
 /// Text for `capsem --help`: the exit statuses, and the escapes of
 /// [`crate::escape`] (255 is theirs too).
 pub const HELP: &str = "\
-Escapes (capsem shell, stdin a terminal, typed at the start of a line, as
-in ssh):
-  ~.       temporary VM: destroy it at once, without waiting for the guest
-           (works when it is wedged), and exit 255 with one line saying so;
-           capsem shell NAME: detach at once, the VM keeps running
+Escapes (capsem shell, run -t and exec -t, stdin a terminal, typed at the
+start of a line, as in ssh):
+  ~.       temporary VM (shell, run -t): destroy it at once, without waiting
+           for the guest (works when it is wedged), and exit 255 with one
+           line saying so; capsem shell NAME: detach at once; exec -t: leave
+           at once and exit 255; the VM keeps running
   ~?       list the escapes
   ~~       send one ~
   Ctrl-]   capsem shell NAME: detach (anywhere in a line)
@@ -86,7 +93,7 @@ Exit status:
   125      capsem failed before the shell ran (usage error, capsem-process
            missing, the VM did not start, the home cannot be read)
   255      the session was lost without an exit status, or ~. destroyed
-           the temporary VM
+           the temporary VM (or left exec -t)
 
 capsem run: the command's exit status, 124 when --timeout expired, 126 when
 it is not executable, 127 when it was not found, 128+N when signal N killed
@@ -94,7 +101,11 @@ it (or capsem received signal N), 125 when capsem failed or refused the
 request (for example -e LD_PRELOAD=...), 255 when the session was lost
 
 capsem doctor: 0 when nothing is missing, 1 when something is
-(125 on a usage error).";
+(125 on a usage error).
+
+capsem cp: 0 when the copy is done, 1 when it failed (no such path in the
+VM or here, permission, a stream that would write outside DST), 125 on a
+usage error or a VM that is unknown or not running.";
 
 /// "Killed by signal `sig`" (or capsem got `sig`).
 pub fn from_signal(sig: i32) -> Exit {
@@ -152,6 +163,8 @@ mod tests {
         assert_eq!(Exit::Failed.code(), 125);
         assert_eq!(Exit::Lost.code(), 255);
         assert_eq!(Exit::DoctorMissing.code(), 1);
+        assert_eq!(Exit::CopyFailed.code(), 1);
+        assert!(HELP.contains("capsem cp: 0"));
         for code in ["124", "125", "126", "127", "128+N", "255"] {
             assert!(HELP.contains(code), "{code}");
         }

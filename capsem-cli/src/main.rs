@@ -12,6 +12,7 @@
 //! capsem [...] list [--json] | inspect NAME | logs NAME [--follow] [--source process|serial]
 //! capsem [...] stop NAME [--grace SECS] | start NAME | rm [--force] NAME
 //! capsem [...] audit NAME [--follow] [--json]
+//! capsem [...] cp NAME:PATH HOST_PATH|- | cp HOST_PATH|- NAME:PATH
 //! capsem [--home DIR] doctor
 //! capsem [--home DIR] image ls [--json] | pull REF [--registry-auth FILE] | rm REF | import FILE
 //! capsem completions bash|zsh|fish|elvish|powershell
@@ -52,9 +53,12 @@
 //!   (usage, capsem-process missing, the VM did not start, a home it
 //!   cannot read, `-e LD_PRELOAD=...`);
 //! * 255 when the session was lost without an exit status, or `~.` at
-//!   the start of a line destroyed the temporary VM ([`escape`]);
+//!   the start of a line destroyed the temporary VM (or left `exec -t`;
+//!   [`escape`]);
 //! * `doctor`: 0 when nothing is missing, 1 otherwise (see [`health`] for
-//!   the output format).
+//!   the output format);
+//! * `cp`: 0 when done, 1 when the copy failed, 125 on a usage error or a
+//!   VM that is unknown or not running.
 //!
 //! Every failure is one line on stderr starting with `capsem: ` (a usage
 //! error is clap's message).
@@ -89,6 +93,9 @@
 //! * [`lost`]: why a session ended without a status ([`lost::Lost`]).
 //! * [`exec_loop`]: `run`'s and `exec`'s poll loop: stdin, separate
 //!   stdout/stderr, the status.
+//! * [`cpplan`]: `cp`'s arguments and Docker's rules for them;
+//!   [`transfer`]: its guest commands over the exec channel and the host's
+//!   tar stream; [`unpack`]: the guest's tar stream unpacked as hostile.
 //! * [`follow`]: following a file until a process exits (`logs` and
 //!   `audit --follow`).
 //! * [`auditfmt`]: audit records printed safely.
@@ -108,6 +115,7 @@ mod checks;
 mod cli;
 mod cmd;
 mod context;
+mod cpplan;
 mod error;
 mod escape;
 mod exec_loop;
@@ -130,6 +138,8 @@ mod tempvm;
 mod terminal;
 #[cfg(test)]
 mod testutil;
+mod transfer;
+mod unpack;
 mod vmctl;
 mod vmimage;
 mod vms;
@@ -223,6 +233,9 @@ fn dispatch(cli: Cli) -> Result<Exit, CliError> {
             cmd::logs::run(ctx, &name, follow, source)
         }),
         Command::Exec(args) => vm_command(home, vmm, accel, |ctx| cmd::exec::run(ctx, args)),
+        Command::Cp { src, dst } => {
+            vm_command(home, vmm, accel, |ctx| cmd::cp::run(ctx, &src, &dst))
+        }
         Command::Audit { name, follow, json } => vm_command(home, vmm, accel, |ctx| {
             cmd::audit::run(ctx, &name, follow, json)
         }),

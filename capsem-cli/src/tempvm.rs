@@ -128,6 +128,30 @@ impl TempVm {
         self.child.teardown(std::time::Duration::ZERO);
         left
     }
+
+    /// `~.` typed (`shell`, `run -t`): destroys the VM now
+    /// ([`TempVm::destroy_now`]), removes its directory, prints the one line
+    /// that says so, and returns exit 255.
+    pub fn escaped(mut self) -> crate::exit::Exit {
+        let left = self.destroy_now();
+        let id = self
+            .vm_dir
+            .path()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        drop(self);
+        if left > 0 {
+            eprintln!("capsem: warning: {left} processes of VM {id} outlived SIGKILL");
+        }
+        eprint!("\r\n{}\r\n", escaped_line(&id));
+        crate::exit::Exit::Lost
+    }
+}
+
+/// The one line `~.` prints for a temporary VM.
+pub fn escaped_line(id: &str) -> String {
+    format!("capsem: ~. typed: destroyed temporary VM {id} without waiting for it")
 }
 
 /// The home a temporary VM lives in, checked.

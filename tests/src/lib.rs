@@ -9,6 +9,7 @@
 //! * [`fixture`]: one test's capsem home, its VMs' logs (printed and kept when
 //!   the test fails), IPC requests to a VM's capsem-process, and the
 //!   nothing-left-behind check.
+//! * [`cp`]: `capsem cp` scenarios, hostile guest streams included.
 //! * [`registry`]: a loopback `docker-registry` for the OCI image tests.
 //!
 //! Each test runs in its own process under cargo-nextest, so "descendants of
@@ -17,6 +18,7 @@
 // This crate is test code: a panic is how it reports a failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod cp;
 pub mod fixture;
 pub mod persist;
 pub mod procs;

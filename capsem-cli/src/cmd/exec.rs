@@ -2,7 +2,9 @@
 //! beside its shell and any other commands. The same checks, streams and
 //! exit codes as `capsem run` ([`crate::request`], [`crate::exec_loop`]);
 //! the VM is never stopped by this command, whatever ends it (a signal, an
-//! error). An orphaned VM (its capsem-process died) is adopted first.
+//! error, `~.` at the start of a line with `-t` on a terminal, which leaves
+//! at once with exit 255). An orphaned VM (its capsem-process died) is
+//! adopted first.
 
 use crate::attach::Session;
 use crate::cli::ExecArgs;
@@ -13,6 +15,11 @@ use crate::exit::{self, Exit};
 use crate::request::{exec_request, raw_if_tty};
 use crate::signals::Signals;
 use crate::vmctl;
+
+/// The one line `~.` prints: the client left, the VM runs on.
+fn escaped_line(name: &str) -> String {
+    format!("capsem: ~. typed: left the command; VM {name} keeps running")
+}
 
 /// Runs the command and returns how capsem exits.
 pub fn run(ctx: &Ctx, args: ExecArgs) -> Result<Exit, CliError> {
@@ -28,10 +35,14 @@ pub fn run(ctx: &Ctx, args: ExecArgs) -> Result<Exit, CliError> {
         return Ok(exit::from_signal(sig as i32));
     }
     let raw = raw_if_tty(tty)?;
-    let end = exec_loop::run(&mut session, &mut signals);
+    let end = exec_loop::run(&mut session, &mut signals, raw.is_some());
     drop(raw);
     match end {
         ExecEnd::Exited(code) => Ok(code),
+        ExecEnd::Escaped => {
+            eprint!("\r\n{}\r\n", escaped_line(&args.name));
+            Ok(Exit::Lost)
+        }
         ExecEnd::Lost(reason) => Err(CliError::SessionLost(reason)),
     }
 }

@@ -11,6 +11,7 @@
 
 pub mod audit;
 pub mod completions;
+pub mod cp;
 pub mod create;
 pub mod doctor;
 pub mod exec;

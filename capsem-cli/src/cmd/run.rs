@@ -7,7 +7,9 @@
 //! awaited, `Exec` on `ctl.sock`, the exec loop ([`crate::exec_loop`]), then
 //! on every path: connection closed, capsem-process reaped (killed by
 //! process group after a grace period), VM directory removed. Locals are
-//! declared so that Rust's reverse drop order does exactly that.
+//! declared so that Rust's reverse drop order does exactly that. With `-t`
+//! on a terminal, `~.` at the start of a line destroys the VM at once
+//! (exit 255, [`crate::tempvm::TempVm::escaped`]).
 
 use std::path::Path;
 
@@ -60,12 +62,16 @@ pub fn run(
         Attached::Interrupted(code) => return Ok(code),
     };
     let raw = raw_if_tty(tty)?;
-    let end = exec_loop::run(&mut session, &mut vm.signals);
+    let end = exec_loop::run(&mut session, &mut vm.signals, raw.is_some());
     drop(raw);
     drop(session);
+    if let ExecEnd::Escaped = end {
+        return Ok(vm.escaped());
+    }
     drop(vm);
     match end {
         ExecEnd::Exited(code) => Ok(code),
+        ExecEnd::Escaped => Ok(Exit::Lost),
         ExecEnd::Lost(reason) => Err(CliError::SessionLost(reason)),
     }
 }

@@ -70,19 +70,7 @@ pub fn run_temporary(
     drop(raw);
     drop(session);
     if let SessionEnd::Escaped = end {
-        let left = vm.destroy_now();
-        let id = vm
-            .vm_dir
-            .path()
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        drop(vm);
-        if left > 0 {
-            eprintln!("capsem: warning: {left} processes of VM {id} outlived SIGKILL");
-        }
-        eprint!("\r\n{}\r\n", escaped_line(&id));
-        return Ok(Exit::Lost);
+        return Ok(vm.escaped());
     }
     drop(vm);
     match end {
@@ -92,11 +80,6 @@ pub fn run_temporary(
         // Only a persistent VM's session detaches.
         SessionEnd::Detached | SessionEnd::Escaped => Ok(Exit::OK),
     }
-}
-
-/// The one line `~.` prints for a temporary VM.
-fn escaped_line(id: &str) -> String {
-    format!("capsem: ~. typed: destroyed temporary VM {id} without waiting for it")
 }
 
 /// The one line a detach from a persistent VM prints.
