@@ -10,6 +10,8 @@
 //!   the test fails), IPC requests to a VM's capsem-process, and the
 //!   nothing-left-behind check.
 //! * [`registry`]: a loopback `docker-registry` for the OCI image tests.
+//! * [`stages`]: where a temporary VM's time went, from the logs it left
+//!   (capsem-bench's `run` breakdown).
 //!
 //! Each test runs in its own process under cargo-nextest, so "descendants of
 //! this process" is exactly "what this test started".
@@ -23,5 +25,6 @@ pub mod procs;
 pub mod pty;
 pub mod registry;
 pub mod scenarios;
+pub mod stages;
 
 pub use fixture::{Backend, Fixture};
