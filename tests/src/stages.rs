@@ -4,8 +4,9 @@
 //!
 //! The kernel's own timestamps (`[    1.234567]`) run on the guest's clock
 //! from the kernel's start; under TCG with `tsc_early_khz` that clock runs at
-//! the host's rate, so the kernel's start on the host clock is the first
-//! timestamped line's host time less its guest time. capsem-init's lines are
+//! the host's rate, so the kernel's start on the host clock is a timestamped
+//! line's host time less its guest time (the least over all lines: each
+//! reached the host late by its own delay). capsem-init's lines are
 //! placed on that clock by their guest time too, which keeps the serial
 //! line's buffering delay out of the init stages.
 
@@ -72,14 +73,19 @@ fn find<'a>(text: &'a str, log: &'static str, what: &'static str) -> Result<&'a 
 pub fn parse(process_log: &str, serial_log: &str) -> Result<Points, StagesError> {
     let proc_at =
         |what: &'static str| host_time("process.log", find(process_log, "process.log", what)?);
-    let first_kernel = serial_log
-        .lines()
-        .find_map(|l| Some((l, guest_time(l)?)))
-        .ok_or(StagesError::Missing {
+    // Each line reaches the host after the guest printed it, so every line
+    // bounds the kernel's start from above: the tightest bound is the line
+    // that waited least.
+    let mut kernel_start = f64::INFINITY;
+    for (line, guest) in serial_log.lines().filter_map(|l| Some((l, guest_time(l)?))) {
+        kernel_start = kernel_start.min(host_time("serial.log", line)? - guest);
+    }
+    if kernel_start.is_infinite() {
+        return Err(StagesError::Missing {
             log: "serial.log",
             what: "[ kernel timestamp ]",
-        })?;
-    let kernel_start = host_time("serial.log", first_kernel.0)? - first_kernel.1;
+        });
+    }
     let guest_at = |what: &'static str| -> Result<f64, StagesError> {
         let line = find(serial_log, "serial.log", what)?;
         let g = guest_time(line).ok_or_else(|| StagesError::BadTime {
@@ -158,7 +164,12 @@ mod tests {
         let close = |a: f64, b: f64| (a - b).abs() < 1e-6;
         let base = 1_796_190_600.0; // 2026-12-02T05:50:00Z
         assert!(close(p.qemu_spawned - base, 74.053918083), "{p:?}");
+        // The mount and switch lines bound it 19 and 20 ms later: the first
+        // line's bound is the tightest, until that line arrives late.
         assert!(close(p.kernel_start - base, 74.880888674 - 0.375890));
+        let late_first = SERIAL.replace("14.880888674Z", "14.990888674Z");
+        let p2 = parse(PROCESS, &late_first).unwrap();
+        assert!(close(p2.kernel_start - base, 75.660213436 - 1.136677));
         assert!(close(p.init_first_line - p.kernel_start, 1.136677));
         assert!(close(p.root_switched - p.kernel_start, 1.620708));
         assert!(close(p.agent_hello - base, 76.223705813));
