@@ -9,9 +9,11 @@
 //!    arrives on our listener `<vm-dir>/vsock.sock_P`.
 //! 2. `qemu-system-x86_64 -M microvm` with guest RAM in a shared memfd (which
 //!    vhost-user needs) and `vhost-user-vsock-device`, booting the image's
-//!    kernel and initramfs, with two virtio-blk disks: the image's read-only
-//!    root filesystem and the VM's writable disk (`disk`). The console is a
-//!    pipe copied into serial.log.
+//!    kernel (its uncompressed `vmlinux` through PVH when it has one) and
+//!    initramfs, with two virtio-blk disks: the image's read-only root
+//!    filesystem and the VM's writable disk (`disk`), and a virtio-balloon
+//!    that only takes the guest's free page reports. The console is a pipe
+//!    copied into serial.log.
 //!
 //! microvm over q35/pc: it reached the agent's hello faster in every run
 //! (median 4.93 s vs 5.17 s and 5.50 s under TCG; docs/qemu-notes.md), and
