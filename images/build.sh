@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Builds the default capsem guest image without Docker:
 #   vmlinuz            Debian's linux-image-*-amd64 kernel (apt-get download, not installed)
+#   vmlinux            the same kernel's uncompressed ELF, cut out of vmlinuz: QEMU's
+#                      microvm boots it through PVH, skipping the XZ decompression
+#                      that costs seconds under TCG (docs/benchmarks.md)
 #   initramfs.cpio.gz  /init = capsem-init, capsem-agent, and the modules that
 #                      reach the disks (virtio, vsock, virtio_blk, erofs, overlay, ext4)
 #   rootfs.erofs       the read-only root: Debian 12 from images/packages.txt,
@@ -27,8 +30,10 @@ TARGET=x86_64-unknown-linux-gnu
 # virtio_blk, erofs, overlay and ext4 for the disks. libcrc32c (for erofs and
 # ext4) asks the crypto API for crc32c, which finds no modprobe in the
 # initramfs: crc32c_generic is named, and loaded, before them.
+# virtio_balloon: free page reporting hands the pages the guest frees back
+# to the host (an idle VM's resident memory; docs/benchmarks.md).
 ROOT_MODULES=(virtio_pci virtio_mmio vmw_vsock_virtio_transport crc32c_generic virtio_blk erofs
-    overlay ext4)
+    overlay ext4 virtio_balloon)
 PACKAGES_FILE=$REPO/images/packages.txt
 MIRROR=${CAPSEM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm
@@ -44,7 +49,7 @@ candidate() {
     apt-cache policy "$1" | sed -n 's/^  Candidate: //p'
 }
 
-for bin in apt-get apt-cache dpkg-deb dpkg-query cpio gzip cargo sha256sum mmdebstrap mkfs.erofs; do
+for bin in apt-get apt-cache dpkg-deb dpkg-query cpio gzip xz readelf od cargo sha256sum mmdebstrap mkfs.erofs; do
     command -v "$bin" >/dev/null || die "$bin is missing (run scripts/install-deps.sh)"
 done
 
@@ -121,11 +126,40 @@ STAMP_INPUT=$(
 )
 STAMP=$(printf '%s\n' "$STAMP_INPUT" | sha256sum | cut -d' ' -f1)
 if [ -f "$OUT/.stamp" ] && [ "$(cat "$OUT/.stamp")" = "$STAMP" ] &&
-    [ -f "$OUT/vmlinuz" ] && [ -f "$OUT/initramfs.cpio.gz" ] && [ -f "$OUT/rootfs.erofs" ] &&
+    [ -f "$OUT/vmlinuz" ] && [ -f "$OUT/vmlinux" ] && [ -f "$OUT/initramfs.cpio.gz" ] && [ -f "$OUT/rootfs.erofs" ] &&
     [ -f "$OUT/manifest.json" ]; then
     say "image up to date: $OUT"
     exit 0
 fi
+
+# The bzImage's compressed payload -> its uncompressed ELF. The setup
+# header says where the payload is (setup_sects at 0x1f1, payload_offset
+# and payload_length at 0x248/0x24c, from the protected-mode code that
+# follows the setup sectors); its magic says how it is compressed. The result
+# must be an ELF with a Xen PHYS32_ENTRY note (type 0x12): that is what QEMU's
+# microvm enters through PVH (CONFIG_PVH).
+extract_vmlinux() { # bzImage out
+    local u8 off len magic notes
+    [ "$(od -An -c -j 514 -N 4 "$1" | tr -d ' ')" = HdrS ] || die "$1 is not a bzImage"
+    u8=$(od -An -t u1 -j $((0x1f1)) -N 1 "$1" | tr -d ' ')
+    [ "$u8" -ne 0 ] || u8=4
+    off=$(($((u8 + 1)) * 512 + $(od -An -t u4 -j $((0x248)) -N 4 "$1" | tr -d ' ')))
+    len=$(od -An -t u4 -j $((0x24c)) -N 4 "$1" | tr -d ' ')
+    magic=$(od -An -t x1 -j "$off" -N 6 "$1" | tr -d ' ')
+    payload() { dd if="$1" bs=1M iflag=skip_bytes,count_bytes skip="$off" count="$len" status=none; }
+    # The kernel's build appends the uncompressed size after the stream:
+    # single-stream decoders stop before it.
+    case $magic in
+    fd377a585a00) payload "$1" | xz -dc --single-stream >"$2" ;;
+    1f8b*) payload "$1" | gzip -dcq >"$2" || [ $? -eq 2 ] ;; # 2: trailing bytes, a warning
+    28b52ffd*) payload "$1" | zstd -qdc >"$2" ;;
+    *) die "$1: unknown kernel payload compression (magic $magic)" ;;
+    esac || die "cannot decompress the kernel in $1"
+    [ "$(od -An -c -N 4 "$2" | tr -d ' ')" = 177ELF ] || die "the kernel in $1 is not an ELF"
+    notes=$(readelf -n "$2") || die "readelf cannot read the kernel from $1"
+    grep -qE '^[[:space:]]+Xen[[:space:]]+0x[0-9a-f]+[[:space:]].*\(0x00000012\)' <<<"$notes" ||
+        die "the kernel in $1 has no PVH entry note (Xen PHYS32_ENTRY): it needs CONFIG_PVH"
+}
 
 # --- build --------------------------------------------------------------------
 mkdir -p "$OUT"
@@ -151,7 +185,8 @@ install -m 0755 "$BIN_DIR/capsem-init" "$TREE/init"
 install -m 0755 "$BIN_DIR/capsem-agent" "$TREE/usr/bin/capsem-agent"
 
 # Kernel modules: resolve dependencies from each .ko's modinfo "depends=",
-# emit in load order, decompress (the init loads them with finit_module, flags 0).
+# emit in load order, decompress (the init loads them with finit_module, flags 0),
+# drop their signatures (below).
 declare -A MODPATH=() SEEN=()
 while IFS= read -r -d '' ko; do
     name=$(basename "$ko")
@@ -179,6 +214,22 @@ decompress() {
     *) die "unknown module compression: $1" ;;
     esac
 }
+# Debian signs its modules; the kernel checks a signature it finds (RSA and
+# SHA-256 over the whole module: 0.15 s of 0.43 s for the 19 modules under
+# TCG) but does not require one (no MODULE_SIG_FORCE, no lockdown without
+# Secure Boot). The initramfs is this script's output, whose integrity the
+# manifest's hashes carry, so the trailer is cut off: the structure before
+# the magic ends with the signature's length (big-endian, last 4 of its 12
+# bytes) after the signer's and key id's lengths (bytes 3 and 4).
+strip_signature() { # module file, rewritten in place
+    local size b len
+    size=$(stat -c %s "$1")
+    [ "$size" -gt 40 ] && [ "$(tail -c 28 "$1")" = "~Module signature appended~" ] || return 0
+    read -r -a b < <(od -An -t u1 -j $((size - 40)) -N 12 "$1")
+    len=$((size - 40 - ((b[8] << 24) | (b[9] << 16) | (b[10] << 8) | b[11]) - b[3] - b[4]))
+    [ "$len" -gt 0 ] || die "$1: bad module signature trailer"
+    truncate -s "$len" "$1"
+}
 for m in "${ROOT_MODULES[@]}"; do add_module "$m"; done
 : >"$TREE/etc/capsem/modules"
 echo "# load order (dependencies first), written by images/build.sh" >>"$TREE/etc/capsem/modules"
@@ -187,6 +238,7 @@ for m in "${ORDER[@]}"; do
     rel=${rel%.ko*}.ko
     mkdir -p "$TREE/$(dirname "$rel")"
     decompress "${MODPATH[$m]}" >"$TREE/$rel"
+    strip_signature "$TREE/$rel"
     echo "$rel" >>"$TREE/etc/capsem/modules"
 done
 
@@ -194,6 +246,7 @@ say "packing initramfs (${#ORDER[@]} modules: ${ORDER[*]})"
 (cd "$TREE" && find . -mindepth 1 | LC_ALL=C sort |
     cpio --quiet -o -H newc --owner=0:0 --reproducible) | gzip -n -6 >"$WORK/initramfs.cpio.gz"
 cp "$KX/boot/vmlinuz-$KREL" "$WORK/vmlinuz"
+extract_vmlinux "$WORK/vmlinuz" "$WORK/vmlinux"
 
 # --- root filesystem -------------------------------------------------------------
 # Rebuilt only when its own inputs changed; otherwise the one in $OUT stays.
@@ -229,7 +282,7 @@ artifact() { # path -> JSON object
     printf '  "rootfs": {"suite": "%s", "mirror": "%s", "requested": [%s]},\n' "$SUITE" "$MIRROR" \
         "$(printf '"%s", ' "${PACKAGES[@]}" | sed 's/, $//')"
     echo '  "packages": ['
-    printf '    {"name": "%s", "version": "%s", "in": "vmlinuz, initramfs", "deb_sha256": "%s"}' \
+    printf '    {"name": "%s", "version": "%s", "in": "vmlinuz, vmlinux, initramfs", "deb_sha256": "%s"}' \
         "$KPKG" "$KVER" "$(sha "$KDEB")"
     while read -r name version arch debsha; do
         printf ',\n    {"name": "%s", "version": "%s", "arch": "%s", "in": "rootfs.erofs", "deb_sha256": "%s"}' \
@@ -239,6 +292,7 @@ artifact() { # path -> JSON object
     printf '  "modules": [%s],\n' "$(printf '"%s", ' "${ORDER[@]}" | sed 's/, $//')"
     echo '  "artifacts": {'
     printf '    "vmlinuz": %s,\n' "$(artifact "$WORK/vmlinuz")"
+    printf '    "vmlinux": %s,\n' "$(artifact "$WORK/vmlinux")"
     printf '    "initramfs.cpio.gz": %s,\n' "$(artifact "$WORK/initramfs.cpio.gz")"
     printf '    "rootfs.erofs": %s\n' "$(artifact "$ROOTFS_IMG")"
     echo '  },'
@@ -263,7 +317,7 @@ if [ $REBUILD_ROOTFS = 1 ]; then
     mv -f "$OUT/.rootfs.stamp.part" "$OUT/.rootfs.stamp"
 fi
 echo "$STAMP" >"$WORK/.stamp"
-for f in vmlinuz initramfs.cpio.gz manifest.json .stamp; do
+for f in vmlinuz vmlinux initramfs.cpio.gz manifest.json .stamp; do
     cp "$WORK/$f" "$OUT/.$f.part"
     mv -f "$OUT/.$f.part" "$OUT/$f"
 done

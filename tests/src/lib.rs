@@ -11,6 +11,8 @@
 //!   nothing-left-behind check.
 //! * [`cp`]: `capsem cp` scenarios, hostile guest streams included.
 //! * [`registry`]: a loopback `docker-registry` for the OCI image tests.
+//! * [`stages`]: where a temporary VM's time went, from the logs it left
+//!   (capsem-bench's `run` breakdown).
 //!
 //! Each test runs in its own process under cargo-nextest, so "descendants of
 //! this process" is exactly "what this test started".
@@ -25,5 +27,6 @@ pub mod procs;
 pub mod pty;
 pub mod registry;
 pub mod scenarios;
+pub mod stages;
 
 pub use fixture::{Backend, Fixture};

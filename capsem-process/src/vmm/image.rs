@@ -8,6 +8,10 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone)]
 pub struct Image {
     pub dir: PathBuf,
+    /// `vmlinux` (the uncompressed ELF, booted through PVH) when the image
+    /// has one, else `vmlinuz` (image directories from before it, which
+    /// still boot, only slower: under TCG the bzImage's XZ decompression
+    /// costs seconds; docs/benchmarks.md).
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
     /// The read-only root (erofs), on a virtio-blk device. `None`: an image
@@ -26,14 +30,19 @@ pub enum ImageError {
 impl Image {
     /// Checks that the image in `dir` is complete.
     pub fn open(dir: &Path) -> Result<Self, ImageError> {
+        let elf = dir.join("vmlinux");
         let image = Self {
             dir: dir.to_path_buf(),
-            kernel: dir.join("vmlinuz"),
+            kernel: if elf.is_file() {
+                elf
+            } else {
+                dir.join("vmlinuz")
+            },
             initramfs: dir.join("initramfs.cpio.gz"),
             rootfs: Some(dir.join("rootfs.erofs")).filter(|p| p.is_file()),
         };
         for (path, name) in [
-            (&image.kernel, "vmlinuz"),
+            (&dir.join("vmlinuz"), "vmlinuz"),
             (&image.initramfs, "initramfs.cpio.gz"),
             (&dir.join("manifest.json"), "manifest.json"),
         ] {
@@ -74,8 +83,16 @@ mod tests {
         assert!(err.contains("images/build.sh"), "{err}");
         std::fs::write(d.path().join("initramfs.cpio.gz"), b"i").unwrap();
         std::fs::write(d.path().join("manifest.json"), b"{}").unwrap();
-        // An image from before the disk root still opens, without one.
-        assert_eq!(Image::open(d.path()).unwrap().rootfs, None);
+        // An image from before the disk root still opens, without one, and
+        // one from before vmlinux boots its bzImage.
+        let old = Image::open(d.path()).unwrap();
+        assert_eq!(old.rootfs, None);
+        assert_eq!(old.kernel, d.path().join("vmlinuz"));
+        std::fs::write(d.path().join("vmlinux"), b"elf").unwrap();
+        assert_eq!(
+            Image::open(d.path()).unwrap().kernel,
+            d.path().join("vmlinux")
+        );
         std::fs::write(d.path().join("rootfs.erofs"), b"r").unwrap();
         assert_eq!(
             Image::open(d.path()).unwrap().rootfs,

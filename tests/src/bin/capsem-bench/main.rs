@@ -1,5 +1,8 @@
 //! Benchmarks that print figures: `cargo run --release -p capsem-tests --bin
-//! capsem-bench -- [--vmm none|qemu] [exit|throughput|echo|memory|boot|exec|all]`.
+//! capsem-bench -- [--vmm none|qemu] [exit|throughput|echo|memory|boot|run|exec|all]`.
+//!
+//! [`boot`]: boot to the first prompt beside a bare QEMU, and `capsem run
+//! -- true` stage by stage; [`memory`]: resident memory of an idle VM.
 //!
 //! Every figure in docs/benchmarks.md comes from this program; each section
 //! there names the command line that reproduced it.
@@ -7,8 +10,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
-use std::os::unix::process::CommandExt;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,9 @@ use anyhow::{bail, Context, Result};
 use capsem_tests::fixture::bin_dir;
 use capsem_tests::scenarios::{step, wait_ready};
 use capsem_tests::{Backend, Fixture};
+
+mod boot;
+mod memory;
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -25,7 +29,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[idx]
 }
 
-fn summarize(name: &str, unit: &str, mut v: Vec<f64>) {
+pub(crate) fn summarize(name: &str, unit: &str, mut v: Vec<f64>) {
     v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
     println!(
         "{name}: n={} p50={:.3}{unit} p90={:.3}{unit} p99={:.3}{unit} min={:.3}{unit} max={:.3}{unit}",
@@ -255,107 +259,6 @@ fn echo_rtt(backend: Backend, n: usize) -> Result<()> {
     Ok(())
 }
 
-fn memory_idle(backend: Backend) -> Result<()> {
-    let fx = Fixture::new("bench_memory", backend);
-    let mut s = fx.shell(80, 24);
-    wait_ready(&mut s, backend);
-    for p in capsem_tests::procs::descendants() {
-        let name = p.cmdline.first().cloned().unwrap_or_default();
-        let short = Path::new(&name)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned());
-        if let Some(short) = short {
-            if short.starts_with("capsem-") || short.contains("qemu") || short.contains("vhost") {
-                println!("idle rss {short}: {} KiB", rss_kib(p.pid).unwrap_or(0));
-            }
-        }
-    }
-    s.line("exit")?;
-    s.wait(step(backend))?;
-    drop(s);
-    fx.assert_nothing_left();
-    Ok(())
-}
-
-/// A bare QEMU boot of the same kernel and initramfs, with the same machine
-/// and accelerator but no vsock device, until capsem-init's first console
-/// line; QEMU is killed there.
-fn bare_qemu_to_first_init_line(image: &Path) -> Result<f64> {
-    // The same rate capsem-process gives its TCG guests.
-    let khz = capsem_host::tsc::host_tsc_khz().context("host TSC rate")?;
-    let t0 = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel", "tcg", "-M", "microvm", "-cpu", "max", "-m", "512M", "-smp", "1",
-        ])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-no-reboot",
-            "-serial",
-            "stdio",
-        ])
-        .arg("-kernel")
-        .arg(image.join("vmlinuz"))
-        .arg("-initrd")
-        .arg(image.join("initramfs.cpio.gz"))
-        .arg("-append")
-        .arg(format!(
-            "console=ttyS0 quiet panic=-1 reboot=t tsc_early_khz={khz} capsem.token=x"
-        ))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()?;
-    let mut out = child.stdout.take().context("stdout")?;
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    let found = loop {
-        let n = out.read(&mut buf)?;
-        if n == 0 {
-            break None;
-        }
-        seen.extend_from_slice(&buf[..n]);
-        if capsem_tests::pty::find(&seen, b"capsem-init:").is_some() {
-            break Some(t0.elapsed().as_secs_f64());
-        }
-    };
-    let _ = child.kill();
-    let _ = child.wait();
-    found.context("bare QEMU never printed an init line")
-}
-
-/// Boot to the first prompt of `capsem shell`, beside a bare QEMU boot to
-/// its first init line, alternating so both see the same host load.
-fn boot(runs: usize) -> Result<()> {
-    let image = capsem_tests::fixture::default_image_dir();
-    let mut ours = Vec::new();
-    let mut bare = Vec::new();
-    for _ in 0..runs {
-        bare.push(bare_qemu_to_first_init_line(&image)? * 1000.0);
-        let fx = Fixture::new("bench_boot", Backend::Qemu);
-        let t0 = Instant::now();
-        let mut s = fx.shell(80, 24);
-        s.expect_any(&["# ", "$ "], step(Backend::Qemu))?;
-        ours.push(t0.elapsed().as_secs_f64() * 1000.0);
-        s.line("exit")?;
-        s.wait(step(Backend::Qemu))?;
-        drop(s);
-        fx.assert_nothing_left();
-    }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-        v[v.len() / 2]
-    };
-    let (o, b) = (median(&mut ours.clone()), median(&mut bare.clone()));
-    summarize("boot: capsem shell to first prompt (qemu)", "ms", ours);
-    summarize("boot: bare qemu to first init line", "ms", bare);
-    println!("boot overhead ratio (medians): {:.3}", o / b);
-    Ok(())
-}
-
 fn main() -> Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let mut backend = Backend::None;
@@ -377,10 +280,13 @@ fn main() -> Result<()> {
         echo_rtt(backend, if backend == Backend::None { 1000 } else { 200 })?;
     }
     if all || what == "memory" {
-        memory_idle(backend)?;
+        memory::idle(backend)?;
     }
     if (all && backend == Backend::Qemu) || what == "boot" {
-        boot(5)?;
+        boot::boot(5)?;
+    }
+    if (all && backend == Backend::Qemu) || what == "run" {
+        boot::run_true(backend, 5)?;
     }
     if all || what == "exec" {
         let (runs, mib) = if backend == Backend::None {

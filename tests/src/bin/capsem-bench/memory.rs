@@ -1,0 +1,85 @@
+//! Resident memory of an idle VM's host processes: at the first prompt,
+//! then every 10 s while the shell sits idle, so the figure after the boot
+//! settles shows beside the one at the prompt; then again after the guest
+//! touched and freed 256 MiB (what free page reporting returns to the host).
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Result;
+use capsem_tests::scenarios::{step, wait_ready};
+use capsem_tests::{Backend, Fixture};
+
+/// How long the shell sits idle; samples every [`EVERY`].
+const IDLE: Duration = Duration::from_secs(30);
+const EVERY: Duration = Duration::from_secs(10);
+
+/// `VmRSS` and its parts (`RssAnon`, `RssFile`, `RssShmem`), KiB.
+fn rss_parts(pid: i32) -> Option<[u64; 4]> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |key: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(key))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    Some([
+        field("VmRSS:")?,
+        field("RssAnon:")?,
+        field("RssFile:")?,
+        field("RssShmem:")?,
+    ])
+}
+
+fn sample(when: &str) {
+    for p in capsem_tests::procs::descendants() {
+        let name = p.cmdline.first().cloned().unwrap_or_default();
+        let Some(short) = Path::new(&name)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+        else {
+            continue;
+        };
+        if !(short.starts_with("capsem-") || short.contains("qemu") || short.contains("vhost")) {
+            continue;
+        }
+        if let Some([rss, anon, file, shmem]) = rss_parts(p.pid) {
+            println!(
+                "idle rss {when} {short}: {rss} KiB (anon {anon}, file {file}, shmem {shmem})"
+            );
+        }
+    }
+}
+
+pub fn idle(backend: Backend) -> Result<()> {
+    let fx = Fixture::new("bench_memory", backend);
+    let mut s = fx.shell(80, 24);
+    wait_ready(&mut s, backend);
+    sample("at prompt");
+    let mut waited = Duration::ZERO;
+    while waited < IDLE {
+        // Idle on purpose: this measures what an untouched VM settles to.
+        std::thread::sleep(EVERY);
+        waited += EVERY;
+        sample(&format!("+{}s", waited.as_secs()));
+    }
+    // Then memory the guest touched and freed again: a process writes
+    // every page of 256 MiB and exits. With free page reporting the host's
+    // share should fall back; without it those pages stay resident.
+    s.line(
+        "python3 -c 'b = bytearray(256 << 20); b[::4096] = b\"x\" * (len(b) // 4096)'; \
+         echo FREED$((6*7))",
+    )?;
+    s.expect("FREED42", step(backend))?;
+    s.expect_any(&["# ", "$ "], step(backend))?;
+    sample("after 256 MiB freed");
+    let mut waited = Duration::ZERO;
+    while waited < IDLE {
+        std::thread::sleep(EVERY);
+        waited += EVERY;
+        sample(&format!("freed +{}s", waited.as_secs()));
+    }
+    s.line("exit")?;
+    s.wait(step(backend))?;
+    drop(s);
+    fx.assert_nothing_left();
+    Ok(())
+}
