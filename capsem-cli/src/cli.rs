@@ -171,6 +171,17 @@ pub struct NewVmArgs {
     /// [default: $DOCKER_CONFIG/config.json, else ~/.docker/config.json]
     #[arg(long, value_name = "FILE", requires = "image")]
     pub registry_auth: Option<std::path::PathBuf>,
+    /// Egress policy, repeatable: `none` (the default: no connection leaves
+    /// the guest), `open` (any public address), `allow=RULE[,RULE...]` (a
+    /// host name, `*.domain`, an IP address or CIDR, each with an optional
+    /// `:PORT`). Loopback, private and metadata addresses only when a rule
+    /// names them. Needs a VM: refused with `--vmm none` (exit 125)
+    #[arg(long, value_name = "VALUE")]
+    pub net: Vec<String>,
+    /// More of the policy from a TOML or JSON file (`open = BOOL`, `allow =
+    /// [RULE...]`)
+    #[arg(long, value_name = "FILE")]
+    pub net_policy: Option<std::path::PathBuf>,
 }
 
 /// Which log `capsem logs` prints.

@@ -76,6 +76,7 @@
 //! * [`vms`]: the VM directories read and their states.
 //! * [`vmctl`]: booting, adopting and stopping a persistent VM's processes.
 //! * [`vmimage`]: a VM's OCI image (`--image`), resolved, recorded, looked up.
+//! * [`netflags`]: `--net` and `--net-policy`, checked and recorded.
 //! * [`sweep`]: cleaning up what crashes left, before every VM command.
 //! * [`tempvm`]: starting a temporary VM (`shell` and `run`).
 //! * [`spawn`]: starting capsem-process, the ready pipe, reaping by pidfd
@@ -114,6 +115,7 @@ mod health;
 mod home;
 mod image;
 mod lost;
+mod netflags;
 mod output;
 mod probe;
 mod progress;

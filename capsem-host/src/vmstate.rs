@@ -110,6 +110,10 @@ pub struct VmConfig {
     /// default image's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<VmImage>,
+    /// The egress policy as `--net` values (`capsem_net::Policy::to_args`);
+    /// empty: `--net none`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub net: Vec<String>,
 }
 
 /// An OCI image as `vm.json` records it: what was asked for and the
