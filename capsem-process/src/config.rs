@@ -90,6 +90,11 @@ pub struct Config {
     /// FILE, created with mode 0600 if missing. An absolute path.
     #[arg(long, value_name = "FILE", value_parser = parse_absolute)]
     pub audit_log: Option<PathBuf>,
+    /// The egress policy, repeatable, as `capsem --net` spells it (`none`,
+    /// `open`, `allow=RULE[,RULE...]`); none given: `none`. Anything but
+    /// `none` needs `--vmm qemu`.
+    #[arg(long, value_name = "VALUE")]
+    pub net: Vec<String>,
 }
 
 impl Config {
@@ -108,6 +113,19 @@ impl Config {
         } else {
             "persistent"
         }
+    }
+
+    /// The `--net` values as a policy; refused when `--vmm none` could not
+    /// enforce it.
+    pub fn net_policy(&self) -> Result<capsem_net::Policy, String> {
+        let policy = capsem_net::Policy::from_args(&self.net).map_err(|e| e.to_string())?;
+        if self.vmm == VmmKind::None && !policy.is_none() {
+            return Err(format!(
+                "--net {} needs --vmm qemu: --vmm none cannot enforce it",
+                policy.describe()
+            ));
+        }
+        Ok(policy)
     }
 
     pub fn heartbeat(&self) -> Duration {
@@ -213,6 +231,25 @@ mod tests {
             "1M"
         ])
         .is_err());
+    }
+
+    #[test]
+    fn net_values() {
+        let base = ["--vm-dir", "/x", "--vm-id", "a", "--vmm"];
+        let with = |vmm: &str, net: &[&str]| {
+            let mut args: Vec<&str> = base.to_vec();
+            args.push(vmm);
+            for v in net {
+                args.extend(["--net", v]);
+            }
+            parse(&args).unwrap().net_policy()
+        };
+        assert!(with("none", &[]).unwrap().is_none());
+        assert!(with("none", &["none"]).unwrap().is_none());
+        assert!(with("none", &["open"]).is_err());
+        let p = with("qemu", &["allow=a.b:80", "allow=127.0.0.1:80"]).unwrap();
+        assert_eq!(p.rules.len(), 2);
+        assert!(with("qemu", &["allow=a..b"]).is_err());
     }
 
     #[test]
