@@ -28,7 +28,7 @@ TARGET=x86_64-unknown-linux-gnu
 # ext4) asks the crypto API for crc32c, which finds no modprobe in the
 # initramfs: crc32c_generic is named, and loaded, before them.
 ROOT_MODULES=(virtio_pci virtio_mmio vmw_vsock_virtio_transport crc32c_generic virtio_blk erofs
-    overlay ext4)
+    overlay ext4 dummy nf_tables nft_chain_nat nft_redir nft_ct)
 PACKAGES_FILE=$REPO/images/packages.txt
 MIRROR=${CAPSEM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm

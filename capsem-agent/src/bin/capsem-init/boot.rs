@@ -33,6 +33,8 @@ pub enum BootError {
     Root(#[from] RootError),
     #[error("setting the hostname failed")]
     Hostname(#[source] Errno),
+    #[error("bringing up the network failed")]
+    Net(#[from] crate::netup::NetUpError),
     #[error("supervising the agent failed")]
     Supervise(#[from] SuperviseError),
 }
@@ -72,6 +74,11 @@ pub fn run() -> Result<AgentEnd, BootError> {
         }
     };
     mounts::mount_late()?;
+    if cmd.net {
+        crate::netup::bring_up()?;
+        stages.mark("net");
+        log!("network up: every connection goes through the host's policy");
+    }
 
     if cmd.token.is_none() {
         log!("no capsem.token on the kernel command line; the host will refuse the hello");
@@ -112,6 +119,9 @@ fn agent_command(cmd: &cmdline::Cmdline, stages: &BootStages, switched: bool) ->
         env.push(("CAPSEM_TOKEN".to_owned(), token.clone()));
     }
     env.push(("CAPSEM_MODE".to_owned(), cmd.mode.clone()));
+    if cmd.net {
+        env.push(("CAPSEM_NET".to_owned(), "1".to_owned()));
+    }
     let default = cmd.agent == Path::new(cmdline::DEFAULT_AGENT);
     let args = if default {
         vec!["--transport".into(), "vsock".into()]

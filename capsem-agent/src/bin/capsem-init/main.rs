@@ -11,9 +11,10 @@
 //! Modules:
 //! - [`boot`]: the sequence and its [`boot::BootError`].
 //! - [`cmdline`]: `capsem.token=`, `capsem.hostname=`, `capsem.agent=`,
-//!   `capsem.mode=`, `capsem.root=`, `capsem.disk=`.
+//!   `capsem.mode=`, `capsem.root=`, `capsem.disk=`, `capsem.net=`.
 //! - [`console`]: timestamped console lines, stdio repair.
 //! - [`modules`]: `finit_module` of the list in `/etc/capsem/modules`.
+//! - [`netup`]: `capsem.net=1`: lo, a dummy default route, nftables redirects.
 //! - [`mounts`]: /proc, /sys, /dev, /dev/pts, /dev/shm, /tmp, /run.
 //! - [`root`]: finding the disks by serial, the overlay, the switch.
 //! - [`power`]: kill everything, reap, sync, power off.
@@ -28,6 +29,7 @@ mod cmdline;
 mod console;
 mod modules;
 mod mounts;
+mod netup;
 mod power;
 mod root;
 mod stages;
