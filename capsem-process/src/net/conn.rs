@@ -239,3 +239,153 @@ async fn relay(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::{Hosts, NetLog};
+    use capsem_proto::frame::NetGuest;
+    use std::sync::{Arc, Mutex};
+
+    fn ctx(dir: &std::path::Path, port: u16) -> Arc<NetCtx> {
+        let allow = format!("allow=a.test:{port},127.0.0.1:{port}");
+        Arc::new(NetCtx {
+            token: "tok".into(),
+            policy: capsem_net::Policy::from_args(&[allow]).unwrap(),
+            hosts: Hosts::parse(std::path::Path::new("h"), "127.0.0.1 a.test b.test\n").unwrap(),
+            log: Mutex::new(NetLog::open(dir).unwrap()),
+        })
+    }
+
+    /// Sends `q` over a socket pair to [`serve`]: the guest end, the
+    /// answer, and the serving task.
+    async fn ask(
+        ctx: &Arc<NetCtx>,
+        q: NetToHost,
+    ) -> (UnixStream, HostToNet, tokio::task::JoinHandle<()>) {
+        let (mut guest, host) = UnixStream::pair().unwrap();
+        let ctx = ctx.clone();
+        let task = tokio::spawn(async move {
+            let (_stop_tx, stop) = watch::channel(false);
+            serve(host, &ctx, stop).await.unwrap();
+        });
+        guest
+            .write_all(&Codec::<NetGuest>::encode(&q).unwrap())
+            .await
+            .unwrap();
+        let mut prefix = [0u8; 4];
+        guest.read_exact(&mut prefix).await.unwrap();
+        let mut frame = prefix.to_vec();
+        frame.resize(4 + u32::from_be_bytes(prefix) as usize, 0);
+        guest.read_exact(&mut frame[4..]).await.unwrap();
+        let mut codec = Codec::<NetGuest>::new();
+        codec.feed(&frame).unwrap();
+        (guest, codec.next_message().unwrap().unwrap(), task)
+    }
+
+    fn connect(name: Option<&str>, seen: Option<&str>, port: u16) -> NetToHost {
+        NetToHost::Connect {
+            token: "tok".into(),
+            name: name.map(str::to_owned),
+            seen: seen.map(str::to_owned),
+            ip: "198.18.0.1".into(),
+            port,
+        }
+    }
+
+    #[tokio::test]
+    async fn allowed_relays_and_denied_are_refused_and_all_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = server.local_addr().unwrap().port();
+        let c = ctx(dir.path(), port);
+        let echo = tokio::spawn(async move {
+            let (mut s, _) = server.accept().await.unwrap();
+            let mut buf = [0u8; 5];
+            s.read_exact(&mut buf).await.unwrap();
+            s.write_all(&buf).await.unwrap();
+        });
+        let (mut guest, verdict, task) =
+            ask(&c, connect(Some("a.test"), Some("a.test"), port)).await;
+        assert!(
+            matches!(verdict, HostToNet::Verdict { allowed: true, .. }),
+            "{verdict:?}"
+        );
+        guest.write_all(b"hello").await.unwrap();
+        let mut back = [0u8; 5];
+        guest.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"hello");
+        echo.await.unwrap();
+        drop(guest);
+        task.await.unwrap();
+
+        for (q, why) in [
+            (connect(Some("a.test"), Some("b.test"), port), "asked for"),
+            (connect(Some("b.test"), None, port), "no rule"),
+            (connect(Some("a.test"), None, port + 1), "no rule"),
+            (connect(None, None, port), "no rule"),
+        ] {
+            let (_g, verdict, task) = ask(&c, q.clone()).await;
+            match verdict {
+                HostToNet::Verdict {
+                    allowed: false,
+                    reason,
+                } => assert!(reason.contains(why), "{q:?}: {reason}"),
+                other => panic!("{q:?}: {other:?}"),
+            }
+            task.await.unwrap();
+        }
+        let resolve = |name: &str| NetToHost::Resolve {
+            token: "tok".into(),
+            name: name.into(),
+        };
+        let (_g, r, t) = ask(&c, resolve("b.test")).await;
+        assert_eq!(r, HostToNet::Resolved { allowed: false });
+        t.await.unwrap();
+        let (_g, r, t) = ask(&c, resolve("A.test")).await;
+        assert_eq!(r, HostToNet::Resolved { allowed: true });
+        t.await.unwrap();
+
+        let text = std::fs::read_to_string(dir.path().join("net.jsonl")).unwrap();
+        let recs: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        // One per connect, one per refused name; none for an allowed name.
+        assert_eq!(recs.len(), 6, "{text}");
+        assert_eq!(recs[0]["verdict"], "allow");
+        assert_eq!(recs[0]["address"], format!("127.0.0.1:{port}"));
+        assert_eq!(recs[0]["bytes_out"], 5);
+        assert_eq!(recs[0]["bytes_in"], 5);
+        assert!(recs[1..5].iter().all(|r| r["verdict"] == "deny"));
+        assert_eq!(recs[5]["kind"], "resolve");
+        assert_eq!(recs[5]["name"], "b.test");
+    }
+
+    #[tokio::test]
+    async fn a_wrong_token_or_oversized_question_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ctx(dir.path(), 1);
+        let (mut guest, host) = UnixStream::pair().unwrap();
+        let q = NetToHost::Resolve {
+            token: "bad".into(),
+            name: "a.test".into(),
+        };
+        guest
+            .write_all(&Codec::<NetGuest>::encode(&q).unwrap())
+            .await
+            .unwrap();
+        let (_tx, stop) = watch::channel(false);
+        assert!(matches!(
+            serve(host, &c, stop.clone()).await,
+            Err(ConnError::Token(_))
+        ));
+        let (mut guest2, host) = UnixStream::pair().unwrap();
+        guest2.write_all(&100_000u32.to_be_bytes()).await.unwrap();
+        assert!(matches!(
+            serve(host, &c, stop).await,
+            Err(ConnError::Length(100_000))
+        ));
+        drop(guest);
+    }
+}

@@ -60,7 +60,7 @@ impl Hosts {
         Self::parse(path, &text)
     }
 
-    fn parse(path: &Path, text: &str) -> Result<Self, HostsError> {
+    pub(crate) fn parse(path: &Path, text: &str) -> Result<Self, HostsError> {
         let mut map: HashMap<String, Vec<IpAddr>> = HashMap::new();
         for (i, line) in text.lines().enumerate() {
             let line = line.split('#').next().unwrap_or("");
