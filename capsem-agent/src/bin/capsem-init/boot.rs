@@ -18,7 +18,7 @@ use crate::supervise::{AgentCommand, AgentEnd, SuperviseError, Supervisor};
 /// The agent's home and working directory.
 const HOME: &str = "/root";
 /// PATH for the agent and, through it, the shell.
-const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub(crate) const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Anything that stops the boot; each cause keeps its module's error.
 #[derive(Debug, thiserror::Error)]

@@ -80,8 +80,11 @@ fn run(program: &str, args: &[String], stdin: Option<&str>) -> Result<(), NetUpE
         program: program.to_owned(),
         source,
     };
+    // PID 1 has no environment: the programs are found on the agent's PATH.
     let mut child = Command::new(program)
         .args(args)
+        .env_clear()
+        .env("PATH", crate::boot::PATH)
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {
