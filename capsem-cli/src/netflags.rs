@@ -65,7 +65,10 @@ mod tests {
     fn values_become_canonical_args() {
         assert!(resolve(&new(&[]), Vmm::Qemu).unwrap().is_empty());
         assert!(resolve(&new(&["none"]), Vmm::None).unwrap().is_empty());
-        let args = resolve(&new(&["allow=A.example:80", "allow=127.0.0.1:8080"]), Vmm::Qemu);
+        let args = resolve(
+            &new(&["allow=A.example:80", "allow=127.0.0.1:8080"]),
+            Vmm::Qemu,
+        );
         assert_eq!(args.unwrap(), ["allow=a.example:80,127.0.0.1:8080"]);
     }
 

@@ -182,7 +182,8 @@ mod tests {
         // {"t":"verdict","c":{"allowed":false,"reason":"no"}}
         assert_eq!(
             frame,
-            b"\x00\x00\x00\x21\x82\xa1t\xa7verdict\xa1c\x82\xa7allowed\xc2\xa6reason\xa2no".to_vec()
+            b"\x00\x00\x00\x21\x82\xa1t\xa7verdict\xa1c\x82\xa7allowed\xc2\xa6reason\xa2no"
+                .to_vec()
         );
     }
 }

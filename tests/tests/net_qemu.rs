@@ -187,8 +187,9 @@ fn allowed_names_connect_and_everything_else_is_refused_and_recorded() {
     assert!(allowed[0]["bytes_in"].as_u64().unwrap() > BODY.len() as u64);
     assert!(allowed[0]["bytes_out"].as_u64().unwrap() > 0);
     assert!(
-        recs.iter()
-            .any(|r| r["kind"] == "resolve" && r["name"] == "nope.capsem" && r["verdict"] == "deny"),
+        recs.iter().any(|r| r["kind"] == "resolve"
+            && r["name"] == "nope.capsem"
+            && r["verdict"] == "deny"),
         "{recs:?}"
     );
     assert!(
@@ -198,9 +199,8 @@ fn allowed_names_connect_and_everything_else_is_refused_and_recorded() {
         "{recs:?}"
     );
     assert!(
-        recs.iter().any(|r| r["kind"] == "connect"
-            && r["verdict"] == "deny"
-            && r["port"] == other.port),
+        recs.iter()
+            .any(|r| r["kind"] == "connect" && r["verdict"] == "deny" && r["port"] == other.port),
         "{recs:?}"
     );
     ok(&fx, &["rm", "--force", "net1"]);
@@ -219,7 +219,11 @@ fn net_none_connects_nothing() {
         .env("CAPSEM_NET_HOSTS", &hosts)
         .stdin(std::process::Stdio::null());
     let out = run.output().unwrap();
-    assert_ne!(out.status.code(), Some(0), "curl must fail without a network");
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "curl must fail without a network"
+    );
     assert_eq!(server.conns(), 0);
     // Malformed policy: one line, exit 125, nothing boots.
     let out = capsem(&fx, &["run", "--net", "allow=bad..name", "--", "true"]);

@@ -248,7 +248,9 @@ mod tests {
         let r = reply(&query("b.example", TYPE::A), &table, &mut decide).unwrap();
         assert_eq!(Packet::parse(&r).unwrap().rcode(), RCODE::NameError);
         assert_eq!(asked, ["a.example", "b.example"]);
-        let r = reply(&query("c.example", TYPE::A), &table, &mut |_| Decision::Unknown);
+        let r = reply(&query("c.example", TYPE::A), &table, &mut |_| {
+            Decision::Unknown
+        });
         assert_eq!(
             Packet::parse(&r.unwrap()).unwrap().rcode(),
             RCODE::ServerFailure

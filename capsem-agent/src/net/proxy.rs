@@ -146,7 +146,9 @@ fn connection(
             return Ok(());
         }
     };
-    let what = name.as_deref().map_or_else(|| dst.to_string(), |n| format!("{n}:{}", dst.port()));
+    let what = name
+        .as_deref()
+        .map_or_else(|| dst.to_string(), |n| format!("{n}:{}", dst.port()));
     match answer {
         HostToNet::Verdict { allowed: true, .. } => {
             info!("net: {what} allowed");
@@ -245,7 +247,12 @@ fn relay(guest: BorrowedFd<'_>, host: OwnedFd, stop: BorrowedFd<'_>) -> io::Resu
 }
 
 /// Advances one direction as far as it goes without blocking.
-fn pump(p: &mut Pipe, from: BorrowedFd<'_>, to: BorrowedFd<'_>, chunk: &mut [u8]) -> io::Result<()> {
+fn pump(
+    p: &mut Pipe,
+    from: BorrowedFd<'_>,
+    to: BorrowedFd<'_>,
+    chunk: &mut [u8],
+) -> io::Result<()> {
     if p.empty() && !p.eof {
         match fdio::read(from, chunk) {
             Ok(0) => p.eof = true,

@@ -225,8 +225,7 @@ async fn relay(
         reason: bounded(record.reason.clone()),
     };
     answer(stream, &verdict).await?;
-    let copy =
-        tokio::io::copy_bidirectional_with_sizes(stream, &mut server, RELAY_BUF, RELAY_BUF);
+    let copy = tokio::io::copy_bidirectional_with_sizes(stream, &mut server, RELAY_BUF, RELAY_BUF);
     tokio::select! {
         done = copy => match done {
             Ok((out, back)) => {

@@ -95,7 +95,8 @@ mod tests {
 
     #[test]
     fn hosts_syntax() {
-        let text = "# test names\n127.0.0.1 test.capsem Other.Capsem.  # comment\n\n::1 test.capsem\n";
+        let text =
+            "# test names\n127.0.0.1 test.capsem Other.Capsem.  # comment\n\n::1 test.capsem\n";
         let h = Hosts::parse(Path::new("h"), text).unwrap();
         let v4: IpAddr = "127.0.0.1".parse().unwrap();
         let v6: IpAddr = "::1".parse().unwrap();

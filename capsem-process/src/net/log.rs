@@ -172,9 +172,8 @@ mod tests {
         let old = fs::read_to_string(dir.path().join("net.jsonl.1")).unwrap();
         assert!(cur.len() <= 1024 && old.len() <= 1024);
         let lines = cur.lines().count() + old.lines().count();
-        assert!(lines >= 4 && lines < 19, "only two files are kept: {lines}");
-        let last: serde_json::Value =
-            serde_json::from_str(cur.lines().last().unwrap()).unwrap();
+        assert!((4..19).contains(&lines), "only two files are kept: {lines}");
+        let last: serde_json::Value = serde_json::from_str(cur.lines().last().unwrap()).unwrap();
         assert_eq!(last["bytes_out"], 19);
         // Reopened (an adopted guest): appends after what is there.
         let mut again = NetLog::open_with(dir.path(), 1024).unwrap();

@@ -103,7 +103,11 @@ fn run(program: &str, args: &[String], stdin: Option<&str>) -> Result<(), NetUpE
     }
     Err(NetUpError::Failed {
         command: format!("{program} {}", args.join(" ")),
-        stderr: String::from_utf8_lossy(&out.stderr).trim().chars().take(300).collect(),
+        stderr: String::from_utf8_lossy(&out.stderr)
+            .trim()
+            .chars()
+            .take(300)
+            .collect(),
     })
 }
 
@@ -131,6 +135,9 @@ mod tests {
         assert!(!rules.contains("{{"), "{rules}");
         let cmds = ip_commands();
         assert_eq!(cmds[0], ["link", "set", "lo", "up"]);
-        assert_eq!(cmds.last().unwrap(), &["route", "add", "default", "dev", IFACE]);
+        assert_eq!(
+            cmds.last().unwrap(),
+            &["route", "add", "default", "dev", IFACE]
+        );
     }
 }
