@@ -114,6 +114,10 @@ pub enum Command {
         /// The stored JSON lines as they are (see docs/cli-json.md)
         #[arg(long)]
         json: bool,
+        /// The guest's connection records instead (`net.jsonl`, see
+        /// docs/network.md)
+        #[arg(long, conflicts_with = "follow")]
+        net: bool,
     },
     /// Check that this host can run capsem: qemu, vhost-device-vsock, the
     /// accelerator, the guest image, capsem-process, capsem-agent and a

@@ -77,6 +77,7 @@
 //! * [`vmctl`]: booting, adopting and stopping a persistent VM's processes.
 //! * [`vmimage`]: a VM's OCI image (`--image`), resolved, recorded, looked up.
 //! * [`netflags`]: `--net` and `--net-policy`, checked and recorded.
+//! * [`netaudit`]: `audit --net`, the connection records printed safely.
 //! * [`sweep`]: cleaning up what crashes left, before every VM command.
 //! * [`tempvm`]: starting a temporary VM (`shell` and `run`).
 //! * [`spawn`]: starting capsem-process, the ready pipe, reaping by pidfd
@@ -115,6 +116,7 @@ mod health;
 mod home;
 mod image;
 mod lost;
+mod netaudit;
 mod netflags;
 mod output;
 mod probe;
@@ -221,7 +223,15 @@ fn dispatch(cli: Cli) -> Result<Exit, CliError> {
             cmd::logs::run(ctx, &name, follow, source)
         }),
         Command::Exec(args) => vm_command(home, vmm, accel, |ctx| cmd::exec::run(ctx, args)),
-        Command::Audit { name, follow, json } => vm_command(home, vmm, accel, |ctx| {
+        Command::Audit {
+            name,
+            follow,
+            json,
+            net,
+        } => vm_command(home, vmm, accel, |ctx| {
+            if net {
+                return cmd::audit::run_net(ctx, &name, json);
+            }
             cmd::audit::run(ctx, &name, follow, json)
         }),
     }

@@ -203,6 +203,17 @@ fn allowed_names_connect_and_everything_else_is_refused_and_recorded() {
             .any(|r| r["kind"] == "connect" && r["verdict"] == "deny" && r["port"] == other.port),
         "{recs:?}"
     );
+    // `capsem audit --net`: one line per record, the allowed one first.
+    let text = ok(&fx, &["audit", "net1", "--net"]);
+    assert_eq!(text.lines().count(), recs.len(), "{text}");
+    assert!(
+        text.lines().next().unwrap().contains(&format!(
+            " allow connect test.capsem:{p} seen=test.capsem -> 127.0.0.1:{p} "
+        )),
+        "{text}"
+    );
+    let json = ok(&fx, &["audit", "net1", "--net", "--json"]);
+    assert_eq!(json.lines().count(), recs.len());
     ok(&fx, &["rm", "--force", "net1"]);
     fx.assert_nothing_left();
 }
