@@ -1,8 +1,9 @@
 //! The guest's egress in a real VM (`--net`): every server is a loopback
 //! listener of this test, reached through names that `CAPSEM_NET_HOSTS`
 //! (capsem-process's test override) maps to 127.0.0.1; nothing else is
-//! ever dialled. Allowed: `curl` gets the body. Denied: a name not in the
-//! list (NXDOMAIN), the allowed address with another Host (fronting), a
+//! ever dialled. Allowed: `curl` gets the body; a TLS ClientHello with the
+//! name's SNI is relayed. Denied: a name not in the list (NXDOMAIN), the
+//! allowed address with another Host or SNI (fronting), a
 //! second port on the allowed name, UDP out; each leaves its record in
 //! `net.jsonl`. `--net none`: curl fails and the server sees nothing.
 //! `CAPSEM_SKIP_VM_TESTS=1 scripts/test.sh` leaves them out.
@@ -46,6 +47,9 @@ impl Server {
                         break;
                     }
                     let Ok(mut stream) = stream else { continue };
+                    // A client that never finishes its head (a TLS hello
+                    // here) cannot hold the server past this.
+                    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(20)));
                     c.fetch_add(1, Ordering::SeqCst);
                     let mut head = Vec::new();
                     let mut byte = [0u8; 1];
@@ -176,12 +180,53 @@ fn allowed_names_connect_and_everything_else_is_refused_and_recorded() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!text.contains("rc=0"), "UDP got an answer: {text}");
 
+    // TLS: the ClientHello's SNI decides (the server is plain HTTP, so the
+    // handshake fails after the relay, and that is enough here).
+    let tls = format!("https://test.capsem:{p}/");
+    let (code, _, _) = curl(&fx, "net1", &["-k", "--max-time", "5", &tls]);
+    assert_ne!(code, Some(0));
+    assert_eq!(server.conns(), 2, "the TLS connection was relayed");
+    // Another SNI through the allowed name's address: refused.
+    let front = format!("https://other.capsem:{p}/");
+    let to = format!("other.capsem:{p}:test.capsem:{p}");
+    let (code, _, _) = curl(&fx, "net1", &["-k", "--connect-to", &to, &front]);
+    assert_ne!(code, Some(0));
+    assert_eq!(
+        server.conns(),
+        2,
+        "a fronted TLS connection reached the server"
+    );
+
+    // A connect is recorded when its relay ends: the TLS one once the
+    // server gives up on it or the relay's idle bound after curl left.
+    capsem_tests::fixture::wait_until(
+        std::time::Duration::from_secs(90),
+        "the TLS connection's record",
+        || {
+            records(&dir)
+                .iter()
+                .filter(|r| r["verdict"] == "allow")
+                .count()
+                == 2
+        },
+    );
     let recs = records(&dir);
+    let tls_recs: Vec<_> = recs
+        .iter()
+        .filter(|r| r["kind"] == "connect" && r["seen"] == "test.capsem" && r["port"] == p)
+        .collect();
+    assert_eq!(tls_recs.len(), 2, "{recs:?}");
+    assert!(tls_recs.iter().all(|r| r["verdict"] == "allow"));
+    let fronted = recs
+        .iter()
+        .filter(|r| r["seen"] == "other.capsem" && r["verdict"] == "deny")
+        .count();
+    assert_eq!(fronted, 2, "the Host and the SNI fronting: {recs:?}");
     let allowed: Vec<_> = recs
         .iter()
         .filter(|r| r["kind"] == "connect" && r["verdict"] == "allow")
         .collect();
-    assert_eq!(allowed.len(), 1, "{recs:?}");
+    assert_eq!(allowed.len(), 2, "HTTP and TLS: {recs:?}");
     assert_eq!(allowed[0]["name"], "test.capsem");
     assert_eq!(allowed[0]["address"], format!("127.0.0.1:{p}"));
     assert!(allowed[0]["bytes_in"].as_u64().unwrap() > BODY.len() as u64);

@@ -6,7 +6,8 @@
 //! host's verdict on the network port, then a relay between the guest's
 //! socket and that connection (the peeked bytes first) through one
 //! bounded buffer per direction, in one poll loop that also watches the
-//! stop signal. A denied connection is reset at once.
+//! stop signal (and, once one side ended, an idle bound,
+//! [`IDLE_AFTER_EOF`]). A denied connection is reset at once.
 
 use std::io::{self, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -33,6 +34,11 @@ pub const PEEK_WAIT: Duration = Duration::from_millis(300);
 const VERDICT_WAIT: Duration = Duration::from_secs(15);
 /// Each direction's relay buffer.
 const RELAY_BUF: usize = 16 * 1024;
+/// Once one direction has ended, the relay ends after this long without a
+/// byte: the half-close is sent on, but vhost-device-vsock does not pass a
+/// vsock half-close to the host's socket, so a server waiting for the
+/// client's EOF would otherwise hold both ends forever.
+const IDLE_AFTER_EOF: Duration = Duration::from_secs(10);
 
 /// Accepts until `stop`; every connection thread is joined before it returns.
 pub fn serve(
@@ -236,7 +242,11 @@ fn relay(guest: BorrowedFd<'_>, host: OwnedFd, stop: BorrowedFd<'_>) -> io::Resu
             fdio::pollfd(guest, up_in | down_out),
             fdio::pollfd(host, down_in | up_out),
         ];
-        fdio::poll(&mut fds, None)?;
+        let idle = (up.eof || down.eof).then(|| Instant::now() + IDLE_AFTER_EOF);
+        if fdio::poll(&mut fds, idle)? == 0 {
+            debug!("net: relay idle {IDLE_AFTER_EOF:?} after one side ended; closing");
+            return Ok(());
+        }
         if fdio::ready(&fds[0]) {
             return Ok(());
         }
