@@ -33,7 +33,7 @@ TARGET=x86_64-unknown-linux-gnu
 # virtio_balloon: free page reporting hands the pages the guest frees back
 # to the host (an idle VM's resident memory; docs/benchmarks.md).
 ROOT_MODULES=(virtio_pci virtio_mmio vmw_vsock_virtio_transport crc32c_generic virtio_blk erofs
-    overlay ext4 virtio_balloon)
+    overlay ext4 virtio_balloon dummy nf_tables nft_chain_nat nft_redir nft_ct)
 PACKAGES_FILE=$REPO/images/packages.txt
 MIRROR=${CAPSEM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm

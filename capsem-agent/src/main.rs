@@ -33,6 +33,9 @@
 //!   kernel; `0`: none; `file:PATH`: auditd log lines from a file or FIFO
 //!   (tests). When audit is unavailable the agent logs one line and runs
 //!   without it; anything else is a configuration error.
+//! * `$CAPSEM_NET` (optional): `1` (capsem-init sets it for `capsem.net=1`)
+//!   starts the resolver on 127.0.0.1:53 and the TCP side on 127.0.0.1:849
+//!   (see [`net`]); a failure to start is logged and leaves no network.
 //! * `$RUST_LOG` (optional, default `info`): log filter. Logs go to stderr
 //!   with RFC 3339 UTC timestamps.
 //!
@@ -71,6 +74,8 @@
 //! * [`reconnect`]: capped, jittered exponential backoff.
 //! * [`signals`]: SIGTERM/SIGINT/SIGHUP as a signalfd.
 //! * [`stop`]: the per-generation stop signal (eventfd + channel).
+//! * [`net`]: the guest's network (`$CAPSEM_NET=1`): the DNS stub and the
+//!   redirected TCP connections, decided by the host on the network port.
 //! * [`fdio`]: poll, nonblocking reads and writes, cancellable writes, and
 //!   `Blocking`, a cancellable `Read + Write` for the framed adapters.
 
@@ -83,6 +88,7 @@ mod exec;
 mod execpool;
 mod fdio;
 mod imageconfig;
+mod net;
 mod pty;
 mod reconnect;
 mod session;
@@ -300,7 +306,9 @@ fn run(cli: Cli) -> Result<Ended, AgentError> {
         // Before the command, so its execs are audited (`capsem run
         // --audit-log`); dropped after it.
         let auditor = audit::Auditor::start(&audit_mode);
+        let network = net::NetService::from_env(&cfg.transport, &cfg.token);
         let ended = exec::run(&cfg, &signals, auditor.as_ref());
+        drop(network);
         drop(auditor);
         return Ok(Ended::Exec(ended?));
     }
@@ -348,7 +356,9 @@ fn run(cli: Cli) -> Result<Ended, AgentError> {
     // the session, which stops the reader and restores the kernel's audit
     // configuration.
     let auditor = audit::Auditor::start(&audit_mode);
+    let network = net::NetService::from_env(&cfg.transport, &cfg.token);
     let ended = session::run(&cfg, &signals, auditor.as_ref());
+    drop(network);
     drop(pool);
     drop(auditor);
     Ok(Ended::Shell(ended?))

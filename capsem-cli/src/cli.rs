@@ -128,6 +128,10 @@ pub enum Command {
         /// The stored JSON lines as they are (see docs/cli-json.md)
         #[arg(long)]
         json: bool,
+        /// The guest's connection records instead (`net.jsonl`, see
+        /// docs/network.md)
+        #[arg(long, conflicts_with = "follow")]
+        net: bool,
     },
     /// Check that this host can run capsem: qemu, vhost-device-vsock, the
     /// accelerator, the guest image, capsem-process, capsem-agent and a
@@ -192,6 +196,17 @@ pub struct NewVmArgs {
     /// [default: $DOCKER_CONFIG/config.json, else ~/.docker/config.json]
     #[arg(long, value_name = "FILE", requires = "image")]
     pub registry_auth: Option<std::path::PathBuf>,
+    /// Egress policy, repeatable: `none` (the default: no connection leaves
+    /// the guest), `open` (any public address), `allow=RULE[,RULE...]` (a
+    /// host name, `*.domain`, an IP address or CIDR, each with an optional
+    /// `:PORT`). Loopback, private and metadata addresses only when a rule
+    /// names them. Needs a VM: refused with `--vmm none` (exit 125)
+    #[arg(long, value_name = "VALUE")]
+    pub net: Vec<String>,
+    /// More of the policy from a TOML or JSON file (`open = BOOL`, `allow =
+    /// [RULE...]`)
+    #[arg(long, value_name = "FILE")]
+    pub net_policy: Option<std::path::PathBuf>,
 }
 
 /// Which log `capsem logs` prints.

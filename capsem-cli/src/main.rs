@@ -81,6 +81,8 @@
 //! * [`vms`]: the VM directories read and their states.
 //! * [`vmctl`]: booting, adopting and stopping a persistent VM's processes.
 //! * [`vmimage`]: a VM's OCI image (`--image`), resolved, recorded, looked up.
+//! * [`netflags`]: `--net` and `--net-policy`, checked and recorded.
+//! * [`netaudit`]: `audit --net`, the connection records printed safely.
 //! * [`sweep`]: cleaning up what crashes left, before every VM command.
 //! * [`tempvm`]: starting a temporary VM (`shell` and `run`).
 //! * [`spawn`]: starting capsem-process, the ready pipe, reaping by pidfd
@@ -126,6 +128,8 @@ mod home;
 mod image;
 mod lifetime;
 mod lost;
+mod netaudit;
+mod netflags;
 mod output;
 mod probe;
 mod progress;
@@ -236,7 +240,15 @@ fn dispatch(cli: Cli) -> Result<Exit, CliError> {
         Command::Cp { src, dst } => {
             vm_command(home, vmm, accel, |ctx| cmd::cp::run(ctx, &src, &dst))
         }
-        Command::Audit { name, follow, json } => vm_command(home, vmm, accel, |ctx| {
+        Command::Audit {
+            name,
+            follow,
+            json,
+            net,
+        } => vm_command(home, vmm, accel, |ctx| {
+            if net {
+                return cmd::audit::run_net(ctx, &name, json);
+            }
             cmd::audit::run(ctx, &name, follow, json)
         }),
     }

@@ -198,7 +198,8 @@ pub struct Target<'a> {
 /// capsem-process's arguments: `--vm-dir DIR --vm-id ID --vmm V --ready-fd
 /// N`, then `--temporary [--exec]`, nothing (persistent) or `--adopt`; a
 /// boot (not an adoption) adds `--cpus N --memory-mib M [--disk-size B]`
-/// from `vm.json` and `--rootfs FILE --image-config FILE` for an OCI image; then `--accel A` for qemu (capsem-process decides what `auto` means; the
+/// from `vm.json` and `--rootfs FILE --image-config FILE` for an OCI image; `--net V` for
+/// each of vm.json's `net` values (also when adopting); then `--accel A` for qemu (capsem-process decides what `auto` means; the
 /// CLI never probes KVM for the shell).
 pub fn process_args(target: &Target<'_>, ready_fd: i32) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec!["--vm-dir".into(), target.vm_dir.into()];
@@ -238,6 +239,7 @@ pub fn process_args(target: &Target<'_>, ready_fd: i32) -> Vec<OsString> {
     if matches!(target.kind, Kind::Persistent | Kind::Adopt) {
         args.extend(crate::lifetime::process_args(target.config));
     }
+    args.extend(crate::netflags::process_args(&target.config.net));
     if let Some(file) = target.audit_log {
         args.push("--audit-log".into());
         args.push(file.into());

@@ -44,6 +44,8 @@ pub enum TempVmError {
     NoArgv,
     #[error(transparent)]
     Image(#[from] crate::vmimage::VmImageError),
+    #[error(transparent)]
+    Net(#[from] crate::netflags::NetFlagError),
     #[error("cannot record the VM")]
     Record(#[source] capsem_host::vmstate::VmStateError),
     /// capsem-process reported that it could not start the VM.
@@ -176,6 +178,7 @@ pub fn start(
     new: &NewVmArgs,
     image: Option<Chosen>,
 ) -> Result<Started, TempVmError> {
+    let net = crate::netflags::resolve(new, vmm)?;
     if vmm == Vmm::None {
         eprintln!("{NO_ISOLATION_WARNING}");
     }
@@ -190,7 +193,7 @@ pub fn start(
     let lock = capsem_host::lock::VmLock::acquire(&home, &id).map_err(TempVmError::Lock)?;
     let vm_dir = VmDir::create(&home, &id)?;
     let record = image.as_ref().map(|i| i.record.clone());
-    let config = write_vm_json(vm_dir.path(), &id, vmm, accel, new.disk_size, record)?;
+    let config = write_vm_json(vm_dir.path(), &id, vmm, accel, (new.disk_size, net), record)?;
     drop(lock);
     let target = spawn::Target {
         vm_dir: vm_dir.path(),
@@ -252,7 +255,7 @@ fn write_vm_json(
     id: &str,
     vmm: Vmm,
     accel: AccelChoice,
-    disk_size: Option<u64>,
+    (disk_size, net): (Option<u64>, Vec<String>),
     image: Option<capsem_host::vmstate::VmImage>,
 ) -> Result<VmConfig, TempVmError> {
     let config = VmConfig {
@@ -268,6 +271,7 @@ fn write_vm_json(
         image,
         idle_timeout_ms: None,
         max_duration_ms: None,
+        net,
     };
     capsem_host::vmstate::write_json(&dir.join(capsem_host::vmstate::VM_FILE), &config)
         .map_err(TempVmError::Record)?;

@@ -98,6 +98,7 @@ pub(crate) fn config(name: &str, temporary: bool, owner: Option<ProcRecord>) -> 
         image: None,
         idle_timeout_ms: None,
         max_duration_ms: None,
+        net: Vec::new(),
     }
 }
 

@@ -204,6 +204,7 @@ mod tests {
             image: None,
             idle_timeout_ms: None,
             max_duration_ms: None,
+            net: Vec::new(),
         }
     }
 

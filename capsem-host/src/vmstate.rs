@@ -118,6 +118,10 @@ pub struct VmConfig {
     /// (milliseconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_duration_ms: Option<u64>,
+    /// The egress policy as `--net` values (`capsem_net::Policy::to_args`);
+    /// empty: `--net none`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub net: Vec<String>,
 }
 
 /// An OCI image as `vm.json` records it: what was asked for and the

@@ -178,6 +178,21 @@ impl Policy {
         }
     }
 
+    /// The `--net` values that give this policy back through
+    /// [`Policy::from_args`] (empty for `none`): how the CLI records it in
+    /// `vm.json` and passes it to capsem-process.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if self.open {
+            args.push("open".to_owned());
+        }
+        if !self.rules.is_empty() {
+            let rules: Vec<String> = self.rules.iter().map(Rule::to_string).collect();
+            args.push(format!("allow={}", rules.join(",")));
+        }
+        args
+    }
+
     /// The rules as `--net` would spell them (for `inspect`).
     pub fn describe(&self) -> String {
         match (self.open, self.rules.is_empty()) {
@@ -445,5 +460,21 @@ mod tests {
             "deny: 127.0.0.1 is loopback and no rule names it"
         );
         assert_eq!(Verdict::Allow(Because::Open).to_string(), "allow open");
+    }
+
+    #[test]
+    fn to_args_round_trips() {
+        for args in [
+            &[][..],
+            &["open"][..],
+            &["allow=pypi.org:443,*.example.com,127.0.0.1:8080,[::1]:80,10.0.0.0/8"][..],
+            &["open", "allow=a.b"][..],
+        ] {
+            let p = policy(args);
+            let again = Policy::from_args(&p.to_args()).unwrap();
+            assert_eq!(again, p, "{args:?}");
+            assert_eq!(p.to_args(), args, "canonical already");
+        }
+        assert!(policy(&["none"]).to_args().is_empty());
     }
 }

@@ -97,6 +97,11 @@ pub struct Config {
     /// A persistent VM: stop it this many milliseconds after it started.
     #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_duration_ms: Option<u64>,
+    /// The egress policy, repeatable, as `capsem --net` spells it (`none`,
+    /// `open`, `allow=RULE[,RULE...]`); none given: `none`. Anything but
+    /// `none` needs `--vmm qemu`.
+    #[arg(long, value_name = "VALUE")]
+    pub net: Vec<String>,
 }
 
 impl Config {
@@ -115,6 +120,19 @@ impl Config {
         } else {
             "persistent"
         }
+    }
+
+    /// The `--net` values as a policy; refused when `--vmm none` could not
+    /// enforce it.
+    pub fn net_policy(&self) -> Result<capsem_net::Policy, String> {
+        let policy = capsem_net::Policy::from_args(&self.net).map_err(|e| e.to_string())?;
+        if self.vmm == VmmKind::None && !policy.is_none() {
+            return Err(format!(
+                "--net {} needs --vmm qemu: --vmm none cannot enforce it",
+                policy.describe()
+            ));
+        }
+        Ok(policy)
     }
 
     pub fn heartbeat(&self) -> Duration {
@@ -220,6 +238,25 @@ mod tests {
             "1M"
         ])
         .is_err());
+    }
+
+    #[test]
+    fn net_values() {
+        let base = ["--vm-dir", "/x", "--vm-id", "a", "--vmm"];
+        let with = |vmm: &str, net: &[&str]| {
+            let mut args: Vec<&str> = base.to_vec();
+            args.push(vmm);
+            for v in net {
+                args.extend(["--net", v]);
+            }
+            parse(&args).unwrap().net_policy()
+        };
+        assert!(with("none", &[]).unwrap().is_none());
+        assert!(with("none", &["none"]).unwrap().is_none());
+        assert!(with("none", &["open"]).is_err());
+        let p = with("qemu", &["allow=a.b:80", "allow=127.0.0.1:80"]).unwrap();
+        assert_eq!(p.rules.len(), 2);
+        assert!(with("qemu", &["allow=a..b"]).is_err());
     }
 
     #[test]

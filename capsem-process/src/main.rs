@@ -36,6 +36,8 @@
 //!   keystrokes out); its writers own the long-lived receivers.
 //! * [`exec`]: the exec relay of a `--exec` VM (`capsem run`).
 //! * [`audit`]: the audit port (`vsock.sock_5006`) and `audit.jsonl`.
+//! * [`net`]: the network port (`vsock.sock_5007`): the guest's egress
+//!   decided with `--net`, relayed, and recorded in `net.jsonl`.
 //! * [`heartbeat`]: ping/pong bookkeeping.
 //! * [`client`]: `ctl.sock` connections.
 //! * [`state`]: what the tasks share and the events they report.
@@ -55,6 +57,7 @@ mod guest;
 mod heartbeat;
 mod log;
 mod logkeep;
+mod net;
 mod ready;
 mod reaper;
 mod records;
@@ -97,6 +100,10 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
+    if let Err(e) = cfg.net_policy() {
+        eprintln!("capsem-process: {e}");
+        return ExitCode::from(2);
+    }
     match run(cfg) {
         Ok(Stop::BootFailed(_)) => ExitCode::from(1),
         Ok(_) => ExitCode::SUCCESS,

@@ -66,6 +66,10 @@ impl VmDir {
     pub fn audit_sock(&self) -> PathBuf {
         self.vsock_port(PORT_AUDIT)
     }
+    /// `vsock.sock_5007`: the guest's egress questions (see `net`).
+    pub fn net_sock(&self) -> PathBuf {
+        self.vsock_port(capsem_proto::guest::PORT_NET)
+    }
     /// The stored audit records, one JSON object per line.
     pub fn audit_log(&self) -> PathBuf {
         self.root.join("audit.jsonl")
@@ -92,8 +96,9 @@ impl VmDir {
         self.root.join("scratch")
     }
     /// Every socket this process binds, removed at teardown.
-    pub fn sockets(&self) -> [PathBuf; 5] {
+    pub fn sockets(&self) -> [PathBuf; 6] {
         [
+            self.net_sock(),
             self.ctl_sock(),
             self.control_sock(),
             self.terminal_sock(),

@@ -16,6 +16,7 @@ use crate::audit::{AuditToHost, HostToAudit, MAX_AUDIT_FRAME};
 use crate::exec::{ExecToHost, HostToExec};
 use crate::guest::{GuestToHost, HostToGuest, MAX_CONTROL_FRAME};
 use crate::ipc::{ClientToProcess, ProcessToClient, MAX_IPC_FRAME};
+use crate::net::{HostToNet, NetToHost, MAX_NET_FRAME};
 use crate::terminal::{HostToTerm, TermToHost};
 
 /// Bytes in the length prefix.
@@ -76,6 +77,12 @@ pub enum AuditHost {}
 /// The guest agent on the audit port.
 #[derive(Debug)]
 pub enum AuditGuest {}
+/// The host per-VM process on the network port.
+#[derive(Debug)]
+pub enum NetHost {}
+/// The guest agent on the network port.
+#[derive(Debug)]
+pub enum NetGuest {}
 /// The `capsem` CLI, facing capsem-process.
 #[derive(Debug)]
 pub enum Client {}
@@ -130,6 +137,18 @@ impl Role for AuditGuest {
     type Outbound = AuditToHost;
     const MAX_INBOUND: usize = MAX_AUDIT_FRAME;
     const MAX_OUTBOUND: usize = MAX_AUDIT_FRAME;
+}
+impl Role for NetHost {
+    type Inbound = NetToHost;
+    type Outbound = HostToNet;
+    const MAX_INBOUND: usize = MAX_NET_FRAME;
+    const MAX_OUTBOUND: usize = MAX_NET_FRAME;
+}
+impl Role for NetGuest {
+    type Inbound = HostToNet;
+    type Outbound = NetToHost;
+    const MAX_INBOUND: usize = MAX_NET_FRAME;
+    const MAX_OUTBOUND: usize = MAX_NET_FRAME;
 }
 impl Role for Client {
     type Inbound = ProcessToClient;

@@ -31,6 +31,8 @@ pub const PORT_TERMINAL: u32 = 5001;
 pub const PORT_EXEC: u32 = 5005;
 /// Guest execve audit records ([`crate::audit`]).
 pub const PORT_AUDIT: u32 = 5006;
+/// The guest's egress questions and relayed connections ([`crate::net`]).
+pub const PORT_NET: u32 = 5007;
 
 /// Largest control payload either side accepts.
 pub const MAX_CONTROL_FRAME: usize = 64 * 1024;

@@ -11,6 +11,8 @@
 //!   [`exec::ExecToHost`], one non-interactive command per connection.
 //! * host <-> guest on the audit port: [`audit::AuditToHost`] and
 //!   [`audit::HostToAudit`], one record per execve in the guest.
+//! * host <-> guest on the network port: [`net::NetToHost`] and
+//!   [`net::HostToNet`], one egress question per connection.
 //! * CLI <-> capsem-process, over `<vm-dir>/ctl.sock`: [`ipc::ClientToProcess`]
 //!   and [`ipc::ProcessToClient`].
 //!
@@ -26,6 +28,7 @@
 //! * [`terminal`]: terminal-port messages.
 //! * [`exec`]: exec-port messages, their bounds and the environment checks.
 //! * [`audit`]: audit-port messages and their bounds.
+//! * [`net`]: network-port messages and their bounds.
 //! * [`ipc`]: CLI/host-process messages.
 //!
 //! Every message is MessagePack with named fields, adjacently tagged
@@ -38,6 +41,7 @@ pub mod exec;
 pub mod frame;
 pub mod guest;
 pub mod ipc;
+pub mod net;
 pub mod terminal;
 
 pub use frame::{Codec, FrameDecoder, FrameError, Role};

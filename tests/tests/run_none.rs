@@ -290,3 +290,34 @@ fn sigterm_to_capsem_stops_the_command_group() {
     stdout.read_to_end(&mut rest).unwrap();
     fx.assert_nothing_left();
 }
+
+#[test]
+fn a_network_policy_is_refused_without_a_vm_and_nothing_starts() {
+    let fx = Fixture::new("run_net_none", B);
+    for args in [
+        &["--net", "open", "--", "true"][..],
+        &["--net", "allow=pypi.org:443", "--", "true"][..],
+        &["--net", "allow=a..b", "--", "true"][..],
+        &["--net", "none", "--net", "open", "--", "true"][..],
+    ] {
+        let out = run(&fx, args);
+        assert_eq!(code(&out), 125, "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.starts_with("capsem: ") && err.contains("--net"),
+            "{err}"
+        );
+    }
+    let out = fx
+        .capsem()
+        .args(["create", "n1", "--net", "open"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 125);
+    // `--net none` is the default, and fine without a VM.
+    let out = run(&fx, &["--net", "none", "--", "true"]);
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    fx.assert_nothing_left();
+}

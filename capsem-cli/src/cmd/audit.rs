@@ -1,4 +1,5 @@
 //! `capsem audit NAME [--follow] [--json]`: the guest's execve records,
+//! (`--net`: its connection records, [`crate::netaudit`]),
 //! printed safely ([`crate::auditfmt`]). `--follow` keeps printing until
 //! the VM's capsem-process exits; SIGINT ends it with exit 0, SIGTERM and
 //! SIGHUP with 128 + N.
@@ -38,6 +39,17 @@ pub fn run(ctx: &Ctx, name: &str, follow: bool, json: bool) -> Result<Exit, CliE
         Ok(End::Stopped(code)) => Ok(code),
         Ok(_) => Ok(Exit::OK),
         // Nobody reads any more (`capsem audit dev | head`): not a failure.
+        Err(AuditError::Write(e)) if e.kind() == io::ErrorKind::BrokenPipe => Ok(Exit::OK),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `capsem audit NAME --net`: VM `name`'s connection records; exit 0.
+pub fn run_net(ctx: &Ctx, name: &str, json: bool) -> Result<Exit, CliError> {
+    let vm = ctx.load(name)?;
+    let stdout = io::stdout();
+    match crate::netaudit::print(&vm.dir, json, &mut stdout.lock()) {
+        Ok(()) => Ok(Exit::OK),
         Err(AuditError::Write(e)) if e.kind() == io::ErrorKind::BrokenPipe => Ok(Exit::OK),
         Err(e) => Err(e.into()),
     }

@@ -21,6 +21,7 @@ use crate::vmctl;
 pub fn run(ctx: &Ctx, args: &CreateArgs) -> Result<Exit, CliError> {
     let name = args.name.as_str();
     check_persistent_name(name)?;
+    let net = crate::netflags::resolve(&args.new, ctx.vmm)?;
     let image = crate::vmimage::resolve_new(&ctx.home, &args.new, ctx.vmm)?;
     let _lock = ctx.lock(name)?;
     let dir = ctx.vm_dir(name);
@@ -58,6 +59,7 @@ pub fn run(ctx: &Ctx, args: &CreateArgs) -> Result<Exit, CliError> {
         image: image.map(|i| i.record),
         idle_timeout_ms: args.idle_timeout,
         max_duration_ms: args.max_duration,
+        net,
     };
     if let Err(e) = capsem_host::vmstate::write_json(&dir.join(VM_FILE), &config) {
         let _ = std::fs::remove_dir_all(&dir);

@@ -37,6 +37,8 @@ pub struct Inspect {
     pub oci_image: Option<VmImage>,
     /// `<dir>/disk.img`, once a qemu boot made it.
     pub disk: Option<InspectDisk>,
+    /// The egress policy as `--net` values; `[]`: `--net none`.
+    pub net: Option<Vec<String>>,
     pub pids: InspectPids,
     pub agent_connects: u64,
     pub boots: u64,
@@ -122,6 +124,7 @@ impl Inspect {
             memory_mib: config.map(|c| c.memory_mib),
             oci_image: config.and_then(|c| c.image.clone()),
             disk: InspectDisk::of(&vm.dir),
+            net: config.map(|c| c.net.clone()),
             pids: InspectPids {
                 capsem_process: vm
                     .process
@@ -229,6 +232,7 @@ mod tests {
                 "memory_mib": 1024,
                 "oci_image": null,
                 "disk": null,
+                "net": [],
                 "pids": {
                     "capsem_process": process.record.pid,
                     "guest": [{ "role": "capsem-agent", "pid": agent.record.pid }],

@@ -27,6 +27,8 @@ pub fn run(
     accel: AccelChoice,
     mut args: RunArgs,
 ) -> Result<Exit, CliError> {
+    // Checked before anything is made or pulled; tempvm::start records it.
+    crate::netflags::resolve(&args.new, vmm)?;
     let home = tempvm::home(home_flag)?;
     let image = crate::vmimage::resolve_new(&home, &args.new, vmm)?;
     if args.cmd.command.is_empty() {

@@ -39,6 +39,7 @@ pub fn run_temporary(
     accel: AccelChoice,
     new: &NewVmArgs,
 ) -> Result<Exit, CliError> {
+    crate::netflags::resolve(new, vmm)?;
     let home = tempvm::home(home_flag)?;
     let image = crate::vmimage::resolve_new(&home, new, vmm)?;
     let mut vm = match tempvm::start(home, vmm, accel, false, None, new, image)? {
@@ -89,7 +90,7 @@ fn detached_line(name: &str) -> String {
 
 /// `capsem shell NAME`: attaches this terminal to the VM's shell.
 pub fn run_named(ctx: &Ctx, name: &str, new: &NewVmArgs) -> Result<Exit, CliError> {
-    if new.disk_size.is_some() || new.image.is_some() {
+    if new.disk_size.is_some() || new.image.is_some() || crate::netflags::given(new) {
         return Err(CliError::NewVmFlag(name.into()));
     }
     let vm = vmctl::ensure_running(ctx, name, false)?;

@@ -61,6 +61,12 @@ pub enum SessionError {
     Records(#[from] crate::records::RecordsError),
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
+    #[error("--net: {0}")]
+    NetPolicy(String),
+    #[error(transparent)]
+    NetHosts(#[from] crate::net::hosts::HostsError),
+    #[error(transparent)]
+    NetLog(#[from] crate::net::log::NetLogError),
 }
 
 /// A temporary shell's life.
@@ -181,7 +187,7 @@ impl Session {
         let audit_log = AuditLog::open(&dir, cfg.adopt)?;
         let stop = crate::accept::Stop::default();
         let (sh, ev) = (&shared, &events_tx);
-        let accept_tasks = vec![
+        let mut accept_tasks = vec![
             tokio::spawn(crate::client::accept_clients(
                 listen(&dir.ctl_sock())?,
                 sh.clone(),
@@ -207,6 +213,17 @@ impl Session {
                 stop.subscribe(),
             )),
         ];
+        let net = Arc::new(crate::net::NetCtx {
+            token: shared.token.clone(),
+            policy: cfg.net_policy().map_err(SessionError::NetPolicy)?,
+            hosts: crate::net::Hosts::from_env()?,
+            log: Mutex::new(crate::net::NetLog::open(dir.root())?),
+        });
+        accept_tasks.push(tokio::spawn(crate::net::accept_net(
+            listen(&dir.net_sock())?,
+            net,
+            stop.subscribe(),
+        )));
         let audit_task = tokio::spawn(crate::audit::accept_audit(
             listen(&dir.audit_sock())?,
             sh.clone(),

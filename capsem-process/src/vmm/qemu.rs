@@ -338,6 +338,10 @@ impl Qemu {
             Accel::Kvm => None,
         };
         let mut cmdline = kernel_cmdline(launch.token, hostname, tsc_khz, image.rootfs.is_some());
+        if cfg.net_policy().is_ok_and(|p| !p.is_none()) {
+            // capsem-init brings up the guest's redirected network.
+            cmdline.push_str(" capsem.net=1");
+        }
         if cfg.agent_mode() != "shell" {
             // capsem-init passes it to the agent as CAPSEM_MODE.
             cmdline.push_str(&format!(" capsem.mode={}", cfg.agent_mode()));

@@ -19,7 +19,7 @@ use crate::supervise::{AgentCommand, AgentEnd, SuperviseError, Supervisor};
 /// The agent's home and working directory.
 const HOME: &str = "/root";
 /// PATH for the agent and, through it, the shell.
-const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub(crate) const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Anything that stops the boot; each cause keeps its module's error.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +34,8 @@ pub enum BootError {
     Root(#[from] RootError),
     #[error("setting the hostname failed")]
     Hostname(#[source] Errno),
+    #[error("bringing up the network failed")]
+    Net(#[from] crate::netup::NetUpError),
     #[error("supervising the agent failed")]
     Supervise(#[from] SuperviseError),
 }
@@ -81,6 +83,11 @@ pub fn run() -> Result<AgentEnd, BootError> {
     let cgroup = cgroups::setup()
         .map_err(|e| log!("warning: no per-command cgroups: {}", chain(&e)))
         .ok();
+    if cmd.net {
+        crate::netup::bring_up()?;
+        stages.mark("net");
+        log!("network up: every connection goes through the host's policy");
+    }
 
     if cmd.token.is_none() {
         log!("no capsem.token on the kernel command line; the host will refuse the hello");
@@ -138,6 +145,9 @@ fn agent_command(cmd: &cmdline::Cmdline, stages: &BootStages, switched: bool) ->
         env.push(("CAPSEM_TOKEN".to_owned(), token.clone()));
     }
     env.push(("CAPSEM_MODE".to_owned(), cmd.mode.clone()));
+    if cmd.net {
+        env.push(("CAPSEM_NET".to_owned(), "1".to_owned()));
+    }
     let default = cmd.agent == Path::new(cmdline::DEFAULT_AGENT);
     let args = if default {
         vec!["--transport".into(), "vsock".into()]

@@ -7,6 +7,7 @@
 //! | `capsem.agent=PATH` | program to run instead of the agent (debugging) | `/usr/bin/capsem-agent` |
 //! | `capsem.root=S` | virtio serial of the read-only root image: mount it under an overlay and switch into it | none (the initramfs stays the root) |
 //! | `capsem.disk=S` | virtio serial of the writable disk (ext4) that holds the overlay's upper layer | none (the upper layer is a tmpfs) |
+//! | `capsem.net=1` | bring up the redirected network (`netup`) and pass `CAPSEM_NET=1` to the agent | off: no network at all |
 //! | `capsem.mode=M` | the agent's mode, passed as `CAPSEM_MODE`: `shell` (one shell, then power off), `persistent` (a fresh shell whenever one exits; only a host `Shutdown` ends the VM), `exec` (one command instead of a shell) | `shell` |
 
 use std::path::PathBuf;
@@ -57,6 +58,8 @@ pub struct Cmdline {
     pub root: Option<String>,
     /// Serial of the writable disk.
     pub disk: Option<String>,
+    /// `capsem.net=1`.
+    pub net: bool,
 }
 
 /// Reads and parses [`PROC_CMDLINE`] (procfs must be mounted).
@@ -75,6 +78,7 @@ pub fn parse(text: &str) -> Result<Cmdline, CmdlineError> {
         mode: "shell".to_owned(),
         root: None,
         disk: None,
+        net: false,
     };
     for word in text.split_ascii_whitespace() {
         if let Some(token) = word.strip_prefix("capsem.token=") {
@@ -99,6 +103,8 @@ pub fn parse(text: &str) -> Result<Cmdline, CmdlineError> {
             out.root = Some(serial_param("capsem.root", serial)?);
         } else if let Some(serial) = word.strip_prefix("capsem.disk=") {
             out.disk = Some(serial_param("capsem.disk", serial)?);
+        } else if let Some(net) = word.strip_prefix("capsem.net=") {
+            out.net = net == "1";
         } else if let Some(mode) = word.strip_prefix("capsem.mode=") {
             if !MODES.contains(&mode) {
                 return Err(CmdlineError::ModeInvalid(mode.chars().take(32).collect()));

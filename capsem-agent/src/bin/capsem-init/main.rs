@@ -13,9 +13,10 @@
 //! - [`cgroups`]: cgroup2, the pids and memory controllers for the agent's
 //!   per-command cgroups, init's OOM exemption.
 //! - [`cmdline`]: `capsem.token=`, `capsem.hostname=`, `capsem.agent=`,
-//!   `capsem.mode=`, `capsem.root=`, `capsem.disk=`.
+//!   `capsem.mode=`, `capsem.root=`, `capsem.disk=`, `capsem.net=`.
 //! - [`console`]: timestamped console lines, stdio repair.
 //! - [`modules`]: `finit_module` of the list in `/etc/capsem/modules`.
+//! - [`netup`]: `capsem.net=1`: lo, a dummy default route, nftables redirects.
 //! - [`mounts`]: /proc, /sys, /dev, /dev/pts, /dev/shm, /tmp, /run.
 //! - [`root`]: finding the disks by serial, the overlay, the switch.
 //! - [`power`]: kill everything, reap, sync, power off.
@@ -31,6 +32,7 @@ mod cmdline;
 mod console;
 mod modules;
 mod mounts;
+mod netup;
 mod power;
 mod root;
 mod stages;

@@ -1,0 +1,291 @@
+//! The guest's TCP side: nftables redirects every guest TCP connection
+//! (except to loopback) to the listener here. For each one, on its own
+//! named thread (at most [`MAX_CONNS`]; more are reset): the original
+//! destination (`SO_ORIGINAL_DST`), the name its synthetic address stands
+//! for, the first bytes peeked for a SNI or Host within [`PEEK_WAIT`], the
+//! host's verdict on the network port, then a relay between the guest's
+//! socket and that connection (the peeked bytes first) through one
+//! bounded buffer per direction, in one poll loop that also watches the
+//! stop signal (and, once one side ended, an idle bound,
+//! [`IDLE_AFTER_EOF`]). A denied connection is reset at once.
+
+use std::io::{self, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use capsem_proto::net::{HostToNet, NetToHost};
+use nix::sys::socket::{getsockopt, setsockopt, shutdown, sockopt, Shutdown};
+use tracing::{debug, info, warn};
+
+use super::ask::Host;
+use super::dns::Table;
+use super::peek::{self, Peek, MAX_PEEK};
+use crate::fdio;
+use crate::stop::StopSignal;
+
+/// Connections relayed at once.
+pub const MAX_CONNS: usize = 128;
+/// How long the first bytes are waited for (server-first protocols send none).
+pub const PEEK_WAIT: Duration = Duration::from_millis(300);
+/// How long the host may take to decide (it resolves and dials first).
+const VERDICT_WAIT: Duration = Duration::from_secs(15);
+/// Each direction's relay buffer.
+const RELAY_BUF: usize = 16 * 1024;
+/// Once one direction has ended, the relay ends after this long without a
+/// byte: the half-close is sent on, but vhost-device-vsock does not pass a
+/// vsock half-close to the host's socket, so a server waiting for the
+/// client's EOF would otherwise hold both ends forever.
+const IDLE_AFTER_EOF: Duration = Duration::from_secs(10);
+
+/// Accepts until `stop`; every connection thread is joined before it returns.
+pub fn serve(
+    listener: &TcpListener,
+    table: &Arc<Mutex<Table>>,
+    host: &Host,
+    stop: &Arc<StopSignal>,
+) {
+    let own = listener.local_addr().ok();
+    let mut conns: Vec<JoinHandle<()>> = Vec::new();
+    loop {
+        let mut fds = [
+            fdio::pollfd(stop.fd(), fdio::IN),
+            fdio::pollfd(listener.as_fd(), fdio::IN),
+        ];
+        if let Err(e) = fdio::poll(&mut fds, None) {
+            warn!("net: poll failed: {e}");
+            break;
+        }
+        if fdio::ready(&fds[0]) {
+            break;
+        }
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                warn!("net: accept failed: {e}");
+                continue;
+            }
+        };
+        conns.retain(|h| !h.is_finished());
+        if conns.len() >= MAX_CONNS {
+            warn!("net: {MAX_CONNS} connections in progress; resetting a new one");
+            reset(stream);
+            continue;
+        }
+        let (table, host, stop) = (table.clone(), host.clone(), stop.clone());
+        let spawned = std::thread::Builder::new()
+            .name("net-conn".into())
+            .spawn(move || {
+                if let Err(e) = connection(stream, own, &table, &host, &stop) {
+                    debug!("net: connection ended: {e}");
+                }
+            });
+        match spawned {
+            Ok(h) => conns.push(h),
+            Err(e) => warn!("net: cannot start a connection thread: {e}"),
+        }
+    }
+    // The stop is triggered (or the loop failed): every relay sees it.
+    stop.trigger();
+    for h in conns {
+        let _ = h.join();
+    }
+}
+
+/// Closes with a RST (SO_LINGER 0) instead of a FIN: refused at once.
+fn reset(stream: TcpStream) {
+    let _ = setsockopt(
+        &stream,
+        sockopt::Linger,
+        &libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    );
+    drop(stream);
+}
+
+/// The destination the guest dialled before nftables redirected it.
+fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+    let sin = getsockopt(stream, sockopt::OriginalDst).map_err(io::Error::from)?;
+    let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+    Ok(SocketAddr::from((ip, u16::from_be(sin.sin_port))))
+}
+
+fn connection(
+    stream: TcpStream,
+    own: Option<SocketAddr>,
+    table: &Mutex<Table>,
+    host: &Host,
+    stop: &StopSignal,
+) -> io::Result<()> {
+    let dst = original_dst(&stream)?;
+    if Some(dst) == own {
+        // Dialled the listener itself: nothing to relay.
+        return Ok(());
+    }
+    let name = match dst {
+        SocketAddr::V4(v4) => table
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .name_of(*v4.ip())
+            .map(str::to_owned),
+        SocketAddr::V6(_) => None,
+    };
+    stream.set_nonblocking(true)?;
+    let (peeked, seen) = peek_name(stream.as_fd(), stop.fd())?;
+    let question = NetToHost::Connect {
+        token: host.token.clone(),
+        name: name.clone(),
+        seen: seen.clone(),
+        ip: dst.ip().to_string(),
+        port: dst.port(),
+    };
+    let (vsock, answer) = match host.ask(&question, stop.fd(), VERDICT_WAIT) {
+        Ok(got) => got,
+        Err(e) => {
+            warn!("net: cannot ask the host about {dst}: {e}");
+            reset(stream);
+            return Ok(());
+        }
+    };
+    let what = name
+        .as_deref()
+        .map_or_else(|| dst.to_string(), |n| format!("{n}:{}", dst.port()));
+    match answer {
+        HostToNet::Verdict { allowed: true, .. } => {
+            info!("net: {what} allowed");
+            let mut out = fdio::Blocking::new(vsock.as_fd(), stop.fd());
+            out.write_all(&peeked)?;
+            relay(stream.as_fd(), vsock, stop.fd())
+        }
+        HostToNet::Verdict { reason, .. } => {
+            info!("net: {what} denied: {reason}");
+            reset(stream);
+            Ok(())
+        }
+        HostToNet::Resolved { .. } => {
+            reset(stream);
+            Err(io::Error::other("a Resolved answer to a Connect"))
+        }
+    }
+}
+
+/// Reads what the client sends first, until a name is found, the bound is
+/// reached, or [`PEEK_WAIT`] passes.
+fn peek_name(fd: BorrowedFd<'_>, stop: BorrowedFd<'_>) -> io::Result<(Vec<u8>, Option<String>)> {
+    let deadline = Instant::now() + PEEK_WAIT;
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 4096];
+    while buf.len() < MAX_PEEK {
+        let mut fds = [fdio::pollfd(stop, fdio::IN), fdio::pollfd(fd, fdio::IN)];
+        if fdio::poll(&mut fds, Some(deadline))? == 0 || fdio::ready(&fds[0]) {
+            break;
+        }
+        let room = (MAX_PEEK - buf.len()).min(chunk.len());
+        match fdio::read(fd, &mut chunk[..room]) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+        if let Peek::Done(name) = peek::inspect(&buf) {
+            return Ok((buf, name));
+        }
+    }
+    Ok((buf, None))
+}
+
+/// One direction of the relay: bytes read but not yet written.
+#[derive(Debug, Default)]
+struct Pipe {
+    buf: Vec<u8>,
+    sent: usize,
+    eof: bool,
+    shut: bool,
+}
+
+impl Pipe {
+    fn empty(&self) -> bool {
+        self.sent == self.buf.len()
+    }
+    fn done(&self) -> bool {
+        self.eof && self.empty()
+    }
+}
+
+/// Moves bytes between `guest` and `host` (both nonblocking) until both
+/// directions ended, one side failed, or `stop`.
+fn relay(guest: BorrowedFd<'_>, host: OwnedFd, stop: BorrowedFd<'_>) -> io::Result<()> {
+    fdio::set_nonblocking(host.as_fd())?;
+    let host = host.as_fd();
+    let mut up = Pipe::default(); // guest -> host
+    let mut down = Pipe::default(); // host -> guest
+    let mut chunk = vec![0u8; RELAY_BUF];
+    while !(up.done() && down.done()) {
+        let want = |p: &Pipe| {
+            if !p.empty() {
+                (0, fdio::OUT)
+            } else if !p.eof {
+                (fdio::IN, 0)
+            } else {
+                (0, 0)
+            }
+        };
+        let (up_in, up_out) = want(&up);
+        let (down_in, down_out) = want(&down);
+        let mut fds = [
+            fdio::pollfd(stop, fdio::IN),
+            fdio::pollfd(guest, up_in | down_out),
+            fdio::pollfd(host, down_in | up_out),
+        ];
+        let idle = (up.eof || down.eof).then(|| Instant::now() + IDLE_AFTER_EOF);
+        if fdio::poll(&mut fds, idle)? == 0 {
+            debug!("net: relay idle {IDLE_AFTER_EOF:?} after one side ended; closing");
+            return Ok(());
+        }
+        if fdio::ready(&fds[0]) {
+            return Ok(());
+        }
+        pump(&mut up, guest, host, &mut chunk)?;
+        pump(&mut down, host, guest, &mut chunk)?;
+    }
+    Ok(())
+}
+
+/// Advances one direction as far as it goes without blocking.
+fn pump(
+    p: &mut Pipe,
+    from: BorrowedFd<'_>,
+    to: BorrowedFd<'_>,
+    chunk: &mut [u8],
+) -> io::Result<()> {
+    if p.empty() && !p.eof {
+        match fdio::read(from, chunk) {
+            Ok(0) => p.eof = true,
+            Ok(n) => {
+                p.buf.clear();
+                p.buf.extend_from_slice(&chunk[..n]);
+                p.sent = 0;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    while !p.empty() {
+        match fdio::write(to, &p.buf[p.sent..]) {
+            Ok(n) => p.sent += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    if p.done() && !p.shut {
+        p.shut = true;
+        // Half-close: the peer sees EOF, the other direction goes on.
+        let _ = shutdown(std::os::fd::AsRawFd::as_raw_fd(&to), Shutdown::Write);
+    }
+    Ok(())
+}

@@ -1,0 +1,291 @@
+//! The guest's egress in a real VM (`--net`): every server is a loopback
+//! listener of this test, reached through names that `CAPSEM_NET_HOSTS`
+//! (capsem-process's test override) maps to 127.0.0.1; nothing else is
+//! ever dialled. Allowed: `curl` gets the body; a TLS ClientHello with the
+//! name's SNI is relayed. Denied: a name not in the list (NXDOMAIN), the
+//! allowed address with another Host or SNI (fronting), a
+//! second port on the allowed name, UDP out; each leaves its record in
+//! `net.jsonl`. `--net none`: curl fails and the server sees nothing.
+//! `CAPSEM_SKIP_VM_TESTS=1 scripts/test.sh` leaves them out.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use capsem_tests::persist::{capsem, exec, inspect, ok, vm_dir};
+use capsem_tests::{Backend, Fixture};
+
+const B: Backend = Backend::Qemu;
+const BODY: &str = "hello from the host's loopback";
+
+/// A loopback HTTP/1.0 server: counts connections and keeps each Host.
+struct Server {
+    port: u16,
+    conns: Arc<AtomicUsize>,
+    hosts: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let hosts = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, h, s) = (conns.clone(), hosts.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("http-server".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    if s.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(mut stream) = stream else { continue };
+                    // A client that never finishes its head (a TLS hello
+                    // here) cannot hold the server past this.
+                    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(20)));
+                    c.fetch_add(1, Ordering::SeqCst);
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+                        match stream.read(&mut byte) {
+                            Ok(1) => head.push(byte[0]),
+                            _ => break,
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&head).into_owned();
+                    if let Some(host) = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Host: ").or(l.strip_prefix("host: ")))
+                    {
+                        h.lock().unwrap().push(host.trim().to_owned());
+                    }
+                    let reply = format!(
+                        "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{BODY}",
+                        BODY.len()
+                    );
+                    let _ = stream.write_all(reply.as_bytes());
+                }
+            })
+            .unwrap();
+        Self {
+            port,
+            conns,
+            hosts,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn conns(&self) -> usize {
+        self.conns.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wakes the accept so the thread sees the stop and is joined.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `net.jsonl` as JSON values.
+fn records(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("net.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// `curl` in the guest: (exit code, stdout, stderr).
+fn curl(fx: &Fixture, name: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut all = vec!["--", "curl", "-sS", "--max-time", "20"];
+    all.extend_from_slice(args);
+    let out = exec(fx, name, &all, b"");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn allowed_names_connect_and_everything_else_is_refused_and_recorded() {
+    let fx = Fixture::new("net_vm", B);
+    let server = Server::start();
+    let other = Server::start();
+    let hosts = fx.home().join("hosts");
+    std::fs::write(&hosts, "127.0.0.1 test.capsem other.capsem nope.capsem\n").unwrap();
+    let p = server.port;
+    let allow = format!("allow=test.capsem:{p},127.0.0.1:{p}");
+    let mut create = fx.capsem();
+    create
+        .args(["create", "net1", "--net", &allow])
+        .env("CAPSEM_NET_HOSTS", &hosts)
+        .stdin(std::process::Stdio::null());
+    let out = create.output().unwrap();
+    assert!(
+        out.status.success(),
+        "create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info = inspect(&fx, "net1");
+    assert_eq!(info["net"], serde_json::json!([allow]));
+    let dir = vm_dir(&fx, "net1");
+
+    // Allowed: the body, through the relay; the server saw the name.
+    let url = format!("http://test.capsem:{p}/");
+    let (code, body, err) = curl(&fx, "net1", &[&url]);
+    assert_eq!(code, Some(0), "curl failed: {err}");
+    assert_eq!(body, BODY);
+    assert_eq!(server.conns(), 1);
+    assert_eq!(server.hosts.lock().unwrap()[0], format!("test.capsem:{p}"));
+
+    // A name not in the list: not resolved (curl's exit 6), no connection.
+    let (code, _, _) = curl(&fx, "net1", &[&format!("http://nope.capsem:{p}/")]);
+    assert_eq!(code, Some(6), "nope.capsem must not resolve");
+    // Fronting: the allowed name's address, another Host.
+    let (code, _, _) = curl(&fx, "net1", &["-H", "Host: other.capsem", &url]);
+    assert_ne!(code, Some(0), "another Host through the allowed name");
+    // Another port on the allowed name.
+    let url2 = format!("http://test.capsem:{}/", other.port);
+    let (code, _, _) = curl(&fx, "net1", &[&url2]);
+    assert_ne!(code, Some(0), "a port no rule names");
+    assert_eq!(server.conns(), 1, "a refused connection reached the server");
+    assert_eq!(other.conns(), 0, "a refused connection reached the server");
+    // UDP anywhere but the resolver goes nowhere (the send may succeed:
+    // the packet is dropped; nothing answers).
+    let out = exec(
+        &fx,
+        "net1",
+        &[
+            "--",
+            "sh",
+            "-c",
+            "python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1); s.sendto(b\"x\", (\"192.0.2.1\", 9)); s.recv(1)' ; echo rc=$?",
+        ],
+        b"",
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("rc=0"), "UDP got an answer: {text}");
+
+    // TLS: the ClientHello's SNI decides (the server is plain HTTP, so the
+    // handshake fails after the relay, and that is enough here).
+    let tls = format!("https://test.capsem:{p}/");
+    let (code, _, _) = curl(&fx, "net1", &["-k", "--max-time", "5", &tls]);
+    assert_ne!(code, Some(0));
+    assert_eq!(server.conns(), 2, "the TLS connection was relayed");
+    // Another SNI through the allowed name's address: refused.
+    let front = format!("https://other.capsem:{p}/");
+    let to = format!("other.capsem:{p}:test.capsem:{p}");
+    let (code, _, _) = curl(&fx, "net1", &["-k", "--connect-to", &to, &front]);
+    assert_ne!(code, Some(0));
+    assert_eq!(
+        server.conns(),
+        2,
+        "a fronted TLS connection reached the server"
+    );
+
+    // A connect is recorded when its relay ends: the TLS one once the
+    // server gives up on it or the relay's idle bound after curl left.
+    capsem_tests::fixture::wait_until(
+        std::time::Duration::from_secs(90),
+        "the TLS connection's record",
+        || {
+            records(&dir)
+                .iter()
+                .filter(|r| r["verdict"] == "allow")
+                .count()
+                == 2
+        },
+    );
+    let recs = records(&dir);
+    let tls_recs: Vec<_> = recs
+        .iter()
+        .filter(|r| r["kind"] == "connect" && r["seen"] == "test.capsem" && r["port"] == p)
+        .collect();
+    assert_eq!(tls_recs.len(), 2, "{recs:?}");
+    assert!(tls_recs.iter().all(|r| r["verdict"] == "allow"));
+    let fronted = recs
+        .iter()
+        .filter(|r| r["seen"] == "other.capsem" && r["verdict"] == "deny")
+        .count();
+    assert_eq!(fronted, 2, "the Host and the SNI fronting: {recs:?}");
+    let allowed: Vec<_> = recs
+        .iter()
+        .filter(|r| r["kind"] == "connect" && r["verdict"] == "allow")
+        .collect();
+    assert_eq!(allowed.len(), 2, "HTTP and TLS: {recs:?}");
+    assert_eq!(allowed[0]["name"], "test.capsem");
+    assert_eq!(allowed[0]["address"], format!("127.0.0.1:{p}"));
+    assert!(allowed[0]["bytes_in"].as_u64().unwrap() > BODY.len() as u64);
+    assert!(allowed[0]["bytes_out"].as_u64().unwrap() > 0);
+    assert!(
+        recs.iter().any(|r| r["kind"] == "resolve"
+            && r["name"] == "nope.capsem"
+            && r["verdict"] == "deny"),
+        "{recs:?}"
+    );
+    assert!(
+        recs.iter().any(|r| r["kind"] == "connect"
+            && r["verdict"] == "deny"
+            && r["seen"] == "other.capsem"),
+        "{recs:?}"
+    );
+    assert!(
+        recs.iter()
+            .any(|r| r["kind"] == "connect" && r["verdict"] == "deny" && r["port"] == other.port),
+        "{recs:?}"
+    );
+    // `capsem audit --net`: one line per record, the allowed one first.
+    let text = ok(&fx, &["audit", "net1", "--net"]);
+    assert_eq!(text.lines().count(), recs.len(), "{text}");
+    assert!(
+        text.lines().next().unwrap().contains(&format!(
+            " allow connect test.capsem:{p} seen=test.capsem -> 127.0.0.1:{p} "
+        )),
+        "{text}"
+    );
+    let json = ok(&fx, &["audit", "net1", "--net", "--json"]);
+    assert_eq!(json.lines().count(), recs.len());
+    ok(&fx, &["rm", "--force", "net1"]);
+    fx.assert_nothing_left();
+}
+
+#[test]
+fn net_none_connects_nothing() {
+    let fx = Fixture::new("net_none_vm", B);
+    let server = Server::start();
+    let hosts = fx.home().join("hosts");
+    std::fs::write(&hosts, "127.0.0.1 test.capsem\n").unwrap();
+    let url = format!("http://test.capsem:{}/", server.port);
+    let mut run = fx.capsem();
+    run.args(["run", "--", "curl", "-sS", "--max-time", "10", &url])
+        .env("CAPSEM_NET_HOSTS", &hosts)
+        .stdin(std::process::Stdio::null());
+    let out = run.output().unwrap();
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "curl must fail without a network"
+    );
+    assert_eq!(server.conns(), 0);
+    // Malformed policy: one line, exit 125, nothing boots.
+    let out = capsem(&fx, &["run", "--net", "allow=bad..name", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("capsem: "), "{err}");
+    fx.assert_nothing_left();
+}
