@@ -46,7 +46,9 @@ pub enum CliError {
     NoCommand,
     #[error("image {0} has no Entrypoint or Cmd: give the command after `--`")]
     NoDefaultCommand(String),
-    #[error("--disk-size and --image are for a new VM; VM {0:?} keeps what capsem create gave it")]
+    #[error(
+        "--disk-size, --image and -v are for a new VM; VM {0:?} keeps what capsem create gave it"
+    )]
     NewVmFlag(String),
     #[error("{0:?} is a temporary VM; only persistent VMs (capsem create) take this command")]
     Temporary(String),
@@ -78,6 +80,8 @@ pub enum CliError {
     TempVm(#[from] TempVmError),
     #[error(transparent)]
     VmImage(#[from] crate::vmimage::VmImageError),
+    #[error(transparent)]
+    Share(#[from] crate::share::ShareArgError),
     /// capsem-process's own words for why the VM did not start.
     #[error("{0}")]
     Boot(String),

@@ -4,9 +4,9 @@
 //! Usage (global flags go before or after the command):
 //!
 //! ```text
-//! capsem [--home DIR] [--vmm qemu|none] [--accel auto|kvm|tcg] shell [--disk-size SIZE] [--image REF [--registry-auth FILE]]
-//! capsem [...] run [-t] [--timeout SECS] [-e KEY=VAL]... [-w DIR] [--audit-log FILE] [--disk-size SIZE] [--image REF] -- CMD [ARG...]
-//! capsem [...] create NAME [--cpus N] [--memory MIB] [--disk-size SIZE] [--image REF]
+//! capsem [--home DIR] [--vmm qemu|none] [--accel auto|kvm|tcg] shell [--disk-size SIZE] [--image REF [--registry-auth FILE]] [-v HOST_DIR:GUEST_PATH[:rw|ro|overlay]]...
+//! capsem [...] run [-t] [--timeout SECS] [-e KEY=VAL]... [-w DIR] [--audit-log FILE] [--disk-size SIZE] [--image REF] [-v SHARE]... -- CMD [ARG...]
+//! capsem [...] create NAME [--cpus N] [--memory MIB] [--disk-size SIZE] [--image REF] [-v SHARE]...
 //! capsem [...] shell NAME                  # Ctrl-] or ~. detaches, the shell keeps running
 //! capsem [...] exec NAME [-t] [--timeout SECS] [-e KEY=VAL]... [-w DIR] -- CMD [ARG...]
 //! capsem [...] list [--json] | inspect NAME | logs NAME [--follow] [--source process|serial]
@@ -76,6 +76,7 @@
 //! * [`vms`]: the VM directories read and their states.
 //! * [`vmctl`]: booting, adopting and stopping a persistent VM's processes.
 //! * [`vmimage`]: a VM's OCI image (`--image`), resolved, recorded, looked up.
+//! * [`share`]: `-v HOST_DIR:GUEST_PATH[:MODE]` parsed and checked.
 //! * [`sweep`]: cleaning up what crashes left, before every VM command.
 //! * [`tempvm`]: starting a temporary VM (`shell` and `run`).
 //! * [`spawn`]: starting capsem-process, the ready pipe, reaping by pidfd
@@ -121,6 +122,7 @@ mod pullbar;
 mod request;
 mod signals;
 mod spawn;
+mod share;
 mod sweep;
 mod tempvm;
 mod terminal;

@@ -197,8 +197,8 @@ pub struct Target<'a> {
 
 /// capsem-process's arguments: `--vm-dir DIR --vm-id ID --vmm V --ready-fd
 /// N`, then `--temporary [--exec]`, nothing (persistent) or `--adopt`; a
-/// boot (not an adoption) adds `--cpus N --memory-mib M [--disk-size B]`
-/// from `vm.json` and `--rootfs FILE --image-config FILE` for an OCI image; then `--accel A` for qemu (capsem-process decides what `auto` means; the
+/// boot (not an adoption) adds `--cpus N --memory-mib M [--disk-size B]
+/// [--share MODE:HEX:HEX]...` from `vm.json` and `--rootfs FILE --image-config FILE` for an OCI image; then `--accel A` for qemu (capsem-process decides what `auto` means; the
 /// CLI never probes KVM for the shell).
 pub fn process_args(target: &Target<'_>, ready_fd: i32) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec!["--vm-dir".into(), target.vm_dir.into()];
@@ -224,6 +224,7 @@ pub fn process_args(target: &Target<'_>, ready_fd: i32) -> Vec<OsString> {
             ("--memory-mib", c.memory_mib.to_string()),
         ];
         pairs.extend(c.disk_size.map(|b| ("--disk-size", b.to_string())));
+        pairs.extend(c.shares.iter().map(|s| ("--share", s.to_arg())));
         for (flag, value) in pairs {
             args.push(flag.into());
             args.push(value.into());
@@ -536,6 +537,15 @@ mod tests {
         assert_eq!(
             args(Vmm::None, Kind::Persistent, &config),
             "--vm-dir /h/vms/x --vm-id x --vmm none --ready-fd 7 --cpus 2 --memory-mib 256 --disk-size 1073741824"
+        );
+        config.shares = vec![capsem_host::share::Share {
+            host: "/src".into(),
+            guest: "/w".into(),
+            mode: capsem_host::share::ShareMode::Ro,
+        }];
+        assert_eq!(
+            args(Vmm::Qemu, Kind::Persistent, &config),
+            "--vm-dir /h/vms/x --vm-id x --vmm qemu --ready-fd 7 --cpus 2 --memory-mib 256 --disk-size 1073741824 --share ro:2f737263:2f77 --accel tcg"
         );
         assert_eq!(
             args(Vmm::Qemu, Kind::Adopt, &config),

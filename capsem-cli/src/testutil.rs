@@ -96,6 +96,7 @@ pub(crate) fn config(name: &str, temporary: bool, owner: Option<ProcRecord>) -> 
         owner,
         disk_size: None,
         image: None,
+        shares: Vec::new(),
     }
 }
 

@@ -192,6 +192,7 @@ mod tests {
             owner: None,
             disk_size: None,
             image: None,
+            shares: Vec::new(),
         }
     }
 

@@ -21,6 +21,7 @@ use crate::vmctl;
 pub fn run(ctx: &Ctx, args: &CreateArgs) -> Result<Exit, CliError> {
     let name = args.name.as_str();
     check_persistent_name(name)?;
+    let shares = crate::share::parse_all(&args.new.volumes, ctx.vmm)?;
     let image = crate::vmimage::resolve_new(&ctx.home, &args.new, ctx.vmm)?;
     let _lock = ctx.lock(name)?;
     let dir = ctx.vm_dir(name);
@@ -56,6 +57,7 @@ pub fn run(ctx: &Ctx, args: &CreateArgs) -> Result<Exit, CliError> {
         owner: None,
         disk_size: args.new.disk_size,
         image: image.map(|i| i.record),
+        shares,
     };
     if let Err(e) = capsem_host::vmstate::write_json(&dir.join(VM_FILE), &config) {
         let _ = std::fs::remove_dir_all(&dir);

@@ -27,6 +27,8 @@ pub struct ListEntry {
     pub vmm: Option<String>,
     pub cpus: Option<u32>,
     pub memory_mib: Option<u32>,
+    /// The host directories shared with the guest (`-v`), in order.
+    pub shares: Vec<capsem_host::share::Share>,
 }
 
 impl ListEntry {
@@ -40,6 +42,7 @@ impl ListEntry {
             vmm: config.map(|c| c.vmm.clone()),
             cpus: config.map(|c| c.cpus),
             memory_mib: config.map(|c| c.memory_mib),
+            shares: config.map(|c| c.shares.clone()).unwrap_or_default(),
         }
     }
 
@@ -143,6 +146,7 @@ web                   stopped  persistent  2026-01-02T03:04:05Z
                 "vmm": "none",
                 "cpus": 2,
                 "memory_mib": 1024,
+                "shares": [],
             })
         );
         assert_eq!(
@@ -155,6 +159,7 @@ web                   stopped  persistent  2026-01-02T03:04:05Z
                 "vmm": null,
                 "cpus": null,
                 "memory_mib": null,
+                "shares": [],
             })
         );
         assert_eq!(json.as_array().unwrap().len(), 4);

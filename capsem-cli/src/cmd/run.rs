@@ -25,6 +25,7 @@ pub fn run(
     accel: AccelChoice,
     mut args: RunArgs,
 ) -> Result<Exit, CliError> {
+    let shares = crate::share::parse_all(&args.new.volumes, vmm)?;
     let home = tempvm::home(home_flag)?;
     let image = crate::vmimage::resolve_new(&home, &args.new, vmm)?;
     if args.cmd.command.is_empty() {
@@ -48,8 +49,11 @@ pub fn run(
         accel,
         true,
         audit_log.as_deref(),
-        &args.new,
-        image,
+        tempvm::NewVm {
+            disk_size: args.new.disk_size,
+            image,
+            shares,
+        },
     )? {
         Started::Ready(vm) => vm,
         Started::Interrupted(code) => return Ok(code),
