@@ -27,7 +27,7 @@ TARGET=x86_64-unknown-linux-gnu
 # virtio_blk, erofs, overlay and ext4 for the disks. libcrc32c (for erofs and
 # ext4) asks the crypto API for crc32c, which finds no modprobe in the
 # initramfs: crc32c_generic is named, and loaded, before them.
-ROOT_MODULES=(virtio_pci virtio_mmio vmw_vsock_virtio_transport crc32c_generic virtio_blk erofs
+ROOT_MODULES=(virtio_pci virtio_mmio vmw_vsock_virtio_transport crc32c_generic virtio_blk erofs virtiofs
     overlay ext4)
 PACKAGES_FILE=$REPO/images/packages.txt
 MIRROR=${CAPSEM_DEBIAN_MIRROR:-http://deb.debian.org/debian}

@@ -176,7 +176,11 @@ pub struct NewVmArgs {
     /// read-write), `ro` (writes fail), or `overlay` (the guest's changes go
     /// to the VM's disk and the host directory is never touched; see
     /// `capsem diff`). Needs a VM: with `--vmm none` it is refused (exit 125)
-    #[arg(short = 'v', long = "volume", value_name = "HOST_DIR:GUEST_PATH[:MODE]")]
+    #[arg(
+        short = 'v',
+        long = "volume",
+        value_name = "HOST_DIR:GUEST_PATH[:MODE]"
+    )]
     pub volumes: Vec<String>,
 }
 

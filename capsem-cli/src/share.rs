@@ -61,9 +61,10 @@ pub fn parse_all(specs: &[String], vmm: Vmm) -> Result<Vec<Share>, ShareArgError
     let mut out: Vec<Share> = Vec::new();
     for spec in specs {
         let s = parse_one(spec)?;
-        if let Some(other) = out.iter().find(|o| {
-            share::is_within(&s.guest, &o.guest) || share::is_within(&o.guest, &s.guest)
-        }) {
+        if let Some(other) = out
+            .iter()
+            .find(|o| share::is_within(&s.guest, &o.guest) || share::is_within(&o.guest, &s.guest))
+        {
             return Err(ShareArgError::Overlap {
                 spec: spec.clone(),
                 guest: s.guest,
@@ -208,7 +209,10 @@ mod tests {
             Err(ShareArgError::Overlap { .. })
         ));
         assert!(matches!(
-            parse_all(&specs(&[&format!("{d}:/a"), &format!("{d}:/a/b")]), Vmm::Qemu),
+            parse_all(
+                &specs(&[&format!("{d}:/a"), &format!("{d}:/a/b")]),
+                Vmm::Qemu
+            ),
             Err(ShareArgError::Overlap { .. })
         ));
         assert!(matches!(

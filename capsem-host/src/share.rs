@@ -289,10 +289,7 @@ mod tests {
         }
         for bad in ["/proc", "/sys/x", "/dev", "/run/capsem"] {
             assert!(
-                matches!(
-                    check_guest_path(bad),
-                    Err(ShareError::GuestReserved { .. })
-                ),
+                matches!(check_guest_path(bad), Err(ShareError::GuestReserved { .. })),
                 "{bad}"
             );
         }

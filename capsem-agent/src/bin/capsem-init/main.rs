@@ -2,7 +2,8 @@
 //!
 //! Mounts the pseudo filesystems, loads the vsock and disk modules, switches
 //! to the real root (the read-only image under an overlay on the VM's
-//! writable disk) when the command line names one, sets the hostname,
+//! writable disk) when the command line names one, mounts the shared host
+//! directories, sets the hostname,
 //! starts `capsem-agent --transport vsock` with the session token and boot
 //! timings from the kernel command line, reaps every orphan, and when the
 //! agent ends kills what is left, syncs and powers the VM off. It never
@@ -11,11 +12,12 @@
 //! Modules:
 //! - [`boot`]: the sequence and its [`boot::BootError`].
 //! - [`cmdline`]: `capsem.token=`, `capsem.hostname=`, `capsem.agent=`,
-//!   `capsem.mode=`, `capsem.root=`, `capsem.disk=`.
+//!   `capsem.mode=`, `capsem.root=`, `capsem.disk=`, `capsem.share=`.
 //! - [`console`]: timestamped console lines, stdio repair.
 //! - [`modules`]: `finit_module` of the list in `/etc/capsem/modules`.
 //! - [`mounts`]: /proc, /sys, /dev, /dev/pts, /dev/shm, /tmp, /run.
 //! - [`root`]: finding the disks by serial, the overlay, the switch.
+//! - [`shares`]: the host directories (virtio-fs; rw, ro, overlay).
 //! - [`power`]: kill everything, reap, sync, power off.
 //! - [`stages`]: boot stage timestamps for `CAPSEM_BOOT_STAGES`.
 //! - [`supervise`]: spawning the agent, the signalfd-driven reaper.
@@ -30,6 +32,7 @@ mod modules;
 mod mounts;
 mod power;
 mod root;
+mod shares;
 mod stages;
 mod supervise;
 
