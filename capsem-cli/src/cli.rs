@@ -105,6 +105,15 @@ pub enum Command {
     /// Run one command in a running persistent VM, beside its shell and any
     /// other commands (same streams, flags and exit codes as `run`).
     Exec(ExecArgs),
+    /// List what the guest changed on a running persistent VM's overlay
+    /// shares (`-v DIR:PATH:overlay`): `A PATH` added, `C PATH` changed,
+    /// `D PATH` deleted, paths as the guest sees them, sorted.
+    Diff {
+        name: String,
+        /// One JSON array of `{"kind", "path"}` (see docs/cli-json.md)
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the guest's execve audit records: time, pid, uid, argv, cwd.
     Audit {
         name: String,

@@ -82,6 +82,8 @@ pub enum CliError {
     VmImage(#[from] crate::vmimage::VmImageError),
     #[error(transparent)]
     Share(#[from] crate::share::ShareArgError),
+    #[error(transparent)]
+    Diff(#[from] crate::overlaydiff::DiffError),
     /// capsem-process's own words for why the VM did not start.
     #[error("{0}")]
     Boot(String),

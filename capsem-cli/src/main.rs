@@ -9,7 +9,7 @@
 //! capsem [...] create NAME [--cpus N] [--memory MIB] [--disk-size SIZE] [--image REF] [-v SHARE]...
 //! capsem [...] shell NAME                  # Ctrl-] or ~. detaches, the shell keeps running
 //! capsem [...] exec NAME [-t] [--timeout SECS] [-e KEY=VAL]... [-w DIR] -- CMD [ARG...]
-//! capsem [...] list [--json] | inspect NAME | logs NAME [--follow] [--source process|serial]
+//! capsem [...] list [--json] | inspect NAME | diff NAME [--json] | logs NAME [--follow] [--source process|serial]
 //! capsem [...] stop NAME [--grace SECS] | start NAME | rm [--force] NAME
 //! capsem [...] audit NAME [--follow] [--json]
 //! capsem [--home DIR] doctor
@@ -77,6 +77,7 @@
 //! * [`vmctl`]: booting, adopting and stopping a persistent VM's processes.
 //! * [`vmimage`]: a VM's OCI image (`--image`), resolved, recorded, looked up.
 //! * [`share`]: `-v HOST_DIR:GUEST_PATH[:MODE]` parsed and checked.
+//! * [`overlaydiff`]: what the guest changed on an overlay share.
 //! * [`sweep`]: cleaning up what crashes left, before every VM command.
 //! * [`tempvm`]: starting a temporary VM (`shell` and `run`).
 //! * [`spawn`]: starting capsem-process, the ready pipe, reaping by pidfd
@@ -116,6 +117,7 @@ mod home;
 mod image;
 mod lost;
 mod output;
+mod overlaydiff;
 mod probe;
 mod progress;
 mod pullbar;
@@ -221,6 +223,9 @@ fn dispatch(cli: Cli) -> Result<Exit, CliError> {
             cmd::logs::run(ctx, &name, follow, source)
         }),
         Command::Exec(args) => vm_command(home, vmm, accel, |ctx| cmd::exec::run(ctx, args)),
+        Command::Diff { name, json } => {
+            vm_command(home, vmm, accel, |ctx| cmd::diff::run(ctx, &name, json))
+        }
         Command::Audit { name, follow, json } => vm_command(home, vmm, accel, |ctx| {
             cmd::audit::run(ctx, &name, follow, json)
         }),

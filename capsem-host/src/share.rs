@@ -151,6 +151,13 @@ pub fn tag(index: usize) -> String {
     format!("capsem-fs{index}")
 }
 
+/// The files in the VM directory that the `index`th share's virtiofsd
+/// lives by: its socket and the pid file virtiofsd writes beside it.
+/// Removed when the VM stops.
+pub fn runtime_files(index: usize) -> [String; 2] {
+    [format!("fs-{index}.sock"), format!("fs-{index}.sock.pid")]
+}
+
 /// `capsem.share=TAG,MODE,HEX(GUEST)` for the `index`th share.
 pub fn kernel_param(index: usize, share: &Share) -> String {
     format!(

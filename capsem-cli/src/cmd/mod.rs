@@ -12,6 +12,7 @@
 pub mod audit;
 pub mod completions;
 pub mod create;
+pub mod diff;
 pub mod doctor;
 pub mod exec;
 pub mod image;

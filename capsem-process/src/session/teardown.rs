@@ -81,7 +81,8 @@ impl Session {
         // 9. Sockets, records, and a temporary VM's directory (its logs
         //    kept first if it failed).
         let shares = (0..capsem_host::share::MAX_SHARES)
-            .map(|i| crate::vmm::virtiofs::socket(self.dir.root(), i));
+            .flat_map(capsem_host::share::runtime_files)
+            .map(|name| self.dir.file(&name));
         for path in self.dir.sockets().into_iter().chain(shares) {
             if let Err(e) = crate::teardown::remove_file(&path) {
                 warn!("{}", chain(&e));

@@ -35,7 +35,8 @@ pub struct Daemon {
 
 /// `<vm-dir>/fs-N.sock`.
 pub fn socket(dir: &Path, index: usize) -> PathBuf {
-    dir.join(format!("fs-{index}.sock"))
+    let [sock, _] = capsem_host::share::runtime_files(index);
+    dir.join(sock)
 }
 
 /// virtiofsd's arguments for one share.
