@@ -199,7 +199,7 @@ mod tests {
             one(&format!("{d}:/a:rx")),
             ShareArgError::Mode { .. }
         ));
-        assert!(matches!(one(&format!("{d}")), ShareArgError::Form(_)));
+        assert!(matches!(one(&d), ShareArgError::Form(_)));
         assert!(matches!(
             one(&format!("{d}:/a:ro:x")),
             ShareArgError::Form(_)

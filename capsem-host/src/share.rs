@@ -214,7 +214,7 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// Inverse of [`hex`] (either case); odd length or a non-hex digit fails.
 pub fn unhex(s: &str) -> Result<Vec<u8>, ShareError> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return Err(ShareError::Hex);
     }
     let digit = |b: u8| (b as char).to_digit(16).ok_or(ShareError::Hex);
