@@ -538,11 +538,8 @@ mod tests {
             args(Vmm::None, Kind::Persistent, &config),
             "--vm-dir /h/vms/x --vm-id x --vmm none --ready-fd 7 --cpus 2 --memory-mib 256 --disk-size 1073741824"
         );
-        config.shares = vec![capsem_host::share::Share {
-            host: "/src".into(),
-            guest: "/w".into(),
-            mode: capsem_host::share::ShareMode::Ro,
-        }];
+        // Shares go to a boot (below: not to an adoption).
+        config.shares = vec![capsem_host::share::Share::parse_arg("ro:2f737263:2f77").unwrap()];
         assert_eq!(
             args(Vmm::Qemu, Kind::Persistent, &config),
             "--vm-dir /h/vms/x --vm-id x --vmm qemu --ready-fd 7 --cpus 2 --memory-mib 256 --disk-size 1073741824 --share ro:2f737263:2f77 --accel tcg"

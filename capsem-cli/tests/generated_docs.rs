@@ -15,6 +15,7 @@ const SUBCOMMANDS: &[&str] = &[
     "logs",
     "run",
     "exec",
+    "diff",
     "audit",
     "doctor",
     "completions",
