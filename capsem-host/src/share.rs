@@ -254,6 +254,17 @@ mod tests {
     }
 
     #[test]
+    fn the_most_shares_fit_the_kernel_command_line() {
+        // x86's COMMAND_LINE_SIZE is 2048; the rest of capsem's line
+        // (console, token, hostname, disks, tsc, mode) stays under 400.
+        let longest = format!("/{}", "a".repeat(MAX_GUEST_PATH - 1));
+        let total: usize = (0..MAX_SHARES)
+            .map(|i| kernel_param(i, &share("/h", &longest, ShareMode::Overlay)).len() + 1)
+            .sum();
+        assert!(total + 400 <= 2048, "{total}");
+    }
+
+    #[test]
     fn bad_args_are_refused() {
         for bad in [
             "",
