@@ -197,8 +197,7 @@ pub struct Target<'a> {
 
 /// capsem-process's arguments: `--vm-dir DIR --vm-id ID --vmm V --ready-fd
 /// N`, then `--temporary [--exec]`, nothing (persistent) or `--adopt`; a
-/// boot (not an adoption) adds `--cpus N --memory-mib M [--disk-size B]
-/// [--share MODE:HEX:HEX]...` from `vm.json` and `--rootfs FILE --image-config FILE` for an OCI image; then `--accel A` for qemu (capsem-process decides what `auto` means; the
+/// boot (not an adoption) adds `--cpus N --memory-mib M [--disk-size B] [--share MODE:HEX:HEX]...` from `vm.json` and `--rootfs FILE --image-config FILE` for an OCI image; then `--accel A` for qemu (capsem-process decides what `auto` means; the
 /// CLI never probes KVM for the shell).
 pub fn process_args(target: &Target<'_>, ready_fd: i32) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec!["--vm-dir".into(), target.vm_dir.into()];
@@ -538,7 +537,6 @@ mod tests {
             args(Vmm::None, Kind::Persistent, &config),
             "--vm-dir /h/vms/x --vm-id x --vmm none --ready-fd 7 --cpus 2 --memory-mib 256 --disk-size 1073741824"
         );
-        // Shares go to a boot (below: not to an adoption).
         config.shares = vec![capsem_host::share::Share::parse_arg("ro:2f737263:2f77").unwrap()];
         assert_eq!(
             args(Vmm::Qemu, Kind::Persistent, &config),
