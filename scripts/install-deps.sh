@@ -21,6 +21,9 @@ declare -A APT=(
     [/bin/busybox]=busybox-static     # the root of the OCI tests' tiny image
 )
 VHOST_VSOCK_VERSION=0.3.0 # the version docs/qemu-notes.md was verified with
+VIRTIOFSD_VERSION=1.14.0   # serves -v shares; docs/shares.md
+# Libraries virtiofsd builds against (cargo install), by package.
+LIB_PKGS=(libseccomp-dev libcap-ng-dev)
 
 SUDO=()
 if [ "$(id -u)" -ne 0 ]; then SUDO=(sudo); fi
@@ -28,6 +31,9 @@ if [ "$(id -u)" -ne 0 ]; then SUDO=(sudo); fi
 missing=()
 for bin in "${!APT[@]}"; do
     command -v "$bin" >/dev/null 2>&1 || missing+=("${APT[$bin]}")
+done
+for pkg in "${LIB_PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
     # Quiet on success; the full apt output on failure.
@@ -64,4 +70,16 @@ done
 if [ -z "$have_vsock" ]; then
     cargo install --quiet --locked vhost-device-vsock --version "$VHOST_VSOCK_VERSION"
     echo "installed vhost-device-vsock $VHOST_VSOCK_VERSION (cargo, ~/.cargo/bin)"
+fi
+
+have_virtiofsd=""
+for v in "$(command -v virtiofsd 2>/dev/null || true)" "$HOME/.cargo/bin/virtiofsd"; do
+    if [ -n "$v" ] && [ -x "$v" ] && "$v" --version 2>/dev/null | grep -qx "virtiofsd $VIRTIOFSD_VERSION"; then
+        have_virtiofsd=$v
+        break
+    fi
+done
+if [ -z "$have_virtiofsd" ]; then
+    cargo install --quiet --locked virtiofsd --version "$VIRTIOFSD_VERSION"
+    echo "installed virtiofsd $VIRTIOFSD_VERSION (cargo, ~/.cargo/bin)"
 fi

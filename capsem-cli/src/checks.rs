@@ -1,5 +1,6 @@
 //! What `capsem doctor` checks, in order: `home`, `capsem-process`,
-//! `capsem-agent`, `qemu`, `vhost-device-vsock`, `accelerator`, `guest
+//! `capsem-agent`, `qemu`, `vhost-device-vsock`, `virtiofsd` (only `-v`
+//! needs it: always informational), `accelerator`, `guest
 //! image` (an image without `rootfs.erofs` is `warn`: it predates the Debian
 //! root), `mkfs.ext4` (each VM's writable disk), `mmdebstrap` and
 //! `mkfs.erofs` (only images/build.sh needs them: always informational).
@@ -26,6 +27,8 @@ pub const QEMU_BIN_ENV: &str = "CAPSEM_QEMU_BIN";
 pub const QEMU_BIN_NAME: &str = "qemu-system-x86_64";
 pub const VHOST_BIN_ENV: &str = "CAPSEM_VHOST_VSOCK_BIN";
 pub const VHOST_BIN_NAME: &str = "vhost-device-vsock";
+pub const VIRTIOFSD_BIN_ENV: &str = "CAPSEM_VIRTIOFSD_BIN";
+pub const VIRTIOFSD_BIN_NAME: &str = "virtiofsd";
 pub const AGENT_BIN_ENV: &str = "CAPSEM_AGENT_BIN";
 pub const AGENT_BIN_NAME: &str = "capsem-agent";
 
@@ -36,6 +39,7 @@ const SBIN_DIRS: [&str; 2] = ["/usr/sbin", "/sbin"];
 
 pub const QEMU_FIX: &str = "sudo apt-get install qemu-system-x86";
 pub const VHOST_FIX: &str = "cargo install --locked --version 0.3.0 vhost-device-vsock";
+pub const VIRTIOFSD_FIX: &str = "scripts/install-deps.sh";
 
 /// Everything the checks read from the host, gathered once (tests fake it).
 #[derive(Debug)]
@@ -49,6 +53,8 @@ pub struct Inputs {
     pub agent_env: Option<OsString>,
     pub qemu: Lookup,
     pub vhost: Lookup,
+    /// Serves `-v` shares (capsem-process, one per share).
+    pub virtiofsd: Lookup,
     /// Formats each VM's writable disk (capsem-process, first boot).
     pub mkfs_ext4: Lookup,
     /// Build the guest image's root filesystem (images/build.sh only).
@@ -96,6 +102,7 @@ impl Inputs {
             agent_env: std::env::var_os(AGENT_BIN_ENV),
             qemu: program(QEMU_BIN_ENV, QEMU_BIN_NAME),
             vhost: program(VHOST_BIN_ENV, VHOST_BIN_NAME),
+            virtiofsd: program(VIRTIOFSD_BIN_ENV, VIRTIOFSD_BIN_NAME),
             mkfs_ext4: tool(MKFS_EXT4_ENV, std::env::var_os(MKFS_EXT4_ENV), "mkfs.ext4"),
             mmdebstrap: tool("", None, "mmdebstrap"),
             mkfs_erofs: tool("", None, "mkfs.erofs"),
@@ -120,6 +127,13 @@ pub fn checks(inputs: &Inputs) -> Vec<Check> {
             VHOST_FIX,
         )
         .informational(vm_optional),
+        check_program(
+            "virtiofsd",
+            VIRTIOFSD_BIN_NAME,
+            &inputs.virtiofsd,
+            VIRTIOFSD_FIX,
+        )
+        .informational(true),
         check_accel(inputs.accel, &inputs.kvm).informational(vm_optional),
         check_image(&inputs.home, inputs.image_dir_env.as_deref()).informational(vm_optional),
         check_tool(

@@ -119,6 +119,15 @@ pub enum Command {
         /// `NAME:PATH`, a host path, or `-`
         dst: String,
     },
+    /// List what the guest changed on a running persistent VM's overlay
+    /// shares (`-v DIR:PATH:overlay`): `A PATH` added, `C PATH` changed,
+    /// `D PATH` deleted, paths as the guest sees them, sorted.
+    Diff {
+        name: String,
+        /// One JSON array of `{"kind", "path"}` (see docs/cli-json.md)
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the guest's execve audit records: time, pid, uid, argv, cwd.
     Audit {
         name: String,
@@ -207,6 +216,17 @@ pub struct NewVmArgs {
     /// [RULE...]`)
     #[arg(long, value_name = "FILE")]
     pub net_policy: Option<std::path::PathBuf>,
+    /// Share a host directory with the guest (repeatable): an absolute
+    /// HOST_DIR, an absolute GUEST_PATH, and MODE `rw` (the default: live,
+    /// read-write), `ro` (writes fail), or `overlay` (the guest's changes go
+    /// to the VM's disk and the host directory is never touched; see
+    /// `capsem diff`). Needs a VM: with `--vmm none` it is refused (exit 125)
+    #[arg(
+        short = 'v',
+        long = "volume",
+        value_name = "HOST_DIR:GUEST_PATH[:MODE]"
+    )]
+    pub volumes: Vec<String>,
 }
 
 /// Which log `capsem logs` prints.
@@ -410,6 +430,14 @@ mod tests {
         };
         assert_eq!(new.image.as_deref(), Some("a:1"));
         assert!(Cli::try_parse_from(["capsem", "shell", "--registry-auth", "/c"]).is_err());
+        let cli = Cli::try_parse_from([
+            "capsem", "run", "-v", "/a:/b", "--volume", "/c:/d:ro", "--", "true",
+        ])
+        .unwrap();
+        let Command::Run(r) = cli.command else {
+            panic!()
+        };
+        assert_eq!(r.new.volumes, ["/a:/b", "/c:/d:ro"]);
     }
 
     #[test]

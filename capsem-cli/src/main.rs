@@ -4,12 +4,12 @@
 //! Usage (global flags go before or after the command):
 //!
 //! ```text
-//! capsem [--home DIR] [--vmm qemu|none] [--accel auto|kvm|tcg] shell [--disk-size SIZE] [--image REF [--registry-auth FILE]]
-//! capsem [...] run [-t] [--timeout SECS] [-e KEY=VAL]... [-w DIR] [--audit-log FILE] [--disk-size SIZE] [--image REF] -- CMD [ARG...]
-//! capsem [...] create NAME [--cpus N] [--memory MIB] [--disk-size SIZE] [--image REF]
+//! capsem [--home DIR] [--vmm qemu|none] [--accel auto|kvm|tcg] shell [--disk-size SIZE] [--image REF [--registry-auth FILE]] [-v HOST_DIR:GUEST_PATH[:rw|ro|overlay]]...
+//! capsem [...] run [-t] [--timeout SECS] [-e KEY=VAL]... [-w DIR] [--audit-log FILE] [--disk-size SIZE] [--image REF] [-v SHARE]... -- CMD [ARG...]
+//! capsem [...] create NAME [--cpus N] [--memory MIB] [--disk-size SIZE] [--image REF] [-v SHARE]...
 //! capsem [...] shell NAME                  # Ctrl-] or ~. detaches, the shell keeps running
 //! capsem [...] exec NAME [-t] [--timeout SECS] [-e KEY=VAL]... [-w DIR] -- CMD [ARG...]
-//! capsem [...] list [--json] | inspect NAME | logs NAME [--follow] [--source process|serial]
+//! capsem [...] list [--json] | inspect NAME | diff NAME [--json] | logs NAME [--follow] [--source process|serial]
 //! capsem [...] stop NAME [--grace SECS] | start NAME | rm [--force] NAME
 //! capsem [...] audit NAME [--follow] [--json]
 //! capsem [...] cp NAME:PATH HOST_PATH|- | cp HOST_PATH|- NAME:PATH
@@ -83,8 +83,11 @@
 //! * [`vmimage`]: a VM's OCI image (`--image`), resolved, recorded, looked up.
 //! * [`netflags`]: `--net` and `--net-policy`, checked and recorded.
 //! * [`netaudit`]: `audit --net`, the connection records printed safely.
+//! * [`share`]: `-v HOST_DIR:GUEST_PATH[:MODE]` parsed and checked.
+//! * [`overlaydiff`]: what the guest changed on an overlay share.
 //! * [`sweep`]: cleaning up what crashes left, before every VM command.
 //! * [`tempvm`]: starting a temporary VM (`shell` and `run`).
+//! * [`readyline`]: capsem-process's ready line, parsed and bounded.
 //! * [`spawn`]: starting capsem-process, the ready pipe, reaping by pidfd
 //!   and killing by process group.
 //! * [`attach`]: the ctl.sock handshake and the shell's poll loop.
@@ -131,10 +134,13 @@ mod lost;
 mod netaudit;
 mod netflags;
 mod output;
+mod overlaydiff;
 mod probe;
 mod progress;
 mod pullbar;
+mod readyline;
 mod request;
+mod share;
 mod signals;
 mod spawn;
 mod sweep;
@@ -239,6 +245,9 @@ fn dispatch(cli: Cli) -> Result<Exit, CliError> {
         Command::Exec(args) => vm_command(home, vmm, accel, |ctx| cmd::exec::run(ctx, args)),
         Command::Cp { src, dst } => {
             vm_command(home, vmm, accel, |ctx| cmd::cp::run(ctx, &src, &dst))
+        }
+        Command::Diff { name, json } => {
+            vm_command(home, vmm, accel, |ctx| cmd::diff::run(ctx, &name, json))
         }
         Command::Audit {
             name,

@@ -23,6 +23,8 @@ use nix::unistd::Pid;
 
 use crate::cli::{AccelChoice, Vmm};
 use crate::progress::{Progress, TICK};
+use crate::readyline::ReadyLine;
+pub use crate::readyline::ReadyOutcome;
 use crate::signals::{Signals, SignalsError};
 
 /// Name of the binary looked for beside our own executable.
@@ -32,8 +34,6 @@ pub const PROCESS_BIN_ENV: &str = "CAPSEM_PROCESS_BIN";
 /// How long capsem-process gets to exit on its own before its process group
 /// is killed.
 pub const EXIT_GRACE: Duration = Duration::from_secs(5);
-/// Longest ready line accepted.
-pub const MAX_READY_LINE: usize = 4096;
 
 /// Errors starting or watching capsem-process.
 #[derive(Debug, thiserror::Error)]
@@ -78,71 +78,6 @@ pub fn find_process_bin(
         Ok(path)
     } else {
         Err(SpawnError::NotFound { path })
-    }
-}
-
-/// What capsem-process reported on the ready pipe.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReadyOutcome {
-    /// The guest bridge is up and `ctl.sock` listens.
-    Ready,
-    /// It could not start; the reason is one line of text.
-    Failed(String),
-    /// capsem received this signal while waiting.
-    Interrupted(Signal),
-}
-
-/// Interprets one ready line (without its newline).
-pub fn parse_ready_line(line: &[u8]) -> ReadyOutcome {
-    let text = String::from_utf8_lossy(line);
-    // One line on our stderr, whatever the peer wrote.
-    let clean: String = text
-        .trim()
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    if clean == "ready" {
-        ReadyOutcome::Ready
-    } else if let Some(reason) = clean.strip_prefix("error:") {
-        let reason = reason.trim();
-        ReadyOutcome::Failed(if reason.is_empty() {
-            "capsem-process failed without a reason".into()
-        } else {
-            reason.to_string()
-        })
-    } else {
-        ReadyOutcome::Failed(format!(
-            "capsem-process sent an unexpected ready line: {clean:?}"
-        ))
-    }
-}
-
-/// Accumulates ready-pipe bytes until a whole line or EOF.
-#[derive(Debug, Default)]
-struct ReadyLine {
-    buf: Vec<u8>,
-}
-
-impl ReadyLine {
-    fn push(&mut self, bytes: &[u8]) -> Option<ReadyOutcome> {
-        self.buf.extend_from_slice(bytes);
-        if let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
-            return Some(parse_ready_line(&self.buf[..nl]));
-        }
-        if self.buf.len() > MAX_READY_LINE {
-            return Some(ReadyOutcome::Failed(
-                "capsem-process sent an overlong ready line".into(),
-            ));
-        }
-        None
-    }
-
-    fn eof(&self) -> ReadyOutcome {
-        if self.buf.iter().all(u8::is_ascii_whitespace) {
-            ReadyOutcome::Failed("capsem-process exited before it was ready".into())
-        } else {
-            parse_ready_line(&self.buf)
-        }
     }
 }
 
@@ -197,7 +132,7 @@ pub struct Target<'a> {
 
 /// capsem-process's arguments: `--vm-dir DIR --vm-id ID --vmm V --ready-fd
 /// N`, then `--temporary [--exec]`, nothing (persistent) or `--adopt`; a
-/// boot (not an adoption) adds `--cpus N --memory-mib M [--disk-size B]`
+/// boot (not an adoption) adds `--cpus N --memory-mib M [--disk-size B] [--share MODE:HEX:HEX]...`
 /// from `vm.json` and `--rootfs FILE --image-config FILE` for an OCI image; `--net V` for
 /// each of vm.json's `net` values (also when adopting); then `--accel A` for qemu (capsem-process decides what `auto` means; the
 /// CLI never probes KVM for the shell).
@@ -225,6 +160,7 @@ pub fn process_args(target: &Target<'_>, ready_fd: i32) -> Vec<OsString> {
             ("--memory-mib", c.memory_mib.to_string()),
         ];
         pairs.extend(c.disk_size.map(|b| ("--disk-size", b.to_string())));
+        pairs.extend(c.shares.iter().map(|s| ("--share", s.to_arg())));
         for (flag, value) in pairs {
             args.push(flag.into());
             args.push(value.into());
@@ -471,38 +407,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ready_lines() {
-        assert_eq!(parse_ready_line(b"ready"), ReadyOutcome::Ready);
-        assert_eq!(
-            parse_ready_line(b"error: the qemu backend is not available yet"),
-            ReadyOutcome::Failed("the qemu backend is not available yet".into())
-        );
-        assert!(
-            matches!(parse_ready_line(b"hello"), ReadyOutcome::Failed(r) if r.contains("unexpected"))
-        );
-        assert!(
-            matches!(parse_ready_line(b"error:\x1b[2Jx"), ReadyOutcome::Failed(r) if !r.contains('\x1b'))
-        );
-    }
-
-    #[test]
-    fn ready_line_accumulates_and_bounds() {
-        let mut l = ReadyLine::default();
-        assert_eq!(l.push(b"rea"), None);
-        assert_eq!(l.push(b"dy\nignored"), Some(ReadyOutcome::Ready));
-        let mut l = ReadyLine::default();
-        assert!(matches!(
-            l.push(&[b'x'; MAX_READY_LINE + 1]),
-            Some(ReadyOutcome::Failed(_))
-        ));
-        let l = ReadyLine::default();
-        assert!(matches!(l.eof(), ReadyOutcome::Failed(r) if r.contains("exited before")));
-        let mut l = ReadyLine::default();
-        assert_eq!(l.push(b"error: no kvm"), None);
-        assert_eq!(l.eof(), ReadyOutcome::Failed("no kvm".into()));
-    }
-
-    #[test]
     fn arguments_per_kind_and_accel_for_qemu_only() {
         let mut config = crate::testutil::config("x", false, None);
         config.cpus = 2;
@@ -541,6 +445,11 @@ mod tests {
         assert_eq!(
             args(Vmm::None, Kind::Persistent, &config),
             "--vm-dir /h/vms/x --vm-id x --vmm none --ready-fd 7 --cpus 2 --memory-mib 256 --disk-size 1073741824"
+        );
+        config.shares = vec![capsem_host::share::Share::parse_arg("ro:2f737263:2f77").unwrap()];
+        assert_eq!(
+            args(Vmm::Qemu, Kind::Persistent, &config),
+            "--vm-dir /h/vms/x --vm-id x --vmm qemu --ready-fd 7 --cpus 2 --memory-mib 256 --disk-size 1073741824 --share ro:2f737263:2f77 --accel tcg"
         );
         assert_eq!(
             args(Vmm::Qemu, Kind::Adopt, &config),

@@ -15,7 +15,7 @@ use capsem_proto::ipc::ClientToProcess;
 use crate::attach::{AttachError, Session};
 use capsem_host::vmstate::VmConfig;
 
-use crate::cli::{AccelChoice, NewVmArgs, Vmm};
+use crate::cli::{AccelChoice, Vmm};
 use crate::exit::{self, Exit};
 use crate::home::{self, HomeError, VmDir};
 use crate::progress::Progress;
@@ -167,18 +167,34 @@ pub fn home(home_flag: Option<&Path>) -> Result<PathBuf, TempVmError> {
     Ok(home)
 }
 
-/// Creates and boots a temporary VM in `home` (see [`home`]) with `image`
-/// (of [`crate::vmimage::resolve_new`]); `exec` starts it for `capsem run`.
+/// What a new temporary VM is made with, already checked: `--disk-size`,
+/// the image (of [`crate::vmimage::resolve_new`]) and the shares (of
+/// [`crate::share::parse_all`]).
+#[derive(Debug)]
+pub struct NewVm {
+    pub disk_size: Option<u64>,
+    pub image: Option<Chosen>,
+    pub shares: Vec<capsem_host::share::Share>,
+    /// The egress policy as `--net` values (of [`crate::netflags::resolve`]).
+    pub net: Vec<String>,
+}
+
+/// Creates and boots a temporary VM in `home` (see [`home`]) as `new`
+/// says; `exec` starts it for `capsem run`.
 pub fn start(
     home: PathBuf,
     vmm: Vmm,
     accel: AccelChoice,
     exec: bool,
     audit_log: Option<&Path>,
-    new: &NewVmArgs,
-    image: Option<Chosen>,
+    new: NewVm,
 ) -> Result<Started, TempVmError> {
-    let net = crate::netflags::resolve(new, vmm)?;
+    let NewVm {
+        disk_size,
+        image,
+        shares,
+        net,
+    } = new;
     if vmm == Vmm::None {
         eprintln!("{NO_ISOLATION_WARNING}");
     }
@@ -193,7 +209,15 @@ pub fn start(
     let lock = capsem_host::lock::VmLock::acquire(&home, &id).map_err(TempVmError::Lock)?;
     let vm_dir = VmDir::create(&home, &id)?;
     let record = image.as_ref().map(|i| i.record.clone());
-    let config = write_vm_json(vm_dir.path(), &id, vmm, accel, (new.disk_size, net), record)?;
+    let config = write_vm_json(
+        vm_dir.path(),
+        &id,
+        vmm,
+        accel,
+        (disk_size, net),
+        record,
+        shares,
+    )?;
     drop(lock);
     let target = spawn::Target {
         vm_dir: vm_dir.path(),
@@ -257,6 +281,7 @@ fn write_vm_json(
     accel: AccelChoice,
     (disk_size, net): (Option<u64>, Vec<String>),
     image: Option<capsem_host::vmstate::VmImage>,
+    shares: Vec<capsem_host::share::Share>,
 ) -> Result<VmConfig, TempVmError> {
     let config = VmConfig {
         name: id.to_owned(),
@@ -272,6 +297,7 @@ fn write_vm_json(
         idle_timeout_ms: None,
         max_duration_ms: None,
         net,
+        shares,
     };
     capsem_host::vmstate::write_json(&dir.join(capsem_host::vmstate::VM_FILE), &config)
         .map_err(TempVmError::Record)?;

@@ -99,6 +99,7 @@ pub(crate) fn config(name: &str, temporary: bool, owner: Option<ProcRecord>) -> 
         idle_timeout_ms: None,
         max_duration_ms: None,
         net: Vec::new(),
+        shares: Vec::new(),
     }
 }
 

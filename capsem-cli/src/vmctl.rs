@@ -220,6 +220,7 @@ pub fn remove_runtime_files(dir: &Path) {
     for port in [5000, 5001, 5005] {
         names.push(format!("vsock.sock_{port}"));
     }
+    names.extend((0..capsem_host::share::MAX_SHARES).flat_map(capsem_host::share::runtime_files));
     for name in names {
         match std::fs::remove_file(dir.join(&name)) {
             Ok(()) => {}

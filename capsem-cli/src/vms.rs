@@ -205,6 +205,7 @@ mod tests {
             idle_timeout_ms: None,
             max_duration_ms: None,
             net: Vec::new(),
+            shares: Vec::new(),
         }
     }
 

@@ -111,6 +111,7 @@ fn parse(out: &str) -> Vec<(String, String)> {
             "capsem-agent",
             "qemu",
             "vhost-device-vsock",
+            "virtiofsd",
             "accelerator",
             "guest image",
             "mkfs.ext4",

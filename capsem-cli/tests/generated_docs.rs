@@ -16,6 +16,7 @@ const SUBCOMMANDS: &[&str] = &[
     "run",
     "exec",
     "cp",
+    "diff",
     "audit",
     "doctor",
     "completions",

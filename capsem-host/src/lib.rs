@@ -11,11 +11,14 @@
 //! * [`pidfd`]: a process's exit as a pollable fd.
 //! * [`resources`]: a VM's default vCPUs and memory, and disk sizes.
 //! * [`tsc`]: the host's TSC rate, told to TCG guests.
+//! * [`share`]: host directories shared with a guest (`-v`) and their
+//!   encodings for capsem-process and the guest's command line.
 
 pub mod accel;
 pub mod identity;
 pub mod lock;
 pub mod pidfd;
 pub mod resources;
+pub mod share;
 pub mod tsc;
 pub mod vmstate;

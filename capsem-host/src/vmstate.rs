@@ -5,7 +5,7 @@
 //!
 //! | file | writer | what |
 //! |---|---|---|
-//! | `vm.json` | CLI (`create`, temporary VMs at start) | [`VmConfig`]: name, persistence, creation time, resources, disk size, OCI image |
+//! | `vm.json` | CLI (`create`, temporary VMs at start) | [`VmConfig`]: name, persistence, creation time, resources, disk size, OCI image, shares |
 //! | `pids.json` | capsem-process, after the guest started; removed at its teardown | [`Pids`]: capsem-process and the guest's host processes with their identities |
 //! | `status.json` | capsem-process, on each change | [`VmStatusFile`]: agent connections, the last shell exit |
 //! | `token` | capsem-process (0600) | the session token, so a new capsem-process can adopt a running guest |
@@ -122,6 +122,9 @@ pub struct VmConfig {
     /// empty: `--net none`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub net: Vec<String>,
+    /// Host directories shared with the guest (`-v`), in the order given.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<crate::share::Share>,
 }
 
 /// An OCI image as `vm.json` records it: what was asked for and the

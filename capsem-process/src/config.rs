@@ -102,6 +102,10 @@ pub struct Config {
     /// `none` needs `--vmm qemu`.
     #[arg(long, value_name = "VALUE")]
     pub net: Vec<String>,
+    /// A host directory for the guest (repeatable, qemu only), as
+    /// `MODE:HEX(HOST_DIR):HEX(GUEST_PATH)` (see capsem_host::share).
+    #[arg(long = "share", value_name = "MODE:HEX:HEX", value_parser = parse_share)]
+    pub shares: Vec<capsem_host::share::Share>,
 }
 
 impl Config {
@@ -175,6 +179,11 @@ fn parse_absolute(s: &str) -> Result<PathBuf, String> {
     } else {
         Err("expected an absolute path".into())
     }
+}
+
+/// `--share`: the CLI already checked it; checked again, it is our input.
+fn parse_share(s: &str) -> Result<capsem_host::share::Share, String> {
+    capsem_host::share::Share::parse_arg(s).map_err(|e| e.to_string())
 }
 
 /// A VM id names files and appears in logs: keep it short and plain.
@@ -298,5 +307,23 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.audit_log, Some(PathBuf::from("/tmp/a.jsonl")));
+    }
+
+    #[test]
+    fn share_flags() {
+        let base = ["--vm-dir", "/x", "--vm-id", "a", "--vmm", "qemu"];
+        let c = parse(
+            &[
+                &base[..],
+                &["--share", "ro:2f73:2f77", "--share", "rw:2f:2f61"],
+            ]
+            .concat(),
+        )
+        .unwrap();
+        assert_eq!(c.shares.len(), 2);
+        assert_eq!(c.shares[0].guest, "/w");
+        assert_eq!(c.shares[1].host, PathBuf::from("/"));
+        assert!(parse(&[&base[..], &["--share", "rw:2f:2f"]].concat()).is_err());
+        assert!(parse(&base).unwrap().shares.is_empty());
     }
 }

@@ -22,6 +22,7 @@ pub fn run(ctx: &Ctx, args: &CreateArgs) -> Result<Exit, CliError> {
     let name = args.name.as_str();
     check_persistent_name(name)?;
     let net = crate::netflags::resolve(&args.new, ctx.vmm)?;
+    let shares = crate::share::parse_all(&args.new.volumes, ctx.vmm)?;
     let image = crate::vmimage::resolve_new(&ctx.home, &args.new, ctx.vmm)?;
     let _lock = ctx.lock(name)?;
     let dir = ctx.vm_dir(name);
@@ -60,6 +61,7 @@ pub fn run(ctx: &Ctx, args: &CreateArgs) -> Result<Exit, CliError> {
         idle_timeout_ms: args.idle_timeout,
         max_duration_ms: args.max_duration,
         net,
+        shares,
     };
     if let Err(e) = capsem_host::vmstate::write_json(&dir.join(VM_FILE), &config) {
         let _ = std::fs::remove_dir_all(&dir);

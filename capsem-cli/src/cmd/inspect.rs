@@ -8,6 +8,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
+use capsem_host::share::Share;
 use capsem_host::vmstate::VmImage;
 use serde::Serialize;
 
@@ -35,6 +36,8 @@ pub struct Inspect {
     pub memory_mib: Option<u32>,
     /// The OCI image the root filesystem comes from; `null`: the default.
     pub oci_image: Option<VmImage>,
+    /// The host directories shared with the guest (`-v`), in order.
+    pub shares: Vec<Share>,
     /// `<dir>/disk.img`, once a qemu boot made it.
     pub disk: Option<InspectDisk>,
     /// The egress policy as `--net` values; `[]`: `--net none`.
@@ -123,6 +126,7 @@ impl Inspect {
             cpus: config.map(|c| c.cpus),
             memory_mib: config.map(|c| c.memory_mib),
             oci_image: config.and_then(|c| c.image.clone()),
+            shares: config.map(|c| c.shares.clone()).unwrap_or_default(),
             disk: InspectDisk::of(&vm.dir),
             net: config.map(|c| c.net.clone()),
             pids: InspectPids {
@@ -231,6 +235,7 @@ mod tests {
                 "cpus": 2,
                 "memory_mib": 1024,
                 "oci_image": null,
+                "shares": [],
                 "disk": null,
                 "net": [],
                 "pids": {

@@ -32,6 +32,8 @@ pub struct ListEntry {
     /// 2h`); absent otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stop_reason: Option<String>,
+    /// The host directories shared with the guest (`-v`), in order.
+    pub shares: Vec<capsem_host::share::Share>,
 }
 
 impl ListEntry {
@@ -46,6 +48,7 @@ impl ListEntry {
             cpus: config.map(|c| c.cpus),
             memory_mib: config.map(|c| c.memory_mib),
             stop_reason: vm.stop_reason(),
+            shares: config.map(|c| c.shares.clone()).unwrap_or_default(),
         }
     }
 
@@ -152,6 +155,7 @@ web                   stopped  persistent  2026-01-02T03:04:05Z
                 "vmm": "none",
                 "cpus": 2,
                 "memory_mib": 1024,
+                "shares": [],
             })
         );
         assert_eq!(
@@ -164,6 +168,7 @@ web                   stopped  persistent  2026-01-02T03:04:05Z
                 "vmm": null,
                 "cpus": null,
                 "memory_mib": null,
+                "shares": [],
             })
         );
         assert_eq!(json.as_array().unwrap().len(), 4);

@@ -13,6 +13,7 @@ pub mod audit;
 pub mod completions;
 pub mod cp;
 pub mod create;
+pub mod diff;
 pub mod doctor;
 pub mod exec;
 pub mod image;

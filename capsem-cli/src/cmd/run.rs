@@ -28,7 +28,8 @@ pub fn run(
     mut args: RunArgs,
 ) -> Result<Exit, CliError> {
     // Checked before anything is made or pulled; tempvm::start records it.
-    crate::netflags::resolve(&args.new, vmm)?;
+    let net = crate::netflags::resolve(&args.new, vmm)?;
+    let shares = crate::share::parse_all(&args.new.volumes, vmm)?;
     let home = tempvm::home(home_flag)?;
     let image = crate::vmimage::resolve_new(&home, &args.new, vmm)?;
     if args.cmd.command.is_empty() {
@@ -52,8 +53,12 @@ pub fn run(
         accel,
         true,
         audit_log.as_deref(),
-        &args.new,
-        image,
+        tempvm::NewVm {
+            disk_size: args.new.disk_size,
+            image,
+            shares,
+            net,
+        },
     )? {
         Started::Ready(vm) => vm,
         Started::Interrupted(code) => return Ok(code),

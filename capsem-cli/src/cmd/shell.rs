@@ -39,10 +39,17 @@ pub fn run_temporary(
     accel: AccelChoice,
     new: &NewVmArgs,
 ) -> Result<Exit, CliError> {
-    crate::netflags::resolve(new, vmm)?;
+    let net = crate::netflags::resolve(new, vmm)?;
+    let shares = crate::share::parse_all(&new.volumes, vmm)?;
     let home = tempvm::home(home_flag)?;
     let image = crate::vmimage::resolve_new(&home, new, vmm)?;
-    let mut vm = match tempvm::start(home, vmm, accel, false, None, new, image)? {
+    let new = tempvm::NewVm {
+        disk_size: new.disk_size,
+        image,
+        shares,
+        net,
+    };
+    let mut vm = match tempvm::start(home, vmm, accel, false, None, new)? {
         Started::Ready(vm) => vm,
         Started::Interrupted(code) => return Ok(code),
     };
@@ -90,7 +97,11 @@ fn detached_line(name: &str) -> String {
 
 /// `capsem shell NAME`: attaches this terminal to the VM's shell.
 pub fn run_named(ctx: &Ctx, name: &str, new: &NewVmArgs) -> Result<Exit, CliError> {
-    if new.disk_size.is_some() || new.image.is_some() || crate::netflags::given(new) {
+    if new.disk_size.is_some()
+        || new.image.is_some()
+        || crate::netflags::given(new)
+        || !new.volumes.is_empty()
+    {
         return Err(CliError::NewVmFlag(name.into()));
     }
     let vm = vmctl::ensure_running(ctx, name, false)?;

@@ -80,7 +80,10 @@ impl Session {
         self.reaper.stop(self.reaper_task).await;
         // 9. Sockets, records, and a temporary VM's directory (its logs
         //    kept first if it failed).
-        for path in self.dir.sockets() {
+        let shares = (0..capsem_host::share::MAX_SHARES)
+            .flat_map(capsem_host::share::runtime_files)
+            .map(|name| self.dir.file(&name));
+        for path in self.dir.sockets().into_iter().chain(shares) {
             if let Err(e) = crate::teardown::remove_file(&path) {
                 warn!("{}", chain(&e));
             }

@@ -6,7 +6,8 @@
 //! * [`adopted`]: the processes of a guest whose capsem-process crashed.
 //! * [`qemu`]: the real VM; with [`accel`] (KVM or TCG), [`image`] (kernel,
 //!   initramfs, root filesystem), [`disk`] (the VM's writable disk), [`cid`]
-//!   (unique guest CIDs) and [`serial`] (the console log).
+//!   (unique guest CIDs), [`serial`] (the console log) and [`virtiofs`]
+//!   (one virtiofsd per `--share`).
 
 pub mod accel;
 pub mod adopted;
@@ -16,6 +17,7 @@ pub mod image;
 pub mod none;
 pub mod qemu;
 pub mod serial;
+pub mod virtiofs;
 
 use std::fmt;
 use std::path::PathBuf;

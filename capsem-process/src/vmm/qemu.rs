@@ -37,6 +37,7 @@ use super::cid::{self, CidLease};
 use super::disk;
 use super::image::Image;
 use super::serial::{self, ConsoleFacts};
+use super::virtiofs;
 use super::{GuestBackend, Launch, VmmError};
 use crate::reaper::Child;
 
@@ -70,7 +71,7 @@ pub fn find_program(env: &str, name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn log_file(path: &Path) -> Result<std::fs::File, VmmError> {
+pub(super) fn log_file(path: &Path) -> Result<std::fs::File, VmmError> {
     OpenOptions::new()
         .create(true)
         .append(true)
@@ -84,7 +85,7 @@ fn log_file(path: &Path) -> Result<std::fs::File, VmmError> {
 
 /// Own session, default signal mask: the children must not share our
 /// terminal or inherit our blocked signals.
-fn detach(cmd: &mut Command) {
+pub(super) fn detach(cmd: &mut Command) {
     // SAFETY: setsid and sigprocmask are async-signal-safe and touch only
     // the new child's own state.
     unsafe {
@@ -209,9 +210,14 @@ pub fn qemu_args(
     args
 }
 
-/// Waits until `sock` exists, or `child` exits, or the deadline passes:
-/// inotify and the child's pidfd in one poll set.
-fn wait_for_socket(sock: &Path, child: &Child, log: &Path) -> Result<(), VmmError> {
+/// Waits until `sock` exists, or `child` (the program `what`) exits, or the
+/// deadline passes: inotify and the child's pidfd in one poll set.
+pub(super) fn wait_for_socket(
+    what: &str,
+    sock: &Path,
+    child: &Child,
+    log: &Path,
+) -> Result<(), VmmError> {
     let dir = sock.parent().unwrap_or(Path::new("."));
     let fail = |why: String| VmmError::Backend(format!("{why} (see {})", log.display()));
     let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
@@ -230,7 +236,7 @@ fn wait_for_socket(sock: &Path, child: &Child, log: &Path) -> Result<(), VmmErro
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if left.is_zero() {
             return Err(fail(format!(
-                "vhost-device-vsock did not create {} within {VHOST_READY_WAIT:?}",
+                "{what} did not create {} within {VHOST_READY_WAIT:?}",
                 sock.display()
             )));
         }
@@ -244,7 +250,7 @@ fn wait_for_socket(sock: &Path, child: &Child, log: &Path) -> Result<(), VmmErro
             Err(e) => return Err(fail(format!("poll: {e}"))),
         }
         if fds[1].revents().is_some_and(|r| !r.is_empty()) && !sock.exists() {
-            return Err(fail("vhost-device-vsock exited before it was ready".into()));
+            return Err(fail(format!("{what} exited before it was ready")));
         }
         // Drain the events; only the socket's existence matters.
         let _ = inotify.read_events();
@@ -315,12 +321,25 @@ impl Qemu {
             vhost_child.pid,
             cid.cid
         );
-        if let Err(e) = wait_for_socket(&vhost_sock, &vhost_child, &vhost_log) {
+        if let Err(e) = wait_for_socket("vhost-device-vsock", &vhost_sock, &vhost_child, &vhost_log)
+        {
             launch
                 .reaper
                 .kill_group(&vhost_child, nix::sys::signal::Signal::SIGKILL);
             return Err(e);
         }
+        let shares = match virtiofs::start_all(launch) {
+            Ok(d) => d,
+            Err(e) => {
+                launch
+                    .reaper
+                    .kill_group(&vhost_child, nix::sys::signal::Signal::SIGKILL);
+                return Err(e);
+            }
+        };
+        // From here on every failure kills these too.
+        let mut extra: Vec<Child> = shares.iter().map(|d| d.child.clone()).collect();
+        extra.push(vhost_child.clone());
 
         let (console_rx, console_tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| VmmError::Backend(format!("pipe: {e}")))?;
@@ -346,6 +365,10 @@ impl Qemu {
             // capsem-init passes it to the agent as CAPSEM_MODE.
             cmdline.push_str(&format!(" capsem.mode={}", cfg.agent_mode()));
         }
+        for (i, share) in cfg.shares.iter().enumerate() {
+            cmdline.push(' ');
+            cmdline.push_str(&capsem_host::share::kernel_param(i, share));
+        }
         let mut qemu = Command::new(&qemu_bin);
         qemu.args(qemu_args(
             accel,
@@ -357,6 +380,12 @@ impl Qemu {
             &cmdline,
         ))
         // `-name ID`: an exact argv element that identifies this VM's qemu.
+        .args(
+            shares
+                .iter()
+                .enumerate()
+                .flat_map(|(i, d)| virtiofs::qemu_args(i, &d.sock)),
+        )
         .arg("-name")
         .arg(launch.vm_id)
         .stdin(Stdio::null())
@@ -366,9 +395,11 @@ impl Qemu {
         let qemu_child = match launch.reaper.spawn("qemu", &mut qemu) {
             Ok(c) => c,
             Err(e) => {
-                launch
-                    .reaper
-                    .kill_group(&vhost_child, nix::sys::signal::Signal::SIGKILL);
+                for child in &extra {
+                    launch
+                        .reaper
+                        .kill_group(child, nix::sys::signal::Signal::SIGKILL);
+                }
                 serial.abort();
                 return Err(e.into());
             }
@@ -391,12 +422,15 @@ impl Qemu {
             capsem_host::identity::record("vhost-device-vsock", vhost_child.pid, &marker),
         ]
         .into_iter()
+        .chain(shares.iter().map(|d| {
+            capsem_host::identity::record("virtiofsd", d.child.pid, &d.sock.to_string_lossy())
+        }))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| VmmError::Backend(format!("cannot record the guest's identity: {e}")));
         let records = match records {
             Ok(r) => r,
             Err(e) => {
-                for child in [&qemu_child, &vhost_child] {
+                for child in std::iter::once(&qemu_child).chain(&extra) {
                     launch
                         .reaper
                         .kill_group(child, nix::sys::signal::Signal::SIGKILL);
@@ -407,7 +441,7 @@ impl Qemu {
         };
         Ok(Self {
             records,
-            children: vec![qemu_child, vhost_child],
+            children: std::iter::once(qemu_child).chain(extra).collect(),
             accel,
             cid,
             facts,

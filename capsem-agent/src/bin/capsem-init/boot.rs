@@ -13,6 +13,7 @@ use crate::log;
 use crate::modules::{self, ModuleError};
 use crate::mounts::{self, MountError};
 use crate::root::{self, RootDisks, RootError};
+use crate::shares::{self, ShareMountError};
 use crate::stages::{self, BootStages};
 use crate::supervise::{AgentCommand, AgentEnd, SuperviseError, Supervisor};
 
@@ -32,6 +33,8 @@ pub enum BootError {
     Modules(#[from] ModuleError),
     #[error("switching to the root filesystem failed")]
     Root(#[from] RootError),
+    #[error("mounting the shares failed")]
+    Shares(#[from] ShareMountError),
     #[error("setting the hostname failed")]
     Hostname(#[source] Errno),
     #[error("bringing up the network failed")]
@@ -64,6 +67,7 @@ pub fn run() -> Result<AgentEnd, BootError> {
             let image_config = root::switch(&RootDisks {
                 root: serial,
                 disk: cmd.disk.as_deref(),
+                shares: &cmd.shares,
             })?;
             stages.mark("root");
             log!("switched to the root filesystem");
@@ -71,6 +75,7 @@ pub fn run() -> Result<AgentEnd, BootError> {
         }
         None => {
             mounts::mount_list("", std::slice::from_ref(&mounts::RUN))?;
+            shares::mount_in_initramfs(&cmd.shares)?;
             (false, None)
         }
     };

@@ -8,10 +8,12 @@
 //! | `capsem.root=S` | virtio serial of the read-only root image: mount it under an overlay and switch into it | none (the initramfs stays the root) |
 //! | `capsem.disk=S` | virtio serial of the writable disk (ext4) that holds the overlay's upper layer | none (the upper layer is a tmpfs) |
 //! | `capsem.net=1` | bring up the redirected network (`netup`) and pass `CAPSEM_NET=1` to the agent | off: no network at all |
+//! | `capsem.share=TAG,MODE,HEX` | a host directory to mount (repeatable, in order): virtio-fs tag `capsem-fsN`, `rw`, `ro` or `overlay`, and the guest path in hex | none |
 //! | `capsem.mode=M` | the agent's mode, passed as `CAPSEM_MODE`: `shell` (one shell, then power off), `persistent` (a fresh shell whenever one exits; only a host `Shutdown` ends the VM), `exec` (one command instead of a shell) | `shell` |
 
 use std::path::PathBuf;
 
+use capsem_host::share::{ShareError, ShareMode, MAX_SHARES};
 use capsem_proto::guest::MAX_TOKEN_LEN;
 
 /// Where the kernel exposes its command line.
@@ -44,6 +46,20 @@ pub enum CmdlineError {
     SerialInvalid { param: &'static str, value: String },
     #[error("capsem.mode {0:?} is not shell, persistent or exec")]
     ModeInvalid(String),
+    #[error("capsem.share {value:?} is not TAG,MODE,HEXPATH: {why}")]
+    ShareInvalid { value: String, why: String },
+    #[error("more than {MAX_SHARES} capsem.share, or one tag or path twice")]
+    SharesConflict,
+}
+
+/// One `capsem.share=`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestShare {
+    /// `capsem-fsN`.
+    pub tag: String,
+    pub mode: ShareMode,
+    /// Checked by [`capsem_host::share::check_guest_path`].
+    pub path: String,
 }
 
 /// What the init takes from the command line.
@@ -60,6 +76,8 @@ pub struct Cmdline {
     pub disk: Option<String>,
     /// `capsem.net=1`.
     pub net: bool,
+    /// The shares, in command-line order.
+    pub shares: Vec<GuestShare>,
 }
 
 /// Reads and parses [`PROC_CMDLINE`] (procfs must be mounted).
@@ -79,6 +97,7 @@ pub fn parse(text: &str) -> Result<Cmdline, CmdlineError> {
         root: None,
         disk: None,
         net: false,
+        shares: Vec::new(),
     };
     for word in text.split_ascii_whitespace() {
         if let Some(token) = word.strip_prefix("capsem.token=") {
@@ -105,6 +124,17 @@ pub fn parse(text: &str) -> Result<Cmdline, CmdlineError> {
             out.disk = Some(serial_param("capsem.disk", serial)?);
         } else if let Some(net) = word.strip_prefix("capsem.net=") {
             out.net = net == "1";
+        } else if let Some(value) = word.strip_prefix("capsem.share=") {
+            let share = share_param(value)?;
+            if out.shares.len() >= MAX_SHARES
+                || out
+                    .shares
+                    .iter()
+                    .any(|s| s.tag == share.tag || s.path == share.path)
+            {
+                return Err(CmdlineError::SharesConflict);
+            }
+            out.shares.push(share);
         } else if let Some(mode) = word.strip_prefix("capsem.mode=") {
             if !MODES.contains(&mode) {
                 return Err(CmdlineError::ModeInvalid(mode.chars().take(32).collect()));
@@ -113,6 +143,35 @@ pub fn parse(text: &str) -> Result<Cmdline, CmdlineError> {
         }
     }
     Ok(out)
+}
+
+/// `TAG,MODE,HEX`: tag `capsem-fs` and 1 to 2 digits.
+fn share_param(value: &str) -> Result<GuestShare, CmdlineError> {
+    let bad = |why: &str| CmdlineError::ShareInvalid {
+        value: value.chars().take(64).collect(),
+        why: why.into(),
+    };
+    let mut parts = value.split(',');
+    let (Some(tag), Some(mode), Some(hex), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad("expected three comma-separated fields"));
+    };
+    let digits = tag.strip_prefix("capsem-fs").unwrap_or("");
+    if digits.is_empty() || digits.len() > 2 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad("the tag is not capsem-fsN"));
+    }
+    let mode = ShareMode::parse(mode).ok_or_else(|| bad("the mode is not rw, ro or overlay"))?;
+    let path = capsem_host::share::unhex(hex)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| bad("the path is not hex of UTF-8"))?;
+    capsem_host::share::check_guest_path(&path).map_err(|e: ShareError| bad(&e.to_string()))?;
+    Ok(GuestShare {
+        tag: tag.into(),
+        mode,
+        path,
+    })
 }
 
 fn serial_param(param: &'static str, value: &str) -> Result<String, CmdlineError> {
@@ -250,6 +309,75 @@ mod tests {
         assert!(matches!(
             parse("capsem.agent=sh"),
             Err(CmdlineError::AgentNotAbsolute(_))
+        ));
+    }
+
+    #[test]
+    fn shares_accumulate_in_order_and_are_strict() {
+        // The golden vector of capsem_host::share::kernel_param.
+        let c =
+            parse("capsem.share=capsem-fs0,rw,2f77 quiet capsem.share=capsem-fs1,overlay,2f612062")
+                .unwrap();
+        assert_eq!(
+            c.shares,
+            [
+                GuestShare {
+                    tag: "capsem-fs0".into(),
+                    mode: ShareMode::Rw,
+                    path: "/w".into()
+                },
+                GuestShare {
+                    tag: "capsem-fs1".into(),
+                    mode: ShareMode::Overlay,
+                    path: "/a b".into()
+                },
+            ]
+        );
+        assert!(parse("").unwrap().shares.is_empty());
+        for bad in [
+            "capsem-fs0,rw",
+            "capsem-fs0,rw,2f77,x",
+            "fs0,rw,2f77",
+            "capsem-fs,rw,2f77",
+            "capsem-fs123,rw,2f77",
+            "capsem-fsx,rw,2f77",
+            "capsem-fs0,rx,2f77",
+            "capsem-fs0,rw,2f7",
+            "capsem-fs0,rw,zz",
+            "capsem-fs0,rw,77",         // relative
+            "capsem-fs0,rw,2f",         // "/"
+            "capsem-fs0,rw,2f2e2e",     // "/.."
+            "capsem-fs0,rw,2f70726f63", // "/proc"
+            "capsem-fs0,rw,2fff",       // not UTF-8
+        ] {
+            assert!(
+                matches!(
+                    parse(&format!("capsem.share={bad}")),
+                    Err(CmdlineError::ShareInvalid { .. })
+                ),
+                "{bad}"
+            );
+        }
+        for dup in [
+            "capsem.share=capsem-fs0,rw,2f77 capsem.share=capsem-fs0,ro,2f78",
+            "capsem.share=capsem-fs0,rw,2f77 capsem.share=capsem-fs1,ro,2f77",
+        ] {
+            assert!(
+                matches!(parse(dup), Err(CmdlineError::SharesConflict)),
+                "{dup}"
+            );
+        }
+        let many: Vec<String> = (0..=MAX_SHARES)
+            .map(|i| {
+                format!(
+                    "capsem.share=capsem-fs{i},rw,{}",
+                    capsem_host::share::hex(format!("/s{i}").as_bytes())
+                )
+            })
+            .collect();
+        assert!(matches!(
+            parse(&many.join(" ")),
+            Err(CmdlineError::SharesConflict)
         ));
     }
 

@@ -2,7 +2,8 @@
 //!
 //! Mounts the pseudo filesystems, loads the vsock and disk modules, switches
 //! to the real root (the read-only image under an overlay on the VM's
-//! writable disk) when the command line names one, sets the hostname,
+//! writable disk) when the command line names one, mounts the shared host
+//! directories, sets the hostname,
 //! starts `capsem-agent --transport vsock` with the session token and boot
 //! timings from the kernel command line, reaps every orphan, and when the
 //! agent ends kills what is left, syncs and powers the VM off. It never
@@ -14,11 +15,13 @@
 //!   per-command cgroups, init's OOM exemption.
 //! - [`cmdline`]: `capsem.token=`, `capsem.hostname=`, `capsem.agent=`,
 //!   `capsem.mode=`, `capsem.root=`, `capsem.disk=`, `capsem.net=`.
+//!   `capsem.mode=`, `capsem.root=`, `capsem.disk=`, `capsem.share=`.
 //! - [`console`]: timestamped console lines, stdio repair.
 //! - [`modules`]: `finit_module` of the list in `/etc/capsem/modules`.
 //! - [`netup`]: `capsem.net=1`: lo, a dummy default route, nftables redirects.
 //! - [`mounts`]: /proc, /sys, /dev, /dev/pts, /dev/shm, /tmp, /run.
 //! - [`root`]: finding the disks by serial, the overlay, the switch.
+//! - [`shares`]: the host directories (virtio-fs; rw, ro, overlay).
 //! - [`power`]: kill everything, reap, sync, power off.
 //! - [`stages`]: boot stage timestamps for `CAPSEM_BOOT_STAGES`.
 //! - [`supervise`]: spawning the agent, the signalfd-driven reaper.
@@ -35,6 +38,7 @@ mod mounts;
 mod netup;
 mod power;
 mod root;
+mod shares;
 mod stages;
 mod supervise;
 

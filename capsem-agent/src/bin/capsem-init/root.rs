@@ -79,6 +79,8 @@ pub enum RootError {
     Pseudo(#[from] MountError),
     #[error("cannot enter the new root")]
     Chroot(#[source] Errno),
+    #[error("mounting the shares failed")]
+    Shares(#[from] crate::shares::ShareMountError),
 }
 
 /// Which disks make the root.
@@ -88,6 +90,9 @@ pub struct RootDisks<'a> {
     pub root: &'a str,
     /// Serial of the writable disk; `None`: the upper layer is a tmpfs.
     pub disk: Option<&'a str>,
+    /// Mounted in the new root before the switch (their overlay state on
+    /// the writable disk, which is out of reach after it).
+    pub shares: &'a [crate::cmdline::GuestShare],
 }
 
 /// Mounts the overlay root and switches into it. [`mounts::EARLY`] must be
@@ -133,6 +138,7 @@ pub fn switch(disks: &RootDisks<'_>) -> Result<Option<String>, RootError> {
     }
     mounts::mount_list(NEW_ROOT, std::slice::from_ref(&mounts::RUN))?;
     bind_agent()?;
+    crate::shares::mount_all(disks.shares, NEW_ROOT, RW)?;
     nix::unistd::chdir(NEW_ROOT).map_err(RootError::Chroot)?;
     move_mount(".", "/")?;
     nix::unistd::chroot(".").map_err(RootError::Chroot)?;
