@@ -3,6 +3,7 @@
 //!
 //! * [`accel`]: which accelerator QEMU may use here (KVM only where a real
 //!   KVM module is loaded and `/dev/kvm` opens), and why.
+//! * [`cgroup`]: per-VM cgroup v2 limits, where the host can take them.
 //! * [`identity`]: a pid with its start time and an exact argv element,
 //!   checked before any signal.
 //! * [`lock`]: the per-VM command lock.
@@ -13,6 +14,7 @@
 //! * [`tsc`]: the host's TSC rate, told to TCG guests.
 
 pub mod accel;
+pub mod cgroup;
 pub mod identity;
 pub mod lock;
 pub mod pidfd;

@@ -127,10 +127,15 @@ impl Session {
                     VmmKind::None => "none",
                     VmmKind::Qemu => "qemu",
                 };
-                Box::new(
-                    vmm::adopted::Adopted::adopt(name, pids, &self.reaper)
-                        .map_err(|e| format!("cannot adopt the running guest: {}", chain(&e)))?,
-                )
+                let adopted = vmm::adopted::Adopted::adopt(name, pids, &self.reaper)
+                    .map_err(|e| format!("cannot adopt the running guest: {}", chain(&e)))?;
+                if self.cfg.vmm == VmmKind::Qemu {
+                    // The running vhost-device-vsock connects to our new
+                    // listeners by their names in its jail.
+                    vmm::jail::link_listeners(self.dir.root())
+                        .map_err(|e| format!("cannot adopt the running guest: {}", chain(&e)))?;
+                }
+                Box::new(adopted)
             }
             None => vmm::start(self.cfg.vmm, &launch).map_err(|e| chain(&e))?,
         };

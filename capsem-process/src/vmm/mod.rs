@@ -6,13 +6,17 @@
 //! * [`adopted`]: the processes of a guest whose capsem-process crashed.
 //! * [`qemu`]: the real VM; with [`accel`] (KVM or TCG), [`image`] (kernel,
 //!   initramfs, root filesystem), [`disk`] (the VM's writable disk), [`cid`]
-//!   (unique guest CIDs) and [`serial`] (the console log).
+//!   (unique guest CIDs), [`serial`] (the console log), [`jail`] (the
+//!   daemons' uid, capabilities and reachable files) and [`bootfiles`] (the
+//!   image and disks, passed to QEMU as inherited fds).
 
 pub mod accel;
 pub mod adopted;
+pub mod bootfiles;
 pub mod cid;
 pub mod disk;
 pub mod image;
+pub mod jail;
 pub mod none;
 pub mod qemu;
 pub mod serial;

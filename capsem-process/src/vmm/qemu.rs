@@ -31,9 +31,11 @@ use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use tokio::task::JoinHandle;
 
 use super::accel::{self, Accel};
+use super::bootfiles::BootFiles;
 use super::cid::{self, CidLease};
 use super::disk;
 use super::image::Image;
+use super::jail;
 use super::serial::{self, ConsoleFacts};
 use super::{GuestBackend, Launch, VmmError};
 use crate::reaper::Child;
@@ -41,6 +43,14 @@ use crate::reaper::Child;
 /// Overrides for the two programs (tests, unusual installs).
 pub const QEMU_BIN_ENV: &str = "CAPSEM_QEMU_BIN";
 pub const VHOST_BIN_ENV: &str = "CAPSEM_VHOST_VSOCK_BIN";
+
+/// vhost-device-vsock's `--uds-path`, in the jail: a guest connection to
+/// port P arrives on `vsock.sock_P`, a name of our listener (`jail`).
+const VSOCK_BASE: &str = "vsock.sock";
+
+fn backend_err(e: impl std::error::Error) -> VmmError {
+    VmmError::Backend(crate::log::chain(&e))
+}
 
 /// How long vhost-device-vsock may take to create its socket.
 const VHOST_READY_WAIT: Duration = Duration::from_secs(10);
@@ -50,6 +60,10 @@ pub struct Qemu {
     children: Vec<Child>,
     records: Vec<capsem_host::identity::ProcRecord>,
     accel: Accel,
+    identity: jail::Identity,
+    /// Removed once the daemons are gone (the backend is dropped after
+    /// they are reaped).
+    _cgroup: Option<capsem_host::cgroup::VmCgroup>,
     cid: CidLease,
     facts: ConsoleFacts,
     serial: Option<JoinHandle<()>>,
@@ -127,15 +141,19 @@ pub fn kernel_cmdline(token: &str, hostname: &str, tsc_khz: Option<u64>, disks: 
     line
 }
 
-/// QEMU's arguments; `writable` is the VM's disk, attached with the image's
-/// root filesystem (an image without one gets neither).
+/// QEMU's seccomp sandbox: no obsolete syscalls, no setuid, no fork or
+/// exec, no scheduler or affinity changes (Debian's QEMU links libseccomp).
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// QEMU's arguments; `files` names the kernel, the initramfs and the disks
+/// (the image's root filesystem and the VM's writable disk, or neither for
+/// an image without a root filesystem) as inherited fds.
 pub fn qemu_args(
     accel: Accel,
     memory_mib: u32,
     cpus: u32,
     vhost_sock: &Path,
-    image: &Image,
-    writable: &Path,
+    files: &BootFiles,
     cmdline: &str,
 ) -> Vec<OsString> {
     let mut chardev = OsString::from("socket,id=vsock,path=");
@@ -160,6 +178,8 @@ pub fn qemu_args(
         "-no-user-config",
         "-nographic",
         "-no-reboot",
+        "-sandbox",
+        SANDBOX,
         "-serial",
         "stdio",
     ] {
@@ -171,22 +191,13 @@ pub fn qemu_args(
     args.push(chardev);
     args.push("-device".into());
     args.push("vhost-user-vsock-device,chardev=vsock".into());
-    let disks = image.rootfs.as_deref().map(|rootfs| {
-        [
-            ("root", rootfs, true, disk::ROOT_SERIAL),
-            ("disk", writable, false, disk::DISK_SERIAL),
-        ]
-    });
-    for (id, file, readonly, serial) in disks.into_iter().flatten() {
-        args.push("-drive".into());
-        args.push(disk::drive(id, file, readonly).into());
-        args.push("-device".into());
-        args.push(disk::device(id, serial).into());
+    for drive in &files.drives {
+        args.extend(drive.args());
     }
     args.push("-kernel".into());
-    args.push(image.kernel.clone().into());
+    args.push(files.kernel.clone());
     args.push("-initrd".into());
-    args.push(image.initramfs.clone().into());
+    args.push(files.initrd.clone());
     args.push("-append".into());
     args.push(cmdline.into());
     args
@@ -276,21 +287,36 @@ impl Qemu {
             );
         }
         let cid = cid::allocate(&cfg.run_dir()).map_err(|e| VmmError::Backend(e.to_string()))?;
+        let extra_gid = (accel == Accel::Kvm).then(jail::kvm_gid).flatten();
+        let identity = jail::Identity::for_vm(nix::unistd::geteuid().as_raw(), cid.cid, extra_gid);
+        let jail_dir = jail::prepare(dir.root(), identity).map_err(backend_err)?;
+        let cgroup = crate::cgroup::host_limits(launch.vm_id, launch.cfg, accel == Accel::Tcg);
+        let no_files = jail::Inherit::default();
+        let confine = |inherit| jail::Confine {
+            cwd: &jail_dir,
+            identity,
+            inherit,
+            cgroup_procs: cgroup.as_ref().map(|c| c.procs()),
+        };
 
-        let vhost_sock = dir.root().join("vhost.sock");
+        // Relative to the jail, which is the daemons' cwd; a name unique
+        // to the VM, so it is also the identity marker.
+        let vhost_name = format!("vhost-{}.sock", launch.vm_id);
+        let vhost_sock = jail_dir.join(&vhost_name);
         let vhost_log = dir.root().join("vhost.log");
         let mut vhost = Command::new(&vhost_bin);
         vhost
             .arg("--guest-cid")
             .arg(cid.cid.to_string())
             .arg("--socket")
-            .arg(&vhost_sock)
+            .arg(&vhost_name)
             .arg("--uds-path")
-            .arg(dir.vsock_base())
+            .arg(VSOCK_BASE)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log_file(&vhost_log)?))
             .stderr(Stdio::from(log_file(&vhost_log)?));
         detach(&mut vhost);
+        jail::confine(&mut vhost, &confine(&no_files)).map_err(backend_err)?;
         let vhost_child = launch.reaper.spawn("vhost-device-vsock", &mut vhost)?;
         tracing::info!(
             "vm {}: started vhost-device-vsock (pid {}) guest-cid={}",
@@ -325,14 +351,15 @@ impl Qemu {
             // capsem-init passes it to the agent as CAPSEM_MODE.
             cmdline.push_str(&format!(" capsem.mode={}", cfg.agent_mode()));
         }
+        let mut inherit = jail::Inherit::default();
+        let files = BootFiles::open(&image, &writable, &mut inherit).map_err(backend_err)?;
         let mut qemu = Command::new(&qemu_bin);
         qemu.args(qemu_args(
             accel,
             cfg.memory_mib,
             cfg.cpus,
-            &vhost_sock,
-            &image,
-            &writable,
+            Path::new(&vhost_name),
+            &files,
             &cmdline,
         ))
         // `-name ID`: an exact argv element that identifies this VM's qemu.
@@ -342,6 +369,7 @@ impl Qemu {
         .stdout(Stdio::from(console_tx))
         .stderr(Stdio::from(log_file(&dir.root().join("qemu.log"))?));
         detach(&mut qemu);
+        jail::confine(&mut qemu, &confine(&inherit)).map_err(backend_err)?;
         let qemu_child = match launch.reaper.spawn("qemu", &mut qemu) {
             Ok(c) => c,
             Err(e) => {
@@ -355,6 +383,7 @@ impl Qemu {
         // The Command held the pipe's write end; dropping it leaves QEMU as
         // the only writer, so the serial task ends when QEMU does.
         drop(qemu);
+        drop(inherit);
         tracing::info!(
             "vm {}: started qemu (pid {}) accel={} image={} memory={}M cpus={}",
             launch.vm_id,
@@ -364,7 +393,7 @@ impl Qemu {
             cfg.memory_mib,
             cfg.cpus
         );
-        let marker = vhost_sock.to_string_lossy().into_owned();
+        let marker = vhost_name;
         let records = [
             capsem_host::identity::record("qemu", qemu_child.pid, launch.vm_id),
             capsem_host::identity::record("vhost-device-vsock", vhost_child.pid, &marker),
@@ -388,6 +417,8 @@ impl Qemu {
             records,
             children: vec![qemu_child, vhost_child],
             accel,
+            identity,
+            _cgroup: cgroup,
             cid,
             facts,
             serial: Some(serial),
@@ -412,7 +443,15 @@ impl GuestBackend for Qemu {
         })
     }
     fn details(&self) -> String {
-        format!("accel={} guest-cid={}", self.accel.name(), self.cid.cid)
+        let user = match self.identity.owner() {
+            Some((uid, _)) => format!("uid={uid}"),
+            None => "uid=caller".to_owned(),
+        };
+        format!(
+            "accel={} guest-cid={} {user}",
+            self.accel.name(),
+            self.cid.cid
+        )
     }
     fn records(&self) -> Vec<capsem_host::identity::ProcRecord> {
         self.records.clone()
@@ -442,23 +481,20 @@ mod tests {
     }
 
     #[test]
-    fn qemu_args_are_microvm_with_shared_memory_and_vhost_vsock() {
-        let image = Image {
-            dir: "/img".into(),
-            kernel: "/img/vmlinuz".into(),
-            initramfs: "/img/initramfs.cpio.gz".into(),
-            rootfs: Some("/img/rootfs.erofs".into()),
+    fn qemu_args_are_microvm_sandboxed_with_shared_memory_and_vhost_vsock() {
+        use super::super::bootfiles::Drive;
+        let files = BootFiles {
+            kernel: "/dev/fd/7".into(),
+            initrd: "/dev/fd/8".into(),
+            drives: vec![Drive {
+                id: "root",
+                serial: disk::ROOT_SERIAL,
+                set: 1,
+                fds: vec![9],
+                readonly: true,
+            }],
         };
-        let disk = Path::new("/vm/disk.img");
-        let args = qemu_args(
-            Accel::Tcg,
-            512,
-            1,
-            Path::new("/vm/vhost.sock"),
-            &image,
-            disk,
-            "x",
-        );
+        let args = qemu_args(Accel::Tcg, 512, 1, Path::new("vhost-x.sock"), &files, "x");
         let s: Vec<String> = args
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
@@ -466,23 +502,24 @@ mod tests {
         let joined = s.join(" ");
         assert!(joined.contains("-accel tcg -M microvm,memory-backend=mem -cpu max -m 512M -smp 1"));
         assert!(joined.contains("memory-backend-memfd,id=mem,size=512M,share=on"));
-        assert!(joined.contains("-chardev socket,id=vsock,path=/vm/vhost.sock"));
+        assert!(joined.contains("-chardev socket,id=vsock,path=vhost-x.sock"));
         assert!(joined.contains("-device vhost-user-vsock-device,chardev=vsock"));
         assert!(joined.contains("-no-reboot"));
         assert!(joined.contains(
-            "-drive if=none,id=root,format=raw,file=/img/rootfs.erofs,readonly=on \
-             -device virtio-blk-device,drive=root,serial=capsem-root"
+            "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
         ));
         assert!(joined.contains(
-            "-drive if=none,id=disk,format=raw,file=/vm/disk.img,discard=unmap \
-             -device virtio-blk-device,drive=disk,serial=capsem-disk"
+            "-add-fd fd=9,set=1,opaque=root \
+             -drive if=none,id=root,format=raw,file=/dev/fdset/1,readonly=on \
+             -device virtio-blk-device,drive=root,serial=capsem-root"
         ));
+        assert!(joined.contains("-kernel /dev/fd/7 -initrd /dev/fd/8"));
         assert_eq!(s.last().map(String::as_str), Some("x"));
-        let old = Image {
-            rootfs: None,
-            ..image.clone()
+        let old = BootFiles {
+            drives: Vec::new(),
+            ..files
         };
-        let kvm = qemu_args(Accel::Kvm, 256, 2, Path::new("/s"), &old, disk, "x");
+        let kvm = qemu_args(Accel::Kvm, 256, 2, Path::new("/s"), &old, "x");
         let joined: Vec<String> = kvm
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
