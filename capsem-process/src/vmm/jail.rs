@@ -32,7 +32,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -175,6 +175,58 @@ pub fn link_listeners(vm_dir: &Path) -> Result<(), JailError> {
         chown(&link, owner)?;
     }
     Ok(())
+}
+
+/// A daemon's program, as the VM's uid can execute it. A program every
+/// user can reach (`/usr/bin/qemu-system-x86_64`) is run by its path; one
+/// in a directory the VM's uid cannot traverse (vhost-device-vsock in
+/// `/root/.cargo/bin`) is opened here and run as `/proc/self/fd/N`
+/// (`ps` then shows `N` as its name; its argv[0] is still its path).
+#[derive(Debug)]
+pub struct Program {
+    pub exec: PathBuf,
+    pub path: PathBuf,
+    /// Kept open (close-on-exec) until the child has been spawned.
+    _fd: Option<File>,
+}
+
+impl Program {
+    pub fn new(path: &Path, identity: Identity) -> Result<Self, JailError> {
+        if identity == Identity::Caller || reachable_by_all(path) {
+            return Ok(Self {
+                exec: path.into(),
+                path: path.into(),
+                _fd: None,
+            });
+        }
+        let fd = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(io(path))?;
+        Ok(Self {
+            exec: format!("/proc/self/fd/{}", fd.as_raw_fd()).into(),
+            path: path.into(),
+            _fd: Some(fd),
+        })
+    }
+
+    /// A `Command` that runs this program, with argv[0] its path.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.exec);
+        cmd.arg0(&self.path);
+        cmd
+    }
+}
+
+/// Whether every directory above `path` and `path` itself have the
+/// others-execute bit (so any uid can execute it by name).
+fn reachable_by_all(path: &Path) -> bool {
+    let Ok(real) = path.canonicalize() else {
+        return false;
+    };
+    real.ancestors()
+        .all(|p| std::fs::metadata(p).is_ok_and(|m| m.mode() & 0o001 != 0))
 }
 
 /// Files a daemon inherits (opened here, named to it by fd number) and
@@ -420,5 +472,32 @@ mod tests {
         for cap in ["CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
             assert_eq!(fields(cap), vec!["0000000000000000"], "{cap} {text}");
         }
+    }
+
+    #[test]
+    fn a_program_behind_a_private_directory_runs_by_its_fd() {
+        let vm = Identity::for_vm(0, 3, None);
+        let public = Program::new(Path::new("/bin/sh"), vm).unwrap();
+        assert_eq!(public.exec, Path::new("/bin/sh"));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .unwrap();
+        let sh = dir.path().join("sh");
+        std::fs::copy("/bin/sh", &sh).unwrap();
+        assert_eq!(Program::new(&sh, Identity::Caller).unwrap().exec, sh);
+        let private = Program::new(&sh, vm).unwrap();
+        assert!(private.exec.starts_with("/proc/self/fd/"), "{private:?}");
+        let out = private
+            .command()
+            .args(["-c", "echo \"$0\""])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            sh.to_string_lossy()
+        );
     }
 }

@@ -304,7 +304,8 @@ impl Qemu {
         let vhost_name = format!("vhost-{}.sock", launch.vm_id);
         let vhost_sock = jail_dir.join(&vhost_name);
         let vhost_log = dir.root().join("vhost.log");
-        let mut vhost = Command::new(&vhost_bin);
+        let vhost_prog = jail::Program::new(&vhost_bin, identity).map_err(backend_err)?;
+        let mut vhost = vhost_prog.command();
         vhost
             .arg("--guest-cid")
             .arg(cid.cid.to_string())
@@ -353,7 +354,8 @@ impl Qemu {
         }
         let mut inherit = jail::Inherit::default();
         let files = BootFiles::open(&image, &writable, &mut inherit).map_err(backend_err)?;
-        let mut qemu = Command::new(&qemu_bin);
+        let qemu_prog = jail::Program::new(&qemu_bin, identity).map_err(backend_err)?;
+        let mut qemu = qemu_prog.command();
         qemu.args(qemu_args(
             accel,
             cfg.memory_mib,
