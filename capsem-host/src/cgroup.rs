@@ -236,6 +236,7 @@ impl Base {
         let procs = OpenOptions::new()
             .write(true)
             .create(true)
+            .truncate(false)
             .open(&procs_path)
             .map_err(|source| CgroupError::Write {
                 path: procs_path,

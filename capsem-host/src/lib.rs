@@ -4,6 +4,7 @@
 //! * [`accel`]: which accelerator QEMU may use here (KVM only where a real
 //!   KVM module is loaded and `/dev/kvm` opens), and why.
 //! * [`cgroup`]: per-VM cgroup v2 limits, where the host can take them.
+//! * [`jail`]: the uid a VM's daemons run as under root.
 //! * [`identity`]: a pid with its start time and an exact argv element,
 //!   checked before any signal.
 //! * [`lock`]: the per-VM command lock.
@@ -16,6 +17,7 @@
 pub mod accel;
 pub mod cgroup;
 pub mod identity;
+pub mod jail;
 pub mod lock;
 pub mod pidfd;
 pub mod resources;

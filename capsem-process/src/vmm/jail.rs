@@ -2,7 +2,7 @@
 //! what they can reach.
 //!
 //! When capsem runs as root, each VM's daemons run as the VM's own uid and
-//! gid, [`UID_BASE`] + the guest CID: no `/etc/passwd` entry and no install
+//! gid, `capsem_host::jail::UID_BASE` + the guest CID: no `/etc/passwd` entry and no install
 //! step is needed, and two running VMs never share a uid (the CID is held
 //! exclusively while the VM runs; see `cid`). They have no capabilities (the
 //! bounding and ambient sets are emptied, and every uid and gid is changed),
@@ -37,10 +37,6 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The first uid (and gid) of the range reserved for VMs: 0x70000000, in
-/// the block systemd's uid map leaves unassigned (above its container
-/// ranges, below 2^31). A VM with guest CID `c` runs as `UID_BASE + c`.
-pub const UID_BASE: u32 = 0x7000_0000;
 /// The jail directory, inside the VM directory.
 pub const JAIL_DIR: &str = "jail";
 /// The prefix of capsem-process's guest listeners (`vsock.sock_<port>`).
@@ -90,7 +86,7 @@ impl Identity {
         if euid != 0 {
             return Self::Caller;
         }
-        let id = UID_BASE + cid;
+        let id = capsem_host::jail::vm_uid(cid);
         Self::Vm {
             uid: id,
             gid: id,
@@ -329,6 +325,7 @@ pub fn confine(cmd: &mut Command, how: &Confine<'_>) -> Result<(), JailError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use capsem_host::jail::UID_BASE;
     use std::os::unix::net::UnixListener;
 
     #[test]
