@@ -103,9 +103,13 @@ impl Identity {
     }
 }
 
-/// The group of `/dev/kvm`, for a KVM guest's supplementary group.
+/// The group of `/dev/kvm` (Debian: `kvm`, 0660), for a KVM guest's
+/// supplementary group; never root's group, and only if the group may
+/// open it read-write. (A `/dev/kvm` only root can open leaves QEMU as the
+/// VM's uid without KVM: its start fails and says so in qemu.log.)
 pub fn kvm_gid() -> Option<u32> {
-    std::fs::metadata("/dev/kvm").ok().map(|m| m.gid())
+    let meta = std::fs::metadata("/dev/kvm").ok()?;
+    (meta.gid() != 0 && meta.mode() & 0o060 == 0o060).then(|| meta.gid())
 }
 
 /// `<vm-dir>/jail`.
