@@ -2,7 +2,8 @@
 //! vhost-device-vsock run as the VM's own non-zero uid with no capabilities
 //! and `no_new_privs`, QEMU under its seccomp sandbox (`Seccomp: 2`); the
 //! VM's own files stay root's; the shell and exec work; and the scheme
-//! survives stop/start and an adoption after capsem-process is SIGKILLed.
+//! survives stop/start and an adoption after capsem-process is SIGKILLed
+//! (which leases the guest's CID, and so its uid, again).
 //! Run as a normal user, the daemons keep that user's uid.
 //! `CAPSEM_SKIP_VM_TESTS=1 scripts/test.sh` leaves them out.
 #![allow(clippy::unwrap_used)]
@@ -89,6 +90,22 @@ fn assert_jailed(fx: &Fixture, name: &str) -> u32 {
     uids[0]
 }
 
+/// The guest CID of the VM's vhost-device-vsock is leased (its lock is
+/// held), so no other VM, and no other VM uid, can take it.
+fn assert_cid_leased(fx: &Fixture, name: &str) {
+    let (_, vhost) = daemons(fx, name)
+        .into_iter()
+        .find(|(role, _)| role == "vhost-device-vsock")
+        .unwrap();
+    let argv = std::fs::read(format!("/proc/{vhost}/cmdline")).unwrap();
+    let argv: Vec<&[u8]> = argv.split(|b| *b == 0).collect();
+    let at = argv.iter().position(|a| *a == b"--guest-cid").unwrap();
+    let cid = std::str::from_utf8(argv[at + 1]).unwrap();
+    let lock = std::fs::File::open(fx.home().join(format!("run/cid-{cid}.lock"))).unwrap();
+    let taken = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock);
+    assert!(taken.is_err(), "guest CID {cid} is free while its VM runs");
+}
+
 fn exec_echo(fx: &Fixture, name: &str, word: &str) {
     let out = persist::exec(fx, name, &["echo", word], b"");
     assert!(out.status.success(), "exec failed: {out:?}");
@@ -100,6 +117,7 @@ fn daemons_are_unprivileged_and_sandboxed_across_stop_start_and_adoption() {
     let fx = Fixture::new("jail", B);
     ok(&fx, &["create", "jail"]);
     let uid = assert_jailed(&fx, "jail");
+    assert_cid_leased(&fx, "jail");
 
     let mut s = persist::attach(&fx, "jail");
     wait_ready(&mut s, B);
@@ -126,6 +144,7 @@ fn daemons_are_unprivileged_and_sandboxed_across_stop_start_and_adoption() {
     .unwrap();
     exec_echo(&fx, "jail", "adopted");
     assert_eq!(persist::guest_pids(&fx, "jail"), guest, "not adopted");
+    assert_cid_leased(&fx, "jail");
     let after = assert_jailed(&fx, "jail");
     if nix::unistd::geteuid().is_root() {
         assert!(after >= UID_BASE && uid >= UID_BASE);

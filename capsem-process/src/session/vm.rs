@@ -127,9 +127,10 @@ impl Session {
                     VmmKind::None => "none",
                     VmmKind::Qemu => "qemu",
                 };
-                let adopted = vmm::adopted::Adopted::adopt(name, pids, &self.reaper)
+                let mut adopted = vmm::adopted::Adopted::adopt(name, pids, &self.reaper)
                     .map_err(|e| format!("cannot adopt the running guest: {}", chain(&e)))?;
                 if self.cfg.vmm == VmmKind::Qemu {
+                    adopted.reclaim_cid(&self.cfg.run_dir());
                     // The running vhost-device-vsock connects to our new
                     // listeners by their names in its jail.
                     vmm::jail::link_listeners(self.dir.root())
