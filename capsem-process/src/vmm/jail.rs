@@ -385,6 +385,9 @@ mod tests {
         std::fs::write(&file, "inherited").unwrap();
         let mut inherit = Inherit::default();
         let path = inherit.pass_path(File::open(&file).unwrap());
+        // A stand-in for cgroup.procs: the child writes `0` (itself) to it.
+        let procs_path = vm.path().join("cgroup.procs");
+        let procs = File::create(&procs_path).unwrap();
         let mut cmd = Command::new("/bin/sh");
         cmd.args([
             "-c",
@@ -397,12 +400,13 @@ mod tests {
                 cwd: &dir,
                 identity: Identity::Caller,
                 inherit: &inherit,
-                cgroup_procs: None,
+                cgroup_procs: Some(&procs),
             },
         )
         .unwrap();
         let out = cmd.output().unwrap();
         assert!(out.status.success(), "{out:?}");
+        assert_eq!(std::fs::read_to_string(&procs_path).unwrap(), "0");
         let text = String::from_utf8(out.stdout).unwrap();
         let mut lines = text.lines();
         assert_eq!(
