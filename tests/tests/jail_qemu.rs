@@ -10,6 +10,7 @@
 
 use std::os::unix::fs::MetadataExt;
 
+use capsem_tests::fixture::wait_until;
 use capsem_tests::persist::{self, ok, DETACH};
 use capsem_tests::scenarios::{step, wait_ready};
 use capsem_tests::{Backend, Fixture};
@@ -137,11 +138,17 @@ fn daemons_are_unprivileged_and_sandboxed_across_stop_start_and_adoption() {
     // A crash of capsem-process: the next command adopts the daemons,
     // which keep their uid and reach the new listeners.
     let guest = persist::guest_pids(&fx, "jail");
+    let process = persist::process_pid(&fx, "jail");
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(persist::process_pid(&fx, "jail")),
+        nix::unistd::Pid::from_raw(process),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
+    // kill(2) returns before the process is gone: a command sent meanwhile
+    // would reach the dying process instead of adopting.
+    wait_until(step(B), "capsem-process to die", || {
+        !persist::running(process)
+    });
     exec_echo(&fx, "jail", "adopted");
     assert_eq!(persist::guest_pids(&fx, "jail"), guest, "not adopted");
     assert_cid_leased(&fx, "jail");
