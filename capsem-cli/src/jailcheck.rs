@@ -20,7 +20,7 @@ pub fn check_vmm_user(euid: u32) -> Check {
             Status::Ok,
             WHAT,
             format!(
-                "qemu and vhost-device-vsock run as a uid per VM ({UID_BASE}+CID, below {UID_END}) \
+                "qemu and vhost-device-vsock run as a uid per VM ({UID_BASE}+slot, below {UID_END}) \
                  with no capabilities and no_new_privs; qemu under its seccomp sandbox"
             ),
         )
@@ -64,7 +64,7 @@ mod tests {
     fn root_and_user_jails_are_described() {
         let root = check_vmm_user(0).render();
         assert!(root.starts_with("ok       vmm jail: "), "{root}");
-        assert!(root.contains("1879048192+CID"), "{root}");
+        assert!(root.contains("1879048192+slot"), "{root}");
         let user = check_vmm_user(1000).render();
         assert!(user.contains("run as you (uid 1000)"), "{user}");
     }

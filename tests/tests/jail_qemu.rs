@@ -3,7 +3,7 @@
 //! and `no_new_privs`, QEMU under its seccomp sandbox (`Seccomp: 2`); the
 //! VM's own files stay root's; the shell and exec work; and the scheme
 //! survives stop/start and an adoption after capsem-process is SIGKILLed
-//! (which leases the guest's CID, and so its uid, again).
+//! (which leases the guest's CID and its uid again).
 //! Run as a normal user, the daemons keep that user's uid.
 //! `CAPSEM_SKIP_VM_TESTS=1 scripts/test.sh` leaves them out.
 #![allow(clippy::unwrap_used)]
@@ -91,8 +91,8 @@ fn assert_jailed(fx: &Fixture, name: &str) -> u32 {
     uids[0]
 }
 
-/// The guest CID of the VM's vhost-device-vsock is leased (its lock is
-/// held), so no other VM, and no other VM uid, can take it.
+/// The guest CID of the VM's vhost-device-vsock and, as root, its uid are
+/// leased (their locks are held), so no other VM can take them.
 fn assert_cid_leased(fx: &Fixture, name: &str) {
     let (_, vhost) = daemons(fx, name)
         .into_iter()
@@ -105,6 +105,14 @@ fn assert_cid_leased(fx: &Fixture, name: &str) {
     let lock = std::fs::File::open(fx.home().join(format!("run/cid-{cid}.lock"))).unwrap();
     let taken = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock);
     assert!(taken.is_err(), "guest CID {cid} is free while its VM runs");
+    if nix::unistd::geteuid().is_root() {
+        // The uid's host-wide lease (capsem-process's `vmm::jail::UID_LOCK_DIR`).
+        let uid: u32 = status_field(vhost, "Uid:")[0].parse().unwrap();
+        let path = format!("/run/capsem/vm-uids/uid-{}.lock", uid - UID_BASE);
+        let lock = std::fs::File::open(&path).unwrap();
+        let taken = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock);
+        assert!(taken.is_err(), "{path} is free while its VM runs");
+    }
 }
 
 fn exec_echo(fx: &Fixture, name: &str, word: &str) {

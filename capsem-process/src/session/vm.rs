@@ -131,6 +131,7 @@ impl Session {
                     .map_err(|e| format!("cannot adopt the running guest: {}", chain(&e)))?;
                 if self.cfg.vmm == VmmKind::Qemu {
                     adopted.reclaim_cid(&self.cfg.run_dir());
+                    adopted.reclaim_uid(self.dir.root());
                     // The running vhost-device-vsock connects to our new
                     // listeners by their names in its jail.
                     vmm::jail::link_listeners(self.dir.root())

@@ -10,7 +10,7 @@ use std::path::Path;
 /// The first CID a guest may use (0-2 are reserved).
 pub const FIRST_CID: u32 = 3;
 /// How many CIDs to try before giving up.
-const MAX_VMS: u32 = 4096;
+pub const MAX_VMS: u32 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CidError {
@@ -45,17 +45,22 @@ pub fn allocate(run_dir: &Path) -> Result<CidLease, CidError> {
 /// with the crashed capsem-process (its VM uid derives from it).
 pub fn try_take(run_dir: &Path, cid: u32) -> Result<Option<CidLease>, CidError> {
     let path = run_dir.join(format!("cid-{cid}.lock"));
+    Ok(try_lock(&path)?.map(|file| CidLease { cid, _lock: file }))
+}
+
+/// An exclusive `flock` on `path` (created 0600), if no one holds it.
+pub fn try_lock(path: &Path) -> Result<Option<File>, CidError> {
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .mode(0o600)
         .custom_flags(libc::O_CLOEXEC)
-        .open(&path)
+        .open(path)
         .map_err(|e| CidError::Open(path.display().to_string(), e))?;
     // SAFETY: flock on an fd we own; no memory is involved.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    Ok((rc == 0).then_some(CidLease { cid, _lock: file }))
+    Ok((rc == 0).then_some(file))
 }
 
 /// The `--guest-cid` value in vhost-device-vsock's argv.

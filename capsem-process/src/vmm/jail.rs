@@ -2,9 +2,10 @@
 //! what they can reach.
 //!
 //! When capsem runs as root, each VM's daemons run as the VM's own uid and
-//! gid, `capsem_host::jail::UID_BASE` + the guest CID: no `/etc/passwd` entry and no install
-//! step is needed, and two running VMs never share a uid (the CID is held
-//! exclusively while the VM runs; see `cid`). They have no capabilities (the
+//! gid, `capsem_host::jail::UID_BASE` + a slot leased host-wide in
+//! [`UID_LOCK_DIR`] (the guest CID's when free): no `/etc/passwd` entry and
+//! no install step is needed, and two running VMs never share a uid, even
+//! from two capsem homes. They have no capabilities (the
 //! bounding and ambient sets are emptied, and every uid and gid is changed),
 //! no supplementary groups but `/dev/kvm`'s group under KVM, and
 //! `no_new_privs`. When capsem runs as a normal user they run as that user,
@@ -66,6 +67,57 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> JailError + '_ {
     }
 }
 
+/// Host-wide leases of the VM uids (root only): the CID is leased per
+/// capsem home, but two homes on one host must not share a uid.
+pub const UID_LOCK_DIR: &str = "/run/capsem/vm-uids";
+
+/// A VM uid slot held until dropped (`UID_BASE + slot`).
+#[derive(Debug)]
+pub struct UidLease {
+    pub slot: u32,
+    _lock: File,
+}
+
+/// Leases slot `preferred` (the guest CID, so uid and CID usually agree),
+/// else the lowest free slot, under `dir`.
+pub fn lease_uid(dir: &Path, preferred: u32) -> Result<UidLease, JailError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io(dir))?;
+    let first = super::cid::FIRST_CID;
+    let slots = std::iter::once(preferred).chain(first..first + super::cid::MAX_VMS);
+    for slot in slots {
+        if let Some(lease) = take_uid(dir, slot)? {
+            return Ok(lease);
+        }
+    }
+    Err(JailError::Io {
+        path: dir.into(),
+        source: std::io::Error::other("every VM uid is in use"),
+    })
+}
+
+/// Takes slot `slot` if it is free (an adopted VM's, say).
+pub fn take_uid(dir: &Path, slot: u32) -> Result<Option<UidLease>, JailError> {
+    let path = dir.join(format!("uid-{slot}.lock"));
+    let lock = super::cid::try_lock(&path).map_err(|e| JailError::Io {
+        path: path.clone(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok(lock.map(|file| UidLease { slot, _lock: file }))
+}
+
+/// The uid slot the running jail in `vm_dir` belongs to (its owner's).
+pub fn jail_slot(vm_dir: &Path) -> Option<u32> {
+    let uid = std::fs::symlink_metadata(jail_dir(vm_dir)).ok()?.uid();
+    let base = capsem_host::jail::UID_BASE;
+    (base..capsem_host::jail::UID_END)
+        .contains(&uid)
+        .then(|| uid - base)
+}
+
 /// Whom the VMM daemons run as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Identity {
@@ -81,12 +133,13 @@ pub enum Identity {
 }
 
 impl Identity {
-    /// The identity for the VM holding guest CID `cid`, when we run as `euid`.
-    pub fn for_vm(euid: u32, cid: u32, extra_gid: Option<u32>) -> Self {
+    /// The identity for the VM holding uid slot `slot` (see
+    /// [`lease_uid`]), when we run as `euid`.
+    pub fn for_vm(euid: u32, slot: u32, extra_gid: Option<u32>) -> Self {
         if euid != 0 {
             return Self::Caller;
         }
-        let id = capsem_host::jail::vm_uid(cid);
+        let id = capsem_host::jail::vm_uid(slot);
         Self::Vm {
             uid: id,
             gid: id,
@@ -504,5 +557,24 @@ mod tests {
             String::from_utf8_lossy(&out.stdout).trim(),
             sh.to_string_lossy()
         );
+    }
+
+    #[test]
+    fn uid_slots_prefer_the_cid_and_are_exclusive() {
+        let d = tempfile::tempdir().unwrap();
+        let a = lease_uid(d.path(), 5).unwrap();
+        assert_eq!(a.slot, 5);
+        let b = lease_uid(d.path(), 5).unwrap();
+        assert_eq!(b.slot, super::super::cid::FIRST_CID, "5 is held");
+        assert!(take_uid(d.path(), 5).unwrap().is_none());
+        drop(a);
+        assert_eq!(take_uid(d.path(), 5).unwrap().unwrap().slot, 5);
+        let vm = tempfile::tempdir().unwrap();
+        prepare(vm.path(), Identity::Caller).unwrap();
+        let ours = nix::unistd::geteuid().as_raw();
+        let expect = (UID_BASE..capsem_host::jail::UID_END)
+            .contains(&ours)
+            .then(|| ours - UID_BASE);
+        assert_eq!(jail_slot(vm.path()), expect);
     }
 }

@@ -61,6 +61,7 @@ pub struct Qemu {
     records: Vec<capsem_host::identity::ProcRecord>,
     accel: Accel,
     identity: jail::Identity,
+    _uid: Option<jail::UidLease>,
     /// Removed once the daemons are gone (the backend is dropped after
     /// they are reaped).
     _cgroup: Option<capsem_host::cgroup::VmCgroup>,
@@ -288,7 +289,13 @@ impl Qemu {
         }
         let cid = cid::allocate(&cfg.run_dir()).map_err(|e| VmmError::Backend(e.to_string()))?;
         let extra_gid = (accel == Accel::Kvm).then(jail::kvm_gid).flatten();
-        let identity = jail::Identity::for_vm(nix::unistd::geteuid().as_raw(), cid.cid, extra_gid);
+        let euid = nix::unistd::geteuid().as_raw();
+        let uid_lease = (euid == 0)
+            .then(|| jail::lease_uid(Path::new(jail::UID_LOCK_DIR), cid.cid))
+            .transpose()
+            .map_err(backend_err)?;
+        let slot = uid_lease.as_ref().map_or(cid.cid, |l| l.slot);
+        let identity = jail::Identity::for_vm(euid, slot, extra_gid);
         let jail_dir = jail::prepare(dir.root(), identity).map_err(backend_err)?;
         let cgroup = crate::cgroup::host_limits(launch.vm_id, launch.cfg, accel == Accel::Tcg);
         let no_files = jail::Inherit::default();
@@ -420,6 +427,7 @@ impl Qemu {
             children: vec![qemu_child, vhost_child],
             accel,
             identity,
+            _uid: uid_lease,
             _cgroup: cgroup,
             cid,
             facts,
