@@ -104,7 +104,8 @@
 //! * [`follow`]: following a file until a process exits (`logs` and
 //!   `audit --follow`).
 //! * [`auditfmt`]: audit records printed safely.
-//! * [`checks`]: `doctor`'s host checks; [`health`]: its report lines.
+//! * [`checks`]: `doctor`'s host checks; [`health`]: its report lines;
+//!   [`jailcheck`]: its lines on the VMM jail and host limits.
 //! * [`probe`]: finding host programs, `--version` with a time bound.
 //! * [`image`]: the guest image directory and its manifest.
 //! * [`output`]: writing a result to stdout.
@@ -129,6 +130,7 @@ mod follow;
 mod health;
 mod home;
 mod image;
+mod jailcheck;
 mod lifetime;
 mod lost;
 mod netaudit;

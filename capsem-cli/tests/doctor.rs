@@ -116,7 +116,9 @@ fn parse(out: &str) -> Vec<(String, String)> {
             "guest image",
             "mkfs.ext4",
             "mmdebstrap",
-            "mkfs.erofs"
+            "mkfs.erofs",
+            "vmm jail",
+            "host limits"
         ],
         "{out}"
     );
@@ -236,4 +238,8 @@ fn everything_present_exits_0() {
         "{out}"
     );
     assert_eq!(status_of(&checks, "home"), "ok", "{out}");
+    assert_eq!(status_of(&checks, "vmm jail"), "ok", "{out}");
+    // Either where the limits go, or (warn) one line on why they cannot.
+    let limits = line_of(&out, "host limits");
+    assert!(limits.contains("cgroup"), "{out}");
 }

@@ -3,6 +3,8 @@
 //!
 //! * [`accel`]: which accelerator QEMU may use here (KVM only where a real
 //!   KVM module is loaded and `/dev/kvm` opens), and why.
+//! * [`cgroup`]: per-VM cgroup v2 limits, where the host can take them.
+//! * [`jail`]: the uid a VM's daemons run as under root.
 //! * [`identity`]: a pid with its start time and an exact argv element,
 //!   checked before any signal.
 //! * [`lock`]: the per-VM command lock.
@@ -15,7 +17,9 @@
 //!   encodings for capsem-process and the guest's command line.
 
 pub mod accel;
+pub mod cgroup;
 pub mod identity;
+pub mod jail;
 pub mod lock;
 pub mod pidfd;
 pub mod resources;

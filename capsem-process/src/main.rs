@@ -30,6 +30,7 @@
 //! * [`ready`]: the ready fd protocol.
 //! * [`reaper`]: the only `waitpid` caller (SIGCHLD-driven), spawning children.
 //! * [`vmm`]: guest backends (`none`, `qemu`).
+//! * [`cgroup`]: the host's cgroup v2 limits on a VM's daemons.
 //! * [`accept`]: the one accept loop (bounded, backoff, stop, joined).
 //! * [`guest`]: control/terminal/exec listeners and their hello checks.
 //! * [`bridge`]: one connection generation's tasks (terminal frames in,
@@ -49,6 +50,7 @@
 mod accept;
 mod audit;
 mod bridge;
+mod cgroup;
 mod client;
 mod config;
 mod conntrace;

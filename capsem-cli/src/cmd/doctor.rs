@@ -1,5 +1,6 @@
 //! `capsem doctor`: can this host run capsem, and if not, the command that
-//! fixes each missing piece. The checks are [`crate::checks`], the report's
+//! fixes each missing piece. The checks are [`crate::checks`] and the host
+//! jail's [`crate::jailcheck`], the report's
 //! format [`crate::health`]. Exit status: 0 when nothing is `missing`, 1
 //! otherwise.
 
@@ -13,7 +14,11 @@ use crate::health::{exit_code, Check};
 
 /// `capsem doctor`: prints the report and returns the exit code.
 pub fn run(home_flag: Option<&Path>, vmm: Vmm, accel: AccelChoice) -> Exit {
-    let all = checks(&Inputs::from_host(home_flag, vmm, accel));
+    let mut all = checks(&Inputs::from_host(home_flag, vmm, accel));
+    all.extend(crate::jailcheck::checks(
+        nix::unistd::geteuid().as_raw(),
+        &capsem_host::cgroup::probe(),
+    ));
     let text: String = all.iter().map(Check::render).collect();
     let mut out = std::io::stdout().lock();
     // A closed stdout (`capsem doctor | head -1`) must not hide the verdict.

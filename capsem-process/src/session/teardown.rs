@@ -80,9 +80,13 @@ impl Session {
         self.reaper.stop(self.reaper_task).await;
         // 9. Sockets, records, and a temporary VM's directory (its logs
         //    kept first if it failed).
+        // virtiofsd's files, and each socket's second name in the jail.
         let shares = (0..capsem_host::share::MAX_SHARES)
             .flat_map(capsem_host::share::runtime_files)
-            .map(|name| self.dir.file(&name));
+            .flat_map(|name| {
+                let jailed = crate::vmm::jail::jail_dir(self.dir.root()).join(&name);
+                [self.dir.file(&name), jailed]
+            });
         for path in self.dir.sockets().into_iter().chain(shares) {
             if let Err(e) = crate::teardown::remove_file(&path) {
                 warn!("{}", chain(&e));

@@ -127,10 +127,17 @@ impl Session {
                     VmmKind::None => "none",
                     VmmKind::Qemu => "qemu",
                 };
-                Box::new(
-                    vmm::adopted::Adopted::adopt(name, pids, &self.reaper)
-                        .map_err(|e| format!("cannot adopt the running guest: {}", chain(&e)))?,
-                )
+                let mut adopted = vmm::adopted::Adopted::adopt(name, pids, &self.reaper)
+                    .map_err(|e| format!("cannot adopt the running guest: {}", chain(&e)))?;
+                if self.cfg.vmm == VmmKind::Qemu {
+                    adopted.reclaim_cid(&self.cfg.run_dir());
+                    adopted.reclaim_uid(self.dir.root());
+                    // The running vhost-device-vsock connects to our new
+                    // listeners by their names in its jail.
+                    vmm::jail::link_listeners(self.dir.root())
+                        .map_err(|e| format!("cannot adopt the running guest: {}", chain(&e)))?;
+                }
+                Box::new(adopted)
             }
             None => vmm::start(self.cfg.vmm, &launch).map_err(|e| chain(&e))?,
         };

@@ -15,6 +15,10 @@ pub struct Adopted {
     backend: &'static str,
     children: Vec<Child>,
     records: Vec<ProcRecord>,
+    /// A qemu guest's CID and uid slot, leased again for as long as we
+    /// hold the guest.
+    cid: Option<super::cid::CidLease>,
+    uid: Option<super::jail::UidLease>,
 }
 
 impl Adopted {
@@ -58,7 +62,41 @@ impl Adopted {
             backend,
             children,
             records: pids.guest.clone(),
+            cid: None,
+            uid: None,
         })
+    }
+
+    /// Leases the running vhost-device-vsock's guest CID again, so no new
+    /// VM takes it (nor, as root, the uid that derives from it).
+    /// Leases the jail's uid slot again (as root), so no new VM, from any
+    /// capsem home, runs as the adopted daemons' uid.
+    pub fn reclaim_uid(&mut self, vm_dir: &std::path::Path) {
+        let Some(slot) = super::jail::jail_slot(vm_dir) else {
+            return;
+        };
+        let dir = std::path::Path::new(super::jail::UID_LOCK_DIR);
+        match super::jail::take_uid(dir, slot) {
+            Ok(Some(lease)) => self.uid = Some(lease),
+            Ok(None) => tracing::warn!("VM uid slot {slot} was taken by another VM meanwhile"),
+            Err(e) => tracing::warn!("cannot lease VM uid slot {slot} again: {e}"),
+        }
+    }
+
+    pub fn reclaim_cid(&mut self, run_dir: &std::path::Path) {
+        let vhost = self.records.iter().find(|r| r.role == "vhost-device-vsock");
+        let cid = vhost
+            .and_then(|r| capsem_host::identity::argv(r.pid).ok())
+            .and_then(|argv| super::cid::from_argv(&argv));
+        let Some(cid) = cid else {
+            tracing::warn!("the adopted guest's CID is unknown; it is not leased again");
+            return;
+        };
+        match super::cid::try_take(run_dir, cid) {
+            Ok(Some(lease)) => self.cid = Some(lease),
+            Ok(None) => tracing::warn!("guest CID {cid} was taken by another VM meanwhile"),
+            Err(e) => tracing::warn!("cannot lease guest CID {cid} again: {e}"),
+        }
     }
 }
 

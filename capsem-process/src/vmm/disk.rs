@@ -60,7 +60,7 @@ pub enum Prepared {
 
 /// `$CAPSEM_MKFS_EXT4_BIN`, else `mkfs.ext4` on `$PATH`, else in `/usr/sbin` or `/sbin`.
 pub fn find_mkfs() -> Option<PathBuf> {
-    super::qemu::find_program(MKFS_BIN_ENV, "mkfs.ext4").or_else(|| {
+    super::daemon::find_program(MKFS_BIN_ENV, "mkfs.ext4").or_else(|| {
         SBIN_DIRS
             .iter()
             .map(|d| Path::new(d).join("mkfs.ext4"))

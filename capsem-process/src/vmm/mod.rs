@@ -6,14 +6,20 @@
 //! * [`adopted`]: the processes of a guest whose capsem-process crashed.
 //! * [`qemu`]: the real VM; with [`accel`] (KVM or TCG), [`image`] (kernel,
 //!   initramfs, root filesystem), [`disk`] (the VM's writable disk), [`cid`]
-//!   (unique guest CIDs), [`serial`] (the console log) and [`virtiofs`]
-//!   (one virtiofsd per `--share`).
+//!   (unique guest CIDs), [`serial`] (the console log), [`daemon`] (finding,
+//!   logging and awaiting a daemon), [`virtiofs`] (one
+//!   virtiofsd per `--share`), [`jail`] (the daemons' uid, capabilities and
+//!   reachable files) and [`bootfiles`] (the image and disks, passed to
+//!   QEMU as inherited fds).
 
 pub mod accel;
 pub mod adopted;
+pub mod bootfiles;
 pub mod cid;
+pub mod daemon;
 pub mod disk;
 pub mod image;
+pub mod jail;
 pub mod none;
 pub mod qemu;
 pub mod serial;

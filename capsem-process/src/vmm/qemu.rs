@@ -1,12 +1,14 @@
 //! `--vmm qemu`: a QEMU microVM whose vsock device is served by
 //! vhost-device-vsock.
 //!
-//! Two children, each in its own session (`setsid`) with no inherited
-//! terminal fd, both tracked by the reaper:
+//! Two children (and a virtiofsd per share, [`super::virtiofs`]), each in
+//! its own session (`setsid`) with no inherited terminal fd, all tracked by
+//! the reaper, the two confined by [`super::jail`] with `<vm-dir>/jail/` as
+//! their cwd:
 //!
-//! 1. `vhost-device-vsock --guest-cid CID --socket <vm-dir>/vhost.sock
-//!    --uds-path <vm-dir>/vsock.sock`: a guest connection to CID 2 port P
-//!    arrives on our listener `<vm-dir>/vsock.sock_P`.
+//! 1. `vhost-device-vsock --guest-cid CID --socket vhost-ID.sock
+//!    --uds-path vsock.sock`: a guest connection to CID 2 port P arrives on
+//!    our listener `<vm-dir>/vsock.sock_P` (linked into the jail).
 //! 2. `qemu-system-x86_64 -M microvm` with guest RAM in a shared memfd (which
 //!    vhost-user needs) and `vhost-user-vsock-device`, booting the image's
 //!    kernel (its uncompressed `vmlinux` through PVH when it has one) and
@@ -20,22 +22,18 @@
 //! it has no firmware, PCI or legacy devices to attack or to boot.
 
 use std::ffi::OsString;
-use std::fs::OpenOptions;
-use std::os::fd::AsFd;
-use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::path::Path;
+use std::process::Stdio;
 
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use tokio::task::JoinHandle;
 
 use super::accel::{self, Accel};
+use super::bootfiles::BootFiles;
 use super::cid::{self, CidLease};
+use super::daemon::{detach, find_program, log_file, wait_for_socket};
 use super::disk;
 use super::image::Image;
+use super::jail;
 use super::serial::{self, ConsoleFacts};
 use super::virtiofs;
 use super::{GuestBackend, Launch, VmmError};
@@ -45,60 +43,27 @@ use crate::reaper::Child;
 pub const QEMU_BIN_ENV: &str = "CAPSEM_QEMU_BIN";
 pub const VHOST_BIN_ENV: &str = "CAPSEM_VHOST_VSOCK_BIN";
 
-/// How long vhost-device-vsock may take to create its socket.
-const VHOST_READY_WAIT: Duration = Duration::from_secs(10);
+/// vhost-device-vsock's `--uds-path`, in the jail: a guest connection to
+/// port P arrives on `vsock.sock_P`, a name of our listener (`jail`).
+const VSOCK_BASE: &str = "vsock.sock";
+
+fn backend_err(e: impl std::error::Error) -> VmmError {
+    VmmError::Backend(crate::log::chain(&e))
+}
 
 #[derive(Debug)]
 pub struct Qemu {
     children: Vec<Child>,
     records: Vec<capsem_host::identity::ProcRecord>,
     accel: Accel,
+    identity: jail::Identity,
+    _uid: Option<jail::UidLease>,
+    /// Removed once the daemons are gone (the backend is dropped after
+    /// they are reaped).
+    _cgroup: Option<capsem_host::cgroup::VmCgroup>,
     cid: CidLease,
     facts: ConsoleFacts,
     serial: Option<JoinHandle<()>>,
-}
-
-/// `$ENV`, else the first `name` on `$PATH`, else `~/.cargo/bin/name`.
-pub fn find_program(env: &str, name: &str) -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os(env).filter(|v| !v.is_empty()) {
-        return Some(PathBuf::from(p));
-    }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let cargo_bin = std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo/bin"));
-    std::env::split_paths(&path)
-        .chain(cargo_bin)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-pub(super) fn log_file(path: &Path) -> Result<std::fs::File, VmmError> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|source| VmmError::Prepare {
-            path: path.into(),
-            source,
-        })
-}
-
-/// Own session, default signal mask: the children must not share our
-/// terminal or inherit our blocked signals.
-pub(super) fn detach(cmd: &mut Command) {
-    // SAFETY: setsid and sigprocmask are async-signal-safe and touch only
-    // the new child's own state.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let mut empty: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut empty);
-            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-            Ok(())
-        });
-    }
 }
 
 /// The kernel command line: console, panic ends the VM, the disks the
@@ -140,15 +105,19 @@ pub fn kernel_cmdline(token: &str, hostname: &str, tsc_khz: Option<u64>, disks: 
     line
 }
 
-/// QEMU's arguments; `writable` is the VM's disk, attached with the image's
-/// root filesystem (an image without one gets neither).
+/// QEMU's seccomp sandbox: no obsolete syscalls, no setuid, no fork or
+/// exec, no scheduler or affinity changes (Debian's QEMU links libseccomp).
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// QEMU's arguments; `files` names the kernel, the initramfs and the disks
+/// (the image's root filesystem and the VM's writable disk, or neither for
+/// an image without a root filesystem) as inherited fds.
 pub fn qemu_args(
     accel: Accel,
     memory_mib: u32,
     cpus: u32,
     vhost_sock: &Path,
-    image: &Image,
-    writable: &Path,
+    files: &BootFiles,
     cmdline: &str,
 ) -> Vec<OsString> {
     let mut chardev = OsString::from("socket,id=vsock,path=");
@@ -173,6 +142,8 @@ pub fn qemu_args(
         "-no-user-config",
         "-nographic",
         "-no-reboot",
+        "-sandbox",
+        SANDBOX,
         "-serial",
         "stdio",
     ] {
@@ -189,72 +160,16 @@ pub fn qemu_args(
     // what it once touched (docs/benchmarks.md).
     args.push("-device".into());
     args.push("virtio-balloon-device,free-page-reporting=on".into());
-    let disks = image.rootfs.as_deref().map(|rootfs| {
-        [
-            ("root", rootfs, true, disk::ROOT_SERIAL),
-            ("disk", writable, false, disk::DISK_SERIAL),
-        ]
-    });
-    for (id, file, readonly, serial) in disks.into_iter().flatten() {
-        args.push("-drive".into());
-        args.push(disk::drive(id, file, readonly).into());
-        args.push("-device".into());
-        args.push(disk::device(id, serial).into());
+    for drive in &files.drives {
+        args.extend(drive.args());
     }
     args.push("-kernel".into());
-    args.push(image.kernel.clone().into());
+    args.push(files.kernel.clone());
     args.push("-initrd".into());
-    args.push(image.initramfs.clone().into());
+    args.push(files.initrd.clone());
     args.push("-append".into());
     args.push(cmdline.into());
     args
-}
-
-/// Waits until `sock` exists, or `child` (the program `what`) exits, or the
-/// deadline passes: inotify and the child's pidfd in one poll set.
-pub(super) fn wait_for_socket(
-    what: &str,
-    sock: &Path,
-    child: &Child,
-    log: &Path,
-) -> Result<(), VmmError> {
-    let dir = sock.parent().unwrap_or(Path::new("."));
-    let fail = |why: String| VmmError::Backend(format!("{why} (see {})", log.display()));
-    let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
-        .map_err(|e| fail(format!("inotify: {e}")))?;
-    inotify
-        .add_watch(dir, AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO)
-        .map_err(|e| fail(format!("inotify watch: {e}")))?;
-    let pidfd =
-        capsem_host::pidfd::pidfd_open(child.pid).map_err(|e| fail(format!("pidfd_open: {e}")))?;
-    let deadline = std::time::Instant::now() + VHOST_READY_WAIT;
-    loop {
-        // Checked after the watch exists, so a creation in between is seen.
-        if sock.exists() {
-            return Ok(());
-        }
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
-            return Err(fail(format!(
-                "{what} did not create {} within {VHOST_READY_WAIT:?}",
-                sock.display()
-            )));
-        }
-        let mut fds = [
-            PollFd::new(inotify.as_fd(), PollFlags::POLLIN),
-            PollFd::new(pidfd.as_fd(), PollFlags::POLLIN),
-        ];
-        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
-        match poll(&mut fds, PollTimeout::from(ms)) {
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(fail(format!("poll: {e}"))),
-        }
-        if fds[1].revents().is_some_and(|r| !r.is_empty()) && !sock.exists() {
-            return Err(fail(format!("{what} exited before it was ready")));
-        }
-        // Drain the events; only the socket's existence matters.
-        let _ = inotify.read_events();
-    }
 }
 
 impl Qemu {
@@ -299,21 +214,43 @@ impl Qemu {
             );
         }
         let cid = cid::allocate(&cfg.run_dir()).map_err(|e| VmmError::Backend(e.to_string()))?;
+        let extra_gid = (accel == Accel::Kvm).then(jail::kvm_gid).flatten();
+        let euid = nix::unistd::geteuid().as_raw();
+        let uid_lease = (euid == 0)
+            .then(|| jail::lease_uid(Path::new(jail::UID_LOCK_DIR), cid.cid))
+            .transpose()
+            .map_err(backend_err)?;
+        let slot = uid_lease.as_ref().map_or(cid.cid, |l| l.slot);
+        let identity = jail::Identity::for_vm(euid, slot, extra_gid);
+        let jail_dir = jail::prepare(dir.root(), identity).map_err(backend_err)?;
+        let cgroup = crate::cgroup::host_limits(launch.vm_id, launch.cfg, accel == Accel::Tcg);
+        let no_files = jail::Inherit::default();
+        let confine = |inherit| jail::Confine {
+            cwd: &jail_dir,
+            identity,
+            inherit,
+            cgroup_procs: cgroup.as_ref().map(|c| c.procs()),
+        };
 
-        let vhost_sock = dir.root().join("vhost.sock");
+        // Relative to the jail, which is the daemons' cwd; a name unique
+        // to the VM, so it is also the identity marker.
+        let vhost_name = format!("vhost-{}.sock", launch.vm_id);
+        let vhost_sock = jail_dir.join(&vhost_name);
         let vhost_log = dir.root().join("vhost.log");
-        let mut vhost = Command::new(&vhost_bin);
+        let vhost_prog = jail::Program::new(&vhost_bin, identity).map_err(backend_err)?;
+        let mut vhost = vhost_prog.command();
         vhost
             .arg("--guest-cid")
             .arg(cid.cid.to_string())
             .arg("--socket")
-            .arg(&vhost_sock)
+            .arg(&vhost_name)
             .arg("--uds-path")
-            .arg(dir.vsock_base())
+            .arg(VSOCK_BASE)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log_file(&vhost_log)?))
             .stderr(Stdio::from(log_file(&vhost_log)?));
         detach(&mut vhost);
+        jail::confine(&mut vhost, &confine(&no_files)).map_err(backend_err)?;
         let vhost_child = launch.reaper.spawn("vhost-device-vsock", &mut vhost)?;
         tracing::info!(
             "vm {}: started vhost-device-vsock (pid {}) guest-cid={}",
@@ -337,6 +274,17 @@ impl Qemu {
                 return Err(e);
             }
         };
+        // QEMU reaches each virtiofsd's socket by its name in the jail.
+        if let Err(e) = shares
+            .iter()
+            .try_for_each(|d| jail::link_into(dir.root(), &d.name()))
+        {
+            virtiofs::kill_all(launch, &shares);
+            launch
+                .reaper
+                .kill_group(&vhost_child, nix::sys::signal::Signal::SIGKILL);
+            return Err(backend_err(e));
+        }
         // From here on every failure kills these too.
         let mut extra: Vec<Child> = shares.iter().map(|d| d.child.clone()).collect();
         extra.push(vhost_child.clone());
@@ -369,14 +317,16 @@ impl Qemu {
             cmdline.push(' ');
             cmdline.push_str(&capsem_host::share::kernel_param(i, share));
         }
-        let mut qemu = Command::new(&qemu_bin);
+        let mut inherit = jail::Inherit::default();
+        let files = BootFiles::open(&image, &writable, &mut inherit).map_err(backend_err)?;
+        let qemu_prog = jail::Program::new(&qemu_bin, identity).map_err(backend_err)?;
+        let mut qemu = qemu_prog.command();
         qemu.args(qemu_args(
             accel,
             cfg.memory_mib,
             cfg.cpus,
-            &vhost_sock,
-            &image,
-            &writable,
+            Path::new(&vhost_name),
+            &files,
             &cmdline,
         ))
         // `-name ID`: an exact argv element that identifies this VM's qemu.
@@ -384,7 +334,7 @@ impl Qemu {
             shares
                 .iter()
                 .enumerate()
-                .flat_map(|(i, d)| virtiofs::qemu_args(i, &d.sock)),
+                .flat_map(|(i, d)| virtiofs::qemu_args(i, Path::new(&d.name()))),
         )
         .arg("-name")
         .arg(launch.vm_id)
@@ -392,6 +342,7 @@ impl Qemu {
         .stdout(Stdio::from(console_tx))
         .stderr(Stdio::from(log_file(&dir.root().join("qemu.log"))?));
         detach(&mut qemu);
+        jail::confine(&mut qemu, &confine(&inherit)).map_err(backend_err)?;
         let qemu_child = match launch.reaper.spawn("qemu", &mut qemu) {
             Ok(c) => c,
             Err(e) => {
@@ -407,6 +358,7 @@ impl Qemu {
         // The Command held the pipe's write end; dropping it leaves QEMU as
         // the only writer, so the serial task ends when QEMU does.
         drop(qemu);
+        drop(inherit);
         tracing::info!(
             "vm {}: started qemu (pid {}) accel={} image={} memory={}M cpus={}",
             launch.vm_id,
@@ -416,7 +368,7 @@ impl Qemu {
             cfg.memory_mib,
             cfg.cpus
         );
-        let marker = vhost_sock.to_string_lossy().into_owned();
+        let marker = vhost_name;
         let records = [
             capsem_host::identity::record("qemu", qemu_child.pid, launch.vm_id),
             capsem_host::identity::record("vhost-device-vsock", vhost_child.pid, &marker),
@@ -443,6 +395,9 @@ impl Qemu {
             records,
             children: std::iter::once(qemu_child).chain(extra).collect(),
             accel,
+            identity,
+            _uid: uid_lease,
+            _cgroup: cgroup,
             cid,
             facts,
             serial: Some(serial),
@@ -467,7 +422,15 @@ impl GuestBackend for Qemu {
         })
     }
     fn details(&self) -> String {
-        format!("accel={} guest-cid={}", self.accel.name(), self.cid.cid)
+        let user = match self.identity.owner() {
+            Some((uid, _)) => format!("uid={uid}"),
+            None => "uid=caller".to_owned(),
+        };
+        format!(
+            "accel={} guest-cid={} {user}",
+            self.accel.name(),
+            self.cid.cid
+        )
     }
     fn records(&self) -> Vec<capsem_host::identity::ProcRecord> {
         self.records.clone()
@@ -498,23 +461,20 @@ mod tests {
     }
 
     #[test]
-    fn qemu_args_are_microvm_with_shared_memory_and_vhost_vsock() {
-        let image = Image {
-            dir: "/img".into(),
-            kernel: "/img/vmlinuz".into(),
-            initramfs: "/img/initramfs.cpio.gz".into(),
-            rootfs: Some("/img/rootfs.erofs".into()),
+    fn qemu_args_are_microvm_sandboxed_with_shared_memory_and_vhost_vsock() {
+        use super::super::bootfiles::Drive;
+        let files = BootFiles {
+            kernel: "/dev/fd/7".into(),
+            initrd: "/dev/fd/8".into(),
+            drives: vec![Drive {
+                id: "root",
+                serial: disk::ROOT_SERIAL,
+                set: 1,
+                fds: vec![9],
+                readonly: true,
+            }],
         };
-        let disk = Path::new("/vm/disk.img");
-        let args = qemu_args(
-            Accel::Tcg,
-            512,
-            1,
-            Path::new("/vm/vhost.sock"),
-            &image,
-            disk,
-            "x",
-        );
+        let args = qemu_args(Accel::Tcg, 512, 1, Path::new("vhost-x.sock"), &files, "x");
         let s: Vec<String> = args
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
@@ -522,24 +482,25 @@ mod tests {
         let joined = s.join(" ");
         assert!(joined.contains("-accel tcg -M microvm,memory-backend=mem -cpu max -m 512M -smp 1"));
         assert!(joined.contains("memory-backend-memfd,id=mem,size=512M,share=on"));
-        assert!(joined.contains("-chardev socket,id=vsock,path=/vm/vhost.sock"));
+        assert!(joined.contains("-chardev socket,id=vsock,path=vhost-x.sock"));
         assert!(joined.contains("-device vhost-user-vsock-device,chardev=vsock"));
         assert!(joined.contains("-device virtio-balloon-device,free-page-reporting=on"));
         assert!(joined.contains("-no-reboot"));
         assert!(joined.contains(
-            "-drive if=none,id=root,format=raw,file=/img/rootfs.erofs,readonly=on \
-             -device virtio-blk-device,drive=root,serial=capsem-root"
+            "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
         ));
         assert!(joined.contains(
-            "-drive if=none,id=disk,format=raw,file=/vm/disk.img,discard=unmap \
-             -device virtio-blk-device,drive=disk,serial=capsem-disk"
+            "-add-fd fd=9,set=1,opaque=root \
+             -drive if=none,id=root,format=raw,file=/dev/fdset/1,readonly=on \
+             -device virtio-blk-device,drive=root,serial=capsem-root"
         ));
+        assert!(joined.contains("-kernel /dev/fd/7 -initrd /dev/fd/8"));
         assert_eq!(s.last().map(String::as_str), Some("x"));
-        let old = Image {
-            rootfs: None,
-            ..image.clone()
+        let old = BootFiles {
+            drives: Vec::new(),
+            ..files
         };
-        let kvm = qemu_args(Accel::Kvm, 256, 2, Path::new("/s"), &old, disk, "x");
+        let kvm = qemu_args(Accel::Kvm, 256, 2, Path::new("/s"), &old, "x");
         let joined: Vec<String> = kvm
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
@@ -548,19 +509,5 @@ mod tests {
             .join(" ")
             .contains("-accel kvm -M microvm,memory-backend=mem -cpu host -m 256M -smp 2"));
         assert!(!joined.iter().any(|a| a == "-drive"), "{joined:?}");
-    }
-
-    #[test]
-    fn env_override_wins_for_programs() {
-        // A path that exists, named through an env var unique to this test.
-        std::env::set_var("CAPSEM_TEST_FIND_PROGRAM", "/bin/sh");
-        assert_eq!(
-            find_program("CAPSEM_TEST_FIND_PROGRAM", "no-such-program"),
-            Some(PathBuf::from("/bin/sh"))
-        );
-        assert_eq!(
-            find_program("CAPSEM_TEST_UNSET_VAR", "no-such-program-xyz"),
-            None
-        );
     }
 }

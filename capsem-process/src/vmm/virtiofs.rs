@@ -19,7 +19,7 @@ use std::process::{Command, Stdio};
 use capsem_host::share::Share;
 use nix::sys::signal::Signal;
 
-use super::qemu::{detach, find_program, log_file, wait_for_socket};
+use super::daemon::{detach, find_program, log_file, wait_for_socket};
 use super::{Launch, VmmError};
 use crate::reaper::Child;
 
@@ -31,6 +31,17 @@ pub const VIRTIOFSD_BIN_ENV: &str = "CAPSEM_VIRTIOFSD_BIN";
 pub struct Daemon {
     pub child: Child,
     pub sock: PathBuf,
+}
+
+impl Daemon {
+    /// The socket's file name (`fs-N.sock`), which is also its name in the
+    /// jail (QEMU's cwd).
+    pub fn name(&self) -> String {
+        self.sock
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
 }
 
 /// `<vm-dir>/fs-N.sock`.
