@@ -7,9 +7,10 @@ use std::path::Path;
 
 use capsem_proto::audit::{AuditRecord, AuditToHost};
 use capsem_proto::exec::{ExecStream, ExecToHost};
-use capsem_proto::frame::{AuditGuest, Client, ExecGuest, Guest, Role, TermGuest};
+use capsem_proto::frame::{AuditGuest, Client, ExecGuest, Guest, NetGuest, Role, TermGuest};
 use capsem_proto::guest::{BootStage, GuestToHost};
 use capsem_proto::ipc::ClientToProcess;
+use capsem_proto::net::NetToHost;
 use capsem_proto::terminal::TermToHost;
 use capsem_proto::Codec;
 
@@ -140,6 +141,28 @@ fn main() {
         ClientToProcess::Shutdown,
     ]);
     seeds("client_to_process", &client, Client::MAX_OUTBOUND);
+
+    let net = stream::<NetGuest>(&[
+        NetToHost::Resolve {
+            token: "ab".into(),
+            name: "pypi.org".into(),
+        },
+        NetToHost::Connect {
+            token: "ab".into(),
+            name: Some("pypi.org".into()),
+            seen: Some("pypi.org".into()),
+            ip: "198.18.0.1".into(),
+            port: 443,
+        },
+        NetToHost::Connect {
+            token: "ab".into(),
+            name: None,
+            seen: None,
+            ip: "::ffff:127.0.0.1".into(),
+            port: 8080,
+        },
+    ]);
+    seeds("net_to_host", &net, NetGuest::MAX_OUTBOUND);
 
     // The frame target: a 2-byte bound, then frames.
     let bound = 64u16.to_be_bytes();
