@@ -268,7 +268,7 @@ fn overlay_diff_and_adoption_on_a_persistent_vm() {
 /// As uid 65534 with its own home: the file the guest writes belongs to
 /// that user on the host. The programs under /root are not reachable for
 /// it, so copies in a world-readable directory are named by their env
-/// overrides; the image directory is world-readable.
+/// overrides, and the image's files get names in a world-readable directory.
 #[test]
 fn rw_files_belong_to_a_non_root_user() {
     assert!(
@@ -293,15 +293,38 @@ fn rw_files_belong_to_a_non_root_user() {
     for name in ["vhost-device-vsock", "virtiofsd"] {
         std::fs::copy(find(name), bins.join(name)).unwrap();
     }
+    // capsem and capsem-process too: the checkout may be under a directory
+    // only root can traverse (capsem finds capsem-process beside itself).
+    for name in ["capsem", "capsem-process"] {
+        let (from, to) = (bin_dir().join(name), bins.join(name));
+        if std::fs::hard_link(&from, &to).is_err() {
+            std::fs::copy(&from, &to).unwrap();
+        }
+    }
     let home = host.dir("home");
     let share = host.dir("share");
     std::fs::write(share.join("in"), b"hi\n").unwrap();
     for d in [&home, &share] {
         std::os::unix::fs::chown(d, Some(65534), Some(65534)).unwrap();
     }
-    let image = std::env::var_os("CAPSEM_IMAGE_DIR")
+    // The image's own directory may sit under one only root can traverse
+    // (CI's is in a 0700 mktemp dir): its files get names in a reachable
+    // one (hard links where the filesystem allows, else copies).
+    let source = std::env::var_os("CAPSEM_IMAGE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(capsem_tests::fixture::default_image_dir);
+    let image = host.dir("image");
+    std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let entry = entry.unwrap();
+        if !entry.file_type().unwrap().is_file() {
+            continue;
+        }
+        let to = image.join(entry.file_name());
+        if std::fs::hard_link(entry.path(), &to).is_err() {
+            std::fs::copy(entry.path(), &to).unwrap();
+        }
+    }
     let out = Command::new("setpriv")
         .args([
             "--reuid=65534",
@@ -321,7 +344,7 @@ fn rw_files_belong_to_a_non_root_user() {
             "CAPSEM_VIRTIOFSD_BIN={}",
             bins.join("virtiofsd").display()
         ))
-        .arg(bin_dir().join("capsem"))
+        .arg(bins.join("capsem"))
         .arg("--home")
         .arg(&home)
         .args(["run", "-v"])
