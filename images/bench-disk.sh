@@ -22,7 +22,8 @@ BIN=${CAPSEM_BIN_DIR:-$REPO/target/release}/capsem
 }
 HOME_DIR=$(mktemp -d /tmp/capsem-bench.XXXXXX)
 trap 'rm -rf "$HOME_DIR"' EXIT
-ms() { echo $(($(date +%s%N) / 1000000)); }
+# shellcheck source=images/bench-lib.sh
+. "$REPO/images/bench-lib.sh"
 
 # In the guest; prints `name bytes milliseconds` lines.
 GUEST='
@@ -44,10 +45,6 @@ drop
 s=$(t0); cat /root/w > /dev/null; e=$(t0)
 echo "rw-read $((256 << 20)) $(( (e - s) / 1000000 ))"
 '
-rate() { # bytes ms -> MB/s
-    awk -v b="$1" -v m="$2" 'BEGIN { if (m == 0) m = 1; printf "%.1f", b / 1e6 / (m / 1000) }'
-}
-
 for img in "$@"; do
     echo "== $img ($(du -k --apparent-size "$img/rootfs.erofs" | cut -f1) KiB rootfs," \
         "$(du -k "$img/rootfs.erofs" | cut -f1) KiB allocated)"
@@ -65,11 +62,4 @@ for img in "$@"; do
 done
 
 echo "== host ($(df --output=source "$HOME_DIR" | tail -1))"
-s=$(ms)
-dd if=/dev/zero of="$HOME_DIR/w" bs=1M count=256 conv=fsync 2>/dev/null
-m=$(($(ms) - s))
-echo "host-write-fsync $((256 << 20)) bytes $m ms $(rate $((256 << 20)) "$m") MB/s"
-s=$(ms)
-dd if="$HOME_DIR/w" of=/dev/null bs=1M iflag=direct 2>/dev/null
-m=$(($(ms) - s))
-echo "host-read-direct $((256 << 20)) bytes $m ms $(rate $((256 << 20)) "$m") MB/s"
+host_dd "$HOME_DIR" host-write-fsync host-read-direct

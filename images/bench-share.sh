@@ -18,10 +18,8 @@ BIN=${CAPSEM_BIN_DIR:-$REPO/target/release}/capsem
 WORK=$(mktemp -d /tmp/capsem-bshare.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$WORK/home" "$WORK/share/tree"
-ms() { echo $(($(date +%s%N) / 1000000)); }
-rate() { # bytes ms -> MB/s
-    awk -v b="$1" -v m="$2" 'BEGIN { if (m == 0) m = 1; printf "%.1f", b / 1e6 / (m / 1000) }'
-}
+# shellcheck source=images/bench-lib.sh
+. "$REPO/images/bench-lib.sh"
 
 # 20,000 small files in 200 directories, committed to git.
 (
@@ -71,14 +69,7 @@ CAPSEM_IMAGE_DIR=$IMG "$BIN" --home "$WORK/home" --vmm qemu run -v "$WORK/share:
     done
 
 echo "== host"
-s=$(ms)
-dd if=/dev/zero of="$WORK/w" bs=1M count=256 conv=fsync 2>/dev/null
-m=$(($(ms) - s))
-echo "write-fsync-host $((256 << 20)) bytes $m ms $(rate $((256 << 20)) "$m") MB/s"
-s=$(ms)
-dd if="$WORK/w" of=/dev/null bs=1M iflag=direct 2>/dev/null
-m=$(($(ms) - s))
-echo "read-direct-host $((256 << 20)) bytes $m ms $(rate $((256 << 20)) "$m") MB/s"
+host_dd "$WORK" write-fsync-host read-direct-host
 s=$(ms)
 n=$(find "$WORK/share/tree" | wc -l)
 echo "find-wc-host $n entries $(($(ms) - s)) ms"
