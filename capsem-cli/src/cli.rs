@@ -245,8 +245,9 @@ pub struct RunArgs {
     pub cmd: CommandArgs,
     #[command(flatten)]
     pub new: NewVmArgs,
-    /// Append the guest's execve audit records (JSON lines) to FILE before
-    /// the temporary VM is destroyed
+    /// Append the guest's execve audit records, then its network records
+    /// (JSON lines; a network record has a "kind"), to FILE before the
+    /// temporary VM is destroyed
     #[arg(long, value_name = "FILE")]
     pub audit_log: Option<PathBuf>,
 }

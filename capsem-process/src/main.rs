@@ -40,6 +40,8 @@
 //! * [`net`]: the network port (`vsock.sock_5007`): the guest's egress
 //!   decided with `--net`, relayed, and recorded in `net.jsonl`.
 //! * [`heartbeat`]: ping/pong bookkeeping.
+//! * [`jsonl`]: what `audit.jsonl` and `net.jsonl` share: the rotated
+//!   pair's identity and its export for `--audit-log`.
 //! * [`client`]: `ctl.sock` connections.
 //! * [`state`]: what the tasks share and the events they report.
 //! * [`records`]: `pids.json`, `status.json` and `token` in the VM directory.
@@ -57,6 +59,7 @@ mod conntrace;
 mod exec;
 mod guest;
 mod heartbeat;
+mod jsonl;
 mod log;
 mod logkeep;
 mod net;

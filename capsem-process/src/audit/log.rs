@@ -5,7 +5,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use capsem_proto::audit::AuditRecord;
@@ -90,11 +90,7 @@ fn remove_if_exists(path: &Path) -> Result<(), AuditError> {
 
 /// `(dev, ino)` of `path`, `None` when it does not exist.
 fn identity(path: &Path) -> Result<Option<(u64, u64)>, AuditError> {
-    match fs::symlink_metadata(path) {
-        Ok(m) => Ok(Some((m.dev(), m.ino()))),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(file_err("inspect", path)(e)),
-    }
+    Ok(crate::jsonl::identity(path)?)
 }
 
 /// The last `min(size, TAIL_WINDOW)` bytes of `file` and where they start.
@@ -266,32 +262,7 @@ impl AuditLog {
     /// Appends the stored records (`audit.jsonl.1`, then `audit.jsonl`) to
     /// `dest` (created with mode 0600); the bytes copied.
     pub fn export(&self, dest: &Path) -> Result<u64, AuditError> {
-        let mut out = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(dest)
-            .map_err(file_err("open", dest))?;
-        // Both names on one file: a rotation cut short.
-        let rotated = identity(&self.rotated)?;
-        let same = rotated.is_some() && rotated == identity(&self.path)?;
-        let sources: &[&Path] = if same {
-            &[&self.path]
-        } else {
-            &[&self.rotated, &self.path]
-        };
-        let mut copied = 0;
-        for src in sources {
-            let mut f = match File::open(src) {
-                Ok(f) => f,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(file_err("open", src)(e)),
-            };
-            copied += io::copy(&mut f, &mut out).map_err(file_err("append to", dest))?;
-        }
-        // The VM directory goes next: this copy is all that will be left.
-        out.sync_all().map_err(file_err("sync", dest))?;
-        Ok(copied)
+        Ok(crate::jsonl::export(&self.rotated, &self.path, dest)?)
     }
 }
 

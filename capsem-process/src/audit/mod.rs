@@ -48,7 +48,8 @@
 //! `capsem-process --audit-log FILE` appends `audit.jsonl.1` and
 //! `audit.jsonl` to FILE at teardown ([`finish`], one of its listed steps),
 //! after the audit server was stopped and joined and before a temporary
-//! VM's directory is removed.
+//! VM's directory is removed; teardown then appends `net.jsonl.1` and
+//! `net.jsonl` (`crate::jsonl` does both).
 //!
 //! Files: this module holds the port (handshake, generation rule, serving);
 //! [`log`] the file (`AuditLog`: append, rotation, resume, export).
@@ -117,6 +118,8 @@ pub enum AuditError {
     Json(#[source] serde_json::Error),
     #[error("the audit log is closed (teardown)")]
     LogClosed,
+    #[error(transparent)]
+    Jsonl(#[from] crate::jsonl::JsonlError),
     #[error("cannot {what} {path}")]
     File {
         what: &'static str,

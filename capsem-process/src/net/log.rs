@@ -116,6 +116,13 @@ impl NetLog {
         Ok(())
     }
 
+    /// Appends the stored records (`net.jsonl.1`, then `net.jsonl`) of the
+    /// VM directory `root` to `dest` (`--audit-log`, after the exec ones);
+    /// the bytes copied.
+    pub fn export(root: &Path, dest: &Path) -> Result<u64, crate::jsonl::JsonlError> {
+        crate::jsonl::export(&root.join("net.jsonl.1"), &root.join("net.jsonl"), dest)
+    }
+
     /// The full file becomes `net.jsonl.1` through a hard link, then an
     /// empty file is renamed over the name, so it never goes missing.
     fn rotate(&mut self) -> Result<(), NetLogError> {

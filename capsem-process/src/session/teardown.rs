@@ -67,10 +67,18 @@ impl Session {
                 warn!("an accept task failed: {e}");
             }
         }
-        // 7. The audit log is closed, then exported (`--audit-log`).
+        // 7. The audit log is closed, then exported (`--audit-log`), and
+        //    the network records after it (no connection task is left to
+        //    write one).
         match self.audit_task.await {
             Ok(log) => crate::audit::finish(&log, self.cfg.audit_log.as_deref()),
             Err(e) => warn!("the audit task failed: {e}"),
+        }
+        if let Some(dest) = self.cfg.audit_log.as_deref() {
+            match crate::net::NetLog::export(self.dir.root(), dest) {
+                Ok(n) => info!("net: appended {n} bytes of records to {}", dest.display()),
+                Err(e) => warn!("net: {}", chain(&e)),
+            }
         }
         // 8. Every descendant is killed by process group and reaped; then
         //    the backend's tasks (QEMU's console copier), the reaper and its
