@@ -19,6 +19,11 @@ declare -A APT=(
     [/usr/sbin/mkfs.ext4]=e2fsprogs
     [docker-registry]=docker-registry # the image tests' loopback registry
     [/bin/busybox]=busybox-static     # the root of the OCI tests' tiny image
+    # the network tests' loopback servers (tests/servers/serve.py): TLS
+    # with a certificate the test makes, git's smart HTTP, a pip index
+    [python3]=python3
+    [openssl]=openssl
+    [git]=git
 )
 VHOST_VSOCK_VERSION=0.3.0 # the version docs/qemu-notes.md was verified with
 VIRTIOFSD_VERSION=1.14.0   # serves -v shares; docs/shares.md

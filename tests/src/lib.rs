@@ -22,6 +22,7 @@
 
 pub mod cp;
 pub mod fixture;
+pub mod netserve;
 pub mod persist;
 pub mod procs;
 pub mod pty;
