@@ -270,6 +270,7 @@ impl AuditLog {
 mod tests {
     use super::*;
     use crate::audit::tests::{lines, record, serials};
+    use std::os::unix::fs::MetadataExt;
 
     #[test]
     fn stores_drops_resends_and_rotates_keeping_the_newest() {
