@@ -2,7 +2,8 @@
 //! capsem-bench -- [--vmm none|qemu] [exit|throughput|echo|memory|boot|run|exec|all]`.
 //!
 //! [`boot`]: boot to the first prompt beside a bare QEMU, and `capsem run
-//! -- true` stage by stage; [`memory`]: resident memory of an idle VM.
+//! -- true` stage by stage; [`memory`]: resident memory of an idle VM;
+//! [`net`]: the egress relay against the host (always a real VM).
 //!
 //! Every figure in docs/benchmarks.md comes from this program; each section
 //! there names the command line that reproduced it.
@@ -20,6 +21,7 @@ use capsem_tests::{Backend, Fixture};
 
 mod boot;
 mod memory;
+mod net;
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -295,6 +297,9 @@ fn main() -> Result<()> {
             (50, 16)
         };
         exec_bench(backend, runs, mib)?;
+    }
+    if (all && backend == Backend::Qemu) || what == "net" {
+        net::net(20)?;
     }
     if all || what == "throughput" {
         throughput(backend, if backend == Backend::None { 256 } else { 32 })?;
