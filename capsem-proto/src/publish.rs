@@ -10,6 +10,12 @@
 //! * [`PublishToHost::Opened`], the agent's answer once the dial ended:
 //!   connected, or why not (then the agent closes).
 //!
+//! Before the first frame, the host's connection to vhost-device-vsock's
+//! Unix socket does the hybrid-vsock handshake: the host writes
+//! [`connect_line`] (`CONNECT 5008\n`) and reads one line back,
+//! `OK <local port>\n` ([`parse_ok_line`], at most [`MAX_OK_LINE`] bytes)
+//! once the agent accepted; a refusal is the socket closing instead.
+//!
 //! Connected, the connection carries the raw bytes of the host client's
 //! TCP connection both ways. Each frame is read exactly (length prefix,
 //! then that many bytes), so no relayed byte is ever taken for framing;
@@ -22,6 +28,23 @@ use serde::{Deserialize, Serialize};
 pub const MAX_PUBLISH_FRAME: usize = 512;
 /// Longest refusal reason carried.
 pub const MAX_PUBLISH_REASON: usize = 255;
+/// Longest hybrid-vsock `OK` line read, newline included.
+pub const MAX_OK_LINE: usize = 32;
+
+/// The hybrid-vsock request for the guest's vsock port `port`.
+pub fn connect_line(port: u32) -> String {
+    format!("CONNECT {port}\n")
+}
+
+/// The host-side port of an `OK <port>` line (without its newline), or
+/// `None` for anything else.
+pub fn parse_ok_line(line: &[u8]) -> Option<u32> {
+    let digits = line.strip_prefix(b"OK ")?;
+    if digits.is_empty() || digits.len() > 10 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
 
 /// What the host asks, once per connection. The guest decodes only these.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,6 +136,30 @@ mod tests {
         assert!(host
             .feed(&(MAX_PUBLISH_FRAME as u32 + 1).to_be_bytes())
             .is_err());
+    }
+
+    #[test]
+    fn the_hybrid_handshake_lines() {
+        assert_eq!(connect_line(5008), "CONNECT 5008\n");
+        assert_eq!(parse_ok_line(b"OK 1025"), Some(1025));
+        assert_eq!(parse_ok_line(b"OK 4294967295"), Some(u32::MAX));
+        for bad in [
+            &b"OK"[..],
+            b"OK ",
+            b"ok 1",
+            b"OK -1",
+            b"OK 1 ",
+            b"OK 4294967296",
+            b"OK 00000000001",
+            b"ERR 1",
+        ] {
+            assert_eq!(
+                parse_ok_line(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]
