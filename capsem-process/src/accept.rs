@@ -34,15 +34,15 @@ pub trait Listener: Send + 'static {
 
 impl Listener for UnixListener {
     type Stream = UnixStream;
-    fn next(&self) -> impl Future<Output = io::Result<UnixStream>> + Send + '_ {
-        async move { self.accept().await.map(|(s, _)| s) }
+    async fn next(&self) -> io::Result<UnixStream> {
+        self.accept().await.map(|(s, _)| s)
     }
 }
 
 impl Listener for TcpListener {
     type Stream = TcpStream;
-    fn next(&self) -> impl Future<Output = io::Result<TcpStream>> + Send + '_ {
-        async move { self.accept().await.map(|(s, _)| s) }
+    async fn next(&self) -> io::Result<TcpStream> {
+        self.accept().await.map(|(s, _)| s)
     }
 }
 
