@@ -4,7 +4,10 @@
 //! server behind it in the guest is a reset, the port stops answering when
 //! the VM stops and answers again after `start`; a host port in use is exit
 //! 125 with one line, from the CLI (`run`, `create`) and from capsem-process
-//! (`start`), and nothing is left behind. Every server and client is on
+//! (`start`); after a kill -9 of capsem-process the port is closed until
+//! the adopting capsem-process listens again, and the guest's server
+//! (started from the shell, which survives the crash) answers through it;
+//! nothing is left behind. Every server and client is on
 //! 127.0.0.1. `CAPSEM_SKIP_VM_TESTS=1 scripts/test.sh` leaves them out.
 #![allow(clippy::unwrap_used)]
 
@@ -14,7 +17,8 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use capsem_tests::fixture::wait_until;
-use capsem_tests::persist::{capsem, exec, inspect, ok};
+use capsem_tests::persist::{attach, capsem, exec, inspect, ok, process_pid, running, DETACH};
+use capsem_tests::scenarios::{step, wait_ready};
 use capsem_tests::{Backend, Fixture};
 
 const B: Backend = Backend::Qemu;
@@ -176,6 +180,46 @@ fn http_server_is_reachable_until_the_vm_stops_and_again_after_start() {
     wait_served(port);
     ok(&fx, &["rm", "--force", "web"]);
     server.wait().unwrap();
+    assert_not_listening(port);
+    fx.assert_nothing_left();
+}
+
+#[test]
+fn an_adopted_vm_listens_again() {
+    let fx = Fixture::new("publish_adopt_vm", B);
+    let port = free_port();
+    ok(&fx, &["create", "web", "-p", &format!("{port}:8000")]);
+    // From the persistent shell, which outlives capsem-process.
+    let mut s = attach(&fx, "web");
+    wait_ready(&mut s, B);
+    s.line(&format!(
+        "mkdir -p /tmp/www && printf '%s' '{HELLO}' > /tmp/www/hello.txt && \
+         (python3 -m http.server 8000 --bind 127.0.0.1 --directory /tmp/www >/dev/null 2>&1 &) && echo STARTED-$((2*21))"
+    ))
+    .unwrap();
+    s.expect("STARTED-42", step(B)).unwrap();
+    s.send(DETACH).unwrap();
+    assert_eq!(s.wait_code(step(B)).unwrap(), 0);
+    wait_served(port);
+
+    let pid = process_pid(&fx, "web");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until(step(B), "the killed capsem-process to be gone", || {
+        !running(pid)
+    });
+    assert_not_listening(port);
+    // The next command adopts the guest; its capsem-process listens again
+    // and the same server answers.
+    ok(&fx, &["exec", "web", "--", "true"]);
+    assert_eq!(inspect(&fx, "web")["adoptions"], 1);
+    let (status, body) = get(port, "/hello.txt").unwrap();
+    assert!(status.contains(" 200 "), "{status}");
+    assert_eq!(String::from_utf8_lossy(&body), HELLO);
+    ok(&fx, &["rm", "--force", "web"]);
     assert_not_listening(port);
     fx.assert_nothing_left();
 }
