@@ -36,6 +36,9 @@
 //! * `$CAPSEM_NET` (optional): `1` (capsem-init sets it for `capsem.net=1`)
 //!   starts the resolver on 127.0.0.1:53 and the TCP side on 127.0.0.1:849
 //!   (see [`net`]); a failure to start is logged and leaves no network.
+//! * With the vsock transport (inside a VM) the agent also brings `lo` up
+//!   and listens on vsock port 5008 for published ports (see [`publish`]);
+//!   a failure to start is logged and leaves the VM without them.
 //! * `$RUST_LOG` (optional, default `info`): log filter. Logs go to stderr
 //!   with RFC 3339 UTC timestamps.
 //!
@@ -76,6 +79,9 @@
 //! * [`stop`]: the per-generation stop signal (eventfd + channel).
 //! * [`net`]: the guest's network (`$CAPSEM_NET=1`): the DNS stub and the
 //!   redirected TCP connections, decided by the host on the network port.
+//! * [`publish`]: inside a VM, the listener on vsock port 5008 for the
+//!   host's connections to published ports (`capsem -p`), each dialled to
+//!   127.0.0.1:PORT in the guest and relayed.
 //! * [`fdio`]: poll, nonblocking reads and writes, cancellable writes, and
 //!   `Blocking`, a cancellable `Read + Write` for the framed adapters.
 
@@ -90,6 +96,7 @@ mod fdio;
 mod imageconfig;
 mod net;
 mod pty;
+mod publish;
 mod reconnect;
 mod session;
 mod signals;
@@ -307,7 +314,9 @@ fn run(cli: Cli) -> Result<Ended, AgentError> {
         // --audit-log`); dropped after it.
         let auditor = audit::Auditor::start(&audit_mode);
         let network = net::NetService::from_env(&cfg.transport, &cfg.token);
+        let published = publish::PublishService::in_vm(&cfg.transport, &cfg.token);
         let ended = exec::run(&cfg, &signals, auditor.as_ref());
+        drop(published);
         drop(network);
         drop(auditor);
         return Ok(Ended::Exec(ended?));
@@ -357,7 +366,9 @@ fn run(cli: Cli) -> Result<Ended, AgentError> {
     // configuration.
     let auditor = audit::Auditor::start(&audit_mode);
     let network = net::NetService::from_env(&cfg.transport, &cfg.token);
+    let published = publish::PublishService::in_vm(&cfg.transport, &cfg.token);
     let ended = session::run(&cfg, &signals, auditor.as_ref());
+    drop(published);
     drop(network);
     drop(pool);
     drop(auditor);

@@ -133,7 +133,9 @@ impl Transport {
     }
 }
 
-fn connect_stream(
+/// A nonblocking connect to `addr` (any family), bounded by
+/// [`CONNECT_TIMEOUT`] and cancelled by `cancel`; `endpoint` names it in errors.
+pub(crate) fn connect_stream(
     family: AddressFamily,
     addr: &dyn SockaddrLike,
     endpoint: &str,

@@ -227,6 +227,17 @@ pub struct NewVmArgs {
         value_name = "HOST_DIR:GUEST_PATH[:MODE]"
     )]
     pub volumes: Vec<String>,
+    /// Publish a guest port on the host (repeatable): capsem-process
+    /// listens on HOST_IP:HOST_PORT (HOST_IP defaults to 127.0.0.1; an IPv6
+    /// one in brackets) and relays each connection to the guest's
+    /// 127.0.0.1:GUEST_PORT. A port in use is refused (exit 125). Needs a
+    /// VM: with `--vmm none` it is refused (exit 125)
+    #[arg(
+        short = 'p',
+        long = "publish",
+        value_name = "[HOST_IP:]HOST_PORT:GUEST_PORT"
+    )]
+    pub publish: Vec<String>,
 }
 
 /// Which log `capsem logs` prints.
@@ -439,6 +450,20 @@ mod tests {
             panic!()
         };
         assert_eq!(r.new.volumes, ["/a:/b", "/c:/d:ro"]);
+        let cli = Cli::try_parse_from([
+            "capsem",
+            "create",
+            "a",
+            "-p",
+            "8080:80",
+            "--publish",
+            "[::1]:1:2",
+        ])
+        .unwrap();
+        let Command::Create(c) = cli.command else {
+            panic!()
+        };
+        assert_eq!(c.new.publish, ["8080:80", "[::1]:1:2"]);
     }
 
     #[test]

@@ -46,7 +46,7 @@ pub enum CliError {
     NoCommand,
     #[error("image {0} has no Entrypoint or Cmd: give the command after `--`")]
     NoDefaultCommand(String),
-    #[error("--disk-size, --image, --net, --net-policy and -v are for a new VM; VM {0:?} keeps what capsem create gave it")]
+    #[error("--disk-size, --image, --net, --net-policy, -v and -p are for a new VM; VM {0:?} keeps what capsem create gave it")]
     NewVmFlag(String),
     #[error("{0:?} is a temporary VM; only persistent VMs (capsem create) take this command")]
     Temporary(String),
@@ -82,6 +82,8 @@ pub enum CliError {
     Net(#[from] crate::netflags::NetFlagError),
     #[error(transparent)]
     Share(#[from] crate::share::ShareArgError),
+    #[error(transparent)]
+    Publish(#[from] crate::publish::PublishArgError),
     #[error(transparent)]
     Diff(#[from] crate::overlaydiff::DiffError),
     /// capsem-process's own words for why the VM did not start.

@@ -84,6 +84,7 @@
 //! * [`netflags`]: `--net` and `--net-policy`, checked and recorded.
 //! * [`netaudit`]: `audit --net`, the connection records printed safely.
 //! * [`share`]: `-v HOST_DIR:GUEST_PATH[:MODE]` parsed and checked.
+//! * [`publish`]: `-p [HOST_IP:]HOST_PORT:GUEST_PORT` parsed and checked.
 //! * [`overlaydiff`]: what the guest changed on an overlay share.
 //! * [`sweep`]: cleaning up what crashes left, before every VM command.
 //! * [`tempvm`]: starting a temporary VM (`shell` and `run`).
@@ -139,6 +140,7 @@ mod output;
 mod overlaydiff;
 mod probe;
 mod progress;
+mod publish;
 mod pullbar;
 mod readyline;
 mod request;

@@ -134,7 +134,7 @@ pub struct Target<'a> {
 /// N`, then `--temporary [--exec]`, nothing (persistent) or `--adopt`; a
 /// boot (not an adoption) adds `--cpus N --memory-mib M [--disk-size B] [--share MODE:HEX:HEX]...`
 /// from `vm.json` and `--rootfs FILE --image-config FILE` for an OCI image; `--net V` for
-/// each of vm.json's `net` values (also when adopting); then `--accel A` for qemu (capsem-process decides what `auto` means; the
+/// each of vm.json's `net` values and `--publish P` for each published port (both also when adopting); then `--accel A` for qemu (capsem-process decides what `auto` means; the
 /// CLI never probes KVM for the shell).
 pub fn process_args(target: &Target<'_>, ready_fd: i32) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec!["--vm-dir".into(), target.vm_dir.into()];
@@ -176,6 +176,7 @@ pub fn process_args(target: &Target<'_>, ready_fd: i32) -> Vec<OsString> {
         args.extend(crate::lifetime::process_args(target.config));
     }
     args.extend(crate::netflags::process_args(&target.config.net));
+    args.extend(crate::publish::process_args(&target.config.publish));
     if let Some(file) = target.audit_log {
         args.push("--audit-log".into());
         args.push(file.into());

@@ -168,8 +168,8 @@ pub fn home(home_flag: Option<&Path>) -> Result<PathBuf, TempVmError> {
 }
 
 /// What a new temporary VM is made with, already checked: `--disk-size`,
-/// the image (of [`crate::vmimage::resolve_new`]) and the shares (of
-/// [`crate::share::parse_all`]).
+/// the image (of [`crate::vmimage::resolve_new`]), the shares (of
+/// [`crate::share::parse_all`]), the policy and the published ports.
 #[derive(Debug)]
 pub struct NewVm {
     pub disk_size: Option<u64>,
@@ -177,6 +177,8 @@ pub struct NewVm {
     pub shares: Vec<capsem_host::share::Share>,
     /// The egress policy as `--net` values (of [`crate::netflags::resolve`]).
     pub net: Vec<String>,
+    /// The published ports (of [`crate::publish::resolve`]).
+    pub publish: Vec<capsem_host::publish::Publish>,
 }
 
 /// Creates and boots a temporary VM in `home` (see [`home`]) as `new`
@@ -194,6 +196,7 @@ pub fn start(
         image,
         shares,
         net,
+        publish,
     } = new;
     if vmm == Vmm::None {
         eprintln!("{NO_ISOLATION_WARNING}");
@@ -216,7 +219,7 @@ pub fn start(
         accel,
         (disk_size, net),
         record,
-        shares,
+        (shares, publish),
     )?;
     drop(lock);
     let target = spawn::Target {
@@ -281,7 +284,10 @@ fn write_vm_json(
     accel: AccelChoice,
     (disk_size, net): (Option<u64>, Vec<String>),
     image: Option<capsem_host::vmstate::VmImage>,
-    shares: Vec<capsem_host::share::Share>,
+    (shares, publish): (
+        Vec<capsem_host::share::Share>,
+        Vec<capsem_host::publish::Publish>,
+    ),
 ) -> Result<VmConfig, TempVmError> {
     let config = VmConfig {
         name: id.to_owned(),
@@ -298,6 +304,7 @@ fn write_vm_json(
         max_duration_ms: None,
         net,
         shares,
+        publish,
     };
     capsem_host::vmstate::write_json(&dir.join(capsem_host::vmstate::VM_FILE), &config)
         .map_err(TempVmError::Record)?;

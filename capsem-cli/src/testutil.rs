@@ -100,6 +100,7 @@ pub(crate) fn config(name: &str, temporary: bool, owner: Option<ProcRecord>) -> 
         max_duration_ms: None,
         net: Vec::new(),
         shares: Vec::new(),
+        publish: Vec::new(),
     }
 }
 

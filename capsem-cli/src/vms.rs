@@ -206,6 +206,7 @@ mod tests {
             max_duration_ms: None,
             net: Vec::new(),
             shares: Vec::new(),
+            publish: Vec::new(),
         }
     }
 

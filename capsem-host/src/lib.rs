@@ -15,6 +15,7 @@
 //! * [`tsc`]: the host's TSC rate, told to TCG guests.
 //! * [`share`]: host directories shared with a guest (`-v`) and their
 //!   encodings for capsem-process and the guest's command line.
+//! * [`publish`]: published ports (`-p`) and their one spelling.
 
 pub mod accel;
 pub mod cgroup;
@@ -22,6 +23,7 @@ pub mod identity;
 pub mod jail;
 pub mod lock;
 pub mod pidfd;
+pub mod publish;
 pub mod resources;
 pub mod share;
 pub mod tsc;

@@ -5,7 +5,7 @@
 //!
 //! | file | writer | what |
 //! |---|---|---|
-//! | `vm.json` | CLI (`create`, temporary VMs at start) | [`VmConfig`]: name, persistence, creation time, resources, disk size, OCI image, shares |
+//! | `vm.json` | CLI (`create`, temporary VMs at start) | [`VmConfig`]: name, persistence, creation time, resources, disk size, OCI image, shares, published ports |
 //! | `pids.json` | capsem-process, after the guest started; removed at its teardown | [`Pids`]: capsem-process and the guest's host processes with their identities |
 //! | `status.json` | capsem-process, on each change | [`VmStatusFile`]: agent connections, the last shell exit |
 //! | `token` | capsem-process (0600) | the session token, so a new capsem-process can adopt a running guest |
@@ -125,6 +125,9 @@ pub struct VmConfig {
     /// Host directories shared with the guest (`-v`), in the order given.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shares: Vec<crate::share::Share>,
+    /// Published ports (`-p`), in the order given.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<crate::publish::Publish>,
 }
 
 /// An OCI image as `vm.json` records it: what was asked for and the

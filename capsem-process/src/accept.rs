@@ -1,12 +1,15 @@
-//! The one accept loop every listener runs: a bounded number of
-//! connections served at once (one task each, owned by a `JoinSet`), a
-//! capped backoff after an accept error (EMFILE must not spin), and a stop
-//! signal that ends the loop and joins every connection task.
+//! The one accept loop every listener runs (the guest's Unix sockets and
+//! the published ports' TCP listeners, each a [`Listener`]): a bounded
+//! number of connections served at once (one task each, owned by a
+//! `JoinSet`), a capped backoff after an accept error (EMFILE must not
+//! spin), and a stop signal that ends the loop and joins every connection
+//! task.
 
 use std::future::Future;
+use std::io;
 use std::time::Duration;
 
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::warn;
@@ -20,6 +23,27 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 pub struct Limits {
     pub name: &'static str,
     pub max_conns: usize,
+}
+
+/// What [`serve`] accepts on.
+pub trait Listener: Send + 'static {
+    type Stream: Send + 'static;
+    /// The next connection.
+    fn next(&self) -> impl Future<Output = io::Result<Self::Stream>> + Send + '_;
+}
+
+impl Listener for UnixListener {
+    type Stream = UnixStream;
+    async fn next(&self) -> io::Result<UnixStream> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+impl Listener for TcpListener {
+    type Stream = TcpStream;
+    async fn next(&self) -> io::Result<TcpStream> {
+        self.accept().await.map(|(s, _)| s)
+    }
 }
 
 /// The stop side of [`serve`]'s signal: `stop()` ends every loop that was
@@ -51,13 +75,14 @@ pub async fn stopped(stop: &mut watch::Receiver<bool>) {
 /// Accepts on `listener` until `stop`, handing each connection to
 /// `handle`; a connection over `limits.max_conns` is closed with one log
 /// line. Returns once every connection task has been stopped and joined.
-pub async fn serve<F, Fut>(
-    listener: UnixListener,
+pub async fn serve<L, F, Fut>(
+    listener: L,
     limits: Limits,
     mut stop: watch::Receiver<bool>,
     mut handle: F,
 ) where
-    F: FnMut(UnixStream) -> Fut,
+    L: Listener,
+    F: FnMut(L::Stream) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let mut conns = JoinSet::new();
@@ -65,8 +90,8 @@ pub async fn serve<F, Fut>(
     loop {
         tokio::select! {
             () = stopped(&mut stop) => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
+            accepted = listener.next() => match accepted {
+                Ok(stream) => {
                     backoff = BACKOFF_MIN;
                     if conns.len() >= limits.max_conns {
                         warn!(

@@ -106,6 +106,11 @@ pub struct Config {
     /// `MODE:HEX(HOST_DIR):HEX(GUEST_PATH)` (see capsem_host::share).
     #[arg(long = "share", value_name = "MODE:HEX:HEX", value_parser = parse_share)]
     pub shares: Vec<capsem_host::share::Share>,
+    /// A published port (repeatable, qemu only), as `IP:HOST_PORT:GUEST_PORT`
+    /// (`[IPv6]:...`): listened on before the VM is ready, each connection
+    /// relayed to the guest's 127.0.0.1:GUEST_PORT.
+    #[arg(long = "publish", value_name = "IP:HOST_PORT:GUEST_PORT", value_parser = parse_publish)]
+    pub publish: Vec<capsem_host::publish::Publish>,
 }
 
 impl Config {
@@ -137,6 +142,15 @@ impl Config {
             ));
         }
         Ok(policy)
+    }
+
+    /// The `--publish` ports; refused with `--vmm none`, whose agent has
+    /// no vsock listener (and whose ports are the host's anyway).
+    pub fn check_publish(&self) -> Result<(), String> {
+        if self.vmm == VmmKind::None && !self.publish.is_empty() {
+            return Err("--publish needs --vmm qemu".into());
+        }
+        Ok(())
     }
 
     pub fn heartbeat(&self) -> Duration {
@@ -184,6 +198,11 @@ fn parse_absolute(s: &str) -> Result<PathBuf, String> {
 /// `--share`: the CLI already checked it; checked again, it is our input.
 fn parse_share(s: &str) -> Result<capsem_host::share::Share, String> {
     capsem_host::share::Share::parse_arg(s).map_err(|e| e.to_string())
+}
+
+/// `--publish`: the CLI already checked it; checked again, it is our input.
+fn parse_publish(s: &str) -> Result<capsem_host::publish::Publish, String> {
+    capsem_host::publish::Publish::parse(s).map_err(|e| e.to_string())
 }
 
 /// A VM id names files and appears in logs: keep it short and plain.
@@ -325,5 +344,33 @@ mod tests {
         assert_eq!(c.shares[1].host, PathBuf::from("/"));
         assert!(parse(&[&base[..], &["--share", "rw:2f:2f"]].concat()).is_err());
         assert!(parse(&base).unwrap().shares.is_empty());
+    }
+
+    #[test]
+    fn publish_flags() {
+        let base = ["--vm-dir", "/x", "--vm-id", "a", "--vmm", "qemu"];
+        let c = parse(
+            &[
+                &base[..],
+                &["--publish", "127.0.0.1:8080:80", "--publish", "[::1]:1:2"],
+            ]
+            .concat(),
+        )
+        .unwrap();
+        assert_eq!(c.publish.len(), 2);
+        assert_eq!(c.publish[1].to_arg(), "[::1]:1:2");
+        assert!(c.check_publish().is_ok());
+        assert!(parse(&[&base[..], &["--publish", "0:80"]].concat()).is_err());
+        let none = [
+            "--vm-dir",
+            "/x",
+            "--vm-id",
+            "a",
+            "--vmm",
+            "none",
+            "--publish",
+            "1:2",
+        ];
+        assert!(parse(&none).unwrap().check_publish().is_err());
     }
 }

@@ -4,6 +4,7 @@
 //! capsem-process --vm-dir DIR --vm-id ID --vmm none|qemu [--temporary]
 //!                [--ready-fd N] [--heartbeat-ms 1000] [--missed-pongs 3]
 //!                [--boot-timeout-ms N] [--exec] [--audit-log FILE]
+//!                [--net VALUE]... [--share S]... [--publish IP:HOST:GUEST]...
 //! ```
 //!
 //! With `--exec` the agent runs one command instead of a shell: the client
@@ -39,6 +40,9 @@
 //! * [`audit`]: the audit port (`vsock.sock_5006`) and `audit.jsonl`.
 //! * [`net`]: the network port (`vsock.sock_5007`): the guest's egress
 //!   decided with `--net`, relayed, and recorded in `net.jsonl`.
+//! * [`publish`]: published ports (`--publish`): a host TCP listener
+//!   each, every connection relayed to the guest's 127.0.0.1:PORT through
+//!   vhost-device-vsock's `CONNECT` to the agent's port 5008.
 //! * [`heartbeat`]: ping/pong bookkeeping.
 //! * [`jsonl`]: what `audit.jsonl` and `net.jsonl` share: the rotated
 //!   pair's identity and its export for `--audit-log`.
@@ -63,6 +67,7 @@ mod jsonl;
 mod log;
 mod logkeep;
 mod net;
+mod publish;
 mod ready;
 mod reaper;
 mod records;
@@ -106,6 +111,10 @@ fn main() -> ExitCode {
         }
     };
     if let Err(e) = cfg.net_policy() {
+        eprintln!("capsem-process: {e}");
+        return ExitCode::from(2);
+    }
+    if let Err(e) = cfg.check_publish() {
         eprintln!("capsem-process: {e}");
         return ExitCode::from(2);
     }

@@ -17,6 +17,7 @@ use crate::exec::{ExecToHost, HostToExec};
 use crate::guest::{GuestToHost, HostToGuest, MAX_CONTROL_FRAME};
 use crate::ipc::{ClientToProcess, ProcessToClient, MAX_IPC_FRAME};
 use crate::net::{HostToNet, NetToHost, MAX_NET_FRAME};
+use crate::publish::{HostToPublish, PublishToHost, MAX_PUBLISH_FRAME};
 use crate::terminal::{HostToTerm, TermToHost};
 
 /// Bytes in the length prefix.
@@ -83,6 +84,12 @@ pub enum NetHost {}
 /// The guest agent on the network port.
 #[derive(Debug)]
 pub enum NetGuest {}
+/// The host per-VM process on the publish port.
+#[derive(Debug)]
+pub enum PublishHost {}
+/// The guest agent on the publish port.
+#[derive(Debug)]
+pub enum PublishGuest {}
 /// The `capsem` CLI, facing capsem-process.
 #[derive(Debug)]
 pub enum Client {}
@@ -149,6 +156,18 @@ impl Role for NetGuest {
     type Outbound = NetToHost;
     const MAX_INBOUND: usize = MAX_NET_FRAME;
     const MAX_OUTBOUND: usize = MAX_NET_FRAME;
+}
+impl Role for PublishHost {
+    type Inbound = PublishToHost;
+    type Outbound = HostToPublish;
+    const MAX_INBOUND: usize = MAX_PUBLISH_FRAME;
+    const MAX_OUTBOUND: usize = MAX_PUBLISH_FRAME;
+}
+impl Role for PublishGuest {
+    type Inbound = HostToPublish;
+    type Outbound = PublishToHost;
+    const MAX_INBOUND: usize = MAX_PUBLISH_FRAME;
+    const MAX_OUTBOUND: usize = MAX_PUBLISH_FRAME;
 }
 impl Role for Client {
     type Inbound = ProcessToClient;

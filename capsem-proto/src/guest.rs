@@ -33,6 +33,10 @@ pub const PORT_EXEC: u32 = 5005;
 pub const PORT_AUDIT: u32 = 5006;
 /// The guest's egress questions and relayed connections ([`crate::net`]).
 pub const PORT_NET: u32 = 5007;
+/// The host's connections to published ports ([`crate::publish`]): the one
+/// port the agent listens on, the host connecting (vhost-device-vsock's
+/// `CONNECT`).
+pub const PORT_PUBLISH: u32 = 5008;
 
 /// Largest control payload either side accepts.
 pub const MAX_CONTROL_FRAME: usize = 64 * 1024;

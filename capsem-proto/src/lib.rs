@@ -13,6 +13,8 @@
 //!   [`audit::HostToAudit`], one record per execve in the guest.
 //! * host <-> guest on the network port: [`net::NetToHost`] and
 //!   [`net::HostToNet`], one egress question per connection.
+//! * host -> guest on the publish port: [`publish::HostToPublish`] and
+//!   [`publish::PublishToHost`], one published-port connection each.
 //! * CLI <-> capsem-process, over `<vm-dir>/ctl.sock`: [`ipc::ClientToProcess`]
 //!   and [`ipc::ProcessToClient`].
 //!
@@ -29,6 +31,7 @@
 //! * [`exec`]: exec-port messages, their bounds and the environment checks.
 //! * [`audit`]: audit-port messages and their bounds.
 //! * [`net`]: network-port messages and their bounds.
+//! * [`publish`]: publish-port messages and their bounds.
 //! * [`ipc`]: CLI/host-process messages.
 //!
 //! Every message is MessagePack with named fields, adjacently tagged
@@ -42,6 +45,7 @@ pub mod frame;
 pub mod guest;
 pub mod ipc;
 pub mod net;
+pub mod publish;
 pub mod terminal;
 
 pub use frame::{Codec, FrameDecoder, FrameError, Role};

@@ -7,10 +7,13 @@ use std::path::Path;
 
 use capsem_proto::audit::{AuditRecord, AuditToHost};
 use capsem_proto::exec::{ExecStream, ExecToHost};
-use capsem_proto::frame::{AuditGuest, Client, ExecGuest, Guest, NetGuest, Role, TermGuest};
+use capsem_proto::frame::{
+    AuditGuest, Client, ExecGuest, Guest, NetGuest, PublishGuest, Role, TermGuest,
+};
 use capsem_proto::guest::{BootStage, GuestToHost};
 use capsem_proto::ipc::ClientToProcess;
 use capsem_proto::net::NetToHost;
+use capsem_proto::publish::PublishToHost;
 use capsem_proto::terminal::TermToHost;
 use capsem_proto::Codec;
 
@@ -163,6 +166,19 @@ fn main() {
         },
     ]);
     seeds("net_to_host", &net, NetGuest::MAX_OUTBOUND);
+
+    let publish = stream::<PublishGuest>(&[
+        PublishToHost::Opened {
+            connected: true,
+            reason: String::new(),
+        },
+        PublishToHost::Opened {
+            connected: false,
+            reason: "cannot connect to 127.0.0.1:8000: Connection refused".into(),
+        },
+    ]);
+    seeds("publish_to_host", &publish, PublishGuest::MAX_OUTBOUND);
+    write("publish_to_host", "ok-line", b"OK 1025");
 
     // The frame target: a 2-byte bound, then frames.
     let bound = 64u16.to_be_bytes();

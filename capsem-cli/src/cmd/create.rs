@@ -1,5 +1,5 @@
 //! `capsem create NAME [--cpus N] [--memory MIB] [--disk-size SIZE]
-//! [--image REF [--registry-auth FILE]]`: records a persistent
+//! [--image REF [--registry-auth FILE]] [--net V] [-v SHARE] [-p PORTS]`: records a persistent
 //! VM (`vm.json`), boots it and returns once its agent is ready; the name
 //! goes to stdout. A VM that does not boot stays recorded (the error says
 //! how to read its logs and remove it).
@@ -23,6 +23,7 @@ pub fn run(ctx: &Ctx, args: &CreateArgs) -> Result<Exit, CliError> {
     check_persistent_name(name)?;
     let net = crate::netflags::resolve(&args.new, ctx.vmm)?;
     let shares = crate::share::parse_all(&args.new.volumes, ctx.vmm)?;
+    let publish = crate::publish::resolve(&args.new.publish, ctx.vmm)?;
     let image = crate::vmimage::resolve_new(&ctx.home, &args.new, ctx.vmm)?;
     let _lock = ctx.lock(name)?;
     let dir = ctx.vm_dir(name);
@@ -62,6 +63,7 @@ pub fn run(ctx: &Ctx, args: &CreateArgs) -> Result<Exit, CliError> {
         max_duration_ms: args.max_duration,
         net,
         shares,
+        publish,
     };
     if let Err(e) = capsem_host::vmstate::write_json(&dir.join(VM_FILE), &config) {
         let _ = std::fs::remove_dir_all(&dir);

@@ -42,6 +42,8 @@ pub struct Inspect {
     pub disk: Option<InspectDisk>,
     /// The egress policy as `--net` values; `[]`: `--net none`.
     pub net: Option<Vec<String>>,
+    /// The published ports (`-p`), in order.
+    pub publish: Vec<capsem_host::publish::Publish>,
     pub pids: InspectPids,
     pub agent_connects: u64,
     pub boots: u64,
@@ -129,6 +131,7 @@ impl Inspect {
             shares: config.map(|c| c.shares.clone()).unwrap_or_default(),
             disk: InspectDisk::of(&vm.dir),
             net: config.map(|c| c.net.clone()),
+            publish: config.map(|c| c.publish.clone()).unwrap_or_default(),
             pids: InspectPids {
                 capsem_process: vm
                     .process
@@ -238,6 +241,7 @@ mod tests {
                 "shares": [],
                 "disk": null,
                 "net": [],
+                "publish": [],
                 "pids": {
                     "capsem_process": process.record.pid,
                     "guest": [{ "role": "capsem-agent", "pid": agent.record.pid }],
@@ -259,6 +263,7 @@ mod tests {
         let mut cfg = config("dev", false, None);
         cfg.idle_timeout_ms = Some(5000);
         cfg.max_duration_ms = Some(7_200_000);
+        cfg.publish = vec![capsem_host::publish::Publish::parse("8080:8000").unwrap()];
         let dir = make_vm(home.path(), "dev", Some(&cfg), None);
         let status = VmStatusFile {
             stop_reason: Some("idle timeout 5s".into()),
@@ -271,7 +276,11 @@ mod tests {
         assert_eq!(json["stop_reason"], "idle timeout 5s");
         assert_eq!(json["idle_timeout"], "5s");
         assert_eq!(json["max_duration"], "2h");
+        let port =
+            serde_json::json!([{"host_ip": "127.0.0.1", "host_port": 8080, "guest_port": 8000}]);
+        assert_eq!(json["publish"], port);
         let list = crate::cmd::list::ListEntry::new(&vm);
+        assert_eq!(serde_json::to_value(&list).unwrap()["publish"], port);
         assert_eq!(list.stop_reason.as_deref(), Some("idle timeout 5s"));
         let table = crate::cmd::list::table(&[list]);
         assert!(table.contains("stopped (idle timeout 5s)"), "{table}");

@@ -34,6 +34,8 @@ pub struct ListEntry {
     pub stop_reason: Option<String>,
     /// The host directories shared with the guest (`-v`), in order.
     pub shares: Vec<capsem_host::share::Share>,
+    /// The published ports (`-p`), in order.
+    pub publish: Vec<capsem_host::publish::Publish>,
 }
 
 impl ListEntry {
@@ -49,6 +51,7 @@ impl ListEntry {
             memory_mib: config.map(|c| c.memory_mib),
             stop_reason: vm.stop_reason(),
             shares: config.map(|c| c.shares.clone()).unwrap_or_default(),
+            publish: config.map(|c| c.publish.clone()).unwrap_or_default(),
         }
     }
 
@@ -156,6 +159,7 @@ web                   stopped  persistent  2026-01-02T03:04:05Z
                 "cpus": 2,
                 "memory_mib": 1024,
                 "shares": [],
+                "publish": [],
             })
         );
         assert_eq!(
@@ -169,6 +173,7 @@ web                   stopped  persistent  2026-01-02T03:04:05Z
                 "cpus": null,
                 "memory_mib": null,
                 "shares": [],
+                "publish": [],
             })
         );
         assert_eq!(json.as_array().unwrap().len(), 4);

@@ -30,6 +30,7 @@ pub fn run(
     // Checked before anything is made or pulled; tempvm::start records it.
     let net = crate::netflags::resolve(&args.new, vmm)?;
     let shares = crate::share::parse_all(&args.new.volumes, vmm)?;
+    let publish = crate::publish::resolve(&args.new.publish, vmm)?;
     let home = tempvm::home(home_flag)?;
     let image = crate::vmimage::resolve_new(&home, &args.new, vmm)?;
     if args.cmd.command.is_empty() {
@@ -58,6 +59,7 @@ pub fn run(
             image,
             shares,
             net,
+            publish,
         },
     )? {
         Started::Ready(vm) => vm,

@@ -41,6 +41,7 @@ pub fn run_temporary(
 ) -> Result<Exit, CliError> {
     let net = crate::netflags::resolve(new, vmm)?;
     let shares = crate::share::parse_all(&new.volumes, vmm)?;
+    let publish = crate::publish::resolve(&new.publish, vmm)?;
     let home = tempvm::home(home_flag)?;
     let image = crate::vmimage::resolve_new(&home, new, vmm)?;
     let new = tempvm::NewVm {
@@ -48,6 +49,7 @@ pub fn run_temporary(
         image,
         shares,
         net,
+        publish,
     };
     let mut vm = match tempvm::start(home, vmm, accel, false, None, new)? {
         Started::Ready(vm) => vm,
@@ -101,6 +103,7 @@ pub fn run_named(ctx: &Ctx, name: &str, new: &NewVmArgs) -> Result<Exit, CliErro
         || new.image.is_some()
         || crate::netflags::given(new)
         || !new.volumes.is_empty()
+        || !new.publish.is_empty()
     {
         return Err(CliError::NewVmFlag(name.into()));
     }

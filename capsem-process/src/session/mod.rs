@@ -67,6 +67,8 @@ pub enum SessionError {
     NetHosts(#[from] crate::net::hosts::HostsError),
     #[error(transparent)]
     NetLog(#[from] crate::net::log::NetLogError),
+    #[error(transparent)]
+    Publish(#[from] crate::publish::PublishError),
 }
 
 /// A temporary shell's life.
@@ -109,6 +111,9 @@ pub struct Session {
     events: mpsc::Receiver<Event>,
     accept_stop: crate::accept::Stop,
     accept_tasks: Vec<JoinHandle<()>>,
+    /// The published ports' listeners, stopped first at teardown.
+    publish_stop: crate::accept::Stop,
+    publish_tasks: Vec<JoinHandle<()>>,
     audit_task: JoinHandle<Arc<Mutex<AuditLog>>>,
     ready: ReadyFd,
     boot_deadline: Instant,
@@ -173,6 +178,9 @@ fn listen(path: &Path) -> Result<UnixListener, SessionError> {
 impl Session {
     /// Binds the listeners and starts the reaper; the guest starts in [`Session::run`].
     pub fn new(cfg: Config, dir: VmDir) -> Result<Self, SessionError> {
+        // First: a published port in use is the startup error, before
+        // anything else is started or bound.
+        let published = crate::publish::bind_all(&cfg.publish)?;
         let (token, adopt) = if cfg.adopt {
             let (token, pids) = crate::records::read_adoption(&dir)?;
             (token, Some(pids))
@@ -224,6 +232,22 @@ impl Session {
             net,
             stop.subscribe(),
         )));
+        let publish_stop = crate::accept::Stop::default();
+        let publish_ctx = Arc::new(crate::publish::PublishCtx {
+            token: shared.token.clone(),
+            uds: crate::vmm::jail::jail_dir(dir.root()).join(crate::vmm::qemu::VSOCK_BASE),
+        });
+        let publish_tasks = published
+            .into_iter()
+            .map(|(port, listener)| {
+                tokio::spawn(crate::publish::accept_publish(
+                    listener,
+                    port,
+                    publish_ctx.clone(),
+                    publish_stop.subscribe(),
+                ))
+            })
+            .collect();
         let audit_task = tokio::spawn(crate::audit::accept_audit(
             listen(&dir.audit_sock())?,
             sh.clone(),
@@ -269,6 +293,8 @@ impl Session {
             events,
             accept_stop: stop,
             accept_tasks,
+            publish_stop,
+            publish_tasks,
             audit_task,
             ready: ReadyFd::default(),
             records,

@@ -29,6 +29,14 @@ impl Session {
     /// Stops everything: client, guest, tasks, descendants, files.
     pub(super) async fn teardown(mut self, stop: &Stop) {
         info!("tearing down: {stop}");
+        // 0. The published ports stop answering at once: their listeners
+        //    close and their connections are joined.
+        self.publish_stop.stop();
+        for task in self.publish_tasks.drain(..) {
+            if let Err(e) = task.await {
+                warn!("a publish task failed: {e}");
+            }
+        }
         // 1. An attached client learns why, if the session was lost.
         if let (true, Some(reason)) = (self.client.is_attached(), stop.lost_reason()) {
             let reason = self.with_log_hint(&reason, stop);

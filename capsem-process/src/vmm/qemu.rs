@@ -45,7 +45,7 @@ pub const VHOST_BIN_ENV: &str = "CAPSEM_VHOST_VSOCK_BIN";
 
 /// vhost-device-vsock's `--uds-path`, in the jail: a guest connection to
 /// port P arrives on `vsock.sock_P`, a name of our listener (`jail`).
-const VSOCK_BASE: &str = "vsock.sock";
+pub const VSOCK_BASE: &str = "vsock.sock";
 
 fn backend_err(e: impl std::error::Error) -> VmmError {
     VmmError::Backend(crate::log::chain(&e))
