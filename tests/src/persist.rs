@@ -20,6 +20,18 @@ pub fn capsem(fx: &Fixture, args: &[&str]) -> Output {
     cmd.output().expect("run capsem")
 }
 
+/// Asserts a refusal: exit 125, no stdout, and exactly one stderr line
+/// that starts `capsem: ` and holds `needle`.
+pub fn refused(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(out.stdout.is_empty(), "{:?}", out.stdout);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].starts_with("capsem: "), "{err}");
+    assert!(lines[0].contains(needle), "{needle:?} not in {err}");
+}
+
 /// `capsem <args>`, which must succeed; its stdout.
 pub fn ok(fx: &Fixture, args: &[&str]) -> String {
     let out = capsem(fx, args);

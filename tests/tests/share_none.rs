@@ -3,30 +3,8 @@
 //! leaves no process or VM state behind.
 #![allow(clippy::unwrap_used)]
 
-use std::process::{Output, Stdio};
-
-use capsem_tests::persist::ok;
+use capsem_tests::persist::{capsem, ok, refused};
 use capsem_tests::{Backend, Fixture};
-
-fn capsem(fx: &Fixture, args: &[&str]) -> Output {
-    fx.capsem()
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-/// Exit 125 and exactly one stderr line that starts `capsem: ` and holds
-/// `needle`.
-fn refused(out: &Output, needle: &str) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(125), "{err}");
-    assert!(out.stdout.is_empty(), "{:?}", out.stdout);
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "{err}");
-    assert!(lines[0].starts_with("capsem: "), "{err}");
-    assert!(lines[0].contains(needle), "{needle:?} not in {err}");
-}
 
 #[test]
 fn bad_shares_are_refused_before_anything_boots() {
