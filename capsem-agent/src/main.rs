@@ -82,6 +82,8 @@
 //! * [`publish`]: inside a VM, the listener on vsock port 5008 for the
 //!   host's connections to published ports (`capsem -p`), each dialled to
 //!   127.0.0.1:PORT in the guest and relayed.
+//! * [`relay`]: the byte relay both of those use (first side done, or each
+//!   direction on its own with half-close and an idle bound).
 //! * [`fdio`]: poll, nonblocking reads and writes, cancellable writes, and
 //!   `Blocking`, a cancellable `Read + Write` for the framed adapters.
 
@@ -98,6 +100,7 @@ mod net;
 mod pty;
 mod publish;
 mod reconnect;
+mod relay;
 mod session;
 mod signals;
 mod stop;

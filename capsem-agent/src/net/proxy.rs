@@ -11,19 +11,20 @@
 
 use std::io::{self, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use capsem_proto::net::{HostToNet, NetToHost};
-use nix::sys::socket::{getsockopt, setsockopt, shutdown, sockopt, Shutdown};
+use nix::sys::socket::{getsockopt, setsockopt, sockopt};
 use tracing::{debug, info, warn};
 
 use super::ask::Host;
 use super::dns::Table;
 use super::peek::{self, Peek, MAX_PEEK};
 use crate::fdio;
+use crate::relay::Ends;
 use crate::stop::StopSignal;
 
 /// Connections relayed at once.
@@ -32,8 +33,6 @@ pub const MAX_CONNS: usize = 128;
 pub const PEEK_WAIT: Duration = Duration::from_millis(300);
 /// How long the host may take to decide (it resolves and dials first).
 const VERDICT_WAIT: Duration = Duration::from_secs(15);
-/// Each direction's relay buffer.
-const RELAY_BUF: usize = 16 * 1024;
 /// Once one direction has ended, the relay ends after this long without a
 /// byte: the half-close is sent on, but vhost-device-vsock does not pass a
 /// vsock half-close to the host's socket, so a server waiting for the
@@ -160,7 +159,10 @@ fn connection(
             info!("net: {what} allowed");
             let mut out = fdio::Blocking::new(vsock.as_fd(), stop.fd());
             out.write_all(&peeked)?;
-            relay(stream.as_fd(), vsock, stop.fd())
+            let ends = Ends::Both {
+                idle: IDLE_AFTER_EOF,
+            };
+            crate::relay::relay(stream.as_fd(), vsock.as_fd(), stop.fd(), ends)
         }
         HostToNet::Verdict { reason, .. } => {
             info!("net: {what} denied: {reason}");
@@ -197,95 +199,4 @@ fn peek_name(fd: BorrowedFd<'_>, stop: BorrowedFd<'_>) -> io::Result<(Vec<u8>, O
         }
     }
     Ok((buf, None))
-}
-
-/// One direction of the relay: bytes read but not yet written.
-#[derive(Debug, Default)]
-struct Pipe {
-    buf: Vec<u8>,
-    sent: usize,
-    eof: bool,
-    shut: bool,
-}
-
-impl Pipe {
-    fn empty(&self) -> bool {
-        self.sent == self.buf.len()
-    }
-    fn done(&self) -> bool {
-        self.eof && self.empty()
-    }
-}
-
-/// Moves bytes between `guest` and `host` (both nonblocking) until both
-/// directions ended, one side failed, or `stop`.
-fn relay(guest: BorrowedFd<'_>, host: OwnedFd, stop: BorrowedFd<'_>) -> io::Result<()> {
-    fdio::set_nonblocking(host.as_fd())?;
-    let host = host.as_fd();
-    let mut up = Pipe::default(); // guest -> host
-    let mut down = Pipe::default(); // host -> guest
-    let mut chunk = vec![0u8; RELAY_BUF];
-    while !(up.done() && down.done()) {
-        let want = |p: &Pipe| {
-            if !p.empty() {
-                (0, fdio::OUT)
-            } else if !p.eof {
-                (fdio::IN, 0)
-            } else {
-                (0, 0)
-            }
-        };
-        let (up_in, up_out) = want(&up);
-        let (down_in, down_out) = want(&down);
-        let mut fds = [
-            fdio::pollfd(stop, fdio::IN),
-            fdio::pollfd(guest, up_in | down_out),
-            fdio::pollfd(host, down_in | up_out),
-        ];
-        let idle = (up.eof || down.eof).then(|| Instant::now() + IDLE_AFTER_EOF);
-        if fdio::poll(&mut fds, idle)? == 0 {
-            debug!("net: relay idle {IDLE_AFTER_EOF:?} after one side ended; closing");
-            return Ok(());
-        }
-        if fdio::ready(&fds[0]) {
-            return Ok(());
-        }
-        pump(&mut up, guest, host, &mut chunk)?;
-        pump(&mut down, host, guest, &mut chunk)?;
-    }
-    Ok(())
-}
-
-/// Advances one direction as far as it goes without blocking.
-fn pump(
-    p: &mut Pipe,
-    from: BorrowedFd<'_>,
-    to: BorrowedFd<'_>,
-    chunk: &mut [u8],
-) -> io::Result<()> {
-    if p.empty() && !p.eof {
-        match fdio::read(from, chunk) {
-            Ok(0) => p.eof = true,
-            Ok(n) => {
-                p.buf.clear();
-                p.buf.extend_from_slice(&chunk[..n]);
-                p.sent = 0;
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    while !p.empty() {
-        match fdio::write(to, &p.buf[p.sent..]) {
-            Ok(n) => p.sent += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) => return Err(e),
-        }
-    }
-    if p.done() && !p.shut {
-        p.shut = true;
-        // Half-close: the peer sees EOF, the other direction goes on.
-        let _ = shutdown(std::os::fd::AsRawFd::as_raw_fd(&to), Shutdown::Write);
-    }
-    Ok(())
 }

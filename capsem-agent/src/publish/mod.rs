@@ -4,7 +4,7 @@
 //! published port, and sends one [`HostToPublish::Open`] naming the guest
 //! port. The agent dials 127.0.0.1:PORT in the guest, answers
 //! [`PublishToHost::Opened`], and when connected relays the bytes both
-//! ways ([`relay`]) until either side ends.
+//! ways (`crate::relay`, [`Ends::First`]) until either side ends.
 //!
 //! Only the host's CID is served (a guest process reaching the listener
 //! through vsock loopback is closed at once), the request is read exactly
@@ -18,8 +18,6 @@
 //! [`MAX_CONNS`] at once (more are closed). [`PublishService`] owns them:
 //! its drop triggers the stop and joins the accept thread, which joins
 //! every connection thread.
-
-mod relay;
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -36,6 +34,7 @@ use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrIn, Vsoc
 use tracing::{debug, info, warn};
 
 use crate::fdio::{self, Blocking};
+use crate::relay::Ends;
 use crate::stop::StopSignal;
 use crate::transport::{self, Connected, Transport};
 
@@ -223,9 +222,8 @@ fn connection(vsock: &OwnedFd, token: &str, stop: &StopSignal) -> Result<(), Con
     let frame = Codec::<PublishGuest>::encode(&answer).map_err(ConnError::Frame)?;
     io.write_all(&frame).map_err(ConnError::Write)?;
     match server {
-        Ok(server) => {
-            relay::relay(vsock.as_fd(), server.as_fd(), stop.fd()).map_err(ConnError::Relay)
-        }
+        Ok(server) => crate::relay::relay(vsock.as_fd(), server.as_fd(), stop.fd(), Ends::First)
+            .map_err(ConnError::Relay),
         Err(_) => Ok(()),
     }
 }
