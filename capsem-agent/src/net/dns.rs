@@ -6,8 +6,15 @@
 //!   [`SYNTHETIC`] (198.18.0.0/15), remembered in the [`Table`] so that the
 //!   TCP side maps the address back to the name; other types (`AAAA`...)
 //!   get an empty answer, so clients use IPv4;
-//! * a name the host refuses is NXDOMAIN at once;
+//! * a name the host refuses is NXDOMAIN at once, and remembered (so a
+//!   repeat is NXDOMAIN without asking);
+//! * over the rate of questions to the host: REFUSED at once;
 //! * the host unreachable: SERVFAIL.
+//!
+//! The names not yet seen pass the [`Gate`] (the refused names, the rate,
+//! the once-per-interval log lines) before anything is asked. Queries are
+//! served one at a time from the socket's own bounded receive buffer
+//! (the kernel drops what does not fit), so a flood costs no memory here.
 //!
 //! Messages are parsed and written with `simple-dns`; a query over
 //! [`MAX_QUERY`] bytes or one that does not parse is dropped.
@@ -16,7 +23,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, UdpSocket};
 use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use capsem_proto::net::{HostToNet, NetToHost};
 use simple_dns::rdata::{RData, A};
@@ -24,6 +31,7 @@ use simple_dns::{Packet, PacketFlag, ResourceRecord, CLASS, QTYPE, RCODE, TYPE};
 use tracing::{debug, warn};
 
 use super::ask::Host;
+use super::gate::Gate;
 use crate::fdio;
 use crate::stop::StopSignal;
 
@@ -98,6 +106,8 @@ impl Table {
 pub enum Decision {
     Allowed,
     Denied,
+    /// Over the rate of questions to the host: REFUSED.
+    Throttled,
     Unknown,
 }
 
@@ -129,6 +139,7 @@ pub fn reply(
     r.questions.push(question.clone());
     match decision {
         Decision::Denied => *r.rcode_mut() = RCODE::NameError,
+        Decision::Throttled => *r.rcode_mut() = RCODE::Refused,
         Decision::Unknown => *r.rcode_mut() = RCODE::ServerFailure,
         Decision::Allowed => {
             let ip = lock(table).insert(&name);
@@ -150,15 +161,18 @@ fn lock(table: &Mutex<Table>) -> std::sync::MutexGuard<'_, Table> {
 }
 
 /// Serves `socket` until `stop`, one query at a time (a flood waits its
-/// turn; memory stays flat).
+/// turn in the socket's buffer; memory stays flat).
 pub fn serve(socket: &UdpSocket, table: &Arc<Mutex<Table>>, host: &Host, stop: &StopSignal) {
     let mut buf = vec![0u8; MAX_QUERY];
+    let mut gate = Gate::new(Instant::now());
     loop {
+        let now = Instant::now();
+        gate.report(now);
         let mut fds = [
             fdio::pollfd(stop.fd(), fdio::IN),
             fdio::pollfd(socket.as_fd(), fdio::IN),
         ];
-        if let Err(e) = fdio::poll(&mut fds, None) {
+        if let Err(e) = fdio::poll(&mut fds, gate.deadline(now)) {
             warn!("dns: poll failed: {e}");
             return;
         }
@@ -173,7 +187,8 @@ pub fn serve(socket: &UdpSocket, table: &Arc<Mutex<Table>>, host: &Host, stop: &
                 continue;
             }
         };
-        let mut decide = |name: &str| ask(host, name, stop);
+        let mut decide =
+            |name: &str| gate.decide(name, Instant::now(), &mut |n: &str| ask(host, n, stop));
         if let Some(bytes) = reply(&buf[..n], table, &mut decide) {
             if let Err(e) = socket.send_to(&bytes, peer) {
                 debug!("dns: cannot answer {peer}: {e}");
@@ -182,22 +197,19 @@ pub fn serve(socket: &UdpSocket, table: &Arc<Mutex<Table>>, host: &Host, stop: &
     }
 }
 
-fn ask(host: &Host, name: &str, stop: &StopSignal) -> Decision {
+/// The host's answer: whether `name` may resolve, or why there is none.
+fn ask(host: &Host, name: &str, stop: &StopSignal) -> Result<bool, String> {
     let question = NetToHost::Resolve {
         token: host.token.clone(),
         name: name.to_owned(),
     };
     match host.ask(&question, stop.fd(), ASK_WAIT) {
-        Ok((_, HostToNet::Resolved { allowed: true })) => Decision::Allowed,
-        Ok((_, HostToNet::Resolved { allowed: false })) => Decision::Denied,
-        Ok((_, other)) => {
-            warn!("dns: unexpected answer {other:?}");
-            Decision::Unknown
-        }
-        Err(e) => {
-            warn!("dns: cannot ask the host about {name}: {e}");
-            Decision::Unknown
-        }
+        Ok((_, HostToNet::Resolved { allowed })) => Ok(allowed),
+        Ok((_, other)) => Err(format!("unexpected answer {other:?}")),
+        Err(e) => Err(format!(
+            "cannot ask about {name}: {}",
+            crate::session::chain(&e)
+        )),
     }
 }
 
@@ -255,6 +267,14 @@ mod tests {
             Packet::parse(&r.unwrap()).unwrap().rcode(),
             RCODE::ServerFailure
         );
+        let r = reply(&query("d.example", TYPE::A), &table, &mut |_| {
+            Decision::Throttled
+        });
+        let r = r.unwrap();
+        let p = Packet::parse(&r).unwrap();
+        assert_eq!(p.rcode(), RCODE::Refused);
+        assert!(p.answers.is_empty());
+        assert!(!table.lock().unwrap().contains("d.example"));
     }
 
     #[test]
