@@ -1,10 +1,11 @@
 //! What stands between the resolver and the host for a name it has not
 //! seen: the names the host refused ([`Refused`], bounded, answered
 //! NXDOMAIN again without asking), then a token bucket ([`ASK_PER_SEC`],
-//! [`ASK_BURST`]) on the questions to the host; a name over it is REFUSED
-//! at once, never queued. Throttled queries and failed questions are
-//! counted and logged once per [`SUMMARY_EVERY`] ([`Gate::report`]), never
-//! a line per query.
+//! [`ASK_BURST`]) on the questions to the host, then room among the
+//! questions waiting for an asker ([`dns::ASK_QUEUE`](super::dns::ASK_QUEUE)).
+//! A name over either is REFUSED at once, never queued. Throttled queries
+//! and failed questions are counted and logged once per [`SUMMARY_EVERY`]
+//! ([`Gate::report`]), never a line per query.
 
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -12,12 +13,14 @@ use std::time::{Duration, Instant};
 use capsem_net::rate::{Bucket, Summary};
 use tracing::warn;
 
-use super::dns::Decision;
+use super::dns::{Decision, ASK_QUEUE};
 
-/// Questions to the host a second, sustained.
-pub const ASK_PER_SEC: u32 = 200;
+/// Questions to the host a second, sustained: new names only (a known or
+/// refused name costs none), and each question is a vsock connection,
+/// which under TCG costs the guest milliseconds of CPU.
+pub const ASK_PER_SEC: u32 = 50;
 /// Questions to the host at once, after a quiet spell.
-pub const ASK_BURST: u32 = 400;
+pub const ASK_BURST: u32 = 200;
 /// Refused names remembered; the oldest is forgotten first.
 pub const MAX_REFUSED: usize = 4096;
 /// At most one log line per kind of trouble this often.
@@ -59,6 +62,17 @@ impl Refused {
     }
 }
 
+/// What [`Gate::admit`] says about a name not seen yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// The host refused it before: NXDOMAIN.
+    Denied,
+    /// Over the rate: REFUSED.
+    Throttled,
+    /// Ask the host.
+    Ask,
+}
+
 /// The refused names, the bucket, and the counts to report.
 #[derive(Debug)]
 pub struct Gate {
@@ -84,22 +98,28 @@ impl Gate {
         }
     }
 
-    /// Decides a name the resolver has not seen: a remembered refusal,
-    /// else over the rate (throttled), else the host's answer from `ask`.
-    pub fn decide(
-        &mut self,
-        name: &str,
-        now: Instant,
-        ask: &mut dyn FnMut(&str) -> Result<bool, String>,
-    ) -> Decision {
+    /// What to do with a name the resolver has not seen: a remembered
+    /// refusal, over the rate (counted), or ask the host.
+    pub fn admit(&mut self, name: &str, now: Instant) -> Admit {
         if self.refused.contains(name) {
-            return Decision::Denied;
+            return Admit::Denied;
         }
         if !self.bucket.take(now) {
             self.throttled.add(1);
-            return Decision::Throttled;
+            return Admit::Throttled;
         }
-        match ask(name) {
+        Admit::Ask
+    }
+
+    /// A name admitted that found no room among the waiting questions:
+    /// counted with the throttled ones.
+    pub fn busy(&mut self) {
+        self.throttled.add(1);
+    }
+
+    /// The host's answer about `name` (or why there is none), remembered.
+    pub fn answered(&mut self, name: &str, answer: Result<bool, String>) -> Decision {
+        match answer {
             Ok(true) => Decision::Allowed,
             Ok(false) => {
                 self.refused.insert(name);
@@ -119,7 +139,7 @@ impl Gate {
         let mut lines = Vec::new();
         if let Some(n) = self.throttled.due(now) {
             lines.push(format!(
-                "dns: {n} queries refused: over {} questions to the host a second (reported at most every {SUMMARY_EVERY:?})",
+                "dns: {n} queries refused: over {} questions to the host a second, or {ASK_QUEUE} waiting (reported at most every {SUMMARY_EVERY:?})",
                 self.bucket.per_sec()
             ));
         }
@@ -148,6 +168,23 @@ impl Gate {
 mod tests {
     use super::*;
 
+    /// `decide` as the resolver does it, the host's answer from `ask`.
+    fn decide(
+        g: &mut Gate,
+        name: &str,
+        now: Instant,
+        ask: &mut dyn FnMut(&str) -> Result<bool, String>,
+    ) -> Decision {
+        match g.admit(name, now) {
+            Admit::Denied => Decision::Denied,
+            Admit::Throttled => Decision::Throttled,
+            Admit::Ask => {
+                let answer = ask(name);
+                g.answered(name, answer)
+            }
+        }
+    }
+
     #[test]
     fn refusals_are_remembered_and_the_rest_is_rate_limited() {
         let t0 = Instant::now();
@@ -157,24 +194,24 @@ mod tests {
             asked.borrow_mut().push(n.to_owned());
             Ok(n.starts_with("ok"))
         };
-        assert_eq!(g.decide("no1", t0, &mut ask), Decision::Denied);
+        assert_eq!(decide(&mut g, "no1", t0, &mut ask), Decision::Denied);
         // A repeat costs no question and no token.
         for _ in 0..100 {
-            assert_eq!(g.decide("no1", t0, &mut ask), Decision::Denied);
+            assert_eq!(decide(&mut g, "no1", t0, &mut ask), Decision::Denied);
         }
-        assert_eq!(g.decide("ok1", t0, &mut ask), Decision::Allowed);
-        assert_eq!(g.decide("no2", t0, &mut ask), Decision::Denied);
+        assert_eq!(decide(&mut g, "ok1", t0, &mut ask), Decision::Allowed);
+        assert_eq!(decide(&mut g, "no2", t0, &mut ask), Decision::Denied);
         // The burst (3) is spent: throttled at once, not asked.
-        assert_eq!(g.decide("ok2", t0, &mut ask), Decision::Throttled);
-        assert_eq!(g.decide("no3", t0, &mut ask), Decision::Throttled);
+        assert_eq!(decide(&mut g, "ok2", t0, &mut ask), Decision::Throttled);
+        assert_eq!(decide(&mut g, "no3", t0, &mut ask), Decision::Throttled);
         assert_eq!(*asked.borrow(), ["no1", "ok1", "no2"]);
         // 100 ms at 10/s: one more question.
         let t1 = t0 + Duration::from_millis(100);
-        assert_eq!(g.decide("no3", t1, &mut ask), Decision::Denied);
+        assert_eq!(decide(&mut g, "no3", t1, &mut ask), Decision::Denied);
         // Bounded (cap 2): no1 was forgotten for no3, so it needs a token
         // again, and there is none.
-        assert_eq!(g.decide("no2", t1, &mut ask), Decision::Denied);
-        assert_eq!(g.decide("no1", t1, &mut ask), Decision::Throttled);
+        assert_eq!(decide(&mut g, "no2", t1, &mut ask), Decision::Denied);
+        assert_eq!(decide(&mut g, "no1", t1, &mut ask), Decision::Throttled);
     }
 
     #[test]
@@ -184,17 +221,18 @@ mod tests {
         let mut ask = |_: &str| Err("the host is gone".to_owned());
         assert!(g.report(t0).is_empty());
         assert_eq!(g.deadline(t0), None);
-        assert_eq!(g.decide("a", t0, &mut ask), Decision::Unknown);
+        assert_eq!(decide(&mut g, "a", t0, &mut ask), Decision::Unknown);
         for i in 0..100_000 {
             assert_eq!(
-                g.decide(&format!("n{i}"), t0, &mut ask),
+                decide(&mut g, &format!("n{i}"), t0, &mut ask),
                 Decision::Throttled
             );
         }
+        g.busy();
         let lines = g.report(t0);
         assert_eq!(lines.len(), 2, "{lines:?}");
         assert!(
-            lines[0].starts_with("dns: 100000 queries refused"),
+            lines[0].starts_with("dns: 100001 queries refused"),
             "{lines:?}"
         );
         assert!(
@@ -203,7 +241,7 @@ mod tests {
         );
         assert!(lines[1].contains("the host is gone"), "{lines:?}");
         for i in 0..10 {
-            let _ = g.decide(&format!("m{i}"), t0, &mut ask);
+            let _ = decide(&mut g, &format!("m{i}"), t0, &mut ask);
         }
         assert!(g.report(t0 + Duration::from_secs(1)).is_empty());
         assert_eq!(g.deadline(t0), Some(t0 + SUMMARY_EVERY));
