@@ -14,6 +14,10 @@
 //!   one `net.jsonl` record with its `count`. So a flood writes a line and
 //!   a record per interval, never one per question.
 //!
+//! `$CAPSEM_NET_RATE=N` (tests; a number from 1) sets both buckets to `N`
+//! a second and `2N` at once, so that a test under TCG, whose guest cannot
+//! reach the real rates, still meets them.
+//!
 //! The system resolver's lookups at once are bounded separately
 //! ([`super::MAX_LOOKUPS`], in `conn.rs`).
 
@@ -22,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use capsem_net::rate::{Bucket, Summary};
 
-/// `Resolve` questions a second, sustained, per VM (above the agent's own
-/// 200, so an honest agent never meets it).
+/// `Resolve` questions a second, sustained, per VM (well above the agent's
+/// own 50, so an honest agent never meets it).
 pub const RESOLVE_PER_SEC: u32 = 500;
 /// `Resolve` questions at once after a quiet spell.
 pub const RESOLVE_BURST: u32 = 1000;
@@ -33,6 +37,8 @@ pub const CONNECT_PER_SEC: u32 = 500;
 pub const CONNECT_BURST: u32 = 1000;
 /// At most one report per kind this often.
 pub const SUMMARY_EVERY: Duration = Duration::from_secs(5);
+/// Overrides both buckets (tests): `N` a second, `2N` at once.
+pub const RATE_ENV: &str = "CAPSEM_NET_RATE";
 
 /// Which bucket a question takes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +87,21 @@ impl Limiter {
             (CONNECT_PER_SEC, CONNECT_BURST),
             now,
         )
+    }
+
+    /// The real rates, or [`RATE_ENV`]'s.
+    pub fn from_env(now: Instant) -> Self {
+        match Self::rate_override(std::env::var(RATE_ENV).ok().as_deref()) {
+            Some(n) => Self::with((n, 2 * n), (n, 2 * n), now),
+            None => Self::new(now),
+        }
+    }
+
+    fn rate_override(value: Option<&str>) -> Option<u32> {
+        value?
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=1_000_000).contains(n))
     }
 
     /// Buckets of `(per_sec, burst)`.
@@ -171,5 +192,20 @@ mod tests {
         // The bucket refilled: questions go through again.
         assert!(l.admit(Kind::Resolve, later));
         assert_eq!(Kind::Connect.as_str(), "connect");
+    }
+
+    #[test]
+    fn the_rate_override() {
+        assert_eq!(Limiter::rate_override(Some("20")), Some(20));
+        for bad in [
+            None,
+            Some(""),
+            Some("0"),
+            Some("-1"),
+            Some("x"),
+            Some("2000000"),
+        ] {
+            assert_eq!(Limiter::rate_override(bad), None, "{bad:?}");
+        }
     }
 }

@@ -82,7 +82,7 @@ impl NetCtx {
             policy,
             hosts,
             log: Mutex::new(log),
-            limiter: limit::Limiter::new(Instant::now()),
+            limiter: limit::Limiter::from_env(Instant::now()),
             lookups: Arc::new(Semaphore::new(MAX_LOOKUPS)),
         }
     }
