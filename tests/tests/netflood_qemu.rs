@@ -561,6 +561,12 @@ fn floods_of_connections_and_dns_queries_leave_the_host_responsive_and_flat() {
     let peak = conns.peak.max(dns.peak).max(bypass.peak);
     let vsock_peak = conns.vsock_peak.max(dns.vsock_peak).max(bypass.vsock_peak);
     eprintln!("figures:");
+    for (what, f) in [("connections", &conns), ("dns", &dns), ("bypass", &bypass)] {
+        eprintln!(
+            "  during {what}: capsem-process {:?}, vhost-device-vsock {:?}",
+            f.peak, f.vsock_peak
+        );
+    }
     eprintln!("  capsem-process: baseline {base:?}, peak {peak:?}, settled {last:?}");
     eprintln!(
         "  vhost-device-vsock: baseline {vsock_base:?}, peak {vsock_peak:?}, settled {vsock_last:?}"
