@@ -10,12 +10,15 @@
 //!   asks (may this name be resolved? may this resolved address be dialled?)
 //!   and the [`policy::Verdict`] that names the rule that decided.
 //! - [`file`]: `--net-policy FILE`, TOML or JSON.
+//! - [`rate`]: the token bucket and the once-per-interval count that bound
+//!   a guest's flood of questions (the agent's and the host's).
 //!
 //! Everything here is pure: no sockets, no resolver, no clock.
 
 pub mod file;
 pub mod policy;
 pub mod ranges;
+pub mod rate;
 pub mod rule;
 
 pub use policy::{Policy, Verdict};

@@ -3,12 +3,14 @@
 //! number of connections served at once (one task each, owned by a
 //! `JoinSet`), a capped backoff after an accept error (EMFILE must not
 //! spin), and a stop signal that ends the loop and joins every connection
-//! task.
+//! task. The connections closed over the bound are one log line per
+//! [`REJECTED_EVERY`] with their count (the first at once), not a line each.
 
 use std::future::Future;
 use std::io;
 use std::time::Duration;
 
+use capsem_net::rate::Summary;
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -17,6 +19,8 @@ use tracing::warn;
 /// First wait after a failed accept; doubles up to [`BACKOFF_MAX`].
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// At most one line this often about the connections closed over the bound.
+pub const REJECTED_EVERY: Duration = Duration::from_secs(5);
 
 /// A listener's name (for logs) and how many connections it serves at once.
 #[derive(Debug, Clone, Copy)]
@@ -87,17 +91,23 @@ pub async fn serve<L, F, Fut>(
 {
     let mut conns = JoinSet::new();
     let mut backoff = BACKOFF_MIN;
+    let mut rejected = Summary::new(REJECTED_EVERY);
     loop {
+        let report_at = rejected
+            .deadline(std::time::Instant::now())
+            .map(tokio::time::Instant::from_std);
         tokio::select! {
             () = stopped(&mut stop) => break,
+            () = sleep_until(report_at), if report_at.is_some() => {
+                report_rejected(&mut rejected, limits, std::time::Instant::now());
+            }
             accepted = listener.next() => match accepted {
                 Ok(stream) => {
                     backoff = BACKOFF_MIN;
                     if conns.len() >= limits.max_conns {
-                        warn!(
-                            "{} connection rejected: {} already in progress",
-                            limits.name, limits.max_conns
-                        );
+                        drop(stream);
+                        rejected.add(1);
+                        report_rejected(&mut rejected, limits, std::time::Instant::now());
                         continue;
                     }
                     conns.spawn(handle(stream));
@@ -119,6 +129,28 @@ pub async fn serve<L, F, Fut>(
         }
     }
     conns.shutdown().await;
+    report_rejected(
+        &mut rejected,
+        limits,
+        std::time::Instant::now() + REJECTED_EVERY,
+    );
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Logs the rejections counted, if a line is due.
+fn report_rejected(rejected: &mut Summary, limits: Limits, now: std::time::Instant) {
+    if let Some(n) = rejected.due(now) {
+        warn!(
+            "{} connection rejected: {} already in progress ({n} closed since the last such line)",
+            limits.name, limits.max_conns
+        );
+    }
 }
 
 #[cfg(test)]

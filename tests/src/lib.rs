@@ -10,6 +10,8 @@
 //!   the test fails), IPC requests to a VM's capsem-process, and the
 //!   nothing-left-behind check.
 //! * [`cp`]: `capsem cp` scenarios, hostile guest streams included.
+//! * [`net`]: a loopback HTTP server, `net.jsonl` records, `curl` in the
+//!   guest, for the network tests.
 //! * [`registry`]: a loopback `docker-registry` for the OCI image tests.
 //! * [`stages`]: where a temporary VM's time went, from the logs it left
 //!   (capsem-bench's `run` breakdown).
@@ -22,6 +24,7 @@
 
 pub mod cp;
 pub mod fixture;
+pub mod net;
 pub mod netserve;
 pub mod persist;
 pub mod procs;

@@ -142,6 +142,41 @@ pub fn thread_and_fd_counts(pid: u32) -> std::io::Result<(usize, usize)> {
     Ok((threads, fds))
 }
 
+/// What a process holds: threads, open fds, resident memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub threads: usize,
+    pub fds: usize,
+    pub rss_kib: u64,
+}
+
+impl Usage {
+    /// Now, from `/proc/PID/{task,fd,status}` (`VmRSS`).
+    pub fn of(pid: i32) -> std::io::Result<Self> {
+        let (threads, fds) = thread_and_fd_counts(pid as u32)?;
+        let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let rss_kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("no VmRSS for {pid}")))?;
+        Ok(Self {
+            threads,
+            fds,
+            rss_kib,
+        })
+    }
+
+    /// The larger of each count.
+    pub fn max(self, other: Self) -> Self {
+        Self {
+            threads: self.threads.max(other.threads),
+            fds: self.fds.max(other.fds),
+            rss_kib: self.rss_kib.max(other.rss_kib),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

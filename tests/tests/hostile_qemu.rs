@@ -17,7 +17,7 @@ use std::time::Duration;
 use capsem_proto::guest::{PORT_AUDIT, PORT_CONTROL, PORT_EXEC, PORT_TERMINAL};
 use capsem_tests::fixture::wait_until;
 use capsem_tests::persist::{attach, exec, guest_pids, ok, process_pid, vm_dir, DETACH};
-use capsem_tests::procs::thread_and_fd_counts;
+use capsem_tests::procs::Usage;
 use capsem_tests::scenarios::{step, wait_ready};
 use capsem_tests::{Backend, Fixture};
 
@@ -85,26 +85,8 @@ for port in map(int, sys.argv[2:]):
     print(f'{port} opened={opened} sent={sent}', flush=True)
 "#;
 
-#[derive(Debug, Clone, Copy)]
-struct Usage {
-    threads: usize,
-    fds: usize,
-    rss_kib: u64,
-}
-
 fn usage(pid: i32) -> Usage {
-    let (threads, fds) = thread_and_fd_counts(pid as u32).unwrap();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let rss_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    Usage {
-        threads,
-        fds,
-        rss_kib,
-    }
+    Usage::of(pid).unwrap()
 }
 
 fn within(now: Usage, base: Usage) -> bool {

@@ -9,117 +9,11 @@
 //! `CAPSEM_SKIP_VM_TESTS=1 scripts/test.sh` leaves them out.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-
+use capsem_tests::net::{curl, records, Server, BODY};
 use capsem_tests::persist::{capsem, exec, inspect, ok, vm_dir};
 use capsem_tests::{Backend, Fixture};
 
 const B: Backend = Backend::Qemu;
-const BODY: &str = "hello from the host's loopback";
-
-/// A loopback HTTP/1.0 server: counts connections and keeps each Host.
-struct Server {
-    port: u16,
-    conns: Arc<AtomicUsize>,
-    hosts: Arc<Mutex<Vec<String>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Server {
-    fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let conns = Arc::new(AtomicUsize::new(0));
-        let hosts = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (c, h, s) = (conns.clone(), hosts.clone(), stop.clone());
-        let thread = std::thread::Builder::new()
-            .name("http-server".into())
-            .spawn(move || {
-                for stream in listener.incoming() {
-                    if s.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    let Ok(mut stream) = stream else { continue };
-                    // A client that never finishes its head (a TLS hello
-                    // here) cannot hold the server past this.
-                    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(20)));
-                    c.fetch_add(1, Ordering::SeqCst);
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
-                        match stream.read(&mut byte) {
-                            Ok(1) => head.push(byte[0]),
-                            _ => break,
-                        }
-                    }
-                    let text = String::from_utf8_lossy(&head).into_owned();
-                    if let Some(host) = text
-                        .lines()
-                        .find_map(|l| l.strip_prefix("Host: ").or(l.strip_prefix("host: ")))
-                    {
-                        h.lock().unwrap().push(host.trim().to_owned());
-                    }
-                    let reply = format!(
-                        "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{BODY}",
-                        BODY.len()
-                    );
-                    let _ = stream.write_all(reply.as_bytes());
-                }
-            })
-            .unwrap();
-        Self {
-            port,
-            conns,
-            hosts,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn conns(&self) -> usize {
-        self.conns.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // Wakes the accept so the thread sees the stop and is joined.
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// `net.jsonl` as JSON values.
-fn records(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("net.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-/// `curl` in the guest: (exit code, stdout, stderr).
-fn curl(fx: &Fixture, name: &str, args: &[&str]) -> (Option<i32>, String, String) {
-    let mut all = vec!["--", "curl", "-sS", "--max-time", "20"];
-    all.extend_from_slice(args);
-    let out = exec(fx, name, &all, b"");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn allowed_names_connect_and_everything_else_is_refused_and_recorded() {
     let fx = Fixture::new("net_vm", B);

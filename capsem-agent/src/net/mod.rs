@@ -7,6 +7,8 @@
 //!
 //! * [`dns`]: the resolver on [`DNS_ADDR`] (synthetic addresses for the
 //!   names the host allows, NXDOMAIN for the others);
+//! * [`gate`]: the resolver's bounds on its questions to the host (the
+//!   refused names remembered, a rate, one log line per interval);
 //! * [`proxy`]: the TCP side on [`PROXY_ADDR`] (original destination, SNI
 //!   or Host, the host's verdict, the relay);
 //! * [`peek`]: SNI and Host from a connection's first bytes;
@@ -19,6 +21,7 @@
 
 mod ask;
 pub mod dns;
+pub mod gate;
 mod peek;
 pub mod proxy;
 

@@ -8,6 +8,11 @@
 //! bounded buffer per direction, in one poll loop that also watches the
 //! stop signal (and, once one side ended, an idle bound,
 //! [`IDLE_AFTER_EOF`]). A denied connection is reset at once.
+//!
+//! A flood logs no line per connection: the verdicts are debug lines, and
+//! the resets over [`MAX_CONNS`] and the failed questions to the host are
+//! counted ([`Trouble`]) and logged at most once per
+//! [`gate::SUMMARY_EVERY`](super::gate::SUMMARY_EVERY) each.
 
 use std::io::{self, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -16,12 +21,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use capsem_net::rate::Summary;
 use capsem_proto::net::{HostToNet, NetToHost};
 use nix::sys::socket::{getsockopt, setsockopt, sockopt};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::ask::Host;
 use super::dns::Table;
+use super::gate::SUMMARY_EVERY;
 use super::peek::{self, Peek, MAX_PEEK};
 use crate::fdio;
 use crate::relay::Ends;
@@ -39,6 +46,68 @@ const VERDICT_WAIT: Duration = Duration::from_secs(15);
 /// client's EOF would otherwise hold both ends forever.
 const IDLE_AFTER_EOF: Duration = Duration::from_secs(10);
 
+/// What went wrong with connections, counted between log lines.
+#[derive(Debug)]
+pub struct Trouble {
+    full: Summary,
+    failed: Summary,
+    last_failure: Option<String>,
+}
+
+impl Default for Trouble {
+    fn default() -> Self {
+        Self {
+            full: Summary::new(SUMMARY_EVERY),
+            failed: Summary::new(SUMMARY_EVERY),
+            last_failure: None,
+        }
+    }
+}
+
+impl Trouble {
+    /// A connection reset because [`MAX_CONNS`] were in progress.
+    pub fn full(&mut self) {
+        self.full.add(1);
+    }
+
+    /// A question to the host that got no verdict.
+    pub fn failed(&mut self, why: String) {
+        self.failed.add(1);
+        self.last_failure = Some(why);
+    }
+
+    /// The lines due now (also logged).
+    pub fn report(&mut self, now: Instant) -> Vec<String> {
+        let mut lines = Vec::new();
+        if let Some(n) = self.full.due(now) {
+            lines.push(format!(
+                "net: {n} connections reset: {MAX_CONNS} already in progress"
+            ));
+        }
+        if let Some(n) = self.failed.due(now) {
+            let last = self.last_failure.take().unwrap_or_default();
+            lines.push(format!(
+                "net: {n} connections reset: no verdict from the host; the last: {last}"
+            ));
+        }
+        for l in &lines {
+            warn!("{l}");
+        }
+        lines
+    }
+
+    pub fn deadline(&self, now: Instant) -> Option<Instant> {
+        match (self.full.deadline(now), self.failed.deadline(now)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+fn lock(t: &Mutex<Trouble>) -> std::sync::MutexGuard<'_, Trouble> {
+    t.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Accepts until `stop`; every connection thread is joined before it returns.
 pub fn serve(
     listener: &TcpListener,
@@ -48,12 +117,20 @@ pub fn serve(
 ) {
     let own = listener.local_addr().ok();
     let mut conns: Vec<JoinHandle<()>> = Vec::new();
+    let trouble = Arc::new(Mutex::new(Trouble::default()));
     loop {
+        let now = Instant::now();
+        let deadline = {
+            let mut t = lock(&trouble);
+            t.report(now);
+            // Connection threads count too: look again within the interval.
+            Some(t.deadline(now).unwrap_or(now + SUMMARY_EVERY))
+        };
         let mut fds = [
             fdio::pollfd(stop.fd(), fdio::IN),
             fdio::pollfd(listener.as_fd(), fdio::IN),
         ];
-        if let Err(e) = fdio::poll(&mut fds, None) {
+        if let Err(e) = fdio::poll(&mut fds, deadline) {
             warn!("net: poll failed: {e}");
             break;
         }
@@ -70,15 +147,16 @@ pub fn serve(
         };
         conns.retain(|h| !h.is_finished());
         if conns.len() >= MAX_CONNS {
-            warn!("net: {MAX_CONNS} connections in progress; resetting a new one");
+            lock(&trouble).full();
             reset(stream);
             continue;
         }
         let (table, host, stop) = (table.clone(), host.clone(), stop.clone());
+        let t = trouble.clone();
         let spawned = std::thread::Builder::new()
             .name("net-conn".into())
             .spawn(move || {
-                if let Err(e) = connection(stream, own, &table, &host, &stop) {
+                if let Err(e) = connection(stream, own, &table, &host, &stop, &t) {
                     debug!("net: connection ended: {e}");
                 }
             });
@@ -92,6 +170,7 @@ pub fn serve(
     for h in conns {
         let _ = h.join();
     }
+    lock(&trouble).report(Instant::now() + SUMMARY_EVERY);
 }
 
 /// Closes with a RST (SO_LINGER 0) instead of a FIN: refused at once.
@@ -120,6 +199,7 @@ fn connection(
     table: &Mutex<Table>,
     host: &Host,
     stop: &StopSignal,
+    trouble: &Mutex<Trouble>,
 ) -> io::Result<()> {
     let dst = original_dst(&stream)?;
     if Some(dst) == own {
@@ -146,7 +226,9 @@ fn connection(
     let (vsock, answer) = match host.ask(&question, stop.fd(), VERDICT_WAIT) {
         Ok(got) => got,
         Err(e) => {
-            warn!("net: cannot ask the host about {dst}: {e}");
+            let why = format!("{dst}: {}", crate::session::chain(&e));
+            debug!("net: no verdict for {why}");
+            lock(trouble).failed(why);
             reset(stream);
             return Ok(());
         }
@@ -156,7 +238,7 @@ fn connection(
         .map_or_else(|| dst.to_string(), |n| format!("{n}:{}", dst.port()));
     match answer {
         HostToNet::Verdict { allowed: true, .. } => {
-            info!("net: {what} allowed");
+            debug!("net: {what} allowed");
             let mut out = fdio::Blocking::new(vsock.as_fd(), stop.fd());
             out.write_all(&peeked)?;
             let ends = Ends::Both {
@@ -165,7 +247,7 @@ fn connection(
             crate::relay::relay(stream.as_fd(), vsock.as_fd(), stop.fd(), ends)
         }
         HostToNet::Verdict { reason, .. } => {
-            info!("net: {what} denied: {reason}");
+            debug!("net: {what} denied: {reason}");
             reset(stream);
             Ok(())
         }

@@ -14,7 +14,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::watch;
 
-use super::{NetCtx, NetRecord, DIAL_WAIT, HEADER_WAIT, RELAY_BUF, RESOLVE_WAIT};
+use super::limit::Kind;
+use super::{NetCtx, NetRecord, DIAL_WAIT, HEADER_WAIT, MAX_LOOKUPS, RELAY_BUF, RESOLVE_WAIT};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
@@ -92,6 +93,10 @@ pub async fn serve(
         return Err(ConnError::Bounds);
     }
     let start = Instant::now();
+    if !ctx.limiter.admit(kind(&question), start) {
+        ctx.report(start);
+        return refuse(&mut stream, &question).await;
+    }
     let time = capsem_host::vmstate::now_rfc3339();
     match question {
         NetToHost::Resolve { name, .. } => {
@@ -115,6 +120,7 @@ pub async fn serve(
                     bytes_out: 0,
                     bytes_in: 0,
                     duration_ms: 0,
+                    count: None,
                 });
             }
             answer(&mut stream, &HostToNet::Resolved { allowed }).await
@@ -139,6 +145,7 @@ pub async fn serve(
                 bytes_out: 0,
                 bytes_in: 0,
                 duration_ms: 0,
+                count: None,
             };
             let result = match decide(ctx, &record).await {
                 Ok((server, because)) => {
@@ -159,6 +166,29 @@ pub async fn serve(
             record.duration_ms = start.elapsed().as_millis() as u64;
             ctx.record(&record);
             result
+        }
+    }
+}
+
+fn kind(q: &NetToHost) -> Kind {
+    match q {
+        NetToHost::Resolve { .. } => Kind::Resolve,
+        NetToHost::Connect { .. } => Kind::Connect,
+    }
+}
+
+/// The quick answer to a question over the rate: a `Resolve` is closed
+/// unanswered (the agent's SERVFAIL, which it does not remember as a
+/// refusal), a `Connect` denied before any lookup or dial.
+async fn refuse(stream: &mut UnixStream, q: &NetToHost) -> Result<(), ConnError> {
+    match q {
+        NetToHost::Resolve { .. } => Ok(()),
+        NetToHost::Connect { .. } => {
+            let verdict = HostToNet::Verdict {
+                allowed: false,
+                reason: "rate limit: too many connections a second".into(),
+            };
+            answer(stream, &verdict).await
         }
     }
 }
@@ -200,16 +230,30 @@ async fn decide(ctx: &NetCtx, r: &NetRecord) -> Result<(TcpStream, String), Stri
         .unwrap_or_else(|| "the name has no address".into()))
 }
 
-/// The name's addresses: the test override, else the system resolver.
+/// The name's addresses: the test override, else the system resolver on
+/// a blocking thread that holds one of [`super::MAX_LOOKUPS`] permits
+/// until the resolver returns (a timeout here ends the wait, not the
+/// lookup).
 async fn resolve(ctx: &NetCtx, name: &str, port: u16) -> Result<Vec<IpAddr>, String> {
     if let Some(listed) = ctx.hosts.lookup(name) {
         return Ok(listed.to_vec());
     }
-    let found = tokio::time::timeout(RESOLVE_WAIT, tokio::net::lookup_host((name, port)))
+    let permit = ctx
+        .lookups
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| format!("{MAX_LOOKUPS} names are being resolved already"))?;
+    let owned = name.to_owned();
+    let lookup = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        std::net::ToSocketAddrs::to_socket_addrs(&(owned.as_str(), port))
+            .map(|found| found.map(|a| a.ip()).collect::<Vec<_>>())
+    });
+    tokio::time::timeout(RESOLVE_WAIT, lookup)
         .await
         .map_err(|_| format!("resolving {name} timed out"))?
-        .map_err(|e| format!("cannot resolve {name}: {e}"))?;
-    Ok(found.map(|a| a.ip()).collect())
+        .map_err(|e| format!("cannot resolve {name}: {e}"))?
+        .map_err(|e| format!("cannot resolve {name}: {e}"))
 }
 
 /// Sends the allowing verdict and relays until either side closes or the
@@ -244,16 +288,16 @@ mod tests {
     use super::*;
     use crate::net::{Hosts, NetLog};
     use capsem_proto::frame::NetGuest;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
 
     fn ctx(dir: &std::path::Path, port: u16) -> Arc<NetCtx> {
         let allow = format!("allow=a.test:{port},127.0.0.1:{port}");
-        Arc::new(NetCtx {
-            token: "tok".into(),
-            policy: capsem_net::Policy::from_args(&[allow]).unwrap(),
-            hosts: Hosts::parse(std::path::Path::new("h"), "127.0.0.1 a.test b.test\n").unwrap(),
-            log: Mutex::new(NetLog::open(dir).unwrap()),
-        })
+        Arc::new(NetCtx::new(
+            "tok".into(),
+            capsem_net::Policy::from_args(&[allow]).unwrap(),
+            Hosts::parse(std::path::Path::new("h"), "127.0.0.1 a.test b.test\n").unwrap(),
+            NetLog::open(dir).unwrap(),
+        ))
     }
 
     /// Sends `q` over a socket pair to [`serve`]: the guest end, the
@@ -359,6 +403,95 @@ mod tests {
         assert!(recs[1..5].iter().all(|r| r["verdict"] == "deny"));
         assert_eq!(recs[5]["kind"], "resolve");
         assert_eq!(recs[5]["name"], "b.test");
+    }
+
+    #[tokio::test]
+    async fn questions_over_the_rate_get_a_quick_refusal_and_one_summary_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = NetCtx::new(
+            "tok".into(),
+            capsem_net::Policy::from_args(&["allow=a.test:1,c.test:1"]).unwrap(),
+            Hosts::parse(std::path::Path::new("h"), "").unwrap(),
+            NetLog::open(dir.path()).unwrap(),
+        );
+        c.limiter = crate::net::limit::Limiter::with((1, 2), (1, 1), Instant::now());
+        let c = Arc::new(c);
+        let resolve = || NetToHost::Resolve {
+            token: "tok".into(),
+            name: "b.test".into(),
+        };
+        for _ in 0..2 {
+            let (_g, r, t) = ask(&c, resolve()).await;
+            assert_eq!(r, HostToNet::Resolved { allowed: false });
+            t.await.unwrap();
+        }
+        // Over the bucket: closed unanswered, many times over.
+        for _ in 0..50 {
+            let (mut guest, host) = UnixStream::pair().unwrap();
+            guest
+                .write_all(&Codec::<NetGuest>::encode(&resolve()).unwrap())
+                .await
+                .unwrap();
+            let (_tx, stop) = watch::channel(false);
+            serve(host, &c, stop).await.unwrap();
+            let mut buf = [0u8; 1];
+            assert_eq!(guest.read(&mut buf).await.unwrap(), 0);
+        }
+        // The Connect bucket is its own; its one token goes to a lookup
+        // that finds every permit taken (nothing is asked of the system
+        // resolver); the next is over the rate.
+        let held = c
+            .lookups
+            .clone()
+            .acquire_many_owned(MAX_LOOKUPS as u32)
+            .await;
+        let (_g, v, t) = ask(&c, connect(Some("c.test"), None, 1)).await;
+        t.await.unwrap();
+        match v {
+            HostToNet::Verdict {
+                allowed: false,
+                reason,
+            } => {
+                assert!(reason.contains("being resolved already"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        drop(held);
+        let (_g, v, t) = ask(&c, connect(Some("a.test"), None, 1)).await;
+        t.await.unwrap();
+        match v {
+            HostToNet::Verdict {
+                allowed: false,
+                reason,
+            } => {
+                assert!(reason.contains("rate limit"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        c.report(Instant::now() + crate::net::limit::SUMMARY_EVERY);
+        let text = std::fs::read_to_string(dir.path().join("net.jsonl")).unwrap();
+        let recs: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        // Two refused names, the denied connect, the first summaries at
+        // once (one resolve, one connect), then the rest of the resolves.
+        let counted: Vec<(&str, u64)> = recs
+            .iter()
+            .filter_map(|r| Some((r["kind"].as_str()?, r.get("count")?.as_u64()?)))
+            .collect();
+        assert_eq!(
+            counted,
+            [("resolve", 1), ("connect", 1), ("resolve", 49)],
+            "{text}"
+        );
+        assert_eq!(recs.len(), 6, "{text}");
+        assert!(recs
+            .iter()
+            .filter(|r| r.get("count").is_some())
+            .all(|r| r["verdict"] == "deny"
+                && r["name"].is_null()
+                && r["reason"].as_str().unwrap().starts_with("rate limit")));
     }
 
     #[tokio::test]

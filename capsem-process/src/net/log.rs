@@ -39,6 +39,31 @@ pub struct NetRecord {
     pub bytes_out: u64,
     pub bytes_in: u64,
     pub duration_ms: u64,
+    /// A summary's: how many questions it stands for (absent on the
+    /// record of one attempt).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+}
+
+impl NetRecord {
+    /// The summary of `count` questions of `kind` refused over the rate.
+    pub fn throttled(kind: &'static str, reason: String, count: u64) -> Self {
+        Self {
+            time: capsem_host::vmstate::now_rfc3339(),
+            kind,
+            name: None,
+            seen: None,
+            guest_ip: None,
+            address: None,
+            port: None,
+            verdict: "deny",
+            reason,
+            bytes_out: 0,
+            bytes_in: 0,
+            duration_ms: 0,
+            count: Some(count),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -160,6 +185,7 @@ mod tests {
             bytes_out: n,
             bytes_in: 0,
             duration_ms: 1,
+            count: None,
         }
     }
 
@@ -172,6 +198,10 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
         assert_eq!(v["verdict"], "allow");
         assert_eq!(v["bytes_out"], 1);
+        assert!(
+            v.get("count").is_none(),
+            "one attempt's record has no count"
+        );
         for n in 2..20 {
             log.append(&record(n)).unwrap();
         }

@@ -221,12 +221,12 @@ impl Session {
                 stop.subscribe(),
             )),
         ];
-        let net = Arc::new(crate::net::NetCtx {
-            token: shared.token.clone(),
-            policy: cfg.net_policy().map_err(SessionError::NetPolicy)?,
-            hosts: crate::net::Hosts::from_env()?,
-            log: Mutex::new(crate::net::NetLog::open(dir.root())?),
-        });
+        let net = Arc::new(crate::net::NetCtx::new(
+            shared.token.clone(),
+            cfg.net_policy().map_err(SessionError::NetPolicy)?,
+            crate::net::Hosts::from_env()?,
+            crate::net::NetLog::open(dir.root())?,
+        ));
         accept_tasks.push(tokio::spawn(crate::net::accept_net(
             listen(&dir.net_sock())?,
             net,
