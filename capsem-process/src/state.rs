@@ -202,10 +202,6 @@ pub struct Shared {
     /// Set once the attached client's writer is finished: its final message
     /// was delivered, or the client is gone and it never can be.
     pub client_finished: watch::Sender<bool>,
-    /// Set once the guest ended an audit connection itself: the agent has
-    /// sent its last record, so a temporary VM's teardown need not wait
-    /// for the guest's power-off.
-    pub audit_ended: watch::Sender<bool>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -250,7 +246,6 @@ impl Shared {
             scrollback: Mutex::default(),
             notices: Mutex::new(None),
             client_finished: watch::channel(false).0,
-            audit_ended: watch::channel(false).0,
         });
         (shared, receivers)
     }

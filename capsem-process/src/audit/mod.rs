@@ -253,23 +253,16 @@ async fn serve(
     codec: Codec<AuditHost>,
     generation: u64,
     log: Arc<Mutex<AuditLog>>,
-) -> bool {
-    let ended = match serve_records(&mut stream, codec, &log).await {
-        Ok(()) => {
-            info!("audit connection of generation {generation} ended");
-            true
-        }
-        Err(e) => {
-            warn!(
-                "audit connection of generation {generation} closed: {}",
-                chain(&e)
-            );
-            false
-        }
-    };
+) {
+    match serve_records(&mut stream, codec, &log).await {
+        Ok(()) => info!("audit connection of generation {generation} ended"),
+        Err(e) => warn!(
+            "audit connection of generation {generation} closed: {}",
+            chain(&e)
+        ),
+    }
     drop(stream);
     drop(trace);
-    ended
 }
 
 /// A handshaken audit connection, on its way to the server loop.
@@ -342,14 +335,10 @@ async fn serve_greeted(
                 }
                 info!("audit connection accepted: generation {generation}");
                 active_generation = Some(generation);
-                shared.audit_ended.send_replace(false);
                 active.spawn(serve(stream, trace, codec, generation, log.clone()));
             }
-            Some(done) = active.join_next(), if !active.is_empty() => {
+            Some(_) = active.join_next(), if !active.is_empty() => {
                 active_generation = None;
-                if matches!(done, Ok(true)) {
-                    shared.audit_ended.send_replace(true);
-                }
             }
         }
     }

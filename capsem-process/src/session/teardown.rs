@@ -12,7 +12,6 @@ use super::{Mode, Session, Stop};
 use crate::config::VmmKind;
 use crate::log::chain;
 use crate::vmm;
-use capsem_host::share::ShareMode;
 
 /// How long a temporary guest gets to exit after `Shutdown`.
 const GUEST_EXIT_WAIT: Duration = Duration::from_secs(2);
@@ -138,32 +137,14 @@ impl Session {
         if vmm::all_exited(backend) {
             return;
         }
-        // A temporary VM's disk is thrown away, so once the agent has sent
-        // its last audit record (all output was delivered before this) its
-        // power-off buys nothing: hundreds of ms under TCG. Not with a `rw`
-        // share, whose files may still have dirty pages in the guest.
-        let quick = self.cfg.temporary
-            && self.cfg.vmm == VmmKind::Qemu
-            && !self.cfg.shares.iter().any(|s| s.mode == ShareMode::Rw);
-        let mut audit_ended = self.shared.audit_ended.subscribe();
         if let Guest::Running { exit, .. } = &mut self.guest {
             let wait = if self.cfg.persistent() && self.cfg.vmm == VmmKind::Qemu {
                 PERSISTENT_EXIT_WAIT
             } else {
                 GUEST_EXIT_WAIT
             };
-            let ended = async {
-                if !quick || audit_ended.wait_for(|e| *e).await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            };
-            tokio::select! {
-                waited = tokio::time::timeout(wait, exit.as_mut()) => {
-                    if waited.is_err() {
-                        info!("the guest did not exit within {wait:?}; killing it");
-                    }
-                }
-                () = ended => info!("the agent sent its last audit record; killing the temporary guest"),
+            if tokio::time::timeout(wait, exit.as_mut()).await.is_err() {
+                info!("the guest did not exit within {wait:?}; killing it");
             }
         }
         if let Some(backend) = self.guest.backend() {
