@@ -23,16 +23,20 @@ fi
 vm=1
 [ "${CAPSEM_SKIP_VM_TESTS:-0}" != 1 ] || vm=0
 
-echo "== fmt"
+# Each step's header says how long the run has taken so far, so a slow CI
+# run tells which step grew.
+phase() { echo "== $1 (at $((SECONDS / 60))m$((SECONDS % 60))s)"; }
+
+phase "fmt"
 cargo fmt --all -- --check
-echo "== clippy"
+phase "clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
-echo "== fuzz"
+phase "fuzz"
 scripts/fuzz.sh 60
-echo "== build"
+phase "build"
 cargo build --workspace --quiet
 if [ $vm = 1 ]; then
-    echo "== guest image"
+    phase "guest image"
     images/build.sh
 fi
 
@@ -40,7 +44,7 @@ fi
 # input from a pipe (its EOF ends the shell like Ctrl-D), in a throw-away home.
 # (Not anchored: bash may put a bracketed-paste escape before the output; the
 # echoed command line has `$((6 * 7))`, never 42.)
-echo "== front door (scripts/shell.sh)"
+phase "front door (scripts/shell.sh)"
 front_home=$(mktemp -d "${TMPDIR:-/tmp}/capsem-front.XXXXXX")
 trap 'rm -rf "$front_home"' EXIT
 front_args=()
@@ -61,11 +65,12 @@ echo "scripts/shell.sh: prompt reached, 'front door 42', exit 3, nothing left"
 
 if [ $vm = 1 ]; then
     # The disk figures' script (docs/benchmarks.md), once, so it keeps working.
-    echo "== disk benchmark (images/bench-disk.sh -n 1)"
+    phase "disk benchmark (images/bench-disk.sh -n 1)"
     images/bench-disk.sh -n 1 "${CAPSEM_IMAGE_DIR:-${CAPSEM_HOME:-$HOME/.capsem}/images/default}"
 fi
 
-echo "== tests"
+phase "tests"
 filter=()
 [ $vm = 1 ] || filter=(-E 'not binary(/_qemu$/)')
 cargo nextest run --workspace --no-fail-fast "${filter[@]}" "$@"
+phase "done"

@@ -90,16 +90,26 @@ fn kill9(pid: i32) {
     );
 }
 
-/// Whether `pid` runs (a zombie does not count).
+/// Whether `pid` runs. A zombie does not count, but only once it is the
+/// last of its threads: a killed leader turns zombie while its other threads
+/// are still exiting, and those still hold the process's fds (a listening
+/// socket answers until the last of them is gone).
 pub fn running(pid: i32) -> bool {
     crate::procs::reap_zombies();
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {
             s.rsplit_once(')')
                 .map(|(_, rest)| rest.trim_start().to_owned())
-        })
-        .is_some_and(|rest| !rest.starts_with('Z') && !rest.starts_with('X'))
+        });
+    let Some(state) = state else { return false };
+    if !state.starts_with('Z') && !state.starts_with('X') {
+        return true;
+    }
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    threads > 1
 }
 
 fn connects(fx: &Fixture, name: &str) -> u64 {
