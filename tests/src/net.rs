@@ -16,6 +16,8 @@ use crate::Fixture;
 pub const BODY: &str = "hello from the host's loopback";
 
 /// A loopback HTTP/1.0 server: counts connections and keeps each Host.
+/// It answers [`BODY`], or for `GET /big` the number of bytes it was
+/// started with ([`Server::with_big`]; the relay benchmark's download).
 #[derive(Debug)]
 pub struct Server {
     pub port: u16,
@@ -25,8 +27,56 @@ pub struct Server {
     thread: Option<JoinHandle<()>>,
 }
 
+/// One request: the head read (bounded), the Host kept, the answer.
+fn serve_one(mut stream: TcpStream, hosts: &Mutex<Vec<String>>, big: u64) {
+    // A client that never finishes its head (a TLS hello here) cannot
+    // hold the server past this.
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(20)));
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+        match stream.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    if let Some(host) = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Host: ").or(l.strip_prefix("host: ")))
+    {
+        hosts.lock().unwrap().push(host.trim().to_owned());
+    }
+    if !head.starts_with(b"GET /big ") {
+        let reply = format!(
+            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{BODY}",
+            BODY.len()
+        );
+        let _ = stream.write_all(reply.as_bytes());
+        return;
+    }
+    let reply = format!("HTTP/1.0 200 OK\r\nContent-Length: {big}\r\n\r\n");
+    if stream.write_all(reply.as_bytes()).is_err() {
+        return;
+    }
+    let chunk = vec![b'x'; 1 << 16];
+    let mut left = big;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        if stream.write_all(&chunk[..n]).is_err() {
+            return;
+        }
+        left -= n as u64;
+    }
+}
+
 impl Server {
     pub fn start() -> Self {
+        Self::with_big(0)
+    }
+
+    /// A server whose `GET /big` is `big` bytes.
+    pub fn with_big(big: u64) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let conns = Arc::new(AtomicUsize::new(0));
@@ -40,31 +90,9 @@ impl Server {
                     if s.load(Ordering::SeqCst) {
                         break;
                     }
-                    let Ok(mut stream) = stream else { continue };
-                    // A client that never finishes its head (a TLS hello
-                    // here) cannot hold the server past this.
-                    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(20)));
+                    let Ok(stream) = stream else { continue };
                     c.fetch_add(1, Ordering::SeqCst);
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
-                        match stream.read(&mut byte) {
-                            Ok(1) => head.push(byte[0]),
-                            _ => break,
-                        }
-                    }
-                    let text = String::from_utf8_lossy(&head).into_owned();
-                    if let Some(host) = text
-                        .lines()
-                        .find_map(|l| l.strip_prefix("Host: ").or(l.strip_prefix("host: ")))
-                    {
-                        h.lock().unwrap().push(host.trim().to_owned());
-                    }
-                    let reply = format!(
-                        "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{BODY}",
-                        BODY.len()
-                    );
-                    let _ = stream.write_all(reply.as_bytes());
+                    serve_one(stream, &h, big);
                 }
             })
             .unwrap();

@@ -1,18 +1,14 @@
 //! The egress relay (`--net`) against the host itself: connection setup
 //! (curl's time to the first byte of a tiny response, n times) and the
 //! download of a 256 MiB body, both from one loopback server of this
-//! program, measured by `curl -w` on the host and then in a persistent VM
+//! program (the network tests' `capsem_tests::net::Server`), measured by `curl -w` on the host and then in a persistent VM
 //! (`capsem exec`). The VM reaches the server by a name that
 //! `CAPSEM_NET_HOSTS` maps to 127.0.0.1; nothing else is dialled.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use anyhow::{bail, Context, Result};
+use capsem_tests::net::Server;
 use capsem_tests::persist::exec;
 use capsem_tests::{Backend, Fixture};
 
@@ -20,75 +16,6 @@ use crate::summarize;
 
 /// The download's size.
 const BIG: u64 = 256 << 20;
-
-/// HTTP/1.0 on 127.0.0.1: `/big` is [`BIG`] bytes, anything else 2 bytes.
-struct Server {
-    port: u16,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-fn serve_one(mut stream: TcpStream) {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
-        match stream.read(&mut byte) {
-            Ok(1) => head.push(byte[0]),
-            _ => return,
-        }
-    }
-    let big = head.starts_with(b"GET /big ");
-    let len = if big { BIG } else { 2 };
-    let reply = format!("HTTP/1.0 200 OK\r\nContent-Length: {len}\r\n\r\n");
-    if stream.write_all(reply.as_bytes()).is_err() {
-        return;
-    }
-    let chunk = vec![b'x'; 1 << 16];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(chunk.len() as u64) as usize;
-        if stream.write_all(&chunk[..n]).is_err() {
-            return;
-        }
-        left -= n as u64;
-    }
-}
-
-impl Server {
-    fn start() -> Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        let port = listener.local_addr()?.port();
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("bench-http".into())
-            .spawn(move || {
-                for stream in listener.incoming() {
-                    if s.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    if let Ok(stream) = stream {
-                        serve_one(stream);
-                    }
-                }
-            })?;
-        Ok(Self {
-            port,
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 /// curl's `-w` figures: (time to the first byte in s, download speed B/s).
 fn parse_w(out: &[u8]) -> Result<Vec<(f64, f64)>> {
@@ -126,7 +53,7 @@ fn report(label: &str, small: &[(f64, f64)], big: &[(f64, f64)]) {
 }
 
 pub fn net(runs: usize) -> Result<()> {
-    let server = Server::start()?;
+    let server = Server::with_big(BIG);
     let p = server.port;
     let small = curl_loop(&format!("http://127.0.0.1:{p}/small"), runs);
     let big = curl_loop(&format!("http://127.0.0.1:{p}/big"), 3);
