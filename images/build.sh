@@ -32,8 +32,11 @@ TARGET=x86_64-unknown-linux-gnu
 # initramfs: crc32c_generic is named, and loaded, before them.
 # virtio_balloon: free page reporting hands the pages the guest frees back
 # to the host (an idle VM's resident memory; docs/benchmarks.md).
+# dummy and nftables for the redirected network; nft_limit, nft_log and
+# nfnetlink_log for the log of dropped packets the agent reads.
 ROOT_MODULES=(virtio_pci virtio_mmio vmw_vsock_virtio_transport crc32c_generic virtio_blk erofs virtiofs
-    overlay ext4 virtio_balloon dummy nf_tables nft_chain_nat nft_redir nft_ct)
+    overlay ext4 virtio_balloon dummy nf_tables nft_chain_nat nft_redir nft_ct
+    nft_limit nft_log nfnetlink_log)
 PACKAGES_FILE=$REPO/images/packages.txt
 MIRROR=${CAPSEM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm

@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! 2026-12-02T06:20:40Z allow connect test.capsem:8080 seen=test.capsem -> 127.0.0.1:8080 out=84 in=61 12ms # allow=127.0.0.1:8080
+//! 2026-12-02T06:20:41Z deny packet 192.0.2.1:9 proto=udp count=3 # 'UDP other than DNS goes nowhere (dropped in the guest)'
 //! ```
 //!
 //! Names and the SNI/Host come from the guest: quoted and escaped like the
@@ -55,6 +56,12 @@ pub fn format(v: &Value) -> Option<String> {
     }
     if let Some(addr) = text(v, "address") {
         line.push_str(&format!(" -> {addr}"));
+    }
+    if let Some(proto) = text(v, "proto") {
+        line.push_str(&format!(" proto={proto}"));
+    }
+    if let Some(count) = v.get("count").and_then(Value::as_u64) {
+        line.push_str(&format!(" count={count}"));
     }
     if kind == "connect" {
         line.push_str(&format!(
@@ -115,7 +122,12 @@ mod tests {
         let old = r#"{"time":"2026-12-02T06:20:40Z","kind":"resolve","name":"nope.capsem","seen":null,"guest_ip":null,"address":null,"port":null,"verdict":"deny","reason":"no rule allows it","bytes_out":0,"bytes_in":0,"duration_ms":0}"#;
         let new = r#"{"time":"2026-12-02T06:20:41Z","kind":"connect","name":"a.b","seen":"x\u001b[2Jy","guest_ip":"198.18.0.1","address":"127.0.0.1:80","port":80,"verdict":"allow","reason":"allow=a.b","bytes_out":3,"bytes_in":4,"duration_ms":5}"#;
         std::fs::write(dir.path().join("net.jsonl.1"), format!("{old}\nnot json\n")).unwrap();
-        std::fs::write(dir.path().join("net.jsonl"), format!("{new}\n{{\"partial")).unwrap();
+        let packet = r#"{"time":"2026-12-02T06:20:42Z","kind":"packet","name":null,"seen":null,"guest_ip":"192.0.2.1","address":null,"port":9,"verdict":"deny","reason":"UDP other than DNS goes nowhere","bytes_out":0,"bytes_in":0,"duration_ms":0,"count":3,"proto":"udp"}"#;
+        std::fs::write(
+            dir.path().join("net.jsonl"),
+            format!("{new}\n{packet}\n{{\"partial"),
+        )
+        .unwrap();
         let mut out = Vec::new();
         print(dir.path(), false, &mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
@@ -125,12 +137,13 @@ mod tests {
             [
                 "2026-12-02T06:20:40Z deny resolve nope.capsem # 'no rule allows it'",
                 "2026-12-02T06:20:41Z allow connect a.b:80 seen=$'x\\x1b[2Jy' -> 127.0.0.1:80 out=3 in=4 5ms # allow=a.b",
+                "2026-12-02T06:20:42Z deny packet 192.0.2.1:9 proto=udp count=3 # 'UDP other than DNS goes nowhere'",
             ]
         );
         let mut out = Vec::new();
         print(dir.path(), true, &mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
-        assert_eq!(text.lines().count(), 2);
+        assert_eq!(text.lines().count(), 3);
         assert!(!text.contains('\u{1b}'));
         let v: Value = serde_json::from_str(text.lines().nth(1).unwrap()).unwrap();
         assert_eq!(v["seen"], "x\u{1b}[2Jy", "the same JSON value");

@@ -13,6 +13,10 @@
 //!   the connection then carries the raw bytes of the guest's TCP stream
 //!   both ways (the agent sends the bytes it peeked first), until either
 //!   side closes. Denied: the host closes after the verdict.
+//! * [`NetToHost::Dropped`]: packets the guest's firewall dropped (UDP
+//!   other than DNS, ICMP, raw IP, IPv6), as the agent read them from the
+//!   kernel's log, one destination each with how many were seen. The host
+//!   records them and answers [`HostToNet::Verdict`] (always a denial).
 //!
 //! Each frame is read exactly (length prefix, then that many bytes), so no
 //! relayed byte is ever taken for framing. Every string is bounded
@@ -45,6 +49,18 @@ pub enum NetToHost {
         ip: String,
         port: u16,
     },
+    /// Packets to one destination that the guest's firewall dropped.
+    Dropped {
+        token: String,
+        /// `udp`, `icmp`, `icmpv6`, `tcp` or `ip-N` (another IP protocol).
+        proto: String,
+        /// The destination address, as text.
+        ip: String,
+        /// The destination port (UDP and TCP only).
+        port: Option<u16>,
+        /// How many such packets this stands for (from 1).
+        count: u32,
+    },
 }
 
 /// The host's answers. The guest decodes only these.
@@ -57,11 +73,24 @@ pub enum HostToNet {
     Verdict { allowed: bool, reason: String },
 }
 
+/// A `Dropped` question's `proto`: `tcp`, `udp`, `icmp`, `icmpv6` or
+/// `ip-N` (N a protocol number, at most three digits).
+pub fn is_dropped_proto(proto: &str) -> bool {
+    match proto {
+        "tcp" | "udp" | "icmp" | "icmpv6" => true,
+        other => other
+            .strip_prefix("ip-")
+            .is_some_and(|n| n.len() <= 3 && n.parse::<u8>().is_ok()),
+    }
+}
+
 impl NetToHost {
     /// The session token the question carries.
     pub fn token(&self) -> &str {
         match self {
-            Self::Resolve { token, .. } | Self::Connect { token, .. } => token,
+            Self::Resolve { token, .. }
+            | Self::Connect { token, .. }
+            | Self::Dropped { token, .. } => token,
         }
     }
 
@@ -73,6 +102,9 @@ impl NetToHost {
             Self::Connect { name, seen, ip, .. } => {
                 name.as_deref().is_none_or(ok) && seen.as_deref().is_none_or(ok) && ok(ip)
             }
+            Self::Dropped {
+                proto, ip, count, ..
+            } => is_dropped_proto(proto) && ok(ip) && *count >= 1,
         }
     }
 }
@@ -102,6 +134,13 @@ mod tests {
                 seen: None,
                 ip: "198.18.0.1".into(),
                 port: 443,
+            },
+            NetToHost::Dropped {
+                token: "ab".into(),
+                proto: "udp".into(),
+                ip: "192.0.2.1".into(),
+                port: Some(9),
+                count: 3,
             },
         ] {
             assert_eq!(to_host(&msg), msg);
@@ -133,6 +172,18 @@ mod tests {
             port: 1,
         };
         assert!(!seen.within_bounds());
+        let dropped = |proto: &str, count| NetToHost::Dropped {
+            token: "t".into(),
+            proto: proto.into(),
+            ip: "192.0.2.1".into(),
+            port: None,
+            count,
+        };
+        assert!(dropped("ip-47", 1).within_bounds());
+        assert!(!dropped("udp", 0).within_bounds());
+        for bad in ["", "UDP", "ip-", "ip-256", "ip-0047", "sctp", "udp\n"] {
+            assert!(!dropped(bad, 1).within_bounds(), "{bad:?}");
+        }
     }
 
     #[test]
@@ -163,6 +214,23 @@ mod tests {
         assert_eq!(
             frame,
             b"\x00\x00\x00\x39\x82\xa1t\xa7connect\xa1c\x85\xa5token\xa1t\xa4name\xa3a.b\xa4seen\xc0\xa2ip\xaa198.18.0.1\xa4port\x50".to_vec()
+        );
+    }
+
+    #[test]
+    fn golden_dropped() {
+        let frame = Codec::<NetGuest>::encode(&NetToHost::Dropped {
+            token: "t".into(),
+            proto: "udp".into(),
+            ip: "192.0.2.1".into(),
+            port: Some(9),
+            count: 2,
+        })
+        .unwrap();
+        // {"t":"dropped","c":{"token":"t","proto":"udp","ip":"192.0.2.1","port":9,"count":2}}
+        assert_eq!(
+            frame,
+            b"\x00\x00\x00\x3a\x82\xa1t\xa7dropped\xa1c\x85\xa5token\xa1t\xa5proto\xa3udp\xa2ip\xa9192.0.2.1\xa4port\x09\xa5count\x02".to_vec()
         );
     }
 

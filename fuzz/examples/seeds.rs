@@ -164,6 +164,13 @@ fn main() {
             ip: "::ffff:127.0.0.1".into(),
             port: 8080,
         },
+        NetToHost::Dropped {
+            token: "ab".into(),
+            proto: "udp".into(),
+            ip: "192.0.2.1".into(),
+            port: Some(9),
+            count: 3,
+        },
     ]);
     seeds("net_to_host", &net, NetGuest::MAX_OUTBOUND);
 

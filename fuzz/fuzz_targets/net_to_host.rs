@@ -38,6 +38,12 @@ fuzz_target!(|data: &[u8]| {
                     }
                 }
             }
+            // The host parses the address and writes a record
+            // (capsem-process net/dropped.rs); the bounds above are the
+            // protocol's part.
+            NetToHost::Dropped { ip, .. } => {
+                let _ = ip.parse::<std::net::IpAddr>();
+            }
         }
     });
 });

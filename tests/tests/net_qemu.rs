@@ -4,8 +4,9 @@
 //! ever dialled. Allowed: `curl` gets the body; a TLS ClientHello with the
 //! name's SNI is relayed. Denied: a name not in the list (NXDOMAIN), the
 //! allowed address with another Host or SNI (fronting), a
-//! second port on the allowed name, UDP out; each leaves its record in
-//! `net.jsonl`. `--net none`: curl fails and the server sees nothing.
+//! second port on the allowed name, UDP and ICMP out (refused at the send
+//! by the guest's firewall, recorded through the agent's log reader); each
+//! leaves its record in `net.jsonl`. `--net none`: curl fails and the server sees nothing.
 //! `CAPSEM_SKIP_VM_TESTS=1 scripts/test.sh` leaves them out.
 #![allow(clippy::unwrap_used)]
 
@@ -14,6 +15,24 @@ use capsem_tests::persist::{capsem, exec, inspect, ok, vm_dir};
 use capsem_tests::{Backend, Fixture};
 
 const B: Backend = Backend::Qemu;
+
+/// One UDP datagram and one ICMP echo to a documentation address (the
+/// guest has no network card: neither can leave the VM); prints how each
+/// send ended.
+const DROPPED_PY: &str = r#"
+import socket
+def send(name, kind, proto, data, port):
+    s = socket.socket(socket.AF_INET, kind, proto)
+    s.settimeout(1)
+    try:
+        s.sendto(data, ("192.0.2.1", port))
+        s.recv(1)
+        print(name, "answered")
+    except OSError as e:
+        print(name, type(e).__name__)
+send("udp", socket.SOCK_DGRAM, 0, b"x", 9)
+send("icmp", socket.SOCK_RAW, socket.IPPROTO_ICMP, b"\x08\x00\xf7\xff\x00\x00\x00\x00", 0)
+"#;
 #[test]
 fn allowed_names_connect_and_everything_else_is_refused_and_recorded() {
     let fx = Fixture::new("net_vm", B);
@@ -58,21 +77,35 @@ fn allowed_names_connect_and_everything_else_is_refused_and_recorded() {
     assert_ne!(code, Some(0), "a port no rule names");
     assert_eq!(server.conns(), 1, "a refused connection reached the server");
     assert_eq!(other.conns(), 0, "a refused connection reached the server");
-    // UDP anywhere but the resolver goes nowhere (the send may succeed:
-    // the packet is dropped; nothing answers).
-    let out = exec(
-        &fx,
-        "net1",
-        &[
-            "--",
-            "sh",
-            "-c",
-            "python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1); s.sendto(b\"x\", (\"192.0.2.1\", 9)); s.recv(1)' ; echo rc=$?",
-        ],
-        b"",
-    );
+    // UDP anywhere but the resolver, and ICMP, go nowhere: the guest's
+    // firewall refuses the send at once (EPERM, not a timeout), and the
+    // agent tells the host, which records each destination.
+    let out = exec(&fx, "net1", &["--", "python3", "-"], DROPPED_PY.as_bytes());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(!text.contains("rc=0"), "UDP got an answer: {text}");
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        ["udp PermissionError", "icmp PermissionError"],
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let packet = |proto: &'static str, port: Option<u16>| {
+        move |r: &serde_json::Value| {
+            r["kind"] == "packet"
+                && r["verdict"] == "deny"
+                && r["proto"] == proto
+                && r["guest_ip"] == "192.0.2.1"
+                && r["port"] == serde_json::json!(port)
+                && r["count"].as_u64().is_some_and(|n| n >= 1)
+        }
+    };
+    capsem_tests::fixture::wait_until(
+        std::time::Duration::from_secs(30),
+        "the dropped packets' records",
+        || {
+            let recs = records(&dir);
+            recs.iter().any(packet("udp", Some(9))) && recs.iter().any(packet("icmp", None))
+        },
+    );
 
     // TLS: the ClientHello's SNI decides (the server is plain HTTP, so the
     // handshake fails after the relay, and that is enough here).

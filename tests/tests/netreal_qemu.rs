@@ -2,7 +2,8 @@
 //! the test makes (its CA copied into the guest and trusted there), `git
 //! clone` over git's smart HTTP, and `pip download`/`pip install` from a
 //! PEP 503 index; then what must still be refused, and `--audit-log` for a
-//! temporary VM's network records. Every server is a `tests/servers/
+//! temporary VM's network records (a datagram dropped as its last act
+//! among them). Every server is a `tests/servers/
 //! serve.py` child of this test on 127.0.0.1, reached through names that
 //! `CAPSEM_NET_HOSTS` maps to 127.0.0.1. The one address literal the guest
 //! dials that no rule names is 192.0.2.1 (TEST-NET-1, documentation only),
@@ -190,7 +191,12 @@ fn open_refuses_loopback_and_audit_log_keeps_the_records() {
     std::fs::write(&hosts, "127.0.0.1 loop.capsem\n").unwrap();
     let log = fx.home().join("audit-log.jsonl");
     let url = format!("http://loop.capsem:{}/", server.port);
-    // `open` allows the name, but it resolves to loopback: refused.
+    // `open` allows the name, but it resolves to loopback: refused. Then
+    // a UDP datagram, dropped in the guest, as the command's last act: its
+    // record still reaches the log.
+    let script = format!(
+        "curl -sS --max-time 10 {url}; rc=$?; echo x 2>/dev/null >/dev/udp/192.0.2.1/9; exit $rc"
+    );
     let out = capsem_with_hosts(
         &fx,
         &hosts,
@@ -201,11 +207,9 @@ fn open_refuses_loopback_and_audit_log_keeps_the_records() {
             "--audit-log",
             log.to_str().unwrap(),
             "--",
-            "curl",
-            "-sS",
-            "--max-time",
-            "10",
-            &url,
+            "bash",
+            "-c",
+            &script,
         ],
     );
     let code = out.status.code();
@@ -223,6 +227,13 @@ fn open_refuses_loopback_and_audit_log_keeps_the_records() {
             && r["verdict"] == "deny"
             && r["address"].is_null()),
         "the loopback refusal, nothing dialled: {recs:?}"
+    );
+    assert!(
+        net.iter().any(|r| r["kind"] == "packet"
+            && r["proto"] == "udp"
+            && r["guest_ip"] == "192.0.2.1"
+            && r["port"] == 9),
+        "the last command's dropped datagram: {recs:?}"
     );
     let first_net = recs.iter().position(|r| r.get("kind").is_some()).unwrap();
     assert!(

@@ -12,15 +12,18 @@
 //! * [`proxy`]: the TCP side on [`PROXY_ADDR`] (original destination, SNI
 //!   or Host, the host's verdict, the relay);
 //! * [`peek`]: SNI and Host from a connection's first bytes;
-//! * [`ask`]: the questions to the host on the network port.
+//! * [`ask`]: the questions to the host on the network port;
+//! * [`drops`]: the packets the firewall dropped (read from
+//!   nfnetlink_log), told to the host for its records.
 //!
 //! The decision is the host's: the agent asks per name (`Resolve`) and per
 //! connection (`Connect`) and holds no policy, so a compromised guest can
-//! learn nothing it could bypass. [`NetService`] owns both threads; its
-//! drop stops and joins them (and every connection thread).
+//! learn nothing it could bypass. [`NetService`] owns its three threads;
+//! its drop stops and joins them (and every connection thread).
 
 mod ask;
 pub mod dns;
+pub mod drops;
 pub mod gate;
 mod peek;
 pub mod proxy;
@@ -74,7 +77,17 @@ impl NetService {
             transport: transport.clone(),
             token: token.to_owned(),
         };
-        match Self::start(host, DNS_ADDR, PROXY_ADDR) {
+        // Without the log the network still works; only the drops' records
+        // are missing.
+        let drops = drops::NflogSocket::open()
+            .inspect_err(|e| {
+                warn!(
+                    "network: no records of dropped packets: {}",
+                    crate::session::chain(e)
+                )
+            })
+            .ok();
+        match Self::start(host, DNS_ADDR, PROXY_ADDR, drops) {
             Ok(s) => {
                 info!("network: resolver on {DNS_ADDR}, connections on {PROXY_ADDR}");
                 Some(s)
@@ -86,7 +99,12 @@ impl NetService {
         }
     }
 
-    pub fn start(host: Host, dns_addr: &str, proxy_addr: &str) -> Result<Self, NetError> {
+    pub fn start(
+        host: Host,
+        dns_addr: &str,
+        proxy_addr: &str,
+        drops: Option<drops::NflogSocket>,
+    ) -> Result<Self, NetError> {
         let bind_err = |addr: &str| {
             let addr = addr.to_owned();
             move |source| NetError::Bind { addr, source }
@@ -107,6 +125,14 @@ impl NetService {
             .spawn(move || dns::serve(&udp, &t, &h, &s))
             .map_err(|e| NetError::Thread("net-dns", e))?;
         service.threads.push(dns);
+        if let Some(sock) = drops {
+            let (h, s) = (host.clone(), stop.clone());
+            let t = std::thread::Builder::new()
+                .name("net-drops".into())
+                .spawn(move || drops::serve(&sock, &h, &s))
+                .map_err(|e| NetError::Thread("net-drops", e))?;
+            service.threads.push(t);
+        }
         let proxy = std::thread::Builder::new()
             .name("net-proxy".into())
             .spawn(move || proxy::serve(&tcp, &table, &host, &stop))

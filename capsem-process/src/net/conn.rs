@@ -121,6 +121,7 @@ pub async fn serve(
                     bytes_in: 0,
                     duration_ms: 0,
                     count: None,
+                    proto: None,
                 });
             }
             answer(&mut stream, &HostToNet::Resolved { allowed }).await
@@ -146,6 +147,7 @@ pub async fn serve(
                 bytes_in: 0,
                 duration_ms: 0,
                 count: None,
+                proto: None,
             };
             let result = match decide(ctx, &record).await {
                 Ok((server, because)) => {
@@ -167,6 +169,22 @@ pub async fn serve(
             ctx.record(&record);
             result
         }
+        NetToHost::Dropped {
+            proto,
+            ip,
+            port,
+            count,
+            ..
+        } => {
+            let record =
+                super::dropped::record(&proto, &ip, port, count).ok_or(ConnError::Bounds)?;
+            let verdict = HostToNet::Verdict {
+                allowed: false,
+                reason: record.reason.clone(),
+            };
+            ctx.record(&record);
+            answer(&mut stream, &verdict).await
+        }
     }
 }
 
@@ -174,23 +192,25 @@ fn kind(q: &NetToHost) -> Kind {
     match q {
         NetToHost::Resolve { .. } => Kind::Resolve,
         NetToHost::Connect { .. } => Kind::Connect,
+        NetToHost::Dropped { .. } => Kind::Dropped,
     }
 }
 
 /// The quick answer to a question over the rate: a `Resolve` is closed
 /// unanswered (the agent's SERVFAIL, which it does not remember as a
-/// refusal), a `Connect` denied before any lookup or dial.
+/// refusal), a `Connect` denied before any lookup or dial, a `Dropped`
+/// denied unrecorded.
 async fn refuse(stream: &mut UnixStream, q: &NetToHost) -> Result<(), ConnError> {
-    match q {
-        NetToHost::Resolve { .. } => Ok(()),
-        NetToHost::Connect { .. } => {
-            let verdict = HostToNet::Verdict {
-                allowed: false,
-                reason: "rate limit: too many connections a second".into(),
-            };
-            answer(stream, &verdict).await
-        }
-    }
+    let reason = match q {
+        NetToHost::Resolve { .. } => return Ok(()),
+        NetToHost::Connect { .. } => "rate limit: too many connections a second",
+        NetToHost::Dropped { .. } => "rate limit: too many records of dropped packets a second",
+    };
+    let verdict = HostToNet::Verdict {
+        allowed: false,
+        reason: reason.into(),
+    };
+    answer(stream, &verdict).await
 }
 
 /// Both steps of the policy, the host-side resolution and the dial: the
@@ -326,6 +346,27 @@ mod tests {
         (guest, codec.next_message().unwrap().unwrap(), task)
     }
 
+    /// A denying verdict whose reason says `needle`.
+    fn assert_denied(v: &HostToNet, needle: &str) {
+        match v {
+            HostToNet::Verdict {
+                allowed: false,
+                reason,
+            } => assert!(reason.contains(needle), "{reason}"),
+            other => panic!("not a denial: {other:?}"),
+        }
+    }
+
+    /// `net.jsonl`'s records and its text.
+    fn records(dir: &std::path::Path) -> (Vec<serde_json::Value>, String) {
+        let text = std::fs::read_to_string(dir.join("net.jsonl")).unwrap();
+        let recs = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (recs, text)
+    }
+
     fn connect(name: Option<&str>, seen: Option<&str>, port: u16) -> NetToHost {
         NetToHost::Connect {
             token: "tok".into(),
@@ -369,13 +410,7 @@ mod tests {
             (connect(None, None, port), "no rule"),
         ] {
             let (_g, verdict, task) = ask(&c, q.clone()).await;
-            match verdict {
-                HostToNet::Verdict {
-                    allowed: false,
-                    reason,
-                } => assert!(reason.contains(why), "{q:?}: {reason}"),
-                other => panic!("{q:?}: {other:?}"),
-            }
+            assert_denied(&verdict, why);
             task.await.unwrap();
         }
         let resolve = |name: &str| NetToHost::Resolve {
@@ -389,11 +424,7 @@ mod tests {
         assert_eq!(r, HostToNet::Resolved { allowed: true });
         t.await.unwrap();
 
-        let text = std::fs::read_to_string(dir.path().join("net.jsonl")).unwrap();
-        let recs: Vec<serde_json::Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let (recs, text) = records(dir.path());
         // One per connect, one per refused name; none for an allowed name.
         assert_eq!(recs.len(), 6, "{text}");
         assert_eq!(recs[0]["verdict"], "allow");
@@ -414,7 +445,7 @@ mod tests {
             Hosts::parse(std::path::Path::new("h"), "").unwrap(),
             NetLog::open(dir.path()).unwrap(),
         );
-        c.limiter = crate::net::limit::Limiter::with((1, 2), (1, 1), Instant::now());
+        c.limiter = crate::net::limit::Limiter::with([(1, 2), (1, 1), (1, 1)], Instant::now());
         let c = Arc::new(c);
         let resolve = || NetToHost::Resolve {
             token: "tok".into(),
@@ -447,33 +478,13 @@ mod tests {
             .await;
         let (_g, v, t) = ask(&c, connect(Some("c.test"), None, 1)).await;
         t.await.unwrap();
-        match v {
-            HostToNet::Verdict {
-                allowed: false,
-                reason,
-            } => {
-                assert!(reason.contains("being resolved already"), "{reason}");
-            }
-            other => panic!("{other:?}"),
-        }
+        assert_denied(&v, "being resolved already");
         drop(held);
         let (_g, v, t) = ask(&c, connect(Some("a.test"), None, 1)).await;
         t.await.unwrap();
-        match v {
-            HostToNet::Verdict {
-                allowed: false,
-                reason,
-            } => {
-                assert!(reason.contains("rate limit"), "{reason}");
-            }
-            other => panic!("{other:?}"),
-        }
+        assert_denied(&v, "rate limit");
         c.report(Instant::now() + crate::net::limit::SUMMARY_EVERY);
-        let text = std::fs::read_to_string(dir.path().join("net.jsonl")).unwrap();
-        let recs: Vec<serde_json::Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let (recs, text) = records(dir.path());
         // Two refused names, the denied connect, the first summaries at
         // once (one resolve, one connect), then the rest of the resolves.
         let counted: Vec<(&str, u64)> = recs
@@ -492,6 +503,44 @@ mod tests {
             .all(|r| r["verdict"] == "deny"
                 && r["name"].is_null()
                 && r["reason"].as_str().unwrap().starts_with("rate limit")));
+    }
+
+    #[tokio::test]
+    async fn dropped_packets_are_one_record_each_and_a_denial() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ctx(dir.path(), 1);
+        let dropped = |proto: &str, ip: &str| NetToHost::Dropped {
+            token: "tok".into(),
+            proto: proto.into(),
+            ip: ip.into(),
+            port: Some(9),
+            count: 4,
+        };
+        let (_g, v, t) = ask(&c, dropped("udp", "192.0.2.1")).await;
+        t.await.unwrap();
+        assert_denied(&v, "UDP other than DNS");
+        // A field the agent never sends (over the protocol's bounds, or
+        // not an address): refused, unrecorded.
+        for bad in [dropped("sctp", "192.0.2.1"), dropped("udp", "nowhere")] {
+            let (mut guest, host) = UnixStream::pair().unwrap();
+            guest
+                .write_all(&Codec::<NetGuest>::encode(&bad).unwrap())
+                .await
+                .unwrap();
+            let (_tx, stop) = watch::channel(false);
+            assert!(matches!(
+                serve(host, &c, stop).await,
+                Err(ConnError::Bounds)
+            ));
+        }
+        let (recs, text) = records(dir.path());
+        assert_eq!(recs.len(), 1, "{text}");
+        assert_eq!(recs[0]["kind"], "packet");
+        assert_eq!(recs[0]["proto"], "udp");
+        assert_eq!(recs[0]["guest_ip"], "192.0.2.1");
+        assert_eq!(recs[0]["port"], 9);
+        assert_eq!(recs[0]["count"], 4);
+        assert_eq!(recs[0]["verdict"], "deny");
     }
 
     #[tokio::test]

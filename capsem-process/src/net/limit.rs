@@ -3,18 +3,20 @@
 //! limits bind only an agent that keeps them.
 //!
 //! * Questions a second: one token bucket for `Resolve`
-//!   ([`RESOLVE_PER_SEC`], [`RESOLVE_BURST`]) and one for `Connect`
-//!   ([`CONNECT_PER_SEC`], [`CONNECT_BURST`]). A question over its bucket
+//!   ([`RESOLVE_PER_SEC`], [`RESOLVE_BURST`]), one for `Connect`
+//!   ([`CONNECT_PER_SEC`], [`CONNECT_BURST`]) and one for `Dropped`
+//!   ([`DROPPED_PER_SEC`], [`DROPPED_BURST`]). A question over its bucket
 //!   gets a quick refusal (a `Resolve` is closed unanswered, which the
 //!   agent answers SERVFAIL and does not remember; a `Connect` is denied
-//!   without resolving or dialling) and no record of its own.
+//!   without resolving or dialling; a `Dropped` is denied unrecorded) and
+//!   no record of its own.
 //! * The refusals over a bucket and the failed connections are counted
 //!   and reported at most once per [`SUMMARY_EVERY`] each (the first of a
 //!   quiet spell at once): one `process.log` line, and for the refusals
 //!   one `net.jsonl` record with its `count`. So a flood writes a line and
 //!   a record per interval, never one per question.
 //!
-//! `$CAPSEM_NET_RATE=N` (tests; a number from 1) sets both buckets to `N`
+//! `$CAPSEM_NET_RATE=N` (tests; a number from 1) sets every bucket to `N`
 //! a second and `2N` at once, so that a test under TCG, whose guest cannot
 //! reach the real rates, still meets them.
 //!
@@ -35,9 +37,14 @@ pub const RESOLVE_BURST: u32 = 1000;
 pub const CONNECT_PER_SEC: u32 = 500;
 /// `Connect` questions at once after a quiet spell.
 pub const CONNECT_BURST: u32 = 1000;
+/// `Dropped` questions a second, sustained, per VM (the agent sends at
+/// most 64 every 250 ms).
+pub const DROPPED_PER_SEC: u32 = 500;
+/// `Dropped` questions at once after a quiet spell.
+pub const DROPPED_BURST: u32 = 1000;
 /// At most one report per kind this often.
 pub const SUMMARY_EVERY: Duration = Duration::from_secs(5);
-/// Overrides both buckets (tests): `N` a second, `2N` at once.
+/// Overrides every bucket (tests): `N` a second, `2N` at once.
 pub const RATE_ENV: &str = "CAPSEM_NET_RATE";
 
 /// Which bucket a question takes from.
@@ -45,17 +52,28 @@ pub const RATE_ENV: &str = "CAPSEM_NET_RATE";
 pub enum Kind {
     Resolve,
     Connect,
+    Dropped,
 }
 
 impl Kind {
+    const ALL: [Kind; 3] = [Kind::Resolve, Kind::Connect, Kind::Dropped];
+
     /// The `kind` of its `net.jsonl` records.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Resolve => "resolve",
             Self::Connect => "connect",
+            Self::Dropped => "packet",
         }
     }
+
+    fn index(self) -> usize {
+        self as usize
+    }
 }
+
+/// Each kind's `(per_sec, burst)`, in [`Kind::ALL`]'s order.
+pub type Rates = [(u32, u32); 3];
 
 /// What is due for reporting now.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -68,10 +86,8 @@ pub struct Due {
 
 #[derive(Debug)]
 struct Inner {
-    resolve: Bucket,
-    connect: Bucket,
-    resolve_refused: Summary,
-    connect_refused: Summary,
+    buckets: [Bucket; 3],
+    refused: [Summary; 3],
     failed: Summary,
     last_failure: Option<String>,
 }
@@ -83,8 +99,11 @@ pub struct Limiter(Mutex<Inner>);
 impl Limiter {
     pub fn new(now: Instant) -> Self {
         Self::with(
-            (RESOLVE_PER_SEC, RESOLVE_BURST),
-            (CONNECT_PER_SEC, CONNECT_BURST),
+            [
+                (RESOLVE_PER_SEC, RESOLVE_BURST),
+                (CONNECT_PER_SEC, CONNECT_BURST),
+                (DROPPED_PER_SEC, DROPPED_BURST),
+            ],
             now,
         )
     }
@@ -92,7 +111,7 @@ impl Limiter {
     /// The real rates, or [`RATE_ENV`]'s.
     pub fn from_env(now: Instant) -> Self {
         match Self::rate_override(std::env::var(RATE_ENV).ok().as_deref()) {
-            Some(n) => Self::with((n, 2 * n), (n, 2 * n), now),
+            Some(n) => Self::with([(n, 2 * n); 3], now),
             None => Self::new(now),
         }
     }
@@ -105,12 +124,10 @@ impl Limiter {
     }
 
     /// Buckets of `(per_sec, burst)`.
-    pub fn with(resolve: (u32, u32), connect: (u32, u32), now: Instant) -> Self {
+    pub fn with(rates: Rates, now: Instant) -> Self {
         Self(Mutex::new(Inner {
-            resolve: Bucket::new(resolve.0, resolve.1, now),
-            connect: Bucket::new(connect.0, connect.1, now),
-            resolve_refused: Summary::new(SUMMARY_EVERY),
-            connect_refused: Summary::new(SUMMARY_EVERY),
+            buckets: rates.map(|(per_sec, burst)| Bucket::new(per_sec, burst, now)),
+            refused: [(); 3].map(|()| Summary::new(SUMMARY_EVERY)),
             failed: Summary::new(SUMMARY_EVERY),
             last_failure: None,
         }))
@@ -123,15 +140,10 @@ impl Limiter {
     /// Whether a question of `kind` may be answered now; a refusal is
     /// counted.
     pub fn admit(&self, kind: Kind, now: Instant) -> bool {
-        let mut guard = self.lock();
-        let g = &mut *guard;
-        let (bucket, refused) = match kind {
-            Kind::Resolve => (&mut g.resolve, &mut g.resolve_refused),
-            Kind::Connect => (&mut g.connect, &mut g.connect_refused),
-        };
-        let ok = bucket.take(now);
+        let mut g = self.lock();
+        let ok = g.buckets[kind.index()].take(now);
         if !ok {
-            refused.add(1);
+            g.refused[kind.index()].add(1);
         }
         ok
     }
@@ -147,12 +159,11 @@ impl Limiter {
     pub fn due(&self, now: Instant) -> Due {
         let mut g = self.lock();
         let mut due = Due::default();
-        let rates = (g.resolve.per_sec(), g.connect.per_sec());
-        if let Some(n) = g.resolve_refused.due(now) {
-            due.throttled.push((Kind::Resolve, n, rates.0));
-        }
-        if let Some(n) = g.connect_refused.due(now) {
-            due.throttled.push((Kind::Connect, n, rates.1));
+        for kind in Kind::ALL {
+            if let Some(n) = g.refused[kind.index()].due(now) {
+                let rate = g.buckets[kind.index()].per_sec();
+                due.throttled.push((kind, n, rate));
+            }
         }
         if let Some(n) = g.failed.due(now) {
             due.failed = Some((n, g.last_failure.take().unwrap_or_default()));
@@ -168,19 +179,24 @@ mod tests {
     #[test]
     fn each_kind_has_its_bucket_and_a_flood_is_one_report_per_interval() {
         let t0 = Instant::now();
-        let l = Limiter::with((10, 2), (5, 1), t0);
+        let l = Limiter::with([(10, 2), (5, 1), (3, 3)], t0);
         assert_eq!(l.due(t0), Due::default());
         let resolves = (0..100_000).filter(|_| l.admit(Kind::Resolve, t0)).count();
         assert_eq!(resolves, 2);
-        // The other bucket is untouched.
+        // The other buckets are untouched.
         assert!(l.admit(Kind::Connect, t0));
         assert!(!l.admit(Kind::Connect, t0));
+        assert_eq!((0..10).filter(|_| l.admit(Kind::Dropped, t0)).count(), 3);
         l.failed("one".into());
         l.failed("two".into());
         assert_eq!(
             l.due(t0),
             Due {
-                throttled: vec![(Kind::Resolve, 99_998, 10), (Kind::Connect, 1, 5)],
+                throttled: vec![
+                    (Kind::Resolve, 99_998, 10),
+                    (Kind::Connect, 1, 5),
+                    (Kind::Dropped, 7, 3)
+                ],
                 failed: Some((2, "two".into())),
             }
         );
@@ -192,6 +208,7 @@ mod tests {
         // The bucket refilled: questions go through again.
         assert!(l.admit(Kind::Resolve, later));
         assert_eq!(Kind::Connect.as_str(), "connect");
+        assert_eq!(Kind::Dropped.as_str(), "packet");
     }
 
     #[test]

@@ -20,7 +20,9 @@ pub const MAX_BYTES_ENV: &str = "CAPSEM_NET_MAX_BYTES";
 pub struct NetRecord {
     /// RFC 3339, UTC (host clock), when the attempt arrived.
     pub time: String,
-    /// `resolve` (a DNS name the guest asked for) or `connect`.
+    /// `resolve` (a DNS name the guest asked for), `connect`, or `packet`
+    /// (packets the guest's firewall dropped: UDP other than DNS, ICMP,
+    /// raw IP, IPv6; `count` says how many).
     pub kind: &'static str,
     /// The name the guest resolved (a `connect` to an address literal: null).
     pub name: Option<String>,
@@ -39,10 +41,14 @@ pub struct NetRecord {
     pub bytes_out: u64,
     pub bytes_in: u64,
     pub duration_ms: u64,
-    /// A summary's: how many questions it stands for (absent on the
-    /// record of one attempt).
+    /// A summary's: how many questions it stands for; a `packet` record's:
+    /// how many packets (absent on the record of one attempt).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
+    /// A `packet` record's IP protocol (`udp`, `icmp`, ...; absent on the
+    /// others).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proto: Option<String>,
 }
 
 impl NetRecord {
@@ -62,6 +68,7 @@ impl NetRecord {
             bytes_in: 0,
             duration_ms: 0,
             count: Some(count),
+            proto: None,
         }
     }
 }
@@ -186,6 +193,7 @@ mod tests {
             bytes_in: 0,
             duration_ms: 1,
             count: None,
+            proto: None,
         }
     }
 

@@ -15,20 +15,25 @@
 //!   through bounded buffers ([`RELAY_BUF`]) until either side closes or
 //!   the VM stops. Every connect is one `connect` record with its bytes
 //!   and duration.
+//! * `Dropped{proto, ip, port, count}`: packets the guest's firewall
+//!   dropped, told by the agent ([`dropped`]): one `packet` record, and a
+//!   denying verdict.
 //!
 //! At most [`MAX_CONNS`] connections are served at once (the accept loop's
 //! bound; one `process.log` line per interval for those it closes), at
-//! most [`limit::RESOLVE_PER_SEC`] / [`limit::CONNECT_PER_SEC`] questions
-//! a second are answered ([`limit`]), and at most [`MAX_LOOKUPS`] names
+//! most [`limit::RESOLVE_PER_SEC`] / [`limit::CONNECT_PER_SEC`] /
+//! [`limit::DROPPED_PER_SEC`] questions a second are answered ([`limit`]), and at most [`MAX_LOOKUPS`] names
 //! are being resolved by the system resolver at once; records go to
 //! `net.jsonl` ([`log`]), a flood's as one summary record per interval.
 //! A connection's accept and close are debug lines here (a flood would
 //! otherwise be two `process.log` lines per question).
 //!
-//! Files: [`conn`] one connection; [`limit`] the rates and the summaries;
+//! Files: [`conn`] one connection; [`dropped`] the `packet` records;
+//! [`limit`] the rates and the summaries;
 //! [`hosts`] the test override; [`log`] `net.jsonl`.
 
 mod conn;
+mod dropped;
 pub mod hosts;
 pub mod limit;
 pub mod log;

@@ -4,7 +4,8 @@
 //! ([`rules`]) that redirect every TCP connection not to loopback to the
 //! agent ([`PROXY_PORT`]) and every DNS query (UDP and TCP port 53) to its
 //! resolver on 127.0.0.1:53, and drop all other egress (UDP, ICMP, raw,
-//! IPv6). `/etc/resolv.conf` names the resolver. Uses the root's `ip` and
+//! IPv6), logging what they drop to nfnetlink_log group [`DROP_GROUP`]
+//! for the agent's records. `/etc/resolv.conf` names the resolver. Uses the root's `ip` and
 //! `nft` (images/packages.txt); a failure stops the boot, because a guest
 //! whose rules did not load must not run with a network.
 
@@ -16,13 +17,22 @@ pub const IFACE: &str = "capsem0";
 pub const ADDR: &str = "10.0.2.15/24";
 /// The agent's TCP side (`capsem-agent`'s `net::PROXY_ADDR`).
 pub const PROXY_PORT: u16 = 849;
+/// The agent's `net::drops::DROP_GROUP`, and its `SNAPLEN`.
+pub const DROP_GROUP: u16 = 849;
+const SNAPLEN: u32 = 48;
+/// Dropped packets logged a second at most (the rest are dropped unlogged).
+const LOG_PER_SEC: u32 = 1000;
+
 /// What `/etc/resolv.conf` says.
 const RESOLV_CONF: &str = "# written by capsem-init: the agent's resolver\nnameserver 127.0.0.1\n";
 
 /// The ruleset. Redirected packets carry `ct status dnat` and pass the
 /// filter; everything else leaving through a non-loopback interface is
-/// dropped.
+/// logged (up to [`LOG_PER_SEC`]) and dropped.
 pub fn rules() -> String {
+    let log = format!(
+        "limit rate {LOG_PER_SEC}/second burst {LOG_PER_SEC} packets log group {DROP_GROUP} snaplen {SNAPLEN}"
+    );
     format!(
         "\
 table ip capsem {{
@@ -37,12 +47,14 @@ table ip capsem {{
         type filter hook output priority 0; policy drop;
         oifname \"lo\" accept
         ct status dnat accept
+        {log}
     }}
 }}
 table ip6 capsem6 {{
     chain filter_out {{
         type filter hook output priority 0; policy drop;
         oifname \"lo\" accept
+        {log}
     }}
 }}
 "
@@ -132,6 +144,7 @@ mod tests {
         assert!(rules.contains("tcp redirect to :849"), "{rules}");
         assert!(rules.contains("udp dport 53 redirect to :53"));
         assert_eq!(rules.matches("policy drop").count(), 2);
+        assert_eq!(rules.matches("log group 849 snaplen 48").count(), 2);
         assert!(!rules.contains("{{"), "{rules}");
         let cmds = ip_commands();
         assert_eq!(cmds[0], ["link", "set", "lo", "up"]);
