@@ -81,7 +81,8 @@ fn tilde_dot_in_exec_t_leaves_and_the_vm_keeps_running() {
             .iter()
             .any(|p| p.cmdline == ["cat", "-", "-"])
     };
-    assert!(cat_runs(), "the command is not running");
+    // READY comes from sh just before its exec: cat follows.
+    wait_until(step(B), "the command to run cat", cat_runs);
     // Mid-line it is text (cat echoes it back); at a line's start it leaves.
     s.send("a~.b\r").unwrap();
     s.expect("a~.b", step(B)).unwrap();
