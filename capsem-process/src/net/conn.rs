@@ -346,6 +346,15 @@ mod tests {
         (guest, codec.next_message().unwrap().unwrap(), task)
     }
 
+    /// [`serve`]'s result for a connection that sent `bytes` (the guest's
+    /// end stays open meanwhile).
+    async fn serve_bytes(c: &NetCtx, bytes: &[u8]) -> Result<(), ConnError> {
+        let (mut guest, host) = UnixStream::pair().unwrap();
+        guest.write_all(bytes).await.unwrap();
+        let (_tx, stop) = watch::channel(false);
+        serve(host, c, stop).await
+    }
+
     /// A denying verdict whose reason says `needle`.
     fn assert_denied(v: &HostToNet, needle: &str) {
         match v {
@@ -522,14 +531,9 @@ mod tests {
         // A field the agent never sends (over the protocol's bounds, or
         // not an address): refused, unrecorded.
         for bad in [dropped("sctp", "192.0.2.1"), dropped("udp", "nowhere")] {
-            let (mut guest, host) = UnixStream::pair().unwrap();
-            guest
-                .write_all(&Codec::<NetGuest>::encode(&bad).unwrap())
-                .await
-                .unwrap();
-            let (_tx, stop) = watch::channel(false);
+            let bytes = Codec::<NetGuest>::encode(&bad).unwrap();
             assert!(matches!(
-                serve(host, &c, stop).await,
+                serve_bytes(&c, &bytes).await,
                 Err(ConnError::Bounds)
             ));
         }
@@ -547,26 +551,18 @@ mod tests {
     async fn a_wrong_token_or_oversized_question_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let c = ctx(dir.path(), 1);
-        let (mut guest, host) = UnixStream::pair().unwrap();
         let q = NetToHost::Resolve {
             token: "bad".into(),
             name: "a.test".into(),
         };
-        guest
-            .write_all(&Codec::<NetGuest>::encode(&q).unwrap())
-            .await
-            .unwrap();
-        let (_tx, stop) = watch::channel(false);
+        let bytes = Codec::<NetGuest>::encode(&q).unwrap();
         assert!(matches!(
-            serve(host, &c, stop.clone()).await,
+            serve_bytes(&c, &bytes).await,
             Err(ConnError::Token(_))
         ));
-        let (mut guest2, host) = UnixStream::pair().unwrap();
-        guest2.write_all(&100_000u32.to_be_bytes()).await.unwrap();
         assert!(matches!(
-            serve(host, &c, stop).await,
+            serve_bytes(&c, &100_000u32.to_be_bytes()).await,
             Err(ConnError::Length(100_000))
         ));
-        drop(guest);
     }
 }
