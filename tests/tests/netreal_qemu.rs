@@ -8,8 +8,10 @@
 //! `CAPSEM_NET_HOSTS` maps to 127.0.0.1. The one address literal the guest
 //! dials that no rule names is 192.0.2.1 (TEST-NET-1, documentation only),
 //! which the policy refuses twice over (no rule, and a reserved range)
-//! before any dial. `CAPSEM_SKIP_VM_TESTS=1 scripts/test.sh` leaves them
-//! out.
+//! before any dial. Names mapped to private and metadata addresses are
+//! refused under `--net open` with capsem in a network namespace of the
+//! test's own, where only loopback exists. `CAPSEM_SKIP_VM_TESTS=1
+//! scripts/test.sh` leaves them out.
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
@@ -269,6 +271,82 @@ fn open_refuses_loopback_and_audit_log_keeps_the_records() {
         "served only to an address rule\n"
     );
     drop(server);
+    fx.assert_nothing_left();
+}
+
+/// `--net open` refuses private, link-local and cloud-metadata addresses
+/// that a name resolves to, before any dial. capsem runs in a network
+/// namespace of this test's own with only loopback up (`unshare --net`),
+/// so even a wrong dial could reach nothing outside it.
+#[test]
+fn open_refuses_private_and_metadata_addresses() {
+    let fx = Fixture::new("netopen_private_vm", B);
+    let hosts = fx.home().join("hosts");
+    let mapped = [
+        ("ten.capsem", "10.20.30.40", "private"),
+        ("home.capsem", "192.168.77.1", "private"),
+        ("meta.capsem", "169.254.169.254", "cloud metadata"),
+    ];
+    let lines: String = mapped
+        .iter()
+        .map(|(name, ip, _)| format!("{ip} {name}\n"))
+        .collect();
+    std::fs::write(&hosts, lines).unwrap();
+    let log = fx.home().join("audit-log.jsonl");
+    let script = "for h in ten home meta; do curl -sS --max-time 10 http://$h.capsem:8080/ 2>/dev/null; echo $h=$?; done";
+    let capsem = fx.capsem();
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args([
+        "--net",
+        "--",
+        "sh",
+        "-c",
+        "ip link set lo up && exec \"$@\"",
+        "sh",
+    ])
+    .arg(capsem.get_program())
+    .args(capsem.get_args());
+    for (k, v) in capsem.get_envs() {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    let out = cmd
+        .args(["run", "--net", "open", "--audit-log"])
+        .arg(&log)
+        .args(["--", "sh", "-c", script])
+        .env("CAPSEM_NET_HOSTS", &hosts)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let codes: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        codes.len(),
+        3,
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in codes {
+        let code = line.split_once('=').unwrap().1;
+        assert!(
+            code != "0" && code != CURL_TIMEOUT.to_string(),
+            "a reserved address under open: {line}"
+        );
+    }
+    let recs = records(&log);
+    for (name, ip, kind) in mapped {
+        let why = format!("{ip} is {kind} and no rule names it");
+        assert!(
+            recs.iter().any(|r| r["kind"] == "connect"
+                && r["name"] == name
+                && r["verdict"] == "deny"
+                && r["address"].is_null()
+                && r["reason"] == why.as_str()),
+            "{name}: no deny record saying {why:?}: {recs:?}"
+        );
+    }
     fx.assert_nothing_left();
 }
 
