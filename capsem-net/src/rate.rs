@@ -6,7 +6,9 @@
 //!   queued;
 //! * [`Summary`]: a count of events reported at most once per interval, so
 //!   a flood is one log line with its count instead of a line per event
-//!   (the first event of a quiet spell is reported at once).
+//!   (the first event of a quiet spell is reported at once);
+//! * [`Failures`]: a [`Summary`] of failures that keeps the last one's
+//!   reason for its report.
 //!
 //! The guest's resolver (capsem-agent) and capsem-process each run their
 //! own: the agent's keep an honest guest's flood off the host, the host's
@@ -110,6 +112,41 @@ impl Summary {
     }
 }
 
+/// Failures counted like a [`Summary`]; a report carries the last one's
+/// reason.
+#[derive(Debug, Clone)]
+pub struct Failures {
+    summary: Summary,
+    last: Option<String>,
+}
+
+impl Failures {
+    pub fn new(every: Duration) -> Self {
+        Self {
+            summary: Summary::new(every),
+            last: None,
+        }
+    }
+
+    /// Counts one more failure, and why.
+    pub fn add(&mut self, why: String) {
+        self.summary.add(1);
+        self.last = Some(why);
+    }
+
+    /// How many failed since the last report, and the last reason, if a
+    /// report is due ([`Summary::due`]).
+    pub fn due(&mut self, now: Instant) -> Option<(u64, String)> {
+        let n = self.summary.due(now)?;
+        Some((n, self.last.take().unwrap_or_default()))
+    }
+
+    /// [`Summary::deadline`].
+    pub fn deadline(&self, now: Instant) -> Option<Instant> {
+        self.summary.deadline(now)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,5 +199,24 @@ mod tests {
         s.add(3);
         assert_eq!(s.due(t0 + Duration::from_secs(60)), Some(3));
         assert_eq!(s.every(), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn failures_report_their_count_and_the_last_reason() {
+        let t0 = Instant::now();
+        let mut f = Failures::new(Duration::from_secs(5));
+        assert_eq!(f.deadline(t0), None);
+        f.add("one".into());
+        f.add("two".into());
+        assert_eq!(f.deadline(t0), Some(t0));
+        assert_eq!(f.due(t0), Some((2, "two".into())));
+        f.add("three".into());
+        assert_eq!(f.due(t0 + Duration::from_secs(1)), None);
+        assert_eq!(f.deadline(t0), Some(t0 + Duration::from_secs(5)));
+        assert_eq!(
+            f.due(t0 + Duration::from_secs(5)),
+            Some((1, "three".into()))
+        );
+        assert_eq!(f.due(t0 + Duration::from_secs(20)), None);
     }
 }

@@ -10,7 +10,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use capsem_net::rate::{Bucket, Summary};
+use capsem_net::rate::{Bucket, Failures, Summary};
 use tracing::warn;
 
 use super::dns::{Decision, ASK_QUEUE};
@@ -79,8 +79,7 @@ pub struct Gate {
     refused: Refused,
     bucket: Bucket,
     throttled: Summary,
-    failed: Summary,
-    last_failure: Option<String>,
+    failed: Failures,
 }
 
 impl Gate {
@@ -93,8 +92,7 @@ impl Gate {
             refused: Refused::new(refused),
             bucket: Bucket::new(per_sec, burst, now),
             throttled: Summary::new(SUMMARY_EVERY),
-            failed: Summary::new(SUMMARY_EVERY),
-            last_failure: None,
+            failed: Failures::new(SUMMARY_EVERY),
         }
     }
 
@@ -126,8 +124,7 @@ impl Gate {
                 Decision::Denied
             }
             Err(why) => {
-                self.failed.add(1);
-                self.last_failure = Some(why);
+                self.failed.add(why);
                 Decision::Unknown
             }
         }
@@ -143,8 +140,7 @@ impl Gate {
                 self.bucket.per_sec()
             ));
         }
-        if let Some(n) = self.failed.due(now) {
-            let last = self.last_failure.take().unwrap_or_default();
+        if let Some((n, last)) = self.failed.due(now) {
             lines.push(format!(
                 "dns: {n} questions to the host failed (SERVFAIL); the last: {last}"
             ));
@@ -157,10 +153,11 @@ impl Gate {
 
     /// When the next report is due, if anything is counted.
     pub fn deadline(&self, now: Instant) -> Option<Instant> {
-        match (self.throttled.deadline(now), self.failed.deadline(now)) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        self.throttled
+            .deadline(now)
+            .into_iter()
+            .chain(self.failed.deadline(now))
+            .min()
     }
 }
 

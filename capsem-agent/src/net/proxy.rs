@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use capsem_net::rate::Summary;
+use capsem_net::rate::{Failures, Summary};
 use capsem_proto::net::{HostToNet, NetToHost};
 use nix::sys::socket::{getsockopt, setsockopt, sockopt};
 use tracing::{debug, warn};
@@ -50,16 +50,14 @@ const IDLE_AFTER_EOF: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct Trouble {
     full: Summary,
-    failed: Summary,
-    last_failure: Option<String>,
+    failed: Failures,
 }
 
 impl Default for Trouble {
     fn default() -> Self {
         Self {
             full: Summary::new(SUMMARY_EVERY),
-            failed: Summary::new(SUMMARY_EVERY),
-            last_failure: None,
+            failed: Failures::new(SUMMARY_EVERY),
         }
     }
 }
@@ -72,8 +70,7 @@ impl Trouble {
 
     /// A question to the host that got no verdict.
     pub fn failed(&mut self, why: String) {
-        self.failed.add(1);
-        self.last_failure = Some(why);
+        self.failed.add(why);
     }
 
     /// The lines due now (also logged).
@@ -84,8 +81,7 @@ impl Trouble {
                 "net: {n} connections reset: {MAX_CONNS} already in progress"
             ));
         }
-        if let Some(n) = self.failed.due(now) {
-            let last = self.last_failure.take().unwrap_or_default();
+        if let Some((n, last)) = self.failed.due(now) {
             lines.push(format!(
                 "net: {n} connections reset: no verdict from the host; the last: {last}"
             ));
@@ -97,10 +93,11 @@ impl Trouble {
     }
 
     pub fn deadline(&self, now: Instant) -> Option<Instant> {
-        match (self.full.deadline(now), self.failed.deadline(now)) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        self.full
+            .deadline(now)
+            .into_iter()
+            .chain(self.failed.deadline(now))
+            .min()
     }
 }
 

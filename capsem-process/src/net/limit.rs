@@ -26,7 +26,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use capsem_net::rate::{Bucket, Summary};
+use capsem_net::rate::{Bucket, Failures, Summary};
 
 /// `Resolve` questions a second, sustained, per VM (well above the agent's
 /// own 50, so an honest agent never meets it).
@@ -88,8 +88,7 @@ pub struct Due {
 struct Inner {
     buckets: [Bucket; 3],
     refused: [Summary; 3],
-    failed: Summary,
-    last_failure: Option<String>,
+    failed: Failures,
 }
 
 /// The buckets and the counts, shared by the VM's connection tasks.
@@ -128,8 +127,7 @@ impl Limiter {
         Self(Mutex::new(Inner {
             buckets: rates.map(|(per_sec, burst)| Bucket::new(per_sec, burst, now)),
             refused: [(); 3].map(|()| Summary::new(SUMMARY_EVERY)),
-            failed: Summary::new(SUMMARY_EVERY),
-            last_failure: None,
+            failed: Failures::new(SUMMARY_EVERY),
         }))
     }
 
@@ -150,9 +148,7 @@ impl Limiter {
 
     /// Counts a failed connection.
     pub fn failed(&self, why: String) {
-        let mut g = self.lock();
-        g.failed.add(1);
-        g.last_failure = Some(why);
+        self.lock().failed.add(why);
     }
 
     /// What is due now (and counted as reported).
@@ -165,9 +161,7 @@ impl Limiter {
                 due.throttled.push((kind, n, rate));
             }
         }
-        if let Some(n) = g.failed.due(now) {
-            due.failed = Some((n, g.last_failure.take().unwrap_or_default()));
-        }
+        due.failed = g.failed.due(now);
         due
     }
 }
