@@ -5,6 +5,7 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -121,13 +122,29 @@ impl Drop for Server {
     }
 }
 
-/// `net.jsonl` as JSON values.
-pub fn records(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("net.jsonl"))
+/// A JSON-lines file as JSON values (none when it does not exist).
+pub fn jsonl(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
+}
+
+/// `net.jsonl` as JSON values.
+pub fn records(dir: &Path) -> Vec<serde_json::Value> {
+    jsonl(&dir.join("net.jsonl"))
+}
+
+/// `capsem ARGS` with capsem-process's test hosts file
+/// (`CAPSEM_NET_HOSTS=hosts`) and stdin closed; more `.env` may follow
+/// before `.output()`.
+pub fn capsem_with_hosts(fx: &Fixture, hosts: &Path, args: &[&str]) -> Command {
+    let mut cmd = fx.capsem();
+    cmd.args(args)
+        .env("CAPSEM_NET_HOSTS", hosts)
+        .stdin(Stdio::null());
+    cmd
 }
 
 /// `curl` in the guest: (exit code, stdout, stderr).

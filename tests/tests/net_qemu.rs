@@ -10,7 +10,7 @@
 //! `CAPSEM_SKIP_VM_TESTS=1 scripts/test.sh` leaves them out.
 #![allow(clippy::unwrap_used)]
 
-use capsem_tests::net::{curl, records, Server, BODY};
+use capsem_tests::net::{capsem_with_hosts, curl, records, Server, BODY};
 use capsem_tests::persist::{capsem, exec, inspect, ok, vm_dir};
 use capsem_tests::{Backend, Fixture};
 
@@ -42,12 +42,9 @@ fn allowed_names_connect_and_everything_else_is_refused_and_recorded() {
     std::fs::write(&hosts, "127.0.0.1 test.capsem other.capsem nope.capsem\n").unwrap();
     let p = server.port;
     let allow = format!("allow=test.capsem:{p},127.0.0.1:{p}");
-    let mut create = fx.capsem();
-    create
-        .args(["create", "net1", "--net", &allow])
-        .env("CAPSEM_NET_HOSTS", &hosts)
-        .stdin(std::process::Stdio::null());
-    let out = create.output().unwrap();
+    let out = capsem_with_hosts(&fx, &hosts, &["create", "net1", "--net", &allow])
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "create: {}",
@@ -197,11 +194,8 @@ fn net_none_connects_nothing() {
     let hosts = fx.home().join("hosts");
     std::fs::write(&hosts, "127.0.0.1 test.capsem\n").unwrap();
     let url = format!("http://test.capsem:{}/", server.port);
-    let mut run = fx.capsem();
-    run.args(["run", "--", "curl", "-sS", "--max-time", "10", &url])
-        .env("CAPSEM_NET_HOSTS", &hosts)
-        .stdin(std::process::Stdio::null());
-    let out = run.output().unwrap();
+    let run = ["run", "--", "curl", "-sS", "--max-time", "10", &url];
+    let out = capsem_with_hosts(&fx, &hosts, &run).output().unwrap();
     assert_ne!(
         out.status.code(),
         Some(0),

@@ -14,9 +14,9 @@
 //! scripts/test.sh` leaves them out.
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
 use std::process::Stdio;
 
+use capsem_tests::net::{capsem_with_hosts, jsonl, records};
 use capsem_tests::netserve::{bare_repo, PyServer, TestCa};
 use capsem_tests::persist::{exec, ok, vm_dir};
 use capsem_tests::{Backend, Fixture};
@@ -24,14 +24,6 @@ use capsem_tests::{Backend, Fixture};
 const B: Backend = Backend::Qemu;
 /// curl's "operation timed out": a refusal must never look like this.
 const CURL_TIMEOUT: i32 = 28;
-
-fn records(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 /// `capsem exec NAME -- sh -c SCRIPT`: (exit code, stdout, stderr).
 fn sh(fx: &Fixture, name: &str, script: &str) -> (Option<i32>, String, String) {
@@ -68,16 +60,11 @@ fn tls_git_and_pip_work_through_the_relay() {
         format!("allow=git.capsem:{g},127.0.0.1:{g}"),
         format!("allow=pypi.capsem:{p},127.0.0.1:{p}"),
     ];
-    let mut create = fx.capsem();
-    create.args(["create", "real"]);
+    let mut args = vec!["create", "real"];
     for a in &allow {
-        create.args(["--net", a]);
+        args.extend(["--net", a]);
     }
-    let out = create
-        .env("CAPSEM_NET_HOSTS", &hosts)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = capsem_with_hosts(&fx, &hosts, &args).output().unwrap();
     assert!(
         out.status.success(),
         "create: {}",
@@ -151,14 +138,14 @@ fn tls_git_and_pip_work_through_the_relay() {
         std::time::Duration::from_secs(60),
         "the deny records",
         || {
-            records(&dir.join("net.jsonl"))
+            records(&dir)
                 .iter()
                 .filter(|r| r["verdict"] == "deny")
                 .count()
                 >= 2
         },
     );
-    let recs = records(&dir.join("net.jsonl"));
+    let recs = records(&dir);
     assert!(
         recs.iter().any(|r| r["verdict"] == "deny"
             && r["guest_ip"] == "192.0.2.1"
@@ -213,13 +200,15 @@ fn open_refuses_loopback_and_audit_log_keeps_the_records() {
             "-c",
             &script,
         ],
-    );
+    )
+    .output()
+    .unwrap();
     let code = out.status.code();
     assert!(
         code != Some(0) && code != Some(CURL_TIMEOUT),
         "loopback under open: {code:?}"
     );
-    let recs = records(&log);
+    let recs = jsonl(&log);
     let exec = recs.iter().filter(|r| r.get("serial").is_some()).count();
     assert!(exec > 0, "the exec records come first: {recs:?}");
     let net: Vec<_> = recs.iter().filter(|r| r.get("kind").is_some()).collect();
@@ -259,7 +248,9 @@ fn open_refuses_loopback_and_audit_log_keeps_the_records() {
             "20",
             &url,
         ],
-    );
+    )
+    .output()
+    .unwrap();
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -294,7 +285,18 @@ fn open_refuses_private_and_metadata_addresses() {
     std::fs::write(&hosts, lines).unwrap();
     let log = fx.home().join("audit-log.jsonl");
     let script = "for h in ten home meta; do curl -sS --max-time 10 http://$h.capsem:8080/ 2>/dev/null; echo $h=$?; done";
-    let capsem = fx.capsem();
+    let args = [
+        "run",
+        "--net",
+        "open",
+        "--audit-log",
+        log.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        script,
+    ];
+    let capsem = capsem_with_hosts(&fx, &hosts, &args);
     let mut cmd = std::process::Command::new("unshare");
     cmd.args([
         "--net",
@@ -312,14 +314,7 @@ fn open_refuses_private_and_metadata_addresses() {
             None => cmd.env_remove(k),
         };
     }
-    let out = cmd
-        .args(["run", "--net", "open", "--audit-log"])
-        .arg(&log)
-        .args(["--", "sh", "-c", script])
-        .env("CAPSEM_NET_HOSTS", &hosts)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = cmd.stdin(Stdio::null()).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     let codes: Vec<&str> = text.lines().collect();
     assert_eq!(
@@ -335,7 +330,7 @@ fn open_refuses_private_and_metadata_addresses() {
             "a reserved address under open: {line}"
         );
     }
-    let recs = records(&log);
+    let recs = jsonl(&log);
     for (name, ip, kind) in mapped {
         let why = format!("{ip} is {kind} and no rule names it");
         assert!(
@@ -348,13 +343,4 @@ fn open_refuses_private_and_metadata_addresses() {
         );
     }
     fx.assert_nothing_left();
-}
-
-fn capsem_with_hosts(fx: &Fixture, hosts: &Path, args: &[&str]) -> std::process::Output {
-    fx.capsem()
-        .args(args)
-        .env("CAPSEM_NET_HOSTS", hosts)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
 }

@@ -8,7 +8,7 @@
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
-use capsem_tests::net::Server;
+use capsem_tests::net::{capsem_with_hosts, Server};
 use capsem_tests::persist::exec;
 use capsem_tests::{Backend, Fixture};
 
@@ -74,12 +74,7 @@ pub fn net(runs: usize) -> Result<()> {
     let hosts = fx.home().join("hosts");
     std::fs::write(&hosts, "127.0.0.1 bench.capsem\n")?;
     let allow = format!("allow=bench.capsem:{p},127.0.0.1:{p}");
-    let out = fx
-        .capsem()
-        .args(["create", "bench", "--net", &allow])
-        .env("CAPSEM_NET_HOSTS", &hosts)
-        .stdin(Stdio::null())
-        .output()?;
+    let out = capsem_with_hosts(&fx, &hosts, &["create", "bench", "--net", &allow]).output()?;
     if !out.status.success() {
         bail!("create: {}", String::from_utf8_lossy(&out.stderr));
     }
