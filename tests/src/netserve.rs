@@ -59,18 +59,24 @@ pub struct TestCa {
     pub key: PathBuf,
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
+/// `program ARGS` in `dir`, stdin closed, failing the test on an error.
+fn run_in(dir: &Path, mut cmd: Command, args: &[&str]) {
+    let out = cmd
         .current_dir(dir)
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .expect("openssl");
+        .expect("spawn a test tool");
     assert!(
         out.status.success(),
-        "openssl {args:?}: {}",
+        "{:?} {args:?}: {}",
+        cmd.get_program(),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    run_in(dir, Command::new("openssl"), args);
 }
 
 impl TestCa {
@@ -127,18 +133,9 @@ impl TestCa {
 
 /// `git`, in `dir`, failing the test on an error.
 pub fn git(dir: &Path, args: &[&str]) {
-    let out = Command::new("git")
-        .current_dir(dir)
-        .args(["-c", "user.email=t@capsem", "-c", "user.name=capsem-test"])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("git");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut git = Command::new("git");
+    git.args(["-c", "user.email=t@capsem", "-c", "user.name=capsem-test"]);
+    run_in(dir, git, args);
 }
 
 /// A bare repository `ROOT/NAME.git` with one commit holding `file`

@@ -167,6 +167,13 @@ impl Usage {
         })
     }
 
+    /// Whether no count is over `base`'s by more than `slack`'s.
+    pub fn within(self, base: Self, slack: Self) -> bool {
+        self.threads <= base.threads + slack.threads
+            && self.fds <= base.fds + slack.fds
+            && self.rss_kib <= base.rss_kib + slack.rss_kib
+    }
+
     /// The larger of each count.
     pub fn max(self, other: Self) -> Self {
         Self {

@@ -90,9 +90,12 @@ fn usage(pid: i32) -> Usage {
 }
 
 fn within(now: Usage, base: Usage) -> bool {
-    now.threads <= base.threads + SLACK_THREADS
-        && now.fds <= base.fds + SLACK_FDS
-        && now.rss_kib <= base.rss_kib + SLACK_RSS_KIB
+    let slack = Usage {
+        threads: SLACK_THREADS,
+        fds: SLACK_FDS,
+        rss_kib: SLACK_RSS_KIB,
+    };
+    now.within(base, slack)
 }
 
 #[test]

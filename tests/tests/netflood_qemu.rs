@@ -30,7 +30,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use capsem_tests::fixture::wait_until;
-use capsem_tests::net::{curl, Server, BODY};
+use capsem_tests::net::{capsem_with_hosts, curl, jsonl, Server, BODY};
 use capsem_tests::persist::{exec, guest_pids, inspect, ok, process_pid, vm_dir};
 use capsem_tests::procs::Usage;
 use capsem_tests::{Backend, Fixture};
@@ -267,10 +267,15 @@ struct Flood {
     checks: usize,
 }
 
-/// Runs `argv` in the guest while, beside it, every [`CHECK_EVERY`] until
-/// it ends, `exec echo alive` and `inspect` must answer (at least once
-/// before it ends) and the host processes' usage is sampled.
-fn flood(fx: &Fixture, name: &str, argv: &[&str], pid: i32, vsock: i32) -> Flood {
+/// Runs `python3 /tmp/SCRIPT ARGS...` in the guest (a 900 s timeout)
+/// while, beside it, every [`CHECK_EVERY`] until it ends, `exec echo
+/// alive` and `inspect` must answer (at least once before it ends) and the
+/// host processes' usage is sampled.
+fn flood(fx: &Fixture, name: &str, script: &str, args: &[&str], pid: i32, vsock: i32) -> Flood {
+    let path = format!("/tmp/{script}");
+    let mut argv = vec!["--timeout", "900", "--", "python3", &path];
+    argv.extend_from_slice(args);
+    let argv = &argv;
     let mut peak = Usage::of(pid).unwrap();
     let mut vsock_peak = Usage::of(vsock).unwrap();
     let mut checks = 0;
@@ -325,20 +330,17 @@ fn count(v: &serde_json::Value, key: &str) -> u64 {
 fn all_records(dir: &Path) -> Vec<serde_json::Value> {
     ["net.jsonl.1", "net.jsonl"]
         .iter()
-        .flat_map(|f| {
-            std::fs::read_to_string(dir.join(f))
-                .unwrap_or_default()
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect::<Vec<_>>()
-        })
+        .flat_map(|f| jsonl(&dir.join(f)))
         .collect()
 }
 
 fn within(now: Usage, base: Usage) -> bool {
-    now.threads <= base.threads + SLACK_THREADS
-        && now.fds <= base.fds + SLACK_FDS
-        && now.rss_kib <= base.rss_kib + SLACK_RSS_KIB
+    let slack = Usage {
+        threads: SLACK_THREADS,
+        fds: SLACK_FDS,
+        rss_kib: SLACK_RSS_KIB,
+    };
+    now.within(base, slack)
 }
 
 #[test]
@@ -349,14 +351,11 @@ fn floods_of_connections_and_dns_queries_leave_the_host_responsive_and_flat() {
     let hosts = fx.home().join("hosts");
     std::fs::write(&hosts, "127.0.0.1 test.capsem\n").unwrap();
     let allow = format!("allow=test.capsem:{p},127.0.0.1:{p},*.ok.capsem:9");
-    let mut create = fx.capsem();
-    create
-        .args(["create", "flood", "--net", &allow])
-        .env("CAPSEM_NET_HOSTS", &hosts)
+    let out = capsem_with_hosts(&fx, &hosts, &["create", "flood", "--net", &allow])
         .env("CAPSEM_NET_MAX_BYTES", NET_MAX_BYTES.to_string())
         .env("CAPSEM_NET_RATE", HOST_RATE.to_string())
-        .stdin(std::process::Stdio::null());
-    let out = create.output().unwrap();
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "create: {}",
@@ -393,18 +392,8 @@ fn floods_of_connections_and_dns_queries_leave_the_host_responsive_and_flat() {
     let conns = flood(
         &fx,
         "flood",
-        &[
-            "--timeout",
-            "900",
-            "--",
-            "python3",
-            "/tmp/conns.py",
-            &n,
-            &at_once,
-            "test.capsem",
-            &port,
-            BODY,
-        ],
+        "conns.py",
+        &[&n, &at_once, "test.capsem", &port, BODY],
         pid,
         vsock,
     );
@@ -432,21 +421,7 @@ fn floods_of_connections_and_dns_queries_leave_the_host_responsive_and_flat() {
 
     let (n, window) = (QUERIES.to_string(), QUERY_WINDOW.to_string());
     let dns_started = Instant::now();
-    let dns = flood(
-        &fx,
-        "flood",
-        &[
-            "--timeout",
-            "900",
-            "--",
-            "python3",
-            "/tmp/dns.py",
-            &n,
-            &window,
-        ],
-        pid,
-        vsock,
-    );
+    let dns = flood(&fx, "flood", "dns.py", &[&n, &window], pid, vsock);
     let dns_secs = dns_started.elapsed().as_secs();
     eprintln!("dns: {} ({} checks during)", dns.counts, dns.checks);
     let d = &dns.counts;
@@ -466,21 +441,7 @@ fn floods_of_connections_and_dns_queries_leave_the_host_responsive_and_flat() {
     );
 
     let (n, threads) = (BYPASS.to_string(), BYPASS_THREADS.to_string());
-    let bypass = flood(
-        &fx,
-        "flood",
-        &[
-            "--timeout",
-            "900",
-            "--",
-            "python3",
-            "/tmp/bypass.py",
-            &n,
-            &threads,
-        ],
-        pid,
-        vsock,
-    );
+    let bypass = flood(&fx, "flood", "bypass.py", &[&n, &threads], pid, vsock);
     eprintln!(
         "bypass: {} ({} checks during)",
         bypass.counts, bypass.checks
