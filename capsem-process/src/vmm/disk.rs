@@ -330,6 +330,11 @@ mod tests {
             Prepared::Created
         );
         assert!(!d.path().join("disk.img.seed").exists());
+        // The reaper is the only waitpid(-1) caller: stopped (and awaited)
+        // before std waits for debugfs, or it may reap debugfs first
+        // (ECHILD, seen once in a full run).
+        task.abort();
+        let _ = task.await;
         let debugfs = ["/usr/sbin/debugfs", "/sbin/debugfs"]
             .into_iter()
             .find(|p| Path::new(p).is_file())
@@ -341,7 +346,6 @@ mod tests {
             .output()
             .unwrap();
         assert_eq!(out.stdout, br#"{"Env":["FOO=bar"]}"#, "{out:?}");
-        task.abort();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
