@@ -23,6 +23,12 @@ const SNAPLEN: u32 = 48;
 /// Dropped packets logged a second at most (the rest are dropped unlogged).
 const LOG_PER_SEC: u32 = 1000;
 
+/// Written `1` before the dummy interface exists, so that it gets no IPv6
+/// at all: no IPv6 packet could leave anyway, and without this the kernel's
+/// router solicitations to ff02::2 would be dropped, and recorded, in every
+/// VM. (`lo` keeps `::1`.)
+const NO_IPV6_ON_NEW_LINKS: &str = "/proc/sys/net/ipv6/conf/default/disable_ipv6";
+
 /// What `/etc/resolv.conf` says.
 const RESOLV_CONF: &str = "# written by capsem-init: the agent's resolver\nnameserver 127.0.0.1\n";
 
@@ -73,6 +79,8 @@ pub enum NetUpError {
     Failed { command: String, stderr: String },
     #[error("cannot write /etc/resolv.conf")]
     Resolv(#[source] std::io::Error),
+    #[error("cannot write {NO_IPV6_ON_NEW_LINKS}")]
+    Ipv6(#[source] std::io::Error),
 }
 
 /// The `ip` commands, in order.
@@ -127,6 +135,12 @@ fn run(program: &str, args: &[String], stdin: Option<&str>) -> Result<(), NetUpE
 /// root's). The rules load first, so no packet leaves before them.
 pub fn bring_up() -> Result<(), NetUpError> {
     run("nft", &["-f".to_owned(), "-".to_owned()], Some(&rules()))?;
+    match std::fs::write(NO_IPV6_ON_NEW_LINKS, "1") {
+        Ok(()) => {}
+        // A kernel without IPv6: nothing to turn off.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(NetUpError::Ipv6(e)),
+    }
     for args in ip_commands() {
         run("ip", &args, None)?;
     }
