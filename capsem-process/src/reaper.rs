@@ -246,6 +246,13 @@ impl Reaper {
 
     /// Reaps every exited child without blocking and publishes known exits.
     pub fn sweep(&self) -> Sweep {
+        self.numbered_sweep().0
+    }
+
+    /// [`Reaper::sweep`], with the number it gave this sweep (what
+    /// [`Reaper::sweeps`] then holds): waiting for a different number
+    /// waits for the next sweep of anyone else, and misses none.
+    pub fn numbered_sweep(&self) -> (Sweep, u64) {
         let mut reg = self.lock();
         let outcome = loop {
             match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
@@ -277,8 +284,12 @@ impl Reaper {
             }
         };
         drop(reg);
-        self.inner.swept.send_modify(|n| *n = n.wrapping_add(1));
-        outcome
+        let mut number = 0;
+        self.inner.swept.send_modify(|n| {
+            *n = n.wrapping_add(1);
+            number = *n;
+        });
+        (outcome, number)
     }
 
     /// A receiver that changes after every sweep.

@@ -85,16 +85,18 @@ pub async fn reap_all(reaper: &Reaper, within: Duration) {
     let deadline = tokio::time::Instant::now() + within;
     let mut sweeps = reaper.sweeps();
     loop {
-        sweeps.borrow_and_update();
         let killed = kill_children(reaper);
         if killed > 0 {
             info!("killed {killed} remaining child process(es) and their groups");
         }
-        if reaper.sweep() == Sweep::NoChildren {
+        let (swept, ours) = reaper.numbered_sweep();
+        if swept == Sweep::NoChildren {
             return;
         }
-        // The reaper task sweeps again on the next SIGCHLD.
-        if tokio::time::timeout_at(deadline, sweeps.changed())
+        // The reaper task sweeps again on the next SIGCHLD; our own sweep
+        // is not a reason to scan again (that was a busy loop while a
+        // killed QEMU took its time to exit).
+        if tokio::time::timeout_at(deadline, sweeps.wait_for(|n| *n != ours))
             .await
             .is_err()
         {
