@@ -367,6 +367,13 @@ mod tests {
         assert!(reaper.kill_group(&child, Signal::SIGKILL));
         assert_eq!(child.exited().await.signal, Some(9));
         assert!(!reaper.kill_group(&child, Signal::SIGKILL), "reaped child");
+        // Each sweep gets a new, growing number, and waiting for a number
+        // other than ours ends at the next sweep: reap_all waits so.
+        let (_, ours) = reaper.numbered_sweep();
+        let mut sweeps = reaper.sweeps();
+        let (_, next) = reaper.numbered_sweep();
+        assert!(next > ours, "{next} after {ours}");
+        assert!(*sweeps.wait_for(|n| *n != ours).await.unwrap() >= next);
         task.abort();
     }
 }
