@@ -87,8 +87,9 @@ pub enum AuditError {
 pub enum AuditMode {
     /// No audit; the reason is logged.
     Off(&'static str),
-    /// The kernel audit subsystem over netlink.
-    Netlink,
+    /// The kernel audit subsystem over netlink; restored at the end only
+    /// outside a VM (a Unix transport).
+    Netlink(netlink::OnClose),
     /// auditd log lines from a file or FIFO.
     Lines(PathBuf),
 }
@@ -96,15 +97,19 @@ pub enum AuditMode {
 impl AuditMode {
     /// `value` is `$CAPSEM_AUDIT` (`None`: unset).
     pub fn parse(value: Option<&str>, transport: &Transport) -> Result<Self, AuditError> {
+        let on_close = match transport {
+            Transport::Vsock => netlink::OnClose::Leave,
+            Transport::Unix(_) => netlink::OnClose::Restore,
+        };
         match value {
             None | Some("") => Ok(match transport {
-                Transport::Vsock => Self::Netlink,
+                Transport::Vsock => Self::Netlink(on_close),
                 Transport::Unix(_) => {
                     Self::Off("not inside a VM (unix transport); CAPSEM_AUDIT=1 would enable it")
                 }
             }),
             Some("0") => Ok(Self::Off("CAPSEM_AUDIT=0")),
-            Some("1") => Ok(Self::Netlink),
+            Some("1") => Ok(Self::Netlink(on_close)),
             Some(v) => match v.strip_prefix("file:") {
                 Some(path) if !path.is_empty() => Ok(Self::Lines(PathBuf::from(path))),
                 _ => Err(AuditError::Config(v.chars().take(64).collect())),
@@ -190,8 +195,8 @@ impl Auditor {
                 info!("audit off: {why}");
                 return Ok(None);
             }
-            AuditMode::Netlink => {
-                let nl = netlink::Netlink::open().map_err(source::SourceError::from)?;
+            AuditMode::Netlink(on_close) => {
+                let nl = netlink::Netlink::open(*on_close).map_err(source::SourceError::from)?;
                 let prev = nl.previous();
                 info!(
                     source = "netlink",
@@ -384,11 +389,10 @@ mod tests {
     fn mode_values() {
         let vsock = Transport::Vsock;
         let unix = Transport::Unix(PathBuf::from("/tmp/x"));
-        assert_eq!(AuditMode::parse(None, &vsock).unwrap(), AuditMode::Netlink);
-        assert_eq!(
-            AuditMode::parse(Some(""), &vsock).unwrap(),
-            AuditMode::Netlink
-        );
+        let leave = AuditMode::Netlink(netlink::OnClose::Leave);
+        assert_eq!(AuditMode::parse(None, &vsock).unwrap(), leave);
+        assert_eq!(AuditMode::parse(Some(""), &vsock).unwrap(), leave);
+        assert_eq!(AuditMode::parse(Some("1"), &vsock).unwrap(), leave);
         assert!(matches!(
             AuditMode::parse(None, &unix).unwrap(),
             AuditMode::Off(_)
@@ -399,7 +403,7 @@ mod tests {
         ));
         assert_eq!(
             AuditMode::parse(Some("1"), &unix).unwrap(),
-            AuditMode::Netlink
+            AuditMode::Netlink(netlink::OnClose::Restore)
         );
         assert_eq!(
             AuditMode::parse(Some("file:/a b"), &unix).unwrap(),

@@ -8,7 +8,8 @@
 //! to take over from another registered daemon and to touch a locked
 //! configuration. [`Netlink::close`] undoes what it changed: the pid, the
 //! enabled flag and the backlog limit go back to what `AUDIT_GET` reported,
-//! and the rules it added are deleted.
+//! and the rules it added are deleted; opened with [`OnClose::Leave`]
+//! (inside a VM, whose kernel ends with the agent) it only closes.
 //!
 //! Records arrive as one netlink message each: the header's type is the
 //! record type and the payload is the text `audit(...): ...` (the kernel's
@@ -85,10 +86,22 @@ enum Answer {
     Reply(Vec<u8>),
 }
 
+/// What [`Netlink::close`] does to the kernel's audit configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnClose {
+    /// Gives the kernel back what it had (a host's kernel outlives us).
+    Restore,
+    /// Leaves it: inside a VM the kernel ends with the agent, and the
+    /// restore's netlink round trips cost a temporary VM's exit about 40 ms
+    /// under TCG.
+    Leave,
+}
+
 /// The agent's audit socket, registered with the kernel.
 #[derive(Debug)]
 pub struct Netlink {
     fd: OwnedFd,
+    on_close: OnClose,
     seq: u32,
     prev: AuditStatus,
     /// Rules this agent added (and deletes on close).
@@ -102,7 +115,7 @@ pub struct Netlink {
 
 impl Netlink {
     /// Opens the socket, adds the exec rules and registers this process.
-    pub fn open() -> Result<Self, NetlinkError> {
+    pub fn open(on_close: OnClose) -> Result<Self, NetlinkError> {
         if RULE_ARCHES.is_empty() {
             return Err(NetlinkError::Arch);
         }
@@ -122,6 +135,7 @@ impl Netlink {
         }
         let mut nl = Self {
             fd,
+            on_close,
             seq: 0,
             prev: AuditStatus::default(),
             added: Vec::new(),
@@ -292,8 +306,12 @@ impl Netlink {
 
     /// Gives the kernel back its previous configuration: no daemon pid, the
     /// previous enabled flag and backlog limit, without the rules added
-    /// here. Failures are logged; the socket closes either way.
+    /// here, unless it was opened with [`OnClose::Leave`]. Failures are
+    /// logged; the socket closes either way.
     pub fn close(mut self) {
+        if self.on_close == OnClose::Leave {
+            return;
+        }
         let prev = self.prev;
         let restore = AuditStatus {
             mask: AUDIT_STATUS_ENABLED | AUDIT_STATUS_PID | AUDIT_STATUS_BACKLOG_LIMIT,
