@@ -76,6 +76,8 @@
 //! * [`transport`]: vsock or Unix connections, cancellable.
 //! * [`reconnect`]: capped, jittered exponential backoff.
 //! * [`signals`]: SIGTERM/SIGINT/SIGHUP as a signalfd.
+//! * [`farewell`]: the last generation's control connection, closed as the
+//!   agent's last act (a temporary VM's host kills the VM at that close).
 //! * [`stop`]: the per-generation stop signal (eventfd + channel).
 //! * [`net`]: the guest's network (`$CAPSEM_NET=1`): the DNS stub and the
 //!   redirected TCP connections, decided by the host on the network port.
@@ -94,6 +96,7 @@ mod command;
 mod control;
 mod exec;
 mod execpool;
+mod farewell;
 mod fdio;
 mod imageconfig;
 mod net;
@@ -113,6 +116,7 @@ use std::time::Duration;
 use clap::Parser;
 use tracing::{error, info};
 
+use crate::farewell::Farewell;
 use crate::session::{chain, Config, Outcome, SessionError};
 use crate::signals::{Signals, SignalsError};
 use crate::transport::Transport;
@@ -190,8 +194,9 @@ fn main() -> ExitCode {
     };
     init_logging();
     match run(cli) {
-        Ok(outcome) => {
+        Ok((outcome, farewell)) => {
             info!(outcome = %outcome, "agent exiting");
+            farewell.close();
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -253,7 +258,9 @@ impl Mode {
     }
 }
 
-fn run(cli: Cli) -> Result<Ended, AgentError> {
+/// Runs the agent; the farewell ([`farewell`]) is closed by `main` after
+/// the last log line.
+fn run(cli: Cli) -> Result<(Ended, Farewell), AgentError> {
     let token = std::env::var("CAPSEM_TOKEN")
         .map_err(|_| AgentError::Config("CAPSEM_TOKEN is not set (or not UTF-8)".into()))?;
     if token.is_empty() || token.len() > capsem_proto::guest::MAX_TOKEN_LEN {
@@ -318,11 +325,12 @@ fn run(cli: Cli) -> Result<Ended, AgentError> {
         let auditor = audit::Auditor::start(&audit_mode);
         let network = net::NetService::from_env(&cfg.transport, &cfg.token);
         let published = publish::PublishService::in_vm(&cfg.transport, &cfg.token);
-        let ended = exec::run(&cfg, &signals, auditor.as_ref());
+        let mut farewell = Farewell::default();
+        let ended = exec::run(&cfg, &signals, auditor.as_ref(), &mut farewell);
         drop(published);
         drop(network);
         drop(auditor);
-        return Ok(Ended::Exec(ended?));
+        return Ok((Ended::Exec(ended?), farewell));
     }
     let exec_cfg = exec::ExecConfig {
         transport: cli.transport.clone(),
@@ -365,17 +373,18 @@ fn run(cli: Cli) -> Result<Ended, AgentError> {
         None
     };
     // Before the first shell, so that its exec is audited too; dropped after
-    // the session, which stops the reader and restores the kernel's audit
+    // the session, which stops the reader and (outside a VM) restores the kernel's audit
     // configuration.
     let auditor = audit::Auditor::start(&audit_mode);
     let network = net::NetService::from_env(&cfg.transport, &cfg.token);
     let published = publish::PublishService::in_vm(&cfg.transport, &cfg.token);
-    let ended = session::run(&cfg, &signals, auditor.as_ref());
+    let mut farewell = Farewell::default();
+    let ended = session::run(&cfg, &signals, auditor.as_ref(), &mut farewell);
     drop(published);
     drop(network);
     drop(pool);
     drop(auditor);
-    Ok(Ended::Shell(ended?))
+    Ok((Ended::Shell(ended?), farewell))
 }
 
 fn init_logging() {

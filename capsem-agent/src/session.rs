@@ -14,6 +14,10 @@
 //!
 //! A shell's exit is never a transport loss: only `TransportLost` and a
 //! failed attempt reconnect with the same shell.
+//!
+//! The final generation's control connection outlives the bridge in the
+//! caller's [`Farewell`] (closed as the agent's last act); a lost or
+//! finished generation's is closed at once.
 
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
@@ -28,6 +32,7 @@ use tracing::info;
 use crate::audit::{self, Auditor};
 use crate::bridge::{Bridge, BridgeEnd, BridgeError, BridgeOptions, Pending, ShutdownBy};
 use crate::control::{self, Handshake, HELLO_TIMEOUT};
+use crate::farewell::Farewell;
 use crate::fdio::{self, Blocking};
 use crate::pty::{PtyError, Shell, ShellConfig, ShellStatus};
 use crate::reconnect::{self, Backoff, ReconnectError, Waited};
@@ -90,10 +95,13 @@ enum Attempt {
 
 /// Runs the agent until the shell's status is delivered (shell mode) or a
 /// shutdown. With an `auditor`, every generation also serves the audit port.
+/// The final generation's control connection is left in `farewell` (see
+/// [`crate::farewell`]); a lost or finished one's is released at once.
 pub fn run(
     cfg: &Config,
     signals: &Signals,
     auditor: Option<&Auditor>,
+    farewell: &mut Farewell,
 ) -> Result<Outcome, SessionError> {
     let mut shells = 1u64;
     let mut shell = spawn_shell(cfg, shells)?;
@@ -119,6 +127,7 @@ pub fn run(
             &mut connects,
             &mut boot,
             auditor,
+            farewell,
         )? {
             Attempt::Ended { generation, end } => {
                 failures = 0;
@@ -152,6 +161,7 @@ pub fn run(
                         }
                         // The bridge reaped the old shell; its leftover input
                         // was meant for it, and its output was all written.
+                        farewell.release();
                         shells += 1;
                         shell = spawn_shell(cfg, shells)?;
                         pending = Pending::default();
@@ -159,6 +169,7 @@ pub fn run(
                         continue;
                     }
                     BridgeEnd::TransportLost { reason } => {
+                        farewell.release();
                         info!(
                             generation,
                             %reason,
@@ -239,6 +250,7 @@ fn attempt(
     connects: &mut u64,
     boot: &mut Option<GuestToHost>,
     auditor: Option<&Auditor>,
+    farewell: &mut Farewell,
 ) -> Result<Attempt, SessionError> {
     let control = match cfg.transport.connect(PORT_CONTROL, signals.fd()) {
         Ok(Connected::Socket(fd)) => fd,
@@ -290,6 +302,7 @@ fn attempt(
         token: &cfg.token,
         shared: a.shared(),
     });
+    farewell.hold(control.as_fd());
     let end = Bridge::new(generation, control, terminal, codec)
         .run(shell, pending, signals.fd(), opts, initial, audit)
         .map_err(SessionError::Bridge)?;

@@ -244,7 +244,11 @@ async fn control_reader(
     let reason = loop {
         let msg = match frames.read_frame().await {
             Ok(Some(msg)) => msg,
-            Ok(None) => break "control connection closed".to_owned(),
+            Ok(None) => {
+                let n = ctx.number;
+                ctx.shared.control_closed.send_modify(|g| *g = (*g).max(n));
+                break "control connection closed".to_owned();
+            }
             Err(e) => break format!("control connection: {}", chain(&e)),
         };
         match msg {

@@ -202,6 +202,11 @@ pub struct Shared {
     /// Set once the attached client's writer is finished: its final message
     /// was delivered, or the client is gone and it never can be.
     pub client_finished: watch::Sender<bool>,
+    /// The newest generation whose control connection the agent closed (0:
+    /// none yet). The agent holds its last one open until its very last
+    /// act, so a temporary VM's teardown kills the guest at this close
+    /// instead of waiting for its power-off (`session::teardown`).
+    pub control_closed: watch::Sender<u64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -246,6 +251,7 @@ impl Shared {
             scrollback: Mutex::default(),
             notices: Mutex::new(None),
             client_finished: watch::channel(false).0,
+            control_closed: watch::channel(0).0,
         });
         (shared, receivers)
     }

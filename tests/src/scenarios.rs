@@ -209,6 +209,15 @@ pub fn seed_case_ctrl_d(backend: Backend) -> SeedCounts {
         vsock_connections_closed: process.matches("vsock connection closed").count(),
     };
     println!("seed case counts ({}): {counts:?}", backend.flag());
+    if matches!(backend, Backend::Qemu) {
+        // The temporary VM is killed at the agent's farewell, not after a
+        // power-off, and the agent's last line still reached the console.
+        assert!(
+            process.contains("the agent is done (its control connection closed)"),
+            "the VM was not ended at the agent's farewell:\n{process}"
+        );
+        assert!(agent.contains("agent exiting"), "{agent}");
+    }
     assert_eq!(counts.reconnects_after_shell_exit, 0, "{counts:?}");
     assert!(
         counts.bridge_threads_started > 0,

@@ -4,7 +4,8 @@
 //! `overlay` keeps the host tree and `capsem diff` lists exactly the
 //! guest's changes, escapes by symlink, `..` and hard link reach no host
 //! file outside the share, a persistent VM's shares survive a capsem-process
-//! SIGKILL and adoption; nothing is left (no virtiofsd, socket or mount).
+//! SIGKILL and adoption, a file written through a mapping at the very end
+//! still reaches the host; nothing is left (no virtiofsd, socket or mount).
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
@@ -157,6 +158,45 @@ echo DONE";
     );
     assert_eq!(host.entries(), ["ro", "rw", "sentinel"]);
     assert_eq!(tree(&ro), ro_before, "the ro share changed on the host");
+    assert_unmounted(&rw);
+    fx.assert_nothing_left();
+}
+
+/// A file written through a shared mapping after its fd was closed is
+/// only dirty pages in the guest's cache until the mapping goes: it still
+/// reaches the host whole, although a temporary VM is now killed as soon
+/// as the agent is done, without capsem-init's `sync` (FUSE writes the
+/// pages back when the exiting process's mapping closes).
+#[test]
+fn a_mapping_written_at_the_very_end_reaches_the_host() {
+    let fx = Fixture::new("share_mmap", B);
+    let host = Host::new();
+    let rw = host.dir("rw");
+    let script = "\
+import mmap, os
+n = 1 << 20
+fd = os.open('/work/mapped', os.O_RDWR | os.O_CREAT, 0o644)
+os.ftruncate(fd, n)
+m = mmap.mmap(fd, n)
+os.close(fd)
+m[:] = bytes(i % 251 for i in range(n))
+print('MAPPED', flush=True)
+os._exit(0)";
+    let out = fx
+        .capsem()
+        .args(["run", "-v"])
+        .arg(format!("{}:/work", rw.display()))
+        .args(["--", "python3", "-c", script])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert_eq!(stdout, "MAPPED\n");
+    let want: Vec<u8> = (0..1usize << 20).map(|i| (i % 251) as u8).collect();
+    let got = std::fs::read(rw.join("mapped")).unwrap();
+    assert_eq!(got.len(), want.len());
+    assert!(got == want, "the mapped file's pages were lost on the host");
     assert_unmounted(&rw);
     fx.assert_nothing_left();
 }

@@ -177,15 +177,18 @@ const AUDIT_FLUSH: Duration = Duration::from_secs(1);
 /// Runs exec mode to its end. With an `auditor`, one audit connection
 /// streams the guest's execs beside the command (`capsem run --audit-log`);
 /// after the command, the agent waits (at most [`AUDIT_FLUSH`]) until the
-/// host acknowledged every record, then stops and joins that thread.
+/// host acknowledged every record, then stops and joins that thread. The
+/// control connection is also left in `farewell` ([`crate::farewell`]).
 pub fn run(
     cfg: &ExecConfig,
     signals: &Signals,
     auditor: Option<&crate::audit::Auditor>,
+    farewell: &mut crate::farewell::Farewell,
 ) -> Result<ExecOutcome, ExecError> {
     let Some(conns) = connect_all(cfg, signals)? else {
         return Ok(ExecOutcome::Stopped("termination signal".into()));
     };
+    farewell.hold(conns.control.as_fd());
     let Some(auditor) = auditor else {
         return serve_conns(cfg, signals, conns);
     };

@@ -57,7 +57,7 @@ impl Session {
         }
         // 3. The guest gets a bounded time to exit, then every process
         //    group that is left is killed.
-        self.stop_guest().await;
+        self.stop_guest(stop).await;
         // 4. The generation's tasks are stopped and joined.
         if let Err(e) = self.link.down().await {
             warn!("{}", chain(&e));
@@ -130,21 +130,42 @@ impl Session {
         info!("teardown complete");
     }
 
-    async fn stop_guest(&mut self) {
+    async fn stop_guest(&mut self, stop: &Stop) {
         let Some(backend) = self.guest.backend() else {
             return;
         };
         if vmm::all_exited(backend) {
             return;
         }
+        // A temporary VM that ended normally is killed as soon as the agent
+        // is done: its disk is thrown away, and everything the host needs
+        // (status, audit and network records) came before the agent's last
+        // act, the close of its control connection (the agent's
+        // `farewell`). A failed one still powers off, so that capsem-init's
+        // last console lines reach the kept serial log.
+        let generation = self
+            .link
+            .bridged()
+            .filter(|_| self.cfg.temporary && self.cfg.vmm == VmmKind::Qemu && !stop.failed());
+        let mut closed = self.shared.control_closed.subscribe();
+        let agent_done = async move {
+            match generation {
+                Some(g) => {
+                    let _ = closed.wait_for(|c| *c >= g).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         if let Guest::Running { exit, .. } = &mut self.guest {
             let wait = if self.cfg.persistent() && self.cfg.vmm == VmmKind::Qemu {
                 PERSISTENT_EXIT_WAIT
             } else {
                 GUEST_EXIT_WAIT
             };
-            if tokio::time::timeout(wait, exit.as_mut()).await.is_err() {
-                info!("the guest did not exit within {wait:?}; killing it");
+            tokio::select! {
+                _ = exit.as_mut() => {}
+                () = agent_done => info!("the agent is done (its control connection closed): killing the temporary VM"),
+                () = tokio::time::sleep(wait) => info!("the guest did not exit within {wait:?}; killing it"),
             }
         }
         if let Some(backend) = self.guest.backend() {
