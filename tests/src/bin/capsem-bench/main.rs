@@ -1,8 +1,11 @@
 //! Benchmarks that print figures: `cargo run --release -p capsem-tests --bin
-//! capsem-bench -- [--vmm none|qemu] [exit|throughput|echo|memory|boot|run|exec|all]`.
+//! capsem-bench -- [--vmm none|qemu] [exit|throughput|echo|memory|boot|run|exec|all]`,
+//! or `-- flood [SECONDS]` (always a real VM, not part of `all`).
 //!
 //! [`boot`]: boot to the first prompt beside a bare QEMU, and `capsem run
 //! -- true` stage by stage; [`memory`]: resident memory of an idle VM;
+//! [`flood`]: host memory under a terminal flood, without and with a slow
+//! client;
 //! [`net`]: the egress relay against the host (always a real VM).
 //!
 //! Every figure in docs/benchmarks.md comes from this program; each section
@@ -20,6 +23,7 @@ use capsem_tests::scenarios::{step, wait_ready};
 use capsem_tests::{Backend, Fixture};
 
 mod boot;
+mod flood;
 mod memory;
 mod net;
 
@@ -165,11 +169,43 @@ fn exec_bench(backend: Backend, runs: usize, mib: u64) -> Result<()> {
     if got != bytes {
         bail!("exec output: {got} of {bytes} bytes");
     }
+    let pipes = got as f64 / secs / 1e6;
     println!(
-        "exec output throughput ({}): {got} bytes in {secs:.2}s = {:.1} MB/s",
+        "exec output throughput ({}): {got} bytes in {secs:.2}s = {pipes:.1} MB/s",
         backend.flag(),
-        got as f64 / secs / 1e6
     );
+    // The same bytes, and line-wrapped base64, on the guest's PTY (`exec
+    // -t`) beside pipes: the terminal path against the pipe path in one VM.
+    let b64 = format!("head -c {} /dev/zero | base64", bytes / 4);
+    for (what, cmd, on_pipes) in [
+        ("zeros", format!("head -c {bytes} /dev/zero"), Some(pipes)),
+        ("base64 lines", b64, None),
+    ] {
+        let rate = |tty: bool| -> Result<f64> {
+            let mut c = fx.capsem();
+            c.arg("exec");
+            if tty {
+                c.arg("-t");
+            }
+            let child = c
+                .args(["bench", "--", "sh", "-c", &cmd])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .spawn()?;
+            let (got, secs) = drain(child)?;
+            Ok(got as f64 / secs / 1e6)
+        };
+        let on_pipes = match on_pipes {
+            Some(r) => r,
+            None => rate(false)?,
+        };
+        let on_pty = rate(true)?;
+        println!(
+            "exec {what} ({}): pipes {on_pipes:.2} MB/s, pty (-t) {on_pty:.2} MB/s, ratio {:.2}",
+            backend.flag(),
+            on_pty / on_pipes
+        );
+    }
     let rm = fx
         .capsem()
         .args(["rm", "--force", "bench"])
@@ -300,6 +336,14 @@ fn main() -> Result<()> {
     }
     if (all && backend == Backend::Qemu) || what == "net" {
         net::net(20)?;
+    }
+    // Not in `all`: it takes twice its length (default 600 s a phase).
+    if what == "flood" {
+        let secs = match args.get(1) {
+            Some(s) => s.parse().context("flood SECONDS")?,
+            None => 600,
+        };
+        flood::flood(Duration::from_secs(secs))?;
     }
     if all || what == "throughput" {
         throughput(backend, if backend == Backend::None { 256 } else { 32 })?;
