@@ -32,11 +32,16 @@ TARGET=x86_64-unknown-linux-gnu
 # initramfs: crc32c_generic is named, and loaded, before them.
 # virtio_balloon: free page reporting hands the pages the guest frees back
 # to the host (an idle VM's resident memory; docs/benchmarks.md).
-# dummy and nftables for the redirected network; nft_limit, nft_log and
-# nfnetlink_log for the log of dropped packets the agent reads.
-ROOT_MODULES=(virtio_pci virtio_mmio vmw_vsock_virtio_transport crc32c_generic virtio_blk erofs virtiofs
-    overlay ext4 virtio_balloon dummy nf_tables nft_chain_nat nft_redir nft_ct
-    nft_limit nft_log nfnetlink_log)
+# Those load at every boot (/etc/capsem/modules). Two groups load only when
+# the kernel command line asks for them, since each module costs boot time
+# under TCG (docs/benchmarks.md): virtiofs for shares (modules.share), and
+# dummy and nftables for the redirected network, with nft_limit, nft_log and
+# nfnetlink_log for the log of dropped packets the agent reads (modules.net).
+BOOT_MODULES=(virtio_pci virtio_mmio vmw_vsock_virtio_transport crc32c_generic virtio_blk erofs
+    overlay ext4 virtio_balloon)
+SHARE_MODULES=(virtiofs)
+NET_MODULES=(dummy nf_tables nft_chain_nat nft_redir nft_ct nft_limit nft_log nfnetlink_log)
+ROOT_MODULES=("${BOOT_MODULES[@]}" "${SHARE_MODULES[@]}" "${NET_MODULES[@]}")
 PACKAGES_FILE=$REPO/images/packages.txt
 MIRROR=${CAPSEM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm
@@ -233,17 +238,24 @@ strip_signature() { # module file, rewritten in place
     [ "$len" -gt 0 ] || die "$1: bad module signature trailer"
     truncate -s "$len" "$1"
 }
-for m in "${ROOT_MODULES[@]}"; do add_module "$m"; done
-: >"$TREE/etc/capsem/modules"
-echo "# load order (dependencies first), written by images/build.sh" >>"$TREE/etc/capsem/modules"
-for m in "${ORDER[@]}"; do
-    rel=${MODPATH[$m]#"$KX"}
-    rel=${rel%.ko*}.ko
-    mkdir -p "$TREE/$(dirname "$rel")"
-    decompress "${MODPATH[$m]}" >"$TREE/$rel"
-    strip_signature "$TREE/$rel"
-    echo "$rel" >>"$TREE/etc/capsem/modules"
-done
+# One list per group: the modules (and dependencies) no earlier group has.
+write_list() { # list file under $TREE, then the group's modules
+    local list=$TREE/$1 start=${#ORDER[@]} m rel
+    shift
+    for m in "$@"; do add_module "$m"; done
+    echo "# load order (dependencies first), written by images/build.sh" >"$list"
+    for m in "${ORDER[@]:start}"; do
+        rel=${MODPATH[$m]#"$KX"}
+        rel=${rel%.ko*}.ko
+        mkdir -p "$TREE/$(dirname "$rel")"
+        decompress "${MODPATH[$m]}" >"$TREE/$rel"
+        strip_signature "$TREE/$rel"
+        echo "$rel" >>"$list"
+    done
+}
+write_list etc/capsem/modules "${BOOT_MODULES[@]}"
+write_list etc/capsem/modules.share "${SHARE_MODULES[@]}"
+write_list etc/capsem/modules.net "${NET_MODULES[@]}"
 
 say "packing initramfs (${#ORDER[@]} modules: ${ORDER[*]})"
 (cd "$TREE" && find . -mindepth 1 | LC_ALL=C sort |

@@ -6,7 +6,8 @@
 //! allowed address with another Host or SNI (fronting), a
 //! second port on the allowed name, UDP and ICMP out (refused at the send
 //! by the guest's firewall, recorded through the agent's log reader); each
-//! leaves its record in `net.jsonl`. `--net none`: curl fails and the server sees nothing.
+//! leaves its record in `net.jsonl`. `--net none`: curl fails and the server sees nothing,
+//! and the guest loads none of the network's kernel modules.
 //! `CAPSEM_SKIP_VM_TESTS=1 scripts/test.sh` leaves them out.
 #![allow(clippy::unwrap_used)]
 
@@ -208,6 +209,15 @@ fn net_none_connects_nothing() {
         "curl must fail without a network"
     );
     assert_eq!(server.conns(), 0);
+    // Without a network (and without shares) the guest loads neither the
+    // network's modules nor virtiofs; the disks' modules are there.
+    let out = capsem(&fx, &["run", "--", "cat", "/proc/modules"]);
+    assert_eq!(out.status.code(), Some(0));
+    let modules = String::from_utf8_lossy(&out.stdout);
+    assert!(modules.contains("ext4 "), "{modules}");
+    for absent in ["nf_tables ", "nf_conntrack ", "dummy ", "virtiofs "] {
+        assert!(!modules.contains(absent), "{absent:?} loaded:\n{modules}");
+    }
     // Malformed policy: one line, exit 125, nothing boots.
     let out = capsem(&fx, &["run", "--net", "allow=bad..name", "--", "true"]);
     assert_eq!(out.status.code(), Some(125));

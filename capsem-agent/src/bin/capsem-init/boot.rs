@@ -58,7 +58,14 @@ pub fn run() -> Result<AgentEnd, BootError> {
     let cmd = cmdline::read()?;
     nix::unistd::sethostname(&cmd.hostname).map_err(BootError::Hostname)?;
 
-    let loaded = modules::load_list(Path::new(modules::MODULE_LIST))?;
+    // Before the root switch: the lists and modules live in the initramfs.
+    let mut loaded = modules::load_list(Path::new(modules::MODULE_LIST))?;
+    if !cmd.shares.is_empty() {
+        loaded += modules::load_list(Path::new(modules::SHARE_MODULE_LIST))?;
+    }
+    if cmd.net {
+        loaded += modules::load_list(Path::new(modules::NET_MODULE_LIST))?;
+    }
     stages.mark("modules");
     log!("{loaded} kernel modules loaded");
 

@@ -17,7 +17,7 @@
 //!   `capsem.mode=`, `capsem.root=`, `capsem.disk=`, `capsem.net=`.
 //!   `capsem.mode=`, `capsem.root=`, `capsem.disk=`, `capsem.share=`.
 //! - [`console`]: timestamped console lines, stdio repair.
-//! - [`modules`]: `finit_module` of the list in `/etc/capsem/modules`.
+//! - [`modules`]: `finit_module` of the lists in `/etc/capsem/modules*`.
 //! - [`netup`]: `capsem.net=1`: lo, a dummy default route, nftables redirects.
 //! - [`mounts`]: /proc, /sys, /dev, /dev/pts, /dev/shm, /tmp, /run.
 //! - [`root`]: finding the disks by serial, the overlay, the switch.

@@ -1,5 +1,7 @@
-//! Kernel modules, loaded with `finit_module` from a list made at image build
-//! time (dependencies first, uncompressed `.ko` files).
+//! Kernel modules, loaded with `finit_module` from lists made at image build
+//! time (dependencies first, uncompressed `.ko` files): one for every boot,
+//! and one each for shares and the network, loaded only when asked for
+//! (each module costs boot time under TCG).
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -7,8 +9,14 @@ use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 
-/// The list the image build writes: one absolute `.ko` path per line.
+/// The list the image build writes: one absolute `.ko` path per line,
+/// loaded at every boot.
 pub const MODULE_LIST: &str = "/etc/capsem/modules";
+/// The modules only shares need (virtiofs), loaded when there are shares.
+pub const SHARE_MODULE_LIST: &str = "/etc/capsem/modules.share";
+/// The modules only the network needs (dummy, nftables), loaded with
+/// `capsem.net=1`.
+pub const NET_MODULE_LIST: &str = "/etc/capsem/modules.net";
 
 /// Errors reading the list or loading a module.
 #[derive(Debug, thiserror::Error)]
