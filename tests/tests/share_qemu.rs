@@ -53,6 +53,20 @@ fn text(out: &Output) -> (String, String) {
     )
 }
 
+/// `capsem run` with one `-v` per share, stdin closed, to completion.
+fn run_with(fx: &Fixture, shares: &[String], command: &[&str]) -> Output {
+    let mut cmd = fx.capsem();
+    cmd.arg("run");
+    for share in shares {
+        cmd.arg("-v").arg(share);
+    }
+    cmd.arg("--")
+        .args(command)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
 /// No host mount names `dir` (virtiofsd's mounts live in its own
 /// namespace and die with it).
 fn assert_unmounted(dir: &Path) {
@@ -123,16 +137,11 @@ echo pwned > /work/up-link; echo pwned > /work/etc-link/capsem-escape
 ln /etc/hostname /work/hard 2>/dev/null || echo HARD-REFUSED
 ln /work/in /work/in2 && echo HARD-INSIDE
 echo DONE";
-    let out = fx
-        .capsem()
-        .args(["run", "-v"])
-        .arg(format!("{}:/work", rw.display()))
-        .arg("-v")
-        .arg(format!("{}:/ro:ro", ro.display()))
-        .args(["--", "sh", "-c", script])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let shares = [
+        format!("{}:/work", rw.display()),
+        format!("{}:/ro:ro", ro.display()),
+    ];
+    let out = run_with(&fx, &shares, &["sh", "-c", script]);
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
     for want in [
@@ -182,14 +191,8 @@ os.close(fd)
 m[:] = bytes(i % 251 for i in range(n))
 print('MAPPED', flush=True)
 os._exit(0)";
-    let out = fx
-        .capsem()
-        .args(["run", "-v"])
-        .arg(format!("{}:/work", rw.display()))
-        .args(["--", "python3", "-c", script])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let shares = [format!("{}:/work", rw.display())];
+    let out = run_with(&fx, &shares, &["python3", "-c", script]);
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
     assert_eq!(stdout, "MAPPED\n");
@@ -208,14 +211,8 @@ fn ro_write_fails_with_a_read_only_error() {
     let host = Host::new();
     let ro = host.dir("ro");
     let before = tree(&ro);
-    let out = fx
-        .capsem()
-        .args(["run", "-v"])
-        .arg(format!("{}:/ro:ro", ro.display()))
-        .args(["--", "sh", "-c", "echo x > /ro/new"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let shares = [format!("{}:/ro:ro", ro.display())];
+    let out = run_with(&fx, &shares, &["sh", "-c", "echo x > /ro/new"]);
     let (_, stderr) = text(&out);
     assert_ne!(out.status.code(), Some(0));
     assert!(stderr.contains("Read-only file system"), "{stderr}");
