@@ -89,12 +89,74 @@ fn drain(mut child: std::process::Child) -> Result<(u64, f64)> {
     Ok((total, secs))
 }
 
+/// Reads `child`'s stdout to EOF and times each segment the guest marks
+/// with `@@Sn@@` before and `@@En@@` after it (n from 1 to `segments`):
+/// (bytes between the markers, seconds), with the boot left out.
+fn marked(mut child: std::process::Child, segments: usize) -> Result<Vec<(u64, f64)>> {
+    let mut out = child.stdout.take().context("stdout")?;
+    let mut buf = vec![0u8; 1 << 16];
+    // The unread tail of the stream, searched for the next marker.
+    let mut window: Vec<u8> = Vec::new();
+    let mut found = Vec::new();
+    let mut open: Option<(Instant, u64)> = None;
+    let mut total = 0u64;
+    loop {
+        let n = out.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        window.extend_from_slice(&buf[..n]);
+        loop {
+            let k = found.len() + 1;
+            let marker = match open {
+                None => format!("@@S{k}@@"),
+                Some(_) => format!("@@E{k}@@"),
+            };
+            let Some(at) = window
+                .windows(marker.len())
+                .position(|w| w == marker.as_bytes())
+            else {
+                break;
+            };
+            // Bytes before the marker's end, counted from the stream's start.
+            let pos = total - (window.len() - at - marker.len()) as u64;
+            window.drain(..at + marker.len());
+            match open.take() {
+                None => open = Some((Instant::now(), pos)),
+                Some((t0, p0)) => {
+                    found.push((pos - p0 - marker.len() as u64, t0.elapsed().as_secs_f64()))
+                }
+            }
+            if found.len() == segments {
+                break;
+            }
+        }
+        // Keep only what could still begin a marker.
+        let keep = window.len().min(16);
+        window.drain(..window.len() - keep);
+    }
+    let status = child.wait()?;
+    if !status.success() || found.len() != segments {
+        bail!(
+            "shell ended with {status} after {} of {segments} segments",
+            found.len()
+        );
+    }
+    Ok(found)
+}
+
+/// Terminal output of a `capsem shell` (stdout a pipe), timed in the
+/// guest's output between markers so the boot is left out: zeros (large
+/// writes) and zeros through line-wrapped base64 (one write per line),
+/// beside the host's own PTY for the second.
 fn throughput(backend: Backend, mib: u64) -> Result<()> {
     // A plain byte count: the guest's busybox head takes no M suffix.
-    let cmd = format!("head -c {} /dev/zero | base64", mib * 1024 * 1024);
+    let bytes = mib * 1024 * 1024;
+    let b64 = format!("head -c {bytes} /dev/zero | base64");
     // Local PTY: `script` puts the command on a PTY and copies to its stdout.
     let local = Command::new("script")
-        .args(["-qfc", &cmd, "/dev/null"])
+        .args(["-qfc", &b64, "/dev/null"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()?;
@@ -108,20 +170,36 @@ fn throughput(backend: Backend, mib: u64) -> Result<()> {
         .stderr(Stdio::null())
         .spawn()?;
     let mut stdin = child.stdin.take().context("stdin")?;
-    stdin.write_all(format!("stty -echo; {cmd}; exit\n").as_bytes())?;
+    // The markers are split in the typed line, so that its echo (before
+    // `stty -echo` runs) does not match.
+    stdin.write_all(
+        format!(
+            "stty -echo; echo @@S''1@@; head -c {bytes} /dev/zero; echo @@E''1@@; \
+             echo @@S''2@@; {b64}; echo @@E''2@@; exit\n"
+        )
+        .as_bytes(),
+    )?;
     drop(stdin);
     let sampler = memory_sampler(&fx);
-    let (cb, cs) = drain(child)?;
+    let got = marked(child, 2)?;
     let peak = sampler.join().expect("sampler");
     fx.assert_nothing_left();
     let l_rate = lb as f64 / ls / 1e6;
-    let c_rate = cb as f64 / cs / 1e6;
-    println!("throughput local pty (script -qfc): {lb} bytes in {ls:.2}s = {l_rate:.1} MB/s");
     println!(
-        "throughput capsem ({}): {cb} bytes in {cs:.2}s = {c_rate:.1} MB/s, ratio {:.2}",
-        backend.flag(),
-        c_rate / l_rate
+        "throughput local pty (script -qfc), base64: {lb} bytes in {ls:.2}s = {l_rate:.1} MB/s"
     );
+    for ((b, secs), what) in got.into_iter().zip(["zeros", "base64"]) {
+        let rate = b as f64 / secs / 1e6;
+        println!(
+            "throughput capsem shell ({}), {what}: {b} bytes in {secs:.2}s = {rate:.1} MB/s{}",
+            backend.flag(),
+            if what == "base64" {
+                format!(", ratio to the local pty {:.2}", rate / l_rate)
+            } else {
+                String::new()
+            }
+        );
+    }
     println!("rss during throughput: {peak}");
     Ok(())
 }
