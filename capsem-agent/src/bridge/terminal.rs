@@ -17,8 +17,8 @@
 //! frame went out less than [`STREAMING`] ago), `pty_out` first lets the
 //! shell fill the PTY for [`HOLD`], then reads it empty into one frame. The
 //! first read after a pause (a keystroke's echo) still goes out at once, and
-//! a bulk writer (a read found [`BULK`] bytes, and none since fewer than
-//! [`SMALL`]) is read without holds.
+//! a bulk writer (one whose last read shows it writes [`BULK`] bytes within
+//! a [`HOLD`]) is read without holds.
 
 use std::io;
 use std::time::{Duration, Instant};
@@ -50,12 +50,10 @@ pub(super) fn conn_failed(what: &str, e: &ConnError) -> Event {
 const HOLD: Duration = Duration::from_millis(2);
 /// Output streams while frames go out closer together than this.
 const STREAMING: Duration = Duration::from_millis(10);
-/// A read that found this much starts a bulk stream, read without holds: a
-/// PTY holds only about 19 KiB, so a writer that fills it within one hold is
-/// not printing line by line.
+/// A writer fast enough to write this much within one [`HOLD`] is read
+/// without holds: a PTY holds only about 19 KiB, which such a writer fills
+/// in a fraction of the hold and then waits on.
 const BULK: usize = 8 * 1024;
-/// A read that found less than this ends a bulk stream.
-const SMALL: usize = 1024;
 
 /// Reads the nonblocking master into `pending` until it is empty or a frame
 /// is full. `Ok(false)`: the master is done (EOF, EIO: no slave open).
@@ -93,11 +91,12 @@ pub(super) fn pty_out(cx: &Cx<'_>, pending: &mut Vec<u8>) -> Event {
     let mut shell_dead = false;
     // When the last output frame went out.
     let mut last_frame: Option<Instant> = None;
-    // A read found at least BULK bytes, and none since found less than
-    // SMALL: the shell fills the PTY faster than a hold could gather lines,
-    // and holding reads back would only idle the stream (the shell blocks
-    // on the full PTY meanwhile).
+    // The last read showed a writer that fills the PTY faster than a hold
+    // could gather lines: holding reads back would only idle the stream
+    // (the shell blocks on the full PTY meanwhile).
     let mut bulk = false;
+    // When the last read of the master ended.
+    let mut last_read: Option<Instant> = None;
     loop {
         if !pending.is_empty() {
             let n = pending.len().min(MAX_TERM_CHUNK);
@@ -183,13 +182,14 @@ pub(super) fn pty_out(cx: &Cx<'_>, pending: &mut Vec<u8>) -> Event {
         }
         if master_at.is_some_and(|i| fdio::ready(&fds[i])) {
             master_open = read_available(master, &mut buf, pending);
-            // Hysteresis: a read right after another finds less than one
-            // after a hold, so only a small one ends the bulk stream.
-            match pending.len() {
-                n if n >= BULK => bulk = true,
-                n if n < SMALL => bulk = false,
-                _ => {}
-            }
+            // The writer's rate decides: would one hold have given it time
+            // to write BULK bytes? (After a hold that is the read's size;
+            // right after another read, a fast writer has written little
+            // but in little time.)
+            let now = Instant::now();
+            let took = last_read.map_or(HOLD, |t| now - t);
+            bulk = pending.len() as u128 * HOLD.as_nanos() >= BULK as u128 * took.as_nanos();
+            last_read = Some(now);
         }
         if fdio::ready(&fds[1]) {
             shell_dead = true;
