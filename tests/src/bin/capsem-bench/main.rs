@@ -68,19 +68,24 @@ fn exit_latency(backend: Backend, runs: usize) -> Result<()> {
     Ok(())
 }
 
-/// Reads `child`'s stdout to EOF, counting bytes; returns (bytes, seconds).
-fn drain(mut child: std::process::Child) -> Result<(u64, f64)> {
+/// Reads `child`'s stdout to EOF, handing each chunk to `each`.
+fn read_chunks(child: &mut std::process::Child, mut each: impl FnMut(&[u8])) -> Result<()> {
     let mut out = child.stdout.take().context("stdout")?;
-    let t0 = Instant::now();
     let mut buf = vec![0u8; 1 << 16];
-    let mut total = 0u64;
     loop {
         let n = out.read(&mut buf)?;
         if n == 0 {
-            break;
+            return Ok(());
         }
-        total += n as u64;
+        each(&buf[..n]);
     }
+}
+
+/// Reads `child`'s stdout to EOF, counting bytes; returns (bytes, seconds).
+fn drain(mut child: std::process::Child) -> Result<(u64, f64)> {
+    let t0 = Instant::now();
+    let mut total = 0u64;
+    read_chunks(&mut child, |chunk| total += chunk.len() as u64)?;
     let secs = t0.elapsed().as_secs_f64();
     let status = child.wait()?;
     if !status.success() {
@@ -93,21 +98,15 @@ fn drain(mut child: std::process::Child) -> Result<(u64, f64)> {
 /// with `@@Sn@@` before and `@@En@@` after it (n from 1 to `segments`):
 /// (bytes between the markers, seconds), with the boot left out.
 fn marked(mut child: std::process::Child, segments: usize) -> Result<Vec<(u64, f64)>> {
-    let mut out = child.stdout.take().context("stdout")?;
-    let mut buf = vec![0u8; 1 << 16];
     // The unread tail of the stream, searched for the next marker.
     let mut window: Vec<u8> = Vec::new();
     let mut found = Vec::new();
     let mut open: Option<(Instant, u64)> = None;
     let mut total = 0u64;
-    loop {
-        let n = out.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        total += n as u64;
-        window.extend_from_slice(&buf[..n]);
-        loop {
+    read_chunks(&mut child, |chunk| {
+        total += chunk.len() as u64;
+        window.extend_from_slice(chunk);
+        while found.len() < segments {
             let k = found.len() + 1;
             let marker = match open {
                 None => format!("@@S{k}@@"),
@@ -128,14 +127,11 @@ fn marked(mut child: std::process::Child, segments: usize) -> Result<Vec<(u64, f
                     found.push((pos - p0 - marker.len() as u64, t0.elapsed().as_secs_f64()))
                 }
             }
-            if found.len() == segments {
-                break;
-            }
         }
         // Keep only what could still begin a marker.
         let keep = window.len().min(16);
         window.drain(..window.len() - keep);
-    }
+    })?;
     let status = child.wait()?;
     if !status.success() || found.len() != segments {
         bail!(
