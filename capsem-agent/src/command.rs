@@ -5,7 +5,7 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -31,7 +31,7 @@ pub enum CommandError {
     #[error("cannot configure the command's pipes")]
     Pipes(#[source] io::Error),
     #[error("cannot open a PTY for the command")]
-    Pty(#[source] nix::Error),
+    Pty(#[source] crate::pty::PtyError),
     #[error("cannot reap the command (pid {pid})")]
     Reap {
         pid: u32,
@@ -110,25 +110,14 @@ impl Running {
         let procs = cgroup.as_ref().and_then(|g| g.procs_fd());
         let mut master = None;
         if let Some((cols, rows)) = spec.tty {
-            let size = nix::pty::Winsize {
-                ws_row: rows,
-                ws_col: cols,
-                ws_xpixel: 0,
-                ws_ypixel: 0,
-            };
-            let pty = nix::pty::openpty(Some(&size), None).map_err(CommandError::Pty)?;
-            let slave = |fd: &OwnedFd| fd.try_clone().map(Stdio::from).map_err(CommandError::Pipes);
-            cmd.stdin(slave(&pty.slave)?)
-                .stdout(slave(&pty.slave)?)
-                .stderr(slave(&pty.slave)?);
-            // The master must not reach the child; nix's openpty leaves it
-            // inheritable.
-            nix::fcntl::fcntl(
-                pty.master.as_raw_fd(),
-                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-            )
-            .map_err(CommandError::Pty)?;
-            master = Some(pty.master);
+            let (pty_master, pty_slave) = crate::pty::open_pair().map_err(CommandError::Pty)?;
+            crate::pty::set_winsize(pty_master.as_fd(), cols, rows).map_err(CommandError::Pipes)?;
+            let slave =
+                |f: &std::fs::File| f.try_clone().map(Stdio::from).map_err(CommandError::Pipes);
+            cmd.stdin(slave(&pty_slave)?)
+                .stdout(slave(&pty_slave)?)
+                .stderr(slave(&pty_slave)?);
+            master = Some(pty_master);
         } else {
             cmd.stdin(Stdio::piped())
                 .stdout(Stdio::piped())

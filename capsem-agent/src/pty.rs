@@ -156,6 +156,30 @@ const RESET_SIGNALS: [libc::c_int; 7] = [
     libc::SIGTSTP,
 ];
 
+/// A PTY's master and slave, both close-on-exec from their first moment:
+/// a command another thread starts meanwhile inherits neither (a stray
+/// slave would keep the master from ever reading EIO, a stray master would
+/// keep the terminal alive after its command).
+pub fn open_pair() -> Result<(OwnedFd, File), PtyError> {
+    let ptm = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
+        .map_err(PtyError::Open)?;
+    nix::pty::grantpt(&ptm).map_err(PtyError::Open)?;
+    nix::pty::unlockpt(&ptm).map_err(PtyError::Open)?;
+    let slave_path = nix::pty::ptsname_r(&ptm).map_err(PtyError::Open)?;
+    // SAFETY: `into_raw_fd` hands over sole ownership of the open master.
+    let master = unsafe { OwnedFd::from_raw_fd(ptm.into_raw_fd()) };
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(&slave_path)
+        .map_err(|source| PtyError::Slave {
+            path: slave_path.clone(),
+            source,
+        })?;
+    Ok((master, slave))
+}
+
 impl Shell {
     /// Opens a PTY and starts the shell as a session leader whose controlling
     /// terminal is the PTY slave, in `cgroup` when one is given.
@@ -163,22 +187,7 @@ impl Shell {
         cfg: &ShellConfig,
         cgroup: Option<crate::cgroup::Group>,
     ) -> Result<Self, PtyError> {
-        let ptm = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
-            .map_err(PtyError::Open)?;
-        nix::pty::grantpt(&ptm).map_err(PtyError::Open)?;
-        nix::pty::unlockpt(&ptm).map_err(PtyError::Open)?;
-        let slave_path = nix::pty::ptsname_r(&ptm).map_err(PtyError::Open)?;
-        // SAFETY: `into_raw_fd` hands over sole ownership of the open master.
-        let master = unsafe { OwnedFd::from_raw_fd(ptm.into_raw_fd()) };
-        let slave = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
-            .open(&slave_path)
-            .map_err(|source| PtyError::Slave {
-                path: slave_path.clone(),
-                source,
-            })?;
+        let (master, slave) = open_pair()?;
         set_winsize(master.as_fd(), 80, 24).map_err(PtyError::Configure)?;
 
         let stdio = |f: &File| -> Result<Stdio, PtyError> {
@@ -414,7 +423,7 @@ fn parse_pgid_session(stat: &str) -> Option<(i32, i32)> {
     Some((pgid, session))
 }
 
-fn set_winsize(master: BorrowedFd<'_>, cols: u16, rows: u16) -> io::Result<()> {
+pub fn set_winsize(master: BorrowedFd<'_>, cols: u16, rows: u16) -> io::Result<()> {
     let ws = libc::winsize {
         ws_row: rows,
         ws_col: cols,
@@ -432,6 +441,15 @@ fn set_winsize(master: BorrowedFd<'_>, cols: u16, rows: u16) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn both_ends_of_a_new_pty_are_close_on_exec() {
+        let (master, slave) = open_pair().unwrap();
+        for fd in [master.as_fd(), slave.as_fd()] {
+            let flags = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFD).unwrap();
+            assert_ne!(flags & libc::FD_CLOEXEC, 0);
+        }
+    }
 
     fn sh(script: &str) -> ShellConfig {
         ShellConfig {
