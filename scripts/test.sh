@@ -77,5 +77,16 @@ fi
 phase "tests"
 filter=()
 [ $vm = 1 ] || filter=(-E 'not binary(/_qemu$/)')
-cargo nextest run --workspace --no-fail-fast "${filter[@]}" "$@"
+# A test that hangs is killed by nextest before its cleanup runs: after the
+# run, whatever the killed tests left is stopped and removed, and counts as
+# a failure (scripts/leftovers.sh).
+homes_before=$(mktemp "${TMPDIR:-/tmp}/capsem-homes.XXXXXX")
+scripts/leftovers.sh snapshot "$homes_before"
+tests_rc=0
+cargo nextest run --workspace --no-fail-fast "${filter[@]}" "$@" || tests_rc=$?
+left_rc=0
+scripts/leftovers.sh check "$homes_before" || left_rc=$?
+rm -f "$homes_before"
+[ $left_rc = 0 ] || echo "the tests left homes or processes behind (above)" >&2
+[ $tests_rc = 0 ] && [ $left_rc = 0 ] || exit 1
 phase "done"
