@@ -3,7 +3,8 @@
 #   vmlinuz            Debian's linux-image-*-amd64 kernel (apt-get download, not installed)
 #   vmlinux            the same kernel's uncompressed ELF, cut out of vmlinuz: QEMU's
 #                      microvm boots it through PVH, skipping the XZ decompression
-#                      that costs seconds under TCG (docs/benchmarks.md)
+#                      that costs seconds under TCG, its zero tail (.bss) left to
+#                      QEMU's zero-fill (docs/benchmarks.md)
 #   initramfs.cpio.gz  /init = capsem-init, capsem-agent, and the modules that
 #                      reach the disks (virtio, vsock, virtio_blk, erofs, overlay, ext4)
 #   rootfs.erofs       the read-only root: Debian 12 from images/packages.txt,
@@ -169,6 +170,42 @@ extract_vmlinux() { # bzImage out
         die "the kernel in $1 has no PVH entry note (Xen PHYS32_ENTRY): it needs CONFIG_PVH"
 }
 
+# QEMU copies each segment's file part into guest RAM from a mapping of the
+# file that it keeps for a reset, so every page of it that it read counts
+# in each VM's resident memory. Debian's last segment carries .bss, .brk
+# and .init.scratch in the file as 24 MB of zeros: the segment's file size
+# is cut back to where .bss starts when everything after that is zero, its
+# size in memory stays, and QEMU zero-fills the rest (docs/benchmarks.md).
+trim_vmlinux() { # vmlinux
+    local bss phoff phent idx=0 off fsz new i bytes=""
+    bss=$(readelf -SW "$1" | sed 's/^ *\[ *[0-9]*\]//' | awk '$1 == ".bss" && $2 == "NOBITS" {print $4}')
+    [ -n "$bss" ] || { say "vmlinux: no .bss section, left as it is"; return 0; }
+    bss=$((0x$bss))
+    phoff=$(readelf -hW "$1" | awk -F: '/Start of program headers/ {print $2+0}')
+    phent=$(readelf -hW "$1" | awk -F: '/Size of program headers/ {print $2+0}')
+    while read -r off fsz; do
+        if [ "$off" != - ] && [ $((off)) -le $bss ] && [ $bss -lt $((off + fsz)) ]; then
+            new=$((bss - off))
+            if ! dd if="$1" bs=1M iflag=skip_bytes,count_bytes skip=$bss count=$((off + fsz - bss)) status=none |
+                cmp -s -n $((off + fsz - bss)) - /dev/zero; then
+                say "vmlinux: data after .bss in its segment, left as it is"
+                return 0
+            fi
+            for i in 0 1 2 3 4 5 6 7; do
+                bytes+=$(printf '\\%03o' $(((new >> (8 * i)) & 255)))
+            done
+            # shellcheck disable=SC2059 # the octal escapes are the format
+            printf "$bytes" | dd of="$1" bs=1 seek=$((phoff + idx * phent + 32)) conv=notrunc status=none
+            [ "$(readelf -lW "$1" | awk -v o="$(printf '0x%06x' $((off)))" '$1 == "LOAD" && $2 == o {print $5}')" = "$(printf '0x%06x' $new)" ] ||
+                die "vmlinux: the segment at $off was not cut back"
+            say "vmlinux: $(((off + fsz - bss) / 1048576)) MiB of zeros after .bss left to QEMU's zero-fill"
+            return 0
+        fi
+        idx=$((idx + 1))
+    done < <(readelf -lW "$1" | awk '/^ *[A-Z_]+ +0x/ {if ($1 == "LOAD") print $2, $5; else print "-", "-"}')
+    say "vmlinux: .bss is in no segment's file part, left as it is"
+}
+
 # --- build --------------------------------------------------------------------
 mkdir -p "$OUT"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/capsem-image.XXXXXX")
@@ -262,6 +299,7 @@ say "packing initramfs (${#ORDER[@]} modules: ${ORDER[*]})"
     cpio --quiet -o -H newc --owner=0:0 --reproducible) | gzip -n -6 >"$WORK/initramfs.cpio.gz"
 cp "$KX/boot/vmlinuz-$KREL" "$WORK/vmlinuz"
 extract_vmlinux "$WORK/vmlinuz" "$WORK/vmlinux"
+trim_vmlinux "$WORK/vmlinux"
 
 # --- root filesystem -------------------------------------------------------------
 # Rebuilt only when its own inputs changed; otherwise the one in $OUT stays.
