@@ -3,7 +3,8 @@
 # fuzz targets (scripts/fuzz.sh: built, then 10 s each from their seeds, two
 # at a time; $CAPSEM_FUZZ_SECONDS for longer, or `scripts/fuzz.sh 600` alone),
 # unit tests, the front door (scripts/shell.sh driven through a pipe), and
-# the end-to-end tests on the no-VM backend and in real VMs.
+# the end-to-end tests on the no-VM backend and in real VMs, then what a
+# test killed for hanging left behind (scripts/leftovers.sh: a failure).
 # CAPSEM_SKIP_VM_TESTS=1 leaves out everything that needs the guest image
 # (a nextest filter over the `*_qemu` test binaries, which nextest then
 # reports as skipped); CI runs them.
