@@ -110,14 +110,7 @@ impl Running {
         let procs = cgroup.as_ref().and_then(|g| g.procs_fd());
         let mut master = None;
         if let Some((cols, rows)) = spec.tty {
-            let (pty_master, pty_slave) = crate::pty::open_pair().map_err(CommandError::Pty)?;
-            crate::pty::set_winsize(pty_master.as_fd(), cols, rows).map_err(CommandError::Pipes)?;
-            let slave =
-                |f: &std::fs::File| f.try_clone().map(Stdio::from).map_err(CommandError::Pipes);
-            cmd.stdin(slave(&pty_slave)?)
-                .stdout(slave(&pty_slave)?)
-                .stderr(slave(&pty_slave)?);
-            master = Some(pty_master);
+            master = Some(crate::pty::attach(&mut cmd, cols, rows).map_err(CommandError::Pty)?);
         } else {
             cmd.stdin(Stdio::piped())
                 .stdout(Stdio::piped())

@@ -156,11 +156,24 @@ const RESET_SIGNALS: [libc::c_int; 7] = [
     libc::SIGTSTP,
 ];
 
+/// Opens a PTY of `cols`x`rows` and makes its slave `cmd`'s stdin, stdout
+/// and stderr; returns the master. The slave's only copies are then the
+/// command's, which close when `cmd` is dropped after its spawn.
+pub fn attach(cmd: &mut Command, cols: u16, rows: u16) -> Result<OwnedFd, PtyError> {
+    let (master, slave) = open_pair()?;
+    set_winsize(master.as_fd(), cols, rows).map_err(PtyError::Configure)?;
+    let stdio = |f: &File| f.try_clone().map(Stdio::from).map_err(PtyError::Configure);
+    cmd.stdin(stdio(&slave)?)
+        .stdout(stdio(&slave)?)
+        .stderr(stdio(&slave)?);
+    Ok(master)
+}
+
 /// A PTY's master and slave, both close-on-exec from their first moment:
 /// a command another thread starts meanwhile inherits neither (a stray
 /// slave would keep the master from ever reading EIO, a stray master would
 /// keep the terminal alive after its command).
-pub fn open_pair() -> Result<(OwnedFd, File), PtyError> {
+fn open_pair() -> Result<(OwnedFd, File), PtyError> {
     let ptm = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
         .map_err(PtyError::Open)?;
     nix::pty::grantpt(&ptm).map_err(PtyError::Open)?;
@@ -187,20 +200,12 @@ impl Shell {
         cfg: &ShellConfig,
         cgroup: Option<crate::cgroup::Group>,
     ) -> Result<Self, PtyError> {
-        let (master, slave) = open_pair()?;
-        set_winsize(master.as_fd(), 80, 24).map_err(PtyError::Configure)?;
-
-        let stdio = |f: &File| -> Result<Stdio, PtyError> {
-            Ok(Stdio::from(f.try_clone().map_err(PtyError::Configure)?))
-        };
         let mut cmd = Command::new(&cfg.program);
         cmd.args(&cfg.args)
             .env_clear()
             .envs(cfg.env.iter().map(|(k, v)| (k, v)))
-            .current_dir(&cfg.cwd)
-            .stdin(stdio(&slave)?)
-            .stdout(stdio(&slave)?)
-            .stderr(stdio(&slave)?);
+            .current_dir(&cfg.cwd);
+        let master = attach(&mut cmd, 80, 24)?;
         let creds = cfg.creds;
         let procs = cgroup.as_ref().and_then(|g| g.procs_fd());
         // SAFETY: the closure runs in the child between fork and exec and only
@@ -229,7 +234,6 @@ impl Shell {
         let raw_pid = child.id();
         // Dropping `Child` neither kills nor reaps; this module reaps.
         drop(child);
-        drop(slave);
         let pid = Pid::from_raw(raw_pid as libc::pid_t);
         let pidfd = match capsem_host::pidfd::pidfd_open(pid.as_raw().unsigned_abs()) {
             Ok(fd) => fd,
@@ -423,7 +427,7 @@ fn parse_pgid_session(stat: &str) -> Option<(i32, i32)> {
     Some((pgid, session))
 }
 
-pub fn set_winsize(master: BorrowedFd<'_>, cols: u16, rows: u16) -> io::Result<()> {
+fn set_winsize(master: BorrowedFd<'_>, cols: u16, rows: u16) -> io::Result<()> {
     let ws = libc::winsize {
         ws_row: rows,
         ws_col: cols,
