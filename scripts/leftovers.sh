@@ -13,15 +13,22 @@ set -euo pipefail
 
 homes() { find /tmp -maxdepth 1 -name 'capsem-t*' -type d 2>/dev/null | sort; }
 
-# The pids whose command line names $1 (capsem-process --vm-dir, the
-# agent's --transport, QEMU's and the devices' sockets all do).
+# Process $1's command line, if it names home $2 (capsem-process
+# --vm-dir, the agent's --transport, QEMU's and the devices' sockets all do).
+names_home() {
+    local line
+    line=$(tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null) || return 1
+    case $line in *"$2/"*) echo "$line" ;; *) return 1 ;; esac
+}
+
+# The pids whose command line names home $1.
 naming() {
     local f pid
     for f in /proc/[0-9]*/cmdline; do
         pid=${f#/proc/}
         pid=${pid%/cmdline}
         [ "$pid" != $$ ] || continue
-        if tr '\0' ' ' <"$f" 2>/dev/null | grep -qF -- "$1/"; then
+        if names_home "$pid" "$1" >/dev/null; then
             echo "$pid"
         fi
     done
@@ -39,7 +46,9 @@ check)
         pids=$(naming "$home" | tr "\n" " ")
         echo "leftovers: $home was not removed by its test; processes: ${pids:-none}" >&2
         for pid in $pids; do
-            echo "leftovers:   $pid $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c1-160)" >&2
+            # Still the same process (its pid not reused since the listing)?
+            line=$(names_home "$pid" "$home") || continue
+            echo "leftovers:   $pid ${line:0:160}" >&2
             kill -KILL "$pid" 2>/dev/null || true
         done
         # Killed processes go once their parent (or init) reaps them.

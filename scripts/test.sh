@@ -51,7 +51,7 @@ fi
 # echoed command line has `$((6 * 7))`, never 42.)
 phase "front door (scripts/shell.sh)"
 front_home=$(mktemp -d "${TMPDIR:-/tmp}/capsem-front.XXXXXX")
-trap 'rm -rf "$front_home"' EXIT
+trap 'rm -rf "$front_home" "${homes_before:-}"' EXIT
 front_args=()
 [ $vm = 1 ] || front_args=(--vmm none)
 out=$(printf 'echo "front door $((6 * 7))"\nexit 3\n' |
@@ -85,9 +85,9 @@ homes_before=$(mktemp "${TMPDIR:-/tmp}/capsem-homes.XXXXXX")
 scripts/leftovers.sh snapshot "$homes_before"
 tests_rc=0
 cargo nextest run --workspace --no-fail-fast "${filter[@]}" "$@" || tests_rc=$?
-left_rc=0
-scripts/leftovers.sh check "$homes_before" || left_rc=$?
-rm -f "$homes_before"
-[ $left_rc = 0 ] || echo "the tests left homes or processes behind (above)" >&2
-[ $tests_rc = 0 ] && [ $left_rc = 0 ] || exit 1
+if ! scripts/leftovers.sh check "$homes_before"; then
+    echo "the tests left homes or processes behind (above)" >&2
+    [ $tests_rc != 0 ] || tests_rc=1
+fi
+[ $tests_rc = 0 ] || exit $tests_rc
 phase "done"
