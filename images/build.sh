@@ -173,7 +173,7 @@ extract_vmlinux() { # bzImage out
 # QEMU copies each segment's file part into guest RAM from a mapping of the
 # file that it keeps for a reset, so every page of it that it read counts
 # in each VM's resident memory. Debian's last segment carries .bss, .brk
-# and .init.scratch in the file as 24 MB of zeros: the segment's file size
+# and .init.scratch in the file as 22 MiB of zeros: the segment's file size
 # is cut back to where .bss starts when everything after that is zero, its
 # size in memory stays, and QEMU zero-fills the rest (docs/benchmarks.md).
 trim_vmlinux() { # vmlinux
@@ -181,8 +181,8 @@ trim_vmlinux() { # vmlinux
     bss=$(readelf -SW "$1" | sed 's/^ *\[ *[0-9]*\]//' | awk '$1 == ".bss" && $2 == "NOBITS" {print $4}')
     [ -n "$bss" ] || { say "vmlinux: no .bss section, left as it is"; return 0; }
     bss=$((0x$bss))
-    phoff=$(readelf -hW "$1" | awk -F: '/Start of program headers/ {print $2+0}')
-    phent=$(readelf -hW "$1" | awk -F: '/Size of program headers/ {print $2+0}')
+    read -r phoff phent < <(readelf -hW "$1" |
+        awk -F: '/Start of program headers/ {o = $2 + 0} /Size of program headers/ {n = $2 + 0} END {print o, n}')
     while read -r off fsz; do
         if [ "$off" != - ] && [ $((off)) -le $bss ] && [ $bss -lt $((off + fsz)) ]; then
             new=$((bss - off))
