@@ -30,7 +30,7 @@ TARGET=x86_64-unknown-linux-gnu
 # virtio_pci for -M q35/pc, virtio_mmio for -M microvm, then vsock over virtio.
 # virtio_blk, erofs, overlay and ext4 for the disks. libcrc32c (for erofs and
 # ext4) asks the crypto API for crc32c, which finds no modprobe in the
-# initramfs: crc32c_generic is named, and loaded, before them.
+# initramfs: crc32c_generic is named, and libcrc32c follows it (NEEDS below).
 # virtio_balloon: free page reporting hands the pages the guest frees back
 # to the host (an idle VM's resident memory; docs/benchmarks.md).
 # Those load at every boot (/etc/capsem/modules). Two groups load only when
@@ -232,13 +232,16 @@ install -m 0755 "$BIN_DIR/capsem-agent" "$TREE/usr/bin/capsem-agent"
 # Kernel modules: resolve dependencies from each .ko's modinfo "depends=",
 # emit in load order, decompress (the init loads them with finit_module, flags 0),
 # drop their signatures (below).
-declare -A MODPATH=() SEEN=()
+declare -A MODPATH=() SEEN=() AFTER=()
 while IFS= read -r -d '' ko; do
     name=$(basename "$ko")
     name=${name%%.ko*}
     MODPATH[${name//-/_}]=$ko
 done < <(find "$MODDIR/kernel" -name '*.ko*' -print0)
 BUILTIN=$(sed 's#.*/##; s#\.ko.*##; s#-#_#g' "$MODDIR/modules.builtin")
+# What a module's depends= does not say but its init needs registered first:
+# libcrc32c asks the crypto API for crc32c (there is no modprobe to find it).
+declare -A NEEDS=([libcrc32c]=crc32c_generic)
 ORDER=()
 add_module() {
     local m=$1 deps d
@@ -247,8 +250,18 @@ add_module() {
     if grep -qx "$m" <<<"$BUILTIN"; then return 0; fi
     [ -n "${MODPATH[$m]:-}" ] || die "module $m not found in $KPKG"
     deps=$(decompress "${MODPATH[$m]}" | tr '\0' '\n' | sed -n 's/^depends=//p' | head -n1)
-    for d in ${deps//,/ }; do add_module "${d//-/_}"; done
+    deps="${deps//,/ } ${NEEDS[$m]:-}"
+    AFTER[$m]=
+    for d in $deps; do
+        d=${d//-/_}
+        add_module "$d"
+        grep -qx "$d" <<<"$BUILTIN" || AFTER[$m]+=" $d"
+    done
     ORDER+=("$m")
+}
+module_rel() { # module name -> its path in the initramfs
+    local rel=${MODPATH[$1]#"$KX"}
+    echo "${rel%.ko*}.ko"
 }
 decompress() {
     case $1 in
@@ -275,19 +288,22 @@ strip_signature() { # module file, rewritten in place
     [ "$len" -gt 0 ] || die "$1: bad module signature trailer"
     truncate -s "$len" "$1"
 }
-# One list per group: the modules (and dependencies) no earlier group has.
+# One list per group: the modules (and dependencies) no earlier group has,
+# each line a module and then the modules it must follow (capsem-init loads
+# the others side by side).
 write_list() { # list file under $TREE, then the group's modules
-    local list=$TREE/$1 start=${#ORDER[@]} m rel
+    local list=$TREE/$1 start=${#ORDER[@]} m d rel line
     shift
     for m in "$@"; do add_module "$m"; done
-    echo "# load order (dependencies first), written by images/build.sh" >"$list"
+    echo "# load order: a module, then those it follows; written by images/build.sh" >"$list"
     for m in "${ORDER[@]:start}"; do
-        rel=${MODPATH[$m]#"$KX"}
-        rel=${rel%.ko*}.ko
+        rel=$(module_rel "$m")
         mkdir -p "$TREE/$(dirname "$rel")"
         decompress "${MODPATH[$m]}" >"$TREE/$rel"
         strip_signature "$TREE/$rel"
-        echo "$rel" >>"$list"
+        line=$rel
+        for d in ${AFTER[$m]}; do line+=" $(module_rel "$d")"; done
+        echo "$line" >>"$list"
     done
 }
 write_list etc/capsem/modules "${BOOT_MODULES[@]}"

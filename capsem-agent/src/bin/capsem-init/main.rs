@@ -14,10 +14,11 @@
 //! - [`cgroups`]: cgroup2, the pids and memory controllers for the agent's
 //!   per-command cgroups, init's OOM exemption.
 //! - [`cmdline`]: `capsem.token=`, `capsem.hostname=`, `capsem.agent=`,
-//!   `capsem.mode=`, `capsem.root=`, `capsem.disk=`, `capsem.net=`.
-//!   `capsem.mode=`, `capsem.root=`, `capsem.disk=`, `capsem.share=`.
+//!   `capsem.mode=`, `capsem.root=`, `capsem.disk=`, `capsem.share=`,
+//!   `capsem.net=`.
 //! - [`console`]: timestamped console lines, stdio repair.
-//! - [`modules`]: `finit_module` of the lists in `/etc/capsem/modules*`.
+//! - [`modules`]: `finit_module` of the lists in `/etc/capsem/modules*`,
+//!   independent modules side by side.
 //! - [`netup`]: `capsem.net=1`: lo, a dummy default route, nftables redirects.
 //! - [`mounts`]: /proc, /sys, /dev, /dev/pts, /dev/shm, /tmp, /run.
 //! - [`root`]: finding the disks by serial, the overlay, the switch.
