@@ -115,7 +115,7 @@ pub fn run() -> Result<AgentEnd, BootError> {
     let pid = sup.spawn(&agent)?;
     log!("started {} as pid {pid}", agent.program.display());
 
-    let end = sup.wait_agent(pid)?;
+    let end = sup.wait_agent(pid, Some(&mut crate::reclaim::IdleReclaim::default()))?;
     match end {
         AgentEnd::Exited(WaitStatus::Exited(_, code)) => log!("agent exited with status {code}"),
         AgentEnd::Exited(WaitStatus::Signaled(_, sig, _)) => log!("agent killed by {sig}"),

@@ -24,6 +24,7 @@
 //! - [`root`]: finding the disks by serial, the overlay, the switch.
 //! - [`shares`]: the host directories (virtio-fs; rw, ro, overlay).
 //! - [`power`]: kill everything, reap, sync, power off.
+//! - [`reclaim`]: the page cache dropped after 30 s of an idle guest.
 //! - [`stages`]: boot stage timestamps for `CAPSEM_BOOT_STAGES`.
 //! - [`supervise`]: spawning the agent, the signalfd-driven reaper.
 //!
@@ -38,6 +39,7 @@ mod modules;
 mod mounts;
 mod netup;
 mod power;
+mod reclaim;
 mod root;
 mod shares;
 mod stages;

@@ -1,18 +1,24 @@
 //! Runs the agent and reaps every process that ends up parented to PID 1.
 //!
 //! SIGCHLD and the shutdown signals are blocked and read from a signalfd, so
-//! the loop sleeps in `read` until something happens: no polling, no sleeps.
+//! the loop sleeps in `poll` until something happens or the idle reclaim's
+//! next sample is due (`reclaim`): no busy polling, no sleeps.
 
 use std::ffi::OsString;
+use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::time::Instant;
 
 use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+
+use crate::reclaim::{self, IdleReclaim};
 
 /// Errors supervising the agent.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +29,8 @@ pub enum SuperviseError {
     SignalFd(#[source] Errno),
     #[error("cannot read the signalfd")]
     ReadSignal(#[source] Errno),
+    #[error("cannot poll the signalfd")]
+    Poll(#[source] Errno),
     #[error("cannot start {agent}")]
     Spawn {
         agent: PathBuf,
@@ -106,11 +114,43 @@ impl Supervisor {
     }
 
     /// Reaps children as SIGCHLD arrives until `agent` is reaped or a
-    /// shutdown signal comes.
-    pub fn wait_agent(&mut self, agent: Pid) -> Result<AgentEnd, SuperviseError> {
+    /// shutdown signal comes; between signals, `reclaim` (PID 1's; tests
+    /// pass none) samples the guest every [`reclaim::TICK`], the poll's
+    /// timeout.
+    pub fn wait_agent(
+        &mut self,
+        agent: Pid,
+        mut reclaim: Option<&mut IdleReclaim>,
+    ) -> Result<AgentEnd, SuperviseError> {
+        let mut next_tick = Instant::now() + reclaim::TICK;
         loop {
             if let Some(status) = reap_ready(agent)? {
                 return Ok(AgentEnd::Exited(status));
+            }
+            let timeout = match reclaim {
+                Some(_) => {
+                    let wait = next_tick.saturating_duration_since(Instant::now());
+                    PollTimeout::from(u16::try_from(wait.as_millis()).unwrap_or(u16::MAX))
+                }
+                None => PollTimeout::NONE,
+            };
+            let mut fds = [PollFd::new(self.sfd.as_fd(), PollFlags::POLLIN)];
+            let ready = match poll(&mut fds, timeout) {
+                Ok(n) => n > 0,
+                Err(Errno::EINTR) => false,
+                Err(e) => return Err(SuperviseError::Poll(e)),
+            };
+            // Due whether or not a signal came with it: children that end
+            // more often than the tick must not starve it.
+            if let Some(r) = reclaim
+                .as_deref_mut()
+                .filter(|_| Instant::now() >= next_tick)
+            {
+                r.tick();
+                next_tick = Instant::now() + reclaim::TICK;
+            }
+            if !ready {
+                continue;
             }
             let Some(info) = self.sfd.read_signal().map_err(SuperviseError::ReadSignal)? else {
                 continue;
@@ -184,7 +224,7 @@ mod tests {
                 })
                 .unwrap();
             waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT).unwrap();
-            sup.wait_agent(pid).unwrap()
+            sup.wait_agent(pid, None).unwrap()
         })
         .join()
         .unwrap();
@@ -198,7 +238,7 @@ mod tests {
             // A thread-directed SIGTERM stays pending on this thread, where
             // the signalfd reads it.
             pthread_kill(pthread_self(), Signal::SIGTERM).unwrap();
-            sup.wait_agent(Pid::from_raw(i32::MAX)).unwrap()
+            sup.wait_agent(Pid::from_raw(i32::MAX), None).unwrap()
         })
         .join()
         .unwrap();
