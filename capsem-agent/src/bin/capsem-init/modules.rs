@@ -25,6 +25,8 @@ pub const SHARE_MODULE_LIST: &str = "/etc/capsem/modules.share";
 /// The modules only the network needs (dummy, nftables), loaded with
 /// `capsem.net=1`.
 pub const NET_MODULE_LIST: &str = "/etc/capsem/modules.net";
+/// Where the listed modules live in the initramfs (removed once loaded).
+pub const MODULE_DIR: &str = "/lib/modules";
 /// Loader threads at most (a guest has few vCPUs; more buys nothing).
 pub const MAX_WORKERS: usize = 4;
 
