@@ -1,5 +1,5 @@
 //! Thin, checked wrappers over the fd syscalls the agent needs: `poll` with a
-//! deadline, nonblocking `read`/`write`, a write the stop signal cancels, and
+//! deadline, nonblocking `read`/`write` (and [`read_until_dry`]), a write the stop signal cancels, and
 //! [`Blocking`], a nonblocking socket seen as a blocking, cancellable stream
 //! (what `capsem_proto::conn`'s framed reader and writer run on).
 //!
@@ -71,6 +71,21 @@ pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
             return Err(err);
         }
     }
+}
+
+/// Reads a nonblocking `fd` into `buf` until it would block, ends, or `buf`
+/// is full: what a PTY master has queued, which it hands out one line
+/// discipline buffer (4 KiB) per read, as one chunk. The first read's error
+/// is returned; a later one ends the chunk, and the next read reports it.
+pub fn read_until_dry(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = read(fd, buf)?;
+    while n > 0 && n < buf.len() {
+        match read(fd, &mut buf[n..]) {
+            Ok(m) if m > 0 => n += m,
+            _ => break,
+        }
+    }
+    Ok(n)
 }
 
 /// One `write(2)`; `WouldBlock` on a nonblocking fd that is full.
@@ -228,6 +243,37 @@ mod tests {
     use std::os::fd::AsFd;
     use std::os::unix::net::UnixStream;
     use std::time::Duration;
+
+    #[test]
+    fn read_until_dry_gathers_every_queued_read() {
+        // A datagram socket hands out one datagram per read, as a PTY
+        // master hands out one line discipline buffer.
+        let (a, b) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        set_nonblocking(a.as_fd()).unwrap();
+        for part in [&b"one "[..], b"two ", b"three"] {
+            b.send(part).unwrap();
+        }
+        let mut buf = [0u8; 64];
+        let n = read_until_dry(a.as_fd(), &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"one two three");
+        // Nothing queued: the first read's WouldBlock is the answer.
+        let err = read_until_dry(a.as_fd(), &mut buf).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
+    fn read_until_dry_stops_at_a_full_buffer() {
+        let (a, b) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        set_nonblocking(a.as_fd()).unwrap();
+        for part in [&b"abcd"[..], b"efgh", b"ijkl"] {
+            b.send(part).unwrap();
+        }
+        let mut buf = [0u8; 8];
+        assert_eq!(read_until_dry(a.as_fd(), &mut buf).unwrap(), 8);
+        assert_eq!(&buf, b"abcdefgh");
+        assert_eq!(read_until_dry(a.as_fd(), &mut buf).unwrap(), 4);
+        assert_eq!(&buf[..4], b"ijkl");
+    }
 
     #[test]
     fn poll_times_out_at_the_deadline() {

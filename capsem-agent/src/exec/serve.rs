@@ -208,7 +208,8 @@ impl Exec {
             .is_some_and(|c| c.stdout.is_some() || c.stderr.is_some())
     }
 
-    /// Reads one chunk from a pipe into an `Output` frame.
+    /// Reads one chunk from a pipe (or what the PTY has queued) into an
+    /// `Output` frame.
     fn read_pipe(&mut self, stream: ExecStream) -> Result<(), ExecError> {
         let Some(cmd) = self.cmd.as_mut() else {
             return Ok(());
@@ -219,7 +220,15 @@ impl Exec {
         };
         let Some(fd) = slot else { return Ok(()) };
         let mut buf = vec![0u8; MAX_EXEC_CHUNK];
-        match fdio::read(fd.as_fd(), &mut buf) {
+        // A PTY hands out 4 KiB per read: one frame, and one vsock write, of
+        // all it has queued instead of one per 4 KiB (exec -t zeros went
+        // from 0.31-0.35 of pipes to 0.50; docs/benchmarks.md).
+        let got = if self.tty {
+            fdio::read_until_dry(fd.as_fd(), &mut buf)
+        } else {
+            fdio::read(fd.as_fd(), &mut buf)
+        };
+        match got {
             Ok(0) => *slot = None,
             Ok(n) => {
                 buf.truncate(n);
