@@ -1,7 +1,8 @@
 //! Thin, checked wrappers over the fd syscalls the agent needs: `poll` with a
-//! deadline, nonblocking `read`/`write` (and [`read_until_dry`]), a write the stop signal cancels, and
-//! [`Blocking`], a nonblocking socket seen as a blocking, cancellable stream
-//! (what `capsem_proto::conn`'s framed reader and writer run on).
+//! deadline, nonblocking `read`/`write` (and [`read_until_dry`]), a write
+//! the stop signal cancels, and [`Blocking`], a nonblocking socket seen as a
+//! blocking, cancellable stream (what `capsem_proto::conn`'s framed reader
+//! and writer run on).
 //!
 //! Every fd reaches these functions as a `BorrowedFd`; the raw number only
 //! appears at the syscall.

@@ -221,8 +221,7 @@ impl Exec {
         let Some(fd) = slot else { return Ok(()) };
         let mut buf = vec![0u8; MAX_EXEC_CHUNK];
         // A PTY hands out 4 KiB per read: one frame, and one vsock write, of
-        // all it has queued instead of one per 4 KiB (exec -t zeros went
-        // from 0.31-0.35 of pipes to 0.50; docs/benchmarks.md).
+        // all it has queued instead of one per 4 KiB (docs/benchmarks.md).
         let got = if self.tty {
             fdio::read_until_dry(fd.as_fd(), &mut buf)
         } else {

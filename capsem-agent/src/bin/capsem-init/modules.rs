@@ -72,9 +72,9 @@ pub struct Entry {
 }
 
 /// The entries of `text` (the list at `list`), skipping blank lines and `#`
-/// comments. A module named after a path may follow only one listed before
-/// it (so the order can have no cycle); a path not in this list at all is
-/// one an earlier list loaded.
+/// comments. Each path after a line's first names a module that one
+/// follows, which must be on an earlier line (so the order has no cycle); a
+/// path on no line at all is one an earlier list loaded.
 pub fn parse_list(list: &Path, text: &str) -> Result<Vec<Entry>, ModuleError> {
     let mut seen: HashMap<PathBuf, usize> = HashMap::new();
     let mut later: Vec<(usize, PathBuf, PathBuf)> = Vec::new();
