@@ -17,8 +17,8 @@
 //! frame went out less than [`STREAMING`] ago), `pty_out` first lets the
 //! shell fill the PTY for [`HOLD`], then reads it empty into one frame. The
 //! first read after a pause (a keystroke's echo) still goes out at once, and
-//! a bulk writer (one whose last read shows it writes [`BULK`] bytes within
-//! a [`HOLD`]) is read without holds.
+//! a bulk writer (one whose last read found [`BULK`] bytes queued, or shows
+//! it writes that much within a [`HOLD`]) is read without holds.
 
 use std::io;
 use std::time::{Duration, Instant};
@@ -182,13 +182,16 @@ pub(super) fn pty_out(cx: &Cx<'_>, pending: &mut Vec<u8>) -> Event {
         }
         if master_at.is_some_and(|i| fdio::ready(&fds[i])) {
             master_open = read_available(master, &mut buf, pending);
-            // The writer's rate decides: would one hold have given it time
-            // to write BULK bytes? (After a hold that is the read's size;
-            // right after another read, a fast writer has written little
-            // but in little time.)
+            // A read that found BULK bytes queued saw a writer a hold would
+            // only leave blocked on the full PTY (the reader was busy
+            // sending meanwhile). Otherwise the writer's rate decides: would
+            // one hold have given it time to write BULK bytes? (Right after
+            // another read, a fast writer has written little, but in little
+            // time.)
             let now = Instant::now();
             let took = last_read.map_or(HOLD, |t| now - t);
-            bulk = pending.len() as u128 * HOLD.as_nanos() >= BULK as u128 * took.as_nanos();
+            bulk = pending.len() >= BULK
+                || pending.len() as u128 * HOLD.as_nanos() >= BULK as u128 * took.as_nanos();
             last_read = Some(now);
         }
         if fdio::ready(&fds[1]) {
