@@ -50,9 +50,10 @@ pub(super) fn conn_failed(what: &str, e: &ConnError) -> Event {
 const HOLD: Duration = Duration::from_millis(2);
 /// Output streams while frames go out closer together than this.
 const STREAMING: Duration = Duration::from_millis(10);
-/// A writer fast enough to write this much within one [`HOLD`] is read
-/// without holds: a PTY holds only about 19 KiB, which such a writer fills
-/// in a fraction of the hold and then waits on.
+/// A writer fast enough to write this much within one [`HOLD`], or a read
+/// that finds this much queued, is read without holds: a PTY holds only
+/// about 19 KiB, which such a writer fills in a fraction of the hold and
+/// then waits on.
 const BULK: usize = 8 * 1024;
 
 /// Reads the nonblocking master into `pending` until it is empty or a frame
