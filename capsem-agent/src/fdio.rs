@@ -242,18 +242,24 @@ impl io::Write for Blocking<'_> {
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
-    use std::os::unix::net::UnixStream;
+    use std::os::unix::net::{UnixDatagram, UnixStream};
     use std::time::Duration;
+
+    /// A nonblocking socket with `parts` queued, one per read: a datagram
+    /// socket hands out one datagram per read, as a PTY master hands out one
+    /// line discipline buffer.
+    fn queued(parts: &[&[u8]]) -> (UnixDatagram, UnixDatagram) {
+        let (a, b) = UnixDatagram::pair().unwrap();
+        set_nonblocking(a.as_fd()).unwrap();
+        for part in parts {
+            b.send(part).unwrap();
+        }
+        (a, b)
+    }
 
     #[test]
     fn read_until_dry_gathers_every_queued_read() {
-        // A datagram socket hands out one datagram per read, as a PTY
-        // master hands out one line discipline buffer.
-        let (a, b) = std::os::unix::net::UnixDatagram::pair().unwrap();
-        set_nonblocking(a.as_fd()).unwrap();
-        for part in [&b"one "[..], b"two ", b"three"] {
-            b.send(part).unwrap();
-        }
+        let (a, _b) = queued(&[b"one ", b"two ", b"three"]);
         let mut buf = [0u8; 64];
         let n = read_until_dry(a.as_fd(), &mut buf).unwrap();
         assert_eq!(&buf[..n], b"one two three");
@@ -264,11 +270,7 @@ mod tests {
 
     #[test]
     fn read_until_dry_stops_at_a_full_buffer() {
-        let (a, b) = std::os::unix::net::UnixDatagram::pair().unwrap();
-        set_nonblocking(a.as_fd()).unwrap();
-        for part in [&b"abcd"[..], b"efgh", b"ijkl"] {
-            b.send(part).unwrap();
-        }
+        let (a, _b) = queued(&[b"abcd", b"efgh", b"ijkl"]);
         let mut buf = [0u8; 8];
         assert_eq!(read_until_dry(a.as_fd(), &mut buf).unwrap(), 8);
         assert_eq!(&buf, b"abcdefgh");
