@@ -83,6 +83,18 @@ pub fn guest_pids(fx: &Fixture, name: &str) -> Vec<i32> {
         .collect()
 }
 
+/// The pid of the guest's host process with `role` (`qemu`,
+/// `vhost-device-vsock`, `capsem-agent`), from pids.json.
+pub fn guest_pid(fx: &Fixture, name: &str, role: &str) -> i32 {
+    pids(&vm_dir(fx, name))["guest"]
+        .as_array()
+        .expect("guest")
+        .iter()
+        .find(|g| g["role"] == role)
+        .and_then(|g| g["pid"].as_i64())
+        .unwrap_or_else(|| panic!("no {role} in pids.json")) as i32
+}
+
 fn kill9(pid: i32) {
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),

@@ -142,6 +142,17 @@ pub fn thread_and_fd_counts(pid: u32) -> std::io::Result<(usize, usize)> {
     Ok((threads, fds))
 }
 
+/// A KiB field of `/proc/PID/status` (`VmRSS`, `RssShmem`, ...), if the
+/// process and the field exist.
+pub fn status_kib(pid: i32, field: &str) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// What a process holds: threads, open fds, resident memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
@@ -154,11 +165,7 @@ impl Usage {
     /// Now, from `/proc/PID/{task,fd,status}` (`VmRSS`).
     pub fn of(pid: i32) -> std::io::Result<Self> {
         let (threads, fds) = thread_and_fd_counts(pid as u32)?;
-        let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let rss_kib = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        let rss_kib = status_kib(pid, "VmRSS")
             .ok_or_else(|| std::io::Error::other(format!("no VmRSS for {pid}")))?;
         Ok(Self {
             threads,
@@ -187,6 +194,15 @@ impl Usage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_kib_reads_a_field_of_this_process() {
+        let me = std::process::id() as i32;
+        assert!(status_kib(me, "VmRSS").is_some_and(|kib| kib > 0));
+        assert_eq!(status_kib(me, "VmRS"), None, "a whole field name only");
+        assert_eq!(status_kib(me, "NoSuchField"), None);
+        assert_eq!(status_kib(i32::MAX, "VmRSS"), None, "no such process");
+    }
 
     #[test]
     fn an_escaped_orphan_is_seen_then_killed() {

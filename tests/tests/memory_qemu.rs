@@ -8,40 +8,18 @@ use std::time::Duration;
 
 use capsem_tests::fixture::wait_until;
 use capsem_tests::persist::{self, ok};
+use capsem_tests::procs::status_kib;
 use capsem_tests::{Backend, Fixture};
 
 const B: Backend = Backend::Qemu;
 /// 30 s of idle guest, a 10 s sampling tick, and TCG on a shared machine.
 const RECLAIM_WAIT: Duration = Duration::from_secs(180);
 
-fn qemu_pid(fx: &Fixture, name: &str) -> i32 {
-    let text = std::fs::read_to_string(persist::vm_dir(fx, name).join("pids.json")).unwrap();
-    let pids: serde_json::Value = serde_json::from_str(&text).unwrap();
-    pids["guest"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|g| g["role"] == "qemu")
-        .and_then(|g| g["pid"].as_i64())
-        .expect("qemu in pids.json") as i32
-}
-
-/// QEMU's resident guest RAM (the shared memfd), KiB.
-fn guest_ram_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("RssShmem:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("RssShmem in /proc/PID/status")
-}
-
 #[test]
 fn an_idle_vm_hands_back_the_page_cache_a_workload_left() {
     let fx = Fixture::new("idle_reclaim", B);
     ok(&fx, &["create", "m"]);
-    let qemu = qemu_pid(&fx, "m");
+    let qemu = persist::guest_pid(&fx, "m", "qemu");
 
     // A workload that reads about 150 MiB of the image's files, then ends.
     let read = "cat /usr/bin/* /usr/lib/x86_64-linux-gnu/*.so* >/dev/null 2>&1; \
@@ -53,6 +31,8 @@ fn an_idle_vm_hands_back_the_page_cache_a_workload_left() {
         cached_kib >= 96 * 1024,
         "the workload cached only {cached_kib} KiB"
     );
+    // QEMU's resident guest RAM (the shared memfd).
+    let guest_ram_kib = |pid: i32| status_kib(pid, "RssShmem").expect("QEMU's RssShmem");
     let after_work = guest_ram_kib(qemu);
 
     // The guest's page cache is not freed while memory is plentiful; only

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use capsem_tests::persist::{self, DETACH};
+use capsem_tests::procs::status_kib;
 use capsem_tests::scenarios::{step, wait_ready};
 use capsem_tests::{Backend, Fixture};
 
@@ -64,14 +65,9 @@ impl Rss {
 fn rss(pids: &[(String, i32)]) -> BTreeMap<String, Rss> {
     pids.iter()
         .filter_map(|(name, pid)| {
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-            let field = |key: &str| -> Option<u64> {
-                let line = status.lines().find(|l| l.starts_with(key))?;
-                line.split_whitespace().nth(1)?.parse().ok()
-            };
             let rss = Rss {
-                total: field("VmRSS:")?,
-                shmem: field("RssShmem:")?,
+                total: status_kib(*pid, "VmRSS")?,
+                shmem: status_kib(*pid, "RssShmem")?,
             };
             Some((name.clone(), rss))
         })

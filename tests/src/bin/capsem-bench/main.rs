@@ -309,7 +309,7 @@ fn memory_sampler(fx: &Fixture) -> std::thread::JoinHandle<String> {
                 break;
             }
             for p in capsem_tests::procs::descendants() {
-                let rss = rss_kib(p.pid).unwrap_or(0);
+                let rss = capsem_tests::procs::status_kib(p.pid, "VmRSS").unwrap_or(0);
                 let name = p.cmdline.first().cloned().unwrap_or_default();
                 if name.ends_with("capsem-process") {
                     seen = true;
@@ -325,12 +325,6 @@ fn memory_sampler(fx: &Fixture) -> std::thread::JoinHandle<String> {
         }
         format!("capsem-process peak {peak_process} KiB, guest side peak {peak_guest} KiB")
     })
-}
-
-fn rss_kib(pid: i32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Keystroke echo: one byte typed into the CLI's terminal until its echo

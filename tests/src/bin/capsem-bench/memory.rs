@@ -9,6 +9,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Result;
+use capsem_tests::procs::status_kib;
+use capsem_tests::pty::PtySession;
 use capsem_tests::scenarios::{step, wait_ready};
 use capsem_tests::{Backend, Fixture};
 
@@ -32,17 +34,22 @@ fn idle_samples(prefix: &str, how_long: Duration) {
 
 /// `VmRSS` and its parts (`RssAnon`, `RssFile`, `RssShmem`), KiB.
 fn rss_parts(pid: i32) -> Option<[u64; 4]> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |key: &str| -> Option<u64> {
-        let line = status.lines().find(|l| l.starts_with(key))?;
-        line.split_whitespace().nth(1)?.parse().ok()
-    };
+    let field = |key: &str| status_kib(pid, key);
     Some([
-        field("VmRSS:")?,
-        field("RssAnon:")?,
-        field("RssFile:")?,
-        field("RssShmem:")?,
+        field("VmRSS")?,
+        field("RssAnon")?,
+        field("RssFile")?,
+        field("RssShmem")?,
     ])
+}
+
+/// Runs `line` at the prompt; it ends by printing `marker` (written so its
+/// echo differs), then the prompt returns.
+fn run_line(s: &mut PtySession, backend: Backend, line: &str, marker: &str) -> Result<()> {
+    s.line(line)?;
+    s.expect(marker, step(backend))?;
+    s.expect_any(&["# ", "$ "], step(backend))?;
+    Ok(())
 }
 
 fn sample(when: &str) {
@@ -74,23 +81,25 @@ pub fn idle(backend: Backend) -> Result<()> {
     // Then memory the guest touched and freed again: a process writes
     // every page of 256 MiB and exits. With free page reporting the host's
     // share should fall back; without it those pages stay resident.
-    s.line(
+    run_line(
+        &mut s,
+        backend,
         "python3 -c 'b = bytearray(256 << 20); b[::4096] = b\"x\" * (len(b) // 4096)'; \
          echo FREED$((6*7))",
+        "FREED42",
     )?;
-    s.expect("FREED42", step(backend))?;
-    s.expect_any(&["# ", "$ "], step(backend))?;
     sample("after 256 MiB freed");
     idle_samples("freed ", IDLE);
     if backend == Backend::Qemu {
         // Files read and left in the guest's page cache, a build's worth:
         // the kernel keeps them while memory is plentiful.
-        s.line(
+        run_line(
+            &mut s,
+            backend,
             "cat /usr/bin/* /usr/lib/x86_64-linux-gnu/*.so* >/dev/null 2>&1; \
              echo READ$((6*7))",
+            "READ42",
         )?;
-        s.expect("READ42", step(backend))?;
-        s.expect_any(&["# ", "$ "], step(backend))?;
         sample("after files read");
         idle_samples("read ", READ_IDLE);
     }
