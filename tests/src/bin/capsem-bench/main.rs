@@ -23,6 +23,7 @@ use capsem_tests::scenarios::{step, wait_ready};
 use capsem_tests::{Backend, Fixture};
 
 mod boot;
+mod exec;
 mod flood;
 mod memory;
 mod net;
@@ -82,7 +83,7 @@ fn read_chunks(child: &mut std::process::Child, mut each: impl FnMut(&[u8])) -> 
 }
 
 /// Reads `child`'s stdout to EOF, counting bytes; returns (bytes, seconds).
-fn drain(mut child: std::process::Child) -> Result<(u64, f64)> {
+pub(crate) fn drain(mut child: std::process::Child) -> Result<(u64, f64)> {
     let t0 = Instant::now();
     let mut total = 0u64;
     read_chunks(&mut child, |chunk| total += chunk.len() as u64)?;
@@ -200,98 +201,6 @@ fn throughput(backend: Backend, mib: u64) -> Result<()> {
     Ok(())
 }
 
-/// `capsem exec NAME true` on a persistent VM, end to end (CLI start to
-/// exit), then the command's output throughput to the CLI.
-fn exec_bench(backend: Backend, runs: usize, mib: u64) -> Result<()> {
-    let fx = Fixture::new("bench_exec", backend);
-    let created = fx
-        .capsem()
-        .args(["create", "bench"])
-        .stdin(Stdio::null())
-        .output()?;
-    if !created.status.success() {
-        bail!(
-            "create failed: {}",
-            String::from_utf8_lossy(&created.stderr)
-        );
-    }
-    let exec = |args: &[&str]| {
-        let mut cmd = fx.capsem();
-        cmd.args(["exec", "bench", "--"]).args(args);
-        cmd
-    };
-    let mut samples = Vec::new();
-    for _ in 0..runs {
-        let t0 = Instant::now();
-        let status = exec(&["true"]).stdin(Stdio::null()).status()?;
-        samples.push(t0.elapsed().as_secs_f64() * 1000.0);
-        if !status.success() {
-            bail!("exec true failed: {status}");
-        }
-    }
-    summarize(
-        &format!("exec true latency ({})", backend.flag()),
-        "ms",
-        samples,
-    );
-    let bytes = mib * 1024 * 1024;
-    let child = exec(&["head", "-c", &bytes.to_string(), "/dev/zero"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let (got, secs) = drain(child)?;
-    if got != bytes {
-        bail!("exec output: {got} of {bytes} bytes");
-    }
-    let pipes = got as f64 / secs / 1e6;
-    println!(
-        "exec output throughput ({}): {got} bytes in {secs:.2}s = {pipes:.1} MB/s",
-        backend.flag(),
-    );
-    // The same bytes, and line-wrapped base64, on the guest's PTY (`exec
-    // -t`) beside pipes: the terminal path against the pipe path in one VM.
-    let b64 = format!("head -c {} /dev/zero | base64", bytes / 4);
-    for (what, cmd, on_pipes) in [
-        ("zeros", format!("head -c {bytes} /dev/zero"), Some(pipes)),
-        ("base64 lines", b64, None),
-    ] {
-        let rate = |tty: bool| -> Result<f64> {
-            let mut c = fx.capsem();
-            c.arg("exec");
-            if tty {
-                c.arg("-t");
-            }
-            let child = c
-                .args(["bench", "--", "sh", "-c", &cmd])
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .spawn()?;
-            let (got, secs) = drain(child)?;
-            Ok(got as f64 / secs / 1e6)
-        };
-        let on_pipes = match on_pipes {
-            Some(r) => r,
-            None => rate(false)?,
-        };
-        let on_pty = rate(true)?;
-        println!(
-            "exec {what} ({}): pipes {on_pipes:.2} MB/s, pty (-t) {on_pty:.2} MB/s, ratio {:.2}",
-            backend.flag(),
-            on_pty / on_pipes
-        );
-    }
-    let rm = fx
-        .capsem()
-        .args(["rm", "--force", "bench"])
-        .stdin(Stdio::null())
-        .output()?;
-    if !rm.status.success() {
-        bail!("rm failed: {}", String::from_utf8_lossy(&rm.stderr));
-    }
-    fx.assert_nothing_left();
-    Ok(())
-}
-
 /// Peak RSS of capsem-process and the agent while the fixture's VM lives.
 fn memory_sampler(fx: &Fixture) -> std::thread::JoinHandle<String> {
     let home = fx.home().to_path_buf();
@@ -400,7 +309,7 @@ fn main() -> Result<()> {
         } else {
             (50, 16)
         };
-        exec_bench(backend, runs, mib)?;
+        exec::exec_bench(backend, runs, mib)?;
     }
     if (all && backend == Backend::Qemu) || what == "net" {
         net::net(20)?;
