@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Builds the default capsem guest image without Docker:
-#   vmlinuz            Debian's linux-image-*-amd64 kernel (apt-get download, not installed)
+#   vmlinuz            Debian's kernel for virtual machines, linux-image-*-cloud-amd64
+#                      (apt-get download, not installed): the generic flavour's
+#                      kernel with its hardware drivers left out, ext4 and crc32c
+#                      built in; it boots faster and keeps less of the guest's
+#                      memory (docs/benchmarks.md)
 #   vmlinux            the same kernel's uncompressed ELF, cut out of vmlinuz: QEMU's
-#                      microvm boots it through PVH, skipping the XZ decompression
-#                      that costs seconds under TCG, its zero tail (.bss) left to
+#                      microvm boots it through PVH, skipping the decompression
+#                      (XZ, LZ4) that costs seconds under TCG, its zero tail (.bss) left to
 #                      QEMU's zero-fill (docs/benchmarks.md)
 #   initramfs.cpio.gz  /init = capsem-init, capsem-agent, and the modules that
 #                      reach the disks (virtio, vsock, virtio_blk, erofs, overlay, ext4)
@@ -15,6 +19,8 @@
 #   OUT_DIR  default $CAPSEM_IMAGE_DIR, else ${CAPSEM_HOME:-~/.capsem}/images/default
 #   CAPSEM_CACHE  where downloaded .debs are kept (default ~/.cache/capsem)
 #   CAPSEM_DEBIAN_MIRROR  default http://deb.debian.org/debian (and -security)
+#   CAPSEM_KERNEL_META  the kernel's Debian meta-package, default
+#                 linux-image-cloud-amd64 (linux-image-amd64: the generic flavour)
 #
 # Rerunning with the same inputs (kernel, the apt index the host last
 # fetched, packages.txt, agent/init binaries, this script) prints "image up
@@ -28,8 +34,9 @@ CACHE=${CAPSEM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/capsem}/debs
 TARGET=x86_64-unknown-linux-gnu
 # Modules the guest needs; their dependencies are added in load order.
 # virtio_pci for -M q35/pc, virtio_mmio for -M microvm, then vsock over virtio.
-# virtio_blk, erofs, overlay and ext4 for the disks. libcrc32c (for erofs and
-# ext4) asks the crypto API for crc32c, which finds no modprobe in the
+# virtio_blk, erofs, overlay and ext4 for the disks (a module built into the
+# kernel, as ext4 is in the cloud flavour, is skipped). libcrc32c (for erofs
+# and ext4) asks the crypto API for crc32c, which finds no modprobe in the
 # initramfs: crc32c_generic is named, and libcrc32c follows it (NEEDS below).
 # virtio_balloon: free page reporting hands the pages the guest frees back
 # to the host (an idle VM's resident memory; docs/benchmarks.md).
@@ -58,13 +65,14 @@ candidate() {
     apt-cache policy "$1" | sed -n 's/^  Candidate: //p'
 }
 
-for bin in apt-get apt-cache dpkg-deb dpkg-query cpio gzip xz readelf od cargo sha256sum mmdebstrap mkfs.erofs; do
+for bin in apt-get apt-cache dpkg-deb dpkg-query cpio gzip xz lz4 readelf od cargo sha256sum mmdebstrap mkfs.erofs; do
     command -v "$bin" >/dev/null || die "$bin is missing (run scripts/install-deps.sh)"
 done
 
 # --- inputs -----------------------------------------------------------------
-KPKG=$(apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -n1)
-[ -n "$KPKG" ] || die "cannot resolve linux-image-amd64 to a kernel package (apt-get update?)"
+KMETA=${CAPSEM_KERNEL_META:-linux-image-cloud-amd64}
+KPKG=$(apt-cache depends "$KMETA" 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -n1)
+[ -n "$KPKG" ] || die "cannot resolve $KMETA to a kernel package (apt-get update?)"
 KVER=$(candidate "$KPKG")
 [ -n "$KVER" ] && [ "$KVER" != "(none)" ] || die "no candidate for $KPKG"
 mapfile -t PACKAGES < <(sed 's/#.*//; s/[[:space:]]//g; /^$/d' "$PACKAGES_FILE")
@@ -162,8 +170,13 @@ extract_vmlinux() { # bzImage out
     fd377a585a00) payload "$1" | xz -dc --single-stream >"$2" ;;
     1f8b*) payload "$1" | gzip -dcq >"$2" || [ $? -eq 2 ] ;; # 2: trailing bytes, a warning
     28b52ffd*) payload "$1" | zstd -qdc >"$2" ;;
+    # lz4's legacy frames have no end mark: it reads the size as a frame
+    # and fails after writing everything; the size check below decides.
+    02214c18*) payload "$1" | lz4 -dcq >"$2" || true ;;
     *) die "$1: unknown kernel payload compression (magic $magic)" ;;
     esac || die "cannot decompress the kernel in $1"
+    [ "$(stat -c %s "$2")" = "$(payload "$1" | tail -c 4 | od -An -t u4 | tr -d ' ')" ] ||
+        die "the kernel in $1 decompressed to a size other than its trailer's"
     [ "$(od -An -c -N 4 "$2" | tr -d ' ')" = 177ELF ] || die "the kernel in $1 is not an ELF"
     notes=$(readelf -n "$2") || die "readelf cannot read the kernel from $1"
     grep -qE '^[[:space:]]+Xen[[:space:]]+0x[0-9a-f]+[[:space:]].*\(0x00000012\)' <<<"$notes" ||

@@ -10,6 +10,7 @@ declare -A APT=(
     [cpio]=cpio                          # initramfs archive
     [gzip]=gzip                          # initramfs compression
     [xz]=xz-utils                        # the kernel payload (vmlinux) and .ko.xz modules
+    [lz4]=lz4                            # the cloud kernel's payload (vmlinux)
     [readelf]=binutils                   # checks vmlinux has its PVH entry note
     [sha256sum]=coreutils
     [mmdebstrap]=mmdebstrap  # the guest's Debian root filesystem
