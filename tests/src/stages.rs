@@ -3,8 +3,10 @@
 //! `serial.log`, both prefixed with the host's RFC 3339 wall-clock time.
 //!
 //! The kernel's own timestamps (`[    1.234567]`) run on the guest's clock
-//! from the kernel's start; under TCG with `tsc_early_khz` that clock runs at
-//! the host's rate, so the kernel's start on the host clock is a timestamped
+//! from the kernel's start; under TCG with `tsc_early_khz tsc=reliable` that
+//! clock runs at the host's rate (without `tsc=reliable` it stood still for
+//! about 250 ms early in the boot, once the kernel marked the TSC unstable,
+//! which put the kernel's start that much late), so the kernel's start on the host clock is a timestamped
 //! line's host time less its guest time (the least over all lines: each
 //! reached the host late by its own delay). capsem-init's lines are
 //! placed on that clock by their guest time too, which keeps the serial

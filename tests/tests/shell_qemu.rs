@@ -114,3 +114,36 @@ fn vm_run_separates_streams_and_returns_the_status() {
     assert!(stderr.ends_with("err\n"), "{stderr:?}");
     fx.assert_nothing_left();
 }
+
+/// The guest keeps time on a continuous clock: under TCG the kernel would
+/// take the emulated CPU's TSCs for unsynchronized and fall back to the
+/// jiffies (4 ms steps, every sleep rounded up to the tick) unless told
+/// `tsc=reliable`; under KVM it is kvm-clock.
+#[test]
+fn vm_guest_clock_is_not_the_jiffies() {
+    let fx = capsem_tests::Fixture::new("vm_clock", B);
+    let out = fx
+        .capsem()
+        .args([
+            "run",
+            "--",
+            "cat",
+            "/sys/devices/system/clocksource/clocksource0/current_clocksource",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let source = String::from_utf8_lossy(&out.stdout);
+    let source = source.trim();
+    assert!(
+        !source.is_empty() && !source.contains("jiffies"),
+        "clocksource {source:?}"
+    );
+    fx.assert_nothing_left();
+}

@@ -78,6 +78,11 @@ pub struct Qemu {
 /// HPET or ACPI PM timer to calibrate it against; with the host busy, the
 /// PIT calibration fails and the boot hangs (3 of 4 loaded boots here). So
 /// the TSC rate is given instead of measured (docs/qemu-notes.md).
+/// `tsc=reliable` too: the emulated CPU (AMD family 0xF, no constant_tsc)
+/// with two vCPUs makes the kernel assume unsynchronized TSCs and fall back
+/// to the jiffies clocksource, a clock with 4 ms steps (every sleep and poll
+/// timeout rounded up to the tick, no vDSO clock), while QEMU's TCG TSC is
+/// one monotonic counter for all vCPUs, derived from the host's.
 ///
 /// `cryptomgr.notests` skips the crypto self-tests run as each algorithm
 /// registers: the largest single item of the kernel's boot under TCG (about
@@ -100,7 +105,7 @@ pub fn kernel_cmdline(token: &str, hostname: &str, tsc_khz: Option<u64>, disks: 
         ));
     }
     if let Some(khz) = tsc_khz {
-        line.push_str(&format!(" tsc_early_khz={khz}"));
+        line.push_str(&format!(" tsc_early_khz={khz} tsc=reliable"));
     }
     line
 }
@@ -448,9 +453,10 @@ mod tests {
     fn command_line_carries_token_console_and_panic_policy() {
         let c = kernel_cmdline("abc123", "capsem", None, false);
         assert!(!c.contains("tsc_early_khz"));
+        assert!(!c.contains("tsc=reliable"));
         assert!(!c.contains("capsem.root"));
         let c = kernel_cmdline("abc123", "capsem", Some(2_600_000), true);
-        assert!(c.contains("tsc_early_khz=2600000"));
+        assert!(c.contains(" tsc_early_khz=2600000 tsc=reliable"));
         assert!(c.contains("console=ttyS0"));
         assert!(c.contains("panic=-1"));
         assert!(c.contains("reboot=t"));

@@ -54,7 +54,7 @@ fn bare_qemu_to_first_init_line(image: &Path) -> Result<f64> {
         .arg("-append")
         .arg(format!(
             "console=ttyS0 quiet panic=-1 reboot=t cryptomgr.notests \
-             initcall_blacklist=crypto_kdf108_init tsc_early_khz={khz} capsem.token=x"
+             initcall_blacklist=crypto_kdf108_init tsc_early_khz={khz} tsc=reliable capsem.token=x"
         ))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
