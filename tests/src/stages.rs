@@ -3,12 +3,17 @@
 //! `serial.log`, both prefixed with the host's RFC 3339 wall-clock time.
 //!
 //! The kernel's own timestamps (`[    1.234567]`) run on the guest's clock
-//! from the kernel's start; under TCG with `tsc_early_khz tsc=reliable` that
-//! clock runs at the host's rate (without `tsc=reliable` it stood still for
-//! about 250 ms early in the boot, once the kernel marked the TSC unstable,
-//! which put the kernel's start that much late), so the kernel's start on the host clock is a timestamped
+//! from the kernel's start; under TCG with `tsc_early_khz` that clock runs at
+//! the host's rate, so the kernel's start on the host clock is a timestamped
 //! line's host time less its guest time (the least over all lines: each
-//! reached the host late by its own delay). capsem-init's lines are
+//! reached the host late by its own delay). Except early in the boot: until
+//! the kernel's sched_clock is marked stable its timestamps are held to the
+//! last timer tick, and they stood still for 250-300 ms of host time while
+//! the boot CPU patched its text and started the second vCPU (a boot with
+//! `loglevel=7`, docs/benchmarks.md). The lines a quiet boot prints all come
+//! after that, so "kernel start" is that much late: the QEMU stage carries
+//! the kernel's first 250-300 ms, which the kernel stage lacks; the sum of
+//! the two holds. capsem-init's lines are
 //! placed on that clock by their guest time too, which keeps the serial
 //! line's buffering delay out of the init stages.
 
