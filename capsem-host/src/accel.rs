@@ -25,10 +25,17 @@ impl Accel {
     }
 
     /// QEMU's `-cpu` for this accelerator.
+    ///
+    /// Under TCG the guest is told its CPU lacks ERMS (fast `rep movsb` and
+    /// `rep stosb`): TCG runs a `rep` string instruction one iteration at a
+    /// time, so the guest kernel's and glibc's byte-wise copies and clears
+    /// cost eight times the iterations of the `rep movsq` and vector loops
+    /// they fall back to. In-guest pipes and `/dev/zero` reads run 2-2.5
+    /// times faster without it (docs/benchmarks.md).
     pub fn cpu(self) -> &'static str {
         match self {
             Accel::Kvm => "host",
-            Accel::Tcg => "max",
+            Accel::Tcg => "max,-erms",
         }
     }
 }

@@ -147,3 +147,35 @@ fn vm_guest_clock_is_not_the_jiffies() {
     );
     fx.assert_nothing_left();
 }
+
+/// The guest's CPU flags: under TCG no ERMS (each `rep movsb` iteration is
+/// emulated one by one, so the guest must take its wider copy loops);
+/// under KVM the host's own flags, ERMS included where the host has it.
+#[test]
+fn vm_guest_cpu_has_erms_only_under_kvm() {
+    let fx = capsem_tests::Fixture::new("vm_cpu_flags", B);
+    let out = fx
+        .capsem()
+        .args(["run", "--", "grep", "-m1", "^flags", "/proc/cpuinfo"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let has_erms = |line: &str| line.split_whitespace().any(|f| f == "erms");
+    let guest = String::from_utf8_lossy(&out.stdout);
+    assert!(guest.contains("sse2"), "not a flags line: {guest:?}");
+    let expected = match capsem_host::accel::probe_host().auto() {
+        capsem_host::accel::Accel::Tcg => false,
+        capsem_host::accel::Accel::Kvm => {
+            let host = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+            host.lines().any(|l| l.starts_with("flags") && has_erms(l))
+        }
+    };
+    assert_eq!(has_erms(&guest), expected, "guest flags {guest:?}");
+    fx.assert_nothing_left();
+}

@@ -36,9 +36,8 @@ fn bare_qemu_to_first_init_line(image: &Path) -> Result<f64> {
         .unwrap_or_else(|| image.join("vmlinuz"));
     let t0 = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel", "tcg", "-M", "microvm", "-cpu", "max", "-m", "512M", "-smp", "1",
-        ])
+        .args(["-accel", "tcg", "-M", "microvm", "-m", "512M", "-smp", "1"])
+        .args(["-cpu", capsem_host::accel::Accel::Tcg.cpu()])
         .args([
             "-nodefaults",
             "-no-user-config",
