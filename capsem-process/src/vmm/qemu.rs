@@ -486,7 +486,8 @@ mod tests {
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
         let joined = s.join(" ");
-        assert!(joined.contains("-accel tcg -M microvm,memory-backend=mem -cpu max,-erms -m 512M -smp 1"));
+        assert!(joined
+            .contains("-accel tcg -M microvm,memory-backend=mem -cpu max,-erms -m 512M -smp 1"));
         assert!(joined.contains("memory-backend-memfd,id=mem,size=512M,share=on"));
         assert!(joined.contains("-chardev socket,id=vsock,path=vhost-x.sock"));
         assert!(joined.contains("-device vhost-user-vsock-device,chardev=vsock"));
