@@ -122,24 +122,13 @@ fn vm_run_separates_streams_and_returns_the_status() {
 #[test]
 fn vm_guest_clock_is_not_the_jiffies() {
     let fx = capsem_tests::Fixture::new("vm_clock", B);
-    let out = fx
-        .capsem()
-        .args([
-            "run",
-            "--",
+    let source = run_ok(
+        &fx,
+        &[
             "cat",
             "/sys/devices/system/clocksource/clocksource0/current_clocksource",
-        ])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
-    let source = String::from_utf8_lossy(&out.stdout);
     let source = source.trim();
     assert!(
         !source.is_empty() && !source.contains("jiffies"),
@@ -154,20 +143,8 @@ fn vm_guest_clock_is_not_the_jiffies() {
 #[test]
 fn vm_guest_cpu_has_erms_only_under_kvm() {
     let fx = capsem_tests::Fixture::new("vm_cpu_flags", B);
-    let out = fx
-        .capsem()
-        .args(["run", "--", "grep", "-m1", "^flags", "/proc/cpuinfo"])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let guest = run_ok(&fx, &["grep", "-m1", "^flags", "/proc/cpuinfo"]);
     let has_erms = |line: &str| line.split_whitespace().any(|f| f == "erms");
-    let guest = String::from_utf8_lossy(&out.stdout);
     assert!(guest.contains("sse2"), "not a flags line: {guest:?}");
     let expected = match capsem_host::accel::probe_host().auto() {
         capsem_host::accel::Accel::Tcg => false,
@@ -178,4 +155,23 @@ fn vm_guest_cpu_has_erms_only_under_kvm() {
     };
     assert_eq!(has_erms(&guest), expected, "guest flags {guest:?}");
     fx.assert_nothing_left();
+}
+
+/// `capsem run -- ARGV` with no stdin: its stdout, after checking it exited 0.
+#[cfg(test)]
+fn run_ok(fx: &capsem_tests::Fixture, argv: &[&str]) -> String {
+    let out = fx
+        .capsem()
+        .args(["run", "--"])
+        .args(argv)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
