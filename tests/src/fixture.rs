@@ -16,6 +16,10 @@ use capsem_proto::Codec;
 use crate::procs;
 use crate::pty::PtySession;
 
+/// Lines of each log a failed test prints (the whole logs are kept under
+/// `target/capsem-test-logs/`).
+const FAILED_LOG_TAIL: usize = 20;
+
 /// Which VM backend a test drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -197,6 +201,13 @@ impl Fixture {
 
     /// Text of every log the test's VMs left (process, agent, serial).
     pub fn all_logs(&self) -> String {
+        self.logs_with_tails(usize::MAX)
+    }
+
+    /// Every log the test's VMs left, each cut to its last `lines` lines:
+    /// what a failed test prints, so a long log cannot push the end of the
+    /// next one (where a hang shows) out of a truncated CI report.
+    fn logs_with_tails(&self, lines: usize) -> String {
         let mut out = String::new();
         let mut files: Vec<PathBuf> = Vec::new();
         let kept: Vec<PathBuf> = std::fs::read_dir(&self.logs)
@@ -212,24 +223,46 @@ impl Fixture {
         }
         files.sort();
         for f in files {
-            out.push_str(&format!("==> {} <==\n", f.display()));
-            out.push_str(&std::fs::read_to_string(&f).unwrap_or_default());
+            let text = std::fs::read_to_string(&f).unwrap_or_default();
+            out.push_str(&tail(&f, &text, lines));
         }
         out
     }
 }
 
+/// `==> path <==` and the last `lines` lines of `text`, saying how many
+/// were left out.
+fn tail(path: &Path, text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    let skip = all.len().saturating_sub(lines);
+    let mut out = match skip {
+        0 => format!("==> {} <==\n", path.display()),
+        n => format!(
+            "==> {} (its last {lines} lines; {n} before them) <==\n",
+            path.display()
+        ),
+    };
+    for line in &all[skip..] {
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
 impl Drop for Fixture {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            let logs = self.all_logs();
-            eprintln!("---- logs of failed test {} ----\n{logs}", self.name);
+            eprintln!(
+                "---- logs of failed test {} ----\n{}",
+                self.name,
+                self.logs_with_tails(FAILED_LOG_TAIL)
+            );
             let keep = Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("../target/capsem-test-logs")
                 .join(&self.name);
             if std::fs::create_dir_all(&keep).is_ok() {
-                let _ = std::fs::write(keep.join("logs.txt"), logs);
-                eprintln!("kept in {}", keep.display());
+                let _ = std::fs::write(keep.join("logs.txt"), self.all_logs());
+                eprintln!("whole logs kept in {}", keep.display());
             }
         }
         procs::kill_all_descendants();
@@ -273,4 +306,20 @@ pub fn send(vm_dir: &Path, msg: &ClientToProcess) -> Result<()> {
     let mut conn = UnixStream::connect(vm_dir.join("ctl.sock")).context("connect ctl.sock")?;
     conn.write_all(&Codec::<Client>::encode(msg)?)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tail_says_how_many_lines_it_left_out() {
+        let p = Path::new("/x/serial.log");
+        assert_eq!(tail(p, "a\nb\nc\n", 5), "==> /x/serial.log <==\na\nb\nc\n");
+        assert_eq!(
+            tail(p, "a\nb\nc\n", 2),
+            "==> /x/serial.log (its last 2 lines; 1 before them) <==\nb\nc\n"
+        );
+        assert_eq!(tail(p, "", 2), "==> /x/serial.log <==\n");
+    }
 }
