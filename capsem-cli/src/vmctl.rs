@@ -81,18 +81,39 @@ pub fn boot(ctx: &Ctx, config: &VmConfig, kind: Kind) -> Result<(), CliError> {
             Ok(())
         }
         Ok(ReadyOutcome::Failed(reason)) => {
-            child.teardown(crate::spawn::EXIT_GRACE);
+            let (_, killed) = child.teardown(crate::spawn::EXIT_GRACE);
+            after_a_killed_boot(&dir, kind, killed);
             Err(CliError::Boot(reason))
         }
         Ok(ReadyOutcome::Interrupted(sig)) => {
             child.signal_group(Signal::SIGTERM);
-            child.teardown(crate::spawn::EXIT_GRACE);
+            let (_, killed) = child.teardown(crate::spawn::EXIT_GRACE);
+            after_a_killed_boot(&dir, kind, killed);
             Err(CliError::Interrupted(sig.as_str()))
         }
         Err(e) => {
             child.signal_group(Signal::SIGTERM);
             Err(e.into())
         }
+    }
+}
+
+/// When capsem-process had to be killed during a failed boot, the guest
+/// processes it started (their own process groups, so its group's SIGKILL
+/// spared them) are killed through their recorded identities, so no QEMU is
+/// left running for a VM that never came up. Not after a failed adoption:
+/// that guest was running before this command and stays adoptable.
+fn after_a_killed_boot(dir: &Path, kind: Kind, killed: bool) {
+    if !killed || kind == Kind::Adopt {
+        return;
+    }
+    match crate::sweep::kill_recorded(dir) {
+        Ok((_, 0)) => remove_runtime_files(dir),
+        Ok((_, left)) => eprintln!("capsem: warning: {left} processes of the VM outlived SIGKILL"),
+        Err(e) => eprintln!(
+            "capsem: warning: cannot read the VM's processes: {}",
+            crate::error::one_line_chain(&e)
+        ),
     }
 }
 

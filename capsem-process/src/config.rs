@@ -83,7 +83,12 @@ pub struct Config {
     #[arg(long, value_name = "FILE", value_parser = parse_absolute, requires = "rootfs")]
     pub image_config: Option<PathBuf>,
     /// How long the guest may take to connect (default: 10000 for none, 120000 for qemu).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(
+        long,
+        value_name = "N",
+        env = "CAPSEM_BOOT_TIMEOUT_MS",
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
     pub boot_timeout_ms: Option<u64>,
     /// At teardown (before a temporary VM's directory is removed), append
     /// the stored audit records (`audit.jsonl.1`, then `audit.jsonl`) to

@@ -16,6 +16,16 @@ use crate::state::{Event, GenEvent, Outgoing};
 /// take to be read before calling it a loss.
 const STATUS_GRACE: Duration = Duration::from_secs(2);
 
+/// Why a boot that never connected failed, with where the guest's console
+/// got to when it has one.
+fn boot_timeout(waited: Duration, console: Option<String>) -> String {
+    let mut reason = format!("the guest did not connect within {} ms", waited.as_millis());
+    if let Some(line) = console {
+        reason.push_str(&format!("; its console's last line: {line}"));
+    }
+    reason
+}
+
 impl Session {
     pub(super) async fn on_wake(&mut self, wake: Wake) -> Option<Stop> {
         match wake {
@@ -24,10 +34,14 @@ impl Session {
                 Some(Stop::Signal(s))
             }
             Wake::Event(ev) => self.on_event(ev).await,
-            Wake::BootTimeout => Some(Stop::BootFailed(format!(
-                "the guest did not connect within {} ms",
-                self.cfg.boot_timeout().as_millis()
+            Wake::BootTimeout => Some(Stop::BootFailed(boot_timeout(
+                self.cfg.boot_timeout(),
+                self.guest
+                    .backend()
+                    .and_then(|b| b.console())
+                    .and_then(|c| c.last_line()),
             ))),
+            Wake::BootFault(line) => self.reboot_guest(&line).await.err().map(Stop::BootFailed),
             Wake::TerminalTimeout => {
                 self.link.terminal_timeout();
                 None
@@ -289,5 +303,27 @@ impl Session {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_boot_timeout_says_where_the_console_got_to() {
+        let waited = Duration::from_millis(300);
+        assert_eq!(
+            boot_timeout(waited, None),
+            "the guest did not connect within 300 ms"
+        );
+        assert_eq!(
+            boot_timeout(
+                waited,
+                Some("[ 2.5] capsem-init: filesystems mounted".into())
+            ),
+            "the guest did not connect within 300 ms; its console's last line: \
+             [ 2.5] capsem-init: filesystems mounted"
+        );
     }
 }

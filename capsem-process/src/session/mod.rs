@@ -121,6 +121,8 @@ pub struct Session {
     /// `--adopt`: the processes to take over.
     adopt: Option<capsem_host::vmstate::Pids>,
     guest: vm::Guest,
+    /// Boots of this guest started by this process (a boot fault reboots).
+    boots: u32,
     link: link::Link,
     client: attach::Client,
     mode: Mode,
@@ -139,6 +141,8 @@ enum Wake {
     /// A persistent VM's exec relay task was joined (a panic, if it failed).
     ExecRelayJoined(Option<String>),
     GuestExited(vm::Exit),
+    /// The guest's console printed a line after which its boot cannot work.
+    BootFault(String),
     /// The shell's status went into the client's queue.
     ExitQueued,
     /// A persistent VM reached its idle timeout or its max duration.
@@ -300,6 +304,7 @@ impl Session {
             records,
             adopt,
             guest: vm::Guest::NotStarted,
+            boots: 0,
             mode,
         })
     }
@@ -345,6 +350,11 @@ impl Session {
                 Mode::Persistent(pool) => (None, Some(&mut pool.relays)),
                 Mode::Shell(_) => (None, None),
             };
+            let console = self
+                .ready
+                .pending()
+                .then(|| self.guest.backend().and_then(|b| b.console()))
+                .flatten();
             let out_tx = self.shared.out_tx.clone();
             let exit_pending = self.client.exit.is_some();
             let wake = tokio::select! {
@@ -363,6 +373,7 @@ impl Session {
                     Wake::ExecRelayJoined(joined.err().map(|e| e.to_string()))
                 }
                 exit = self.guest.exited() => Wake::GuestExited(exit),
+                line = vm::boot_fault(console) => Wake::BootFault(line),
                 // After every output chunk the terminal reader queued.
                 Ok(permit) = out_tx.reserve(), if exit_pending => {
                     if let Some(item) = self.client.exit.take() {

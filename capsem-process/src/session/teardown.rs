@@ -49,15 +49,15 @@ impl Session {
             }
         }
         // 2. The agent is asked to stop, if it can still hear us.
-        if self.link.bridged().is_some()
+        let asked = self.link.bridged().is_some()
             && self.guest.gone().is_none()
-            && self.shared.guest_tx.try_send(HostToGuest::Shutdown).is_ok()
-        {
+            && self.shared.guest_tx.try_send(HostToGuest::Shutdown).is_ok();
+        if asked {
             info!("sent shutdown to the agent");
         }
         // 3. The guest gets a bounded time to exit, then every process
         //    group that is left is killed.
-        self.stop_guest(stop).await;
+        self.stop_guest(stop, asked).await;
         // 4. The generation's tasks are stopped and joined.
         if let Err(e) = self.link.down().await {
             warn!("{}", chain(&e));
@@ -130,7 +130,7 @@ impl Session {
         info!("teardown complete");
     }
 
-    async fn stop_guest(&mut self, stop: &Stop) {
+    async fn stop_guest(&mut self, stop: &Stop, asked: bool) {
         let Some(backend) = self.guest.backend() else {
             return;
         };
@@ -157,11 +157,10 @@ impl Session {
             }
         };
         if let Guest::Running { exit, .. } = &mut self.guest {
-            let wait = if self.cfg.persistent() && self.cfg.vmm == VmmKind::Qemu {
-                PERSISTENT_EXIT_WAIT
-            } else {
-                GUEST_EXIT_WAIT
-            };
+            let wait = exit_wait(
+                self.cfg.persistent() && self.cfg.vmm == VmmKind::Qemu,
+                asked,
+            );
             tokio::select! {
                 _ = exit.as_mut() => {}
                 () = agent_done => info!("the agent is done (its control connection closed): killing the temporary VM"),
@@ -174,9 +173,23 @@ impl Session {
     }
 }
 
+/// How long the guest gets to exit on its own before it is killed: a
+/// persistent guest that was asked to stop gets the time to sync its disk;
+/// one nobody could ask (its boot never connected: it may be hung) only the
+/// short wait, which keeps this teardown inside the CLI's grace for a
+/// failed boot (`capsem-cli` spawn.rs `EXIT_GRACE`), so the CLI never has
+/// to kill this process and orphan its QEMU.
+fn exit_wait(persistent_vm: bool, asked: bool) -> Duration {
+    if persistent_vm && asked {
+        PERSISTENT_EXIT_WAIT
+    } else {
+        GUEST_EXIT_WAIT
+    }
+}
+
 /// The backend's tasks end once its children are gone (the console pipe
 /// reaches EOF); each gets a bounded wait, then is aborted.
-async fn join_backend_tasks(guest: &mut Guest) {
+pub(super) async fn join_backend_tasks(guest: &mut Guest) {
     for mut task in guest.take_tasks() {
         if tokio::time::timeout(BACKEND_TASK_WAIT, &mut task)
             .await
@@ -186,5 +199,18 @@ async fn join_backend_tasks(guest: &mut Guest) {
             task.abort();
             let _ = task.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_persistent_guest_that_was_asked_to_stop_gets_the_long_wait() {
+        assert_eq!(exit_wait(true, true), PERSISTENT_EXIT_WAIT);
+        assert_eq!(exit_wait(true, false), GUEST_EXIT_WAIT);
+        assert_eq!(exit_wait(false, true), GUEST_EXIT_WAIT);
+        assert_eq!(exit_wait(false, false), GUEST_EXIT_WAIT);
     }
 }

@@ -1,18 +1,28 @@
 //! The guest's host processes as phases: not started, running (with the
 //! future that resolves when the first of them exits, polled in the
-//! session's `select!`, not a detached task), exited.
+//! session's `select!`, not a detached task), exited. A boot the guest's
+//! console says cannot work is killed and started again, a bounded number
+//! of times, while nothing has connected.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
 use tokio::time::Instant;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::Session;
 use crate::config::VmmKind;
 use crate::log::chain;
 use crate::reaper::ExitStatus;
+use crate::vmm::serial::ConsoleFacts;
 use crate::vmm::{self, GuestBackend, Launch};
+
+/// Boots one start may take when the guest's console reports a boot fault
+/// (`vmm::serial::BOOT_FAULTS`).
+pub const MAX_BOOTS: u32 = 3;
+/// How long a faulted boot's killed processes get to be reaped.
+const REBOOT_REAP_WAIT: Duration = Duration::from_secs(5);
 
 /// The first of the backend's children to exit: name, pid, status.
 pub type Exit = (String, u32, ExitStatus);
@@ -111,7 +121,58 @@ impl Guest {
     }
 }
 
+/// The first boot fault line of the console, if there is one to watch;
+/// pending otherwise.
+pub async fn boot_fault(console: Option<ConsoleFacts>) -> String {
+    match console {
+        Some(facts) => facts.boot_fault().await,
+        None => std::future::pending().await,
+    }
+}
+
 impl Session {
+    /// The console said this boot cannot work (before anything connected):
+    /// its processes are killed and reaped and the guest is started again,
+    /// up to [`MAX_BOOTS`] boots; past that, or for an adopted guest, the
+    /// reason the start failed.
+    pub(super) async fn reboot_guest(&mut self, line: &str) -> Result<(), String> {
+        let fault = format!("the guest's kernel said \"{line}\"");
+        // Only before anything connected: nothing of the guest's session
+        // exists yet that a new boot would strand.
+        if self.adopt.is_some() || self.link.bridged().is_some() || self.boots >= MAX_BOOTS {
+            return Err(format!("{fault} in each of {} boots", self.boots));
+        }
+        warn!(
+            "{fault}: this boot cannot work; booting again ({} of {MAX_BOOTS})",
+            self.boots + 1
+        );
+        let children = self
+            .guest
+            .backend()
+            .map(|b| {
+                vmm::kill_all(b, &self.reaper);
+                b.children().to_vec()
+            })
+            .unwrap_or_default();
+        for child in children {
+            if tokio::time::timeout(REBOOT_REAP_WAIT, child.exited())
+                .await
+                .is_err()
+            {
+                return Err(format!(
+                    "{fault}, and {} (pid {}) outlived SIGKILL",
+                    child.name, child.pid
+                ));
+            }
+        }
+        super::teardown::join_backend_tasks(&mut self.guest).await;
+        // Dropping the backend releases its CID, uid and cgroup for the
+        // next boot.
+        self.guest = Guest::NotStarted;
+        self.boot_deadline = Instant::now() + self.cfg.boot_timeout();
+        self.start_guest()
+    }
+
     /// Starts (or, with `--adopt`, takes over) the guest and records it.
     pub(super) fn start_guest(&mut self) -> Result<(), String> {
         let launch = Launch {
@@ -154,6 +215,7 @@ impl Session {
             backend.details()
         );
         self.shared.set_guest_pid(backend.pid());
+        self.boots += 1;
         let exit = Box::pin(vmm::wait_exit(backend.children().to_vec()));
         self.guest = Guest::Running { backend, exit };
         Ok(())

@@ -79,6 +79,11 @@ pub trait GuestBackend: Send + Sync + fmt::Debug {
     fn describe_exit(&self) -> Option<String> {
         None
     }
+    /// What the guest's console said (a boot that never connects quotes
+    /// its last line; a boot fault line reboots it), if it has one.
+    fn console(&self) -> Option<serial::ConsoleFacts> {
+        None
+    }
     /// Facts for the log line that says the backend started.
     fn details(&self) -> String {
         String::new()

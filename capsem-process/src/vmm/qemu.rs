@@ -84,6 +84,15 @@ pub struct Qemu {
 /// timeout rounded up to the tick, no vDSO clock), while QEMU's TCG TSC is
 /// one monotonic counter for all vCPUs, derived from the host's.
 ///
+/// `loglevel=5` rather than `quiet`: warnings reach the console too (one
+/// line in a good boot), among them the local APIC timer's failed
+/// calibration, after which the boot hangs with nothing printed: a host
+/// stall of the vCPU in the first 4 ms of the kernel's 100 ms measurement
+/// makes the timer look too slow, the kernel disables it, microvm has no
+/// timer to fall back on, and the second CPU waits for a jiffy forever
+/// (about 1 boot in 250 on a loaded 2-core host). The console copier
+/// ([`serial::BOOT_FAULTS`]) sees the line and the session boots again.
+///
 /// `cryptomgr.notests` skips the crypto self-tests run as each algorithm
 /// registers: the largest single item of the kernel's boot under TCG (about
 /// 0.3 s of 1.2 s; docs/benchmarks.md). They check the kernel's own
@@ -94,7 +103,7 @@ pub struct Qemu {
 /// nothing else), hence `initcall_blacklist=crypto_kdf108_init`.
 pub fn kernel_cmdline(token: &str, hostname: &str, tsc_khz: Option<u64>, disks: bool) -> String {
     let mut line = format!(
-        "console=ttyS0 quiet panic=-1 reboot=t cryptomgr.notests \
+        "console=ttyS0 loglevel=5 panic=-1 reboot=t cryptomgr.notests \
          initcall_blacklist=crypto_kdf108_init capsem.token={token} capsem.hostname={hostname}"
     );
     if disks {
@@ -426,6 +435,9 @@ impl GuestBackend for Qemu {
             None => "the VM stopped".to_owned(),
         })
     }
+    fn console(&self) -> Option<ConsoleFacts> {
+        Some(self.facts.clone())
+    }
     fn details(&self) -> String {
         let user = match self.identity.owner() {
             Some((uid, _)) => format!("uid={uid}"),
@@ -457,7 +469,8 @@ mod tests {
         assert!(!c.contains("capsem.root"));
         let c = kernel_cmdline("abc123", "capsem", Some(2_600_000), true);
         assert!(c.contains(" tsc_early_khz=2600000 tsc=reliable"));
-        assert!(c.contains("console=ttyS0"));
+        assert!(c.starts_with("console=ttyS0 loglevel=5 "));
+        assert!(!c.contains("quiet"));
         assert!(c.contains("panic=-1"));
         assert!(c.contains("reboot=t"));
         assert!(c.contains(" cryptomgr.notests initcall_blacklist=crypto_kdf108_init "));

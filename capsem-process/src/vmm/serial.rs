@@ -1,7 +1,10 @@
 //! The guest console: QEMU writes it to a pipe; each line goes to
 //! `<vm-dir>/serial.log` prefixed with the host's wall-clock time, up to a
 //! cap, so a guest printing forever cannot fill the disk. A kernel panic line
-//! is remembered so the session can say why the VM stopped.
+//! is remembered so the session can say why the VM stopped, the last line
+//! so a boot that never connects can say where the guest got to, and a
+//! kernel line that says the boot cannot work ([`BOOT_FAULTS`]) wakes the
+//! session, which boots the guest again.
 
 use std::io::Write;
 use std::os::fd::OwnedFd;
@@ -16,26 +19,86 @@ pub const SERIAL_LOG_CAP: u64 = 4 * 1024 * 1024;
 /// Longest line kept whole; longer lines are split.
 const MAX_LINE: usize = 4096;
 
+/// Longest console line kept for a message (guest text: bounded, and
+/// control characters dropped before it reaches any terminal).
+const MAX_FACT: usize = 200;
+
+/// Kernel warnings (shown at the `loglevel=5` capsem boots with) after which
+/// the boot hangs: the local APIC timer failed its calibration, which a
+/// host stall of the vCPU inside the kernel's first 4 ms of measuring
+/// causes, and microvm has no other timer to fall back on (no tick: the
+/// second CPU's delay calibration waits for jiffies forever). See
+/// docs/qemu-notes.md.
+pub const BOOT_FAULTS: &[&str] = &[
+    "APIC frequency too slow, disabling apic timer",
+    "APIC timer disabled due to verification failure",
+];
+
 /// What the console told us about how the guest ended.
 #[derive(Debug, Default, Clone)]
 pub struct ConsoleFacts {
-    inner: Arc<Mutex<Option<String>>>,
+    inner: Arc<Mutex<Facts>>,
+    fault: Arc<tokio::sync::Notify>,
+}
+
+#[derive(Debug, Default)]
+struct Facts {
+    panic: Option<String>,
+    last: Option<String>,
+    fault: Option<String>,
 }
 
 impl ConsoleFacts {
     /// The first kernel panic line, if the guest panicked.
     pub fn panic_line(&self) -> Option<String> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.lock().panic.clone()
+    }
+
+    /// The last non-blank line the guest printed, if any.
+    pub fn last_line(&self) -> Option<String> {
+        self.lock().last.clone()
+    }
+
+    /// Resolves with the first [`BOOT_FAULTS`] line the guest prints.
+    pub async fn boot_fault(&self) -> String {
+        loop {
+            if let Some(line) = self.lock().fault.clone() {
+                return line;
+            }
+            // A notify_one before this await leaves a permit: not lost.
+            self.fault.notified().await;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Facts> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn note(&self, line: &str) {
-        if line.contains("Kernel panic") {
-            let mut slot = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-            if slot.is_none() {
-                *slot = Some(line.trim().to_owned());
-            }
+        let line = printable(line);
+        if line.is_empty() {
+            return;
         }
+        let mut facts = self.lock();
+        if facts.panic.is_none() && line.contains("Kernel panic") {
+            facts.panic = Some(line.clone());
+        }
+        if facts.fault.is_none() && BOOT_FAULTS.iter().any(|f| line.contains(f)) {
+            facts.fault = Some(line.clone());
+            self.fault.notify_one();
+        }
+        facts.last = Some(line);
     }
+}
+
+/// `line` trimmed, control characters as spaces, at most [`MAX_FACT`]
+/// characters.
+fn printable(line: &str) -> String {
+    line.trim()
+        .chars()
+        .take(MAX_FACT)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 fn now() -> String {
@@ -144,6 +207,46 @@ mod tests {
         assert!(w.capped);
         assert!(w.out.len() as u64 <= SERIAL_LOG_CAP + 200);
         assert!(String::from_utf8_lossy(&w.out).contains("capped"));
+    }
+
+    #[test]
+    fn facts_keep_the_first_panic_and_the_last_line_made_printable() {
+        let facts = ConsoleFacts::default();
+        assert_eq!(facts.last_line(), None);
+        facts.note("[ 0.5] booting\r");
+        facts.note("   ");
+        assert_eq!(facts.last_line().as_deref(), Some("[ 0.5] booting"));
+        facts.note("Kernel panic - not syncing: \x1b[2Jfirst");
+        facts.note("Kernel panic - not syncing: second");
+        facts.note(&"z".repeat(MAX_FACT * 2));
+        assert_eq!(
+            facts.panic_line().as_deref(),
+            Some("Kernel panic - not syncing:  [2Jfirst")
+        );
+        assert_eq!(facts.last_line(), Some("z".repeat(MAX_FACT)));
+    }
+
+    #[tokio::test]
+    async fn a_boot_fault_line_wakes_the_waiter_once_noted() {
+        let facts = ConsoleFacts::default();
+        facts.note("[    0.21] APIC: Switch to symmetric I/O mode setup");
+        let waiter = {
+            let facts = facts.clone();
+            tokio::spawn(async move { facts.boot_fault().await })
+        };
+        facts.note("[    0.22] APIC frequency too slow, disabling apic timer");
+        facts.note("[    0.23] APIC timer disabled due to verification failure");
+        assert_eq!(
+            waiter.await.unwrap(),
+            "[    0.22] APIC frequency too slow, disabling apic timer"
+        );
+        // Noted before anyone waited: still seen.
+        let early = ConsoleFacts::default();
+        early.note("APIC timer disabled due to verification failure");
+        assert_eq!(
+            early.boot_fault().await,
+            "APIC timer disabled due to verification failure"
+        );
     }
 
     #[test]
