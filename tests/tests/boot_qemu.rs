@@ -1,8 +1,8 @@
 //! Boots that go wrong, in real VMs under QEMU: a guest that never
 //! connects is killed with its console's last line in the error and
 //! nothing left running (not orphaned), and a boot whose kernel reports a
-//! fault it cannot recover from (`vmm::serial::BOOT_FAULTS`) is booted
-//! again. QEMU is wrapped by a script here to make each case happen.
+//! fault it cannot recover from (`vmm::serial::BOOT_FAULTS`), or whose
+//! kernel never reaches init, is booted again. QEMU is wrapped by a script here to make each case happen.
 //! `CAPSEM_SKIP_VM_TESTS=1 scripts/test.sh` leaves them out (a nextest
 //! filter on the `*_qemu` binaries), and nextest counts them as skipped.
 #![allow(clippy::unwrap_used)]
@@ -36,6 +36,15 @@ exec qemu-system-x86_64 "${args[@]}"
 const QEMU_FAULT_ONCE: &str = r#"#!/bin/bash
 if mkdir "$(dirname "$0")/marks/started" 2>/dev/null; then
     echo "[    0.212329] APIC frequency too slow, disabling apic timer"
+    exec sleep 600
+fi
+exec qemu-system-x86_64 "$@"
+"#;
+
+/// The first start prints nothing and hangs, as a boot whose LAPIC timer
+/// got a wrong rate does; every later start is QEMU itself.
+const QEMU_SILENT_ONCE: &str = r#"#!/bin/bash
+if mkdir "$(dirname "$0")/marks/started" 2>/dev/null; then
     exec sleep 600
 fi
 exec qemu-system-x86_64 "$@"
@@ -128,5 +137,27 @@ fn a_kernel_boot_fault_is_booted_again() {
     );
     assert_eq!(process.matches("started qemu (pid").count(), 2, "{process}");
     assert!(logs["serial.log"].contains("APIC frequency too slow"));
+    fx.assert_nothing_left();
+}
+
+/// A kernel that says nothing and never reaches init gets a third of the
+/// boot timeout (at least 20 s), then the boot is killed and started again.
+#[test]
+fn a_kernel_that_never_reaches_init_is_booted_again() {
+    let fx = Fixture::new("boot_silent_reboots", B);
+    let qemu = Wrapper::new(QEMU_SILENT_ONCE);
+    let out = capsem_with(&fx, &qemu, "60000", &["run", "--", "echo", "second-boot"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "second-boot\n");
+    let process = &fx.kept_logs()["process.log"];
+    assert!(
+        process.contains(
+            "the guest's kernel did not reach init within 20 s (its console's last line: \
+             nothing): this boot cannot work; booting again (2 of 3)"
+        ),
+        "{process}"
+    );
+    assert_eq!(process.matches("started qemu (pid").count(), 2, "{process}");
     fx.assert_nothing_left();
 }

@@ -41,7 +41,12 @@ impl Session {
                     .and_then(|b| b.console())
                     .and_then(|c| c.last_line()),
             ))),
-            Wake::BootFault(line) => self.reboot_guest(&line).await.err().map(Stop::BootFailed),
+            Wake::BootFault(line) => self
+                .reboot_guest(&format!("the guest's kernel said \"{line}\""))
+                .await
+                .err()
+                .map(Stop::BootFailed),
+            Wake::KernelWaitOver => self.on_kernel_wait_over().await.err().map(Stop::BootFailed),
             Wake::TerminalTimeout => {
                 self.link.terminal_timeout();
                 None

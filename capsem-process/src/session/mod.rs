@@ -123,6 +123,9 @@ pub struct Session {
     guest: vm::Guest,
     /// Boots of this guest started by this process (a boot fault reboots).
     boots: u32,
+    /// Until when the kernel may boot before capsem-init's first console
+    /// line (`vm::kernel_wait`); none once passed or for an adopted guest.
+    kernel_deadline: Option<Instant>,
     link: link::Link,
     client: attach::Client,
     mode: Mode,
@@ -143,6 +146,8 @@ enum Wake {
     GuestExited(vm::Exit),
     /// The guest's console printed a line after which its boot cannot work.
     BootFault(String),
+    /// The kernel's part of the boot ran out (`vm::kernel_wait`).
+    KernelWaitOver,
     /// The shell's status went into the client's queue.
     ExitQueued,
     /// A persistent VM reached its idle timeout or its max duration.
@@ -305,6 +310,7 @@ impl Session {
             adopt,
             guest: vm::Guest::NotStarted,
             boots: 0,
+            kernel_deadline: None,
             mode,
         })
     }
@@ -340,6 +346,7 @@ impl Session {
         let mut sighup = sig(SignalKind::hangup())?;
         loop {
             let boot = self.ready.pending().then_some(self.boot_deadline);
+            let kernel = self.kernel_deadline.filter(|_| self.ready.pending());
             let terminal = self.link.terminal_deadline();
             let grace = self.guest.grace();
             let busy = self.client.is_attached()
@@ -363,6 +370,7 @@ impl Session {
                 _ = sighup.recv() => Wake::Signal("SIGHUP"),
                 Some(ev) = self.events.recv() => Wake::Event(ev),
                 () = sleep_until(boot) => Wake::BootTimeout,
+                () = sleep_until(kernel) => Wake::KernelWaitOver,
                 () = sleep_until(terminal) => Wake::TerminalTimeout,
                 () = sleep_until(grace) => Wake::StatusGraceOver,
                 () = sleep_until(exec_deadline) => Wake::ExecConnectTimeout,
