@@ -46,7 +46,11 @@ impl Session {
                 .await
                 .err()
                 .map(Stop::BootFailed),
-            Wake::KernelWaitOver => self.on_kernel_wait_over().await.err().map(Stop::BootFailed),
+            Wake::AttemptWaitOver => self
+                .on_attempt_wait_over()
+                .await
+                .err()
+                .map(Stop::BootFailed),
             Wake::TerminalTimeout => {
                 self.link.terminal_timeout();
                 None

@@ -123,9 +123,9 @@ pub struct Session {
     guest: vm::Guest,
     /// Boots of this guest started by this process (a boot fault reboots).
     boots: u32,
-    /// Until when the kernel may boot before capsem-init's first console
-    /// line (`vm::kernel_wait`); none once passed or for an adopted guest.
-    kernel_deadline: Option<Instant>,
+    /// Until when this boot may take to connect before it is started again
+    /// (`vm::attempt_wait`); none for the last boot or an adopted guest.
+    attempt_deadline: Option<Instant>,
     link: link::Link,
     client: attach::Client,
     mode: Mode,
@@ -146,8 +146,8 @@ enum Wake {
     GuestExited(vm::Exit),
     /// The guest's console printed a line after which its boot cannot work.
     BootFault(String),
-    /// The kernel's part of the boot ran out (`vm::kernel_wait`).
-    KernelWaitOver,
+    /// This boot has not connected within `vm::attempt_wait`.
+    AttemptWaitOver,
     /// The shell's status went into the client's queue.
     ExitQueued,
     /// A persistent VM reached its idle timeout or its max duration.
@@ -310,7 +310,7 @@ impl Session {
             adopt,
             guest: vm::Guest::NotStarted,
             boots: 0,
-            kernel_deadline: None,
+            attempt_deadline: None,
             mode,
         })
     }
@@ -346,7 +346,7 @@ impl Session {
         let mut sighup = sig(SignalKind::hangup())?;
         loop {
             let boot = self.ready.pending().then_some(self.boot_deadline);
-            let kernel = self.kernel_deadline.filter(|_| self.ready.pending());
+            let attempt = self.attempt_deadline.filter(|_| self.ready.pending());
             let terminal = self.link.terminal_deadline();
             let grace = self.guest.grace();
             let busy = self.client.is_attached()
@@ -370,7 +370,7 @@ impl Session {
                 _ = sighup.recv() => Wake::Signal("SIGHUP"),
                 Some(ev) = self.events.recv() => Wake::Event(ev),
                 () = sleep_until(boot) => Wake::BootTimeout,
-                () = sleep_until(kernel) => Wake::KernelWaitOver,
+                () = sleep_until(attempt) => Wake::AttemptWaitOver,
                 () = sleep_until(terminal) => Wake::TerminalTimeout,
                 () = sleep_until(grace) => Wake::StatusGraceOver,
                 () = sleep_until(exec_deadline) => Wake::ExecConnectTimeout,

@@ -4,8 +4,7 @@
 //! is remembered so the session can say why the VM stopped, the last line
 //! so a boot that never connects can say where the guest got to, and a
 //! kernel line that says the boot cannot work ([`BOOT_FAULTS`]) wakes the
-//! session, which boots the guest again (as it does when capsem-init's
-//! first line is late: [`ConsoleFacts::reached_init`]).
+//! session, which boots the guest again.
 
 use std::io::Write;
 use std::os::fd::OwnedFd;
@@ -47,11 +46,7 @@ struct Facts {
     panic: Option<String>,
     last: Option<String>,
     fault: Option<String>,
-    init: bool,
 }
-
-/// What every console line of capsem-init (PID 1) carries.
-const INIT_MARK: &str = "] capsem-init: ";
 
 impl ConsoleFacts {
     /// The first kernel panic line, if the guest panicked.
@@ -62,12 +57,6 @@ impl ConsoleFacts {
     /// The last non-blank line the guest printed, if any.
     pub fn last_line(&self) -> Option<String> {
         self.lock().last.clone()
-    }
-
-    /// Whether capsem-init has printed its first line: the kernel's boot
-    /// is over.
-    pub fn reached_init(&self) -> bool {
-        self.lock().init
     }
 
     /// Resolves with the first [`BOOT_FAULTS`] line the guest prints.
@@ -98,7 +87,6 @@ impl ConsoleFacts {
             facts.fault = Some(line.clone());
             self.fault.notify_one();
         }
-        facts.init |= line.contains(INIT_MARK);
         facts.last = Some(line);
     }
 }
@@ -236,9 +224,6 @@ mod tests {
             Some("Kernel panic - not syncing:  [2Jfirst")
         );
         assert_eq!(facts.last_line(), Some("z".repeat(MAX_FACT)));
-        assert!(!facts.reached_init());
-        facts.note("[    1.775166] capsem-init: filesystems mounted");
-        assert!(facts.reached_init());
     }
 
     #[tokio::test]
