@@ -13,7 +13,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use capsem_tests::fixture::bin_dir;
+use capsem_tests::fixture::{bin_dir, wait_until};
 use capsem_tests::persist::{self, ok};
 use capsem_tests::{Backend, Fixture};
 
@@ -265,11 +265,19 @@ fn overlay_diff_and_adoption_on_a_persistent_vm() {
     // the next command adopts it with the shares still served.
     let guest = persist::guest_pids(&fx, "pv");
     assert_eq!(guest.len(), 4, "qemu, vhost-device-vsock, two virtiofsd");
+    let pid = persist::process_pid(&fx, "pv");
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(persist::process_pid(&fx, "pv")),
+        nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
+    // Until its last thread is gone its ctl.sock still accepts (and then
+    // resets) a connection: the crash is over only then.
+    wait_until(
+        std::time::Duration::from_secs(30),
+        "the killed capsem-process to be gone",
+        || !persist::running(pid),
+    );
     let out = persist::exec(
         &fx,
         "pv",
