@@ -36,10 +36,7 @@ impl Session {
             Wake::Event(ev) => self.on_event(ev).await,
             Wake::BootTimeout => Some(Stop::BootFailed(boot_timeout(
                 self.cfg.boot_timeout(),
-                self.guest
-                    .backend()
-                    .and_then(|b| b.console())
-                    .and_then(|c| c.last_line()),
+                self.guest.console().and_then(|c| c.last_line()),
             ))),
             Wake::BootFault(line) => self
                 .reboot_guest(&format!("the guest's kernel said \"{line}\""))

@@ -357,11 +357,7 @@ impl Session {
                 Mode::Persistent(pool) => (None, Some(&mut pool.relays)),
                 Mode::Shell(_) => (None, None),
             };
-            let console = self
-                .ready
-                .pending()
-                .then(|| self.guest.backend().and_then(|b| b.console()))
-                .flatten();
+            let console = self.ready.pending().then(|| self.guest.console()).flatten();
             let out_tx = self.shared.out_tx.clone();
             let exit_pending = self.client.exit.is_some();
             let wake = tokio::select! {

@@ -1,8 +1,9 @@
 //! The guest's host processes as phases: not started, running (with the
 //! future that resolves when the first of them exits, polled in the
 //! session's `select!`, not a detached task), exited. A boot the guest's
-//! console says cannot work is killed and started again, a bounded number
-//! of times, while nothing has connected.
+//! console says cannot work, or one that has not connected in time
+//! ([`attempt_wait`]), is killed and started again, a bounded number of
+//! times, while nothing has connected.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,8 +19,8 @@ use crate::reaper::ExitStatus;
 use crate::vmm::serial::ConsoleFacts;
 use crate::vmm::{self, GuestBackend, Launch};
 
-/// Boots one start may take when the guest's console reports a boot fault
-/// (`vmm::serial::BOOT_FAULTS`).
+/// Boots one start may take when a boot faults (`vmm::serial::BOOT_FAULTS`)
+/// or does not connect within [`attempt_wait`].
 pub const MAX_BOOTS: u32 = 3;
 /// How long a boot that is not the last of [`MAX_BOOTS`] may take to
 /// connect before it is taken for hung and started again: a third of the
@@ -98,6 +99,11 @@ impl Guest {
         }
     }
 
+    /// What the started guest's console said, if its backend has one.
+    pub fn console(&self) -> Option<ConsoleFacts> {
+        self.backend().and_then(|b| b.console())
+    }
+
     /// The backend's own tasks, for teardown to await.
     pub fn take_tasks(&mut self) -> Vec<tokio::task::JoinHandle<()>> {
         match self {
@@ -143,9 +149,10 @@ pub async fn boot_fault(console: Option<ConsoleFacts>) -> String {
 }
 
 impl Session {
-    /// The console said this boot cannot work (before anything connected):
-    /// its processes are killed and reaped and the guest is started again,
-    /// up to [`MAX_BOOTS`] boots; past that, or for an adopted guest, the
+    /// This boot cannot work (`fault` says why: a console boot fault, or no
+    /// connection within [`attempt_wait`]), and nothing has connected: its
+    /// processes are killed and reaped and the guest is started again, up
+    /// to [`MAX_BOOTS`] boots; past that, or for an adopted guest, the
     /// reason the start failed.
     pub(super) async fn reboot_guest(&mut self, fault: &str) -> Result<(), String> {
         // Only before anything connected: nothing of the guest's session
@@ -190,8 +197,7 @@ impl Session {
         self.attempt_deadline = None;
         let last = self
             .guest
-            .backend()
-            .and_then(|b| b.console())
+            .console()
             .and_then(|c| c.last_line())
             .map_or_else(|| "nothing".to_owned(), |l| format!("\"{l}\""));
         let waited = attempt_wait(self.cfg.boot_timeout());
