@@ -115,49 +115,57 @@ fn a_boot_that_never_connects_is_killed_not_orphaned() {
     fx.assert_nothing_left();
 }
 
+/// `capsem run -- echo second-boot` with QEMU wrapped by `script`, whose
+/// first start is a boot that must be killed and started again: the
+/// command runs (exit 0, its output), process.log says why with `reason`
+/// and counts two QEMU starts, and nothing is left. Returns the kept logs.
+fn run_booted_twice(
+    name: &str,
+    script: &str,
+    boot_ms: &str,
+    reason: &str,
+) -> std::collections::BTreeMap<String, String> {
+    let fx = Fixture::new(name, B);
+    let qemu = Wrapper::new(script);
+    let out = capsem_with(&fx, &qemu, boot_ms, &["run", "--", "echo", "second-boot"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "second-boot\n");
+    let logs = fx.kept_logs();
+    let process = &logs["process.log"];
+    assert!(
+        process.contains(&format!(
+            "{reason}: this boot cannot work; booting again (2 of 3)"
+        )),
+        "{process}"
+    );
+    assert_eq!(process.matches("started qemu (pid").count(), 2, "{process}");
+    fx.assert_nothing_left();
+    logs
+}
+
 /// The console's boot fault line makes capsem-process kill that boot and
 /// boot again; the command then runs as if nothing had happened, and the
 /// faulted boot's processes are gone.
 #[test]
 fn a_kernel_boot_fault_is_booted_again() {
-    let fx = Fixture::new("boot_fault_reboots", B);
-    let qemu = Wrapper::new(QEMU_FAULT_ONCE);
-    let out = capsem_with(&fx, &qemu, "120000", &["run", "--", "echo", "second-boot"]);
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
+    let logs = run_booted_twice(
+        "boot_fault_reboots",
+        QEMU_FAULT_ONCE,
+        "120000",
+        "APIC frequency too slow, disabling apic timer\"",
     );
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
-    assert_eq!(stdout, "second-boot\n");
-    let logs = fx.kept_logs();
-    let process = &logs["process.log"];
-    assert!(
-        process.contains("APIC frequency too slow, disabling apic timer\": this boot cannot work; booting again (2 of 3)"),
-        "{process}"
-    );
-    assert_eq!(process.matches("started qemu (pid").count(), 2, "{process}");
     assert!(logs["serial.log"].contains("APIC frequency too slow"));
-    fx.assert_nothing_left();
 }
 
 /// A boot that prints nothing and never connects gets a third of the boot
 /// timeout (at least 20 s), then it is killed and started again.
 #[test]
 fn a_boot_that_does_not_connect_in_time_is_booted_again() {
-    let fx = Fixture::new("boot_silent_reboots", B);
-    let qemu = Wrapper::new(QEMU_SILENT_ONCE);
-    let out = capsem_with(&fx, &qemu, "60000", &["run", "--", "echo", "second-boot"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "second-boot\n");
-    let process = &fx.kept_logs()["process.log"];
-    assert!(
-        process.contains(
-            "the guest did not connect within 20 s (its console's last line: \
-             nothing): this boot cannot work; booting again (2 of 3)"
-        ),
-        "{process}"
+    run_booted_twice(
+        "boot_silent_reboots",
+        QEMU_SILENT_ONCE,
+        "60000",
+        "the guest did not connect within 20 s (its console's last line: nothing)",
     );
-    assert_eq!(process.matches("started qemu (pid").count(), 2, "{process}");
-    fx.assert_nothing_left();
 }
